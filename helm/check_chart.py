@@ -1,0 +1,485 @@
+"""Offline gate for the sluice Helm chart; run through helm/check-chart.sh.
+
+Checks, for the default values and for every helm/sluice/ci/*.yaml:
+  1. `helm lint --strict` (Helm's own library, through helm-python-sdk);
+  2. rendering (values.schema.json is enforced by Helm while rendering);
+  3. strict validation of every rendered object against the Kubernetes OpenAPI schemas
+     (kubernetes-validate) for the oldest supported and the newest known Kubernetes;
+     custom resources it has no schema for (ServiceMonitor, ScaledObject) are reported
+     as skipped and checked against the chart's own partial schemas instead;
+  4. chart invariants (termination grace above the server's drain, named ports, ...);
+  5. checkov (framework kubernetes) over all renders: no failed check; accepted findings
+     are skipped in the chart with a reason, and listed here.
+Then negative tests prove that each gate rejects what it should.
+
+Exit status 0 when everything passed, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import tomllib
+from pathlib import Path
+from typing import Any, Callable
+
+import helm_python as helm
+import jsonschema
+import yaml
+from kubernetes_validate import utils as kv
+
+# Oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest schema set.
+KUBE_VERSIONS = ["1.27.0", kv.latest_version()]
+RELEASE = "sluice"
+NAMESPACE = "sluice"
+
+# Custom resources that kubernetes-validate has no schema for, with the partial schemas
+# this check applies instead (the fields the chart renders; unknown fields rejected).
+_LABELS = {"type": "object", "additionalProperties": {"type": "string"}}
+_META = {
+    "type": "object",
+    "required": ["name", "namespace", "labels"],
+    "additionalProperties": False,
+    "properties": {"name": {"type": "string", "minLength": 1}, "namespace": {"type": "string"},
+                   "labels": _LABELS, "annotations": _LABELS},
+}
+_SCALE_TARGET = {
+    "type": "object", "required": ["name"], "additionalProperties": False,
+    "properties": {"apiVersion": {"type": "string"}, "kind": {"type": "string"},
+                   "name": {"type": "string"}},
+}
+CRD_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): {
+        "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
+        "additionalProperties": False,
+        "properties": {
+            "apiVersion": {}, "kind": {}, "metadata": _META,
+            "spec": {
+                "type": "object", "required": ["selector", "endpoints"],
+                "additionalProperties": False,
+                "properties": {
+                    "namespaceSelector": {
+                        "type": "object", "additionalProperties": False,
+                        "properties": {"any": {"type": "boolean"},
+                                       "matchNames": {"type": "array", "items": {"type": "string"}}}},
+                    "selector": {"type": "object", "required": ["matchLabels"],
+                                 "properties": {"matchLabels": _LABELS}},
+                    "endpoints": {
+                        "type": "array", "minItems": 1,
+                        "items": {
+                            "type": "object", "required": ["port"], "additionalProperties": False,
+                            "properties": {
+                                "port": {"type": "string"}, "path": {"type": "string"},
+                                "scheme": {"enum": ["http", "https"]},
+                                "interval": {"type": "string", "pattern": "^([0-9]+(ms|s|m|h))+$"},
+                                "scrapeTimeout": {"type": "string", "pattern": "^([0-9]+(ms|s|m|h))+$"},
+                                "relabelings": {"type": "array", "items": {"type": "object"}},
+                                "metricRelabelings": {"type": "array", "items": {"type": "object"}},
+                            }}},
+                }},
+        },
+    },
+    ("keda.sh/v1alpha1", "ScaledObject"): {
+        "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
+        "additionalProperties": False,
+        "properties": {
+            "apiVersion": {}, "kind": {}, "metadata": _META,
+            "spec": {
+                "type": "object", "required": ["scaleTargetRef", "triggers"],
+                "additionalProperties": False,
+                "properties": {
+                    "scaleTargetRef": _SCALE_TARGET,
+                    "minReplicaCount": {"type": "integer", "minimum": 0},
+                    "maxReplicaCount": {"type": "integer", "minimum": 1},
+                    "pollingInterval": {"type": "integer", "minimum": 1},
+                    "cooldownPeriod": {"type": "integer", "minimum": 0},
+                    "advanced": {"type": "object", "additionalProperties": False, "properties": {
+                        "horizontalPodAutoscalerConfig": {
+                            "type": "object", "additionalProperties": False,
+                            "properties": {"behavior": {"type": "object"}}}}},
+                    "triggers": {
+                        "type": "array", "minItems": 1,
+                        "items": {"type": "object", "required": ["type", "metadata"],
+                                  "properties": {"type": {"type": "string"},
+                                                 "metadata": {"type": "object",
+                                                              "additionalProperties": {"type": "string"}}}}},
+                }},
+        },
+    },
+}
+
+
+class Report:
+    """Collects PASS/FAIL/SKIP lines and the counts for the closing summary."""
+
+    def __init__(self) -> None:
+        self.passed = 0
+        self.failed: list[str] = []
+        self.skipped: list[str] = []
+
+    def ok(self, msg: str) -> None:
+        self.passed += 1
+        print(f"PASS  {msg}", flush=True)
+
+    def fail(self, msg: str, detail: str = "") -> None:
+        self.failed.append(msg)
+        print(f"FAIL  {msg}", flush=True)
+        for line in detail.strip().splitlines()[:40]:
+            print(f"        {line}")
+
+    def skip(self, msg: str) -> None:
+        self.skipped.append(msg)
+        print(f"SKIP  {msg}", flush=True)
+
+    def section(self, title: str) -> None:
+        print(f"\n== {title}", flush=True)
+
+
+def load_values(path: Path | None) -> dict[str, Any] | None:
+    if path is None:
+        return None
+    return helm.values_from_yaml(path.read_text())
+
+
+def render(chart_dir: Path, values: dict[str, Any] | None) -> dict[str, str]:
+    with helm.Chart.load(chart_dir) as chart:
+        return chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+
+
+def manifests_of(rendered: dict[str, str]) -> list[tuple[str, dict[str, Any]]]:
+    """(template, object) for every non-empty YAML document, NOTES.txt excluded."""
+    out = []
+    for template, text in sorted(rendered.items()):
+        if template.endswith("NOTES.txt"):
+            continue
+        for doc in yaml.safe_load_all(text):
+            if doc:
+                out.append((template, doc))
+    return out
+
+
+def lint_errors(chart_dir: Path, values: dict[str, Any] | None) -> list[str]:
+    """Findings of `helm lint --strict` at warning level or above."""
+    result = helm.lint(chart_dir, values, strict=True, namespace=NAMESPACE,
+                       kube_version="v" + KUBE_VERSIONS[0])
+    return [f"{m['path']}: {m['error'].strip()}" for m in result["messages"] if m["severity"] >= 2]
+
+
+def k8s_validate(obj: dict[str, Any]) -> tuple[str, str]:
+    """('ok'|'fail'|'crd'|'unknown', detail) for one object, every KUBE_VERSION, strict."""
+    kind, api = obj.get("kind", "?"), obj.get("apiVersion", "?")
+    for version in KUBE_VERSIONS:
+        try:
+            kv.validate(obj, version, strict=True)
+        except kv.ValidationError as e:
+            path = ".".join(str(p) for p in e.path)
+            return "fail", f"k8s {e.version}: {path}: {e.message}"
+        except kv.SchemaNotFoundError:
+            schema = CRD_SCHEMAS.get((api, kind))
+            if schema is None:
+                return "unknown", f"no schema for {kind} {api}"
+            try:
+                jsonschema.validate(obj, schema)
+            except jsonschema.ValidationError as e:
+                path = ".".join(str(p) for p in e.absolute_path)
+                return "fail", f"partial {kind} schema: {path}: {e.message}"
+            return "crd", f"{kind} ({api})"
+    return "ok", ""
+
+
+def check_invariants(objs: list[dict[str, Any]]) -> list[str]:
+    """Chart-level promises, checked on a render."""
+    problems = []
+    by_kind: dict[str, list[dict[str, Any]]] = {}
+    for o in objs:
+        by_kind.setdefault(o["kind"], []).append(o)
+    deploys = [d for d in by_kind.get("Deployment", [])]
+    cms = by_kind.get("ConfigMap", [])
+    if len(deploys) != 1 or len(cms) != 1:
+        return [f"expected 1 Deployment and 1 ConfigMap, got {len(deploys)} and {len(cms)}"]
+    dep, cm = deploys[0], cms[0]
+    conf = tomllib.loads(cm["data"]["sluice.toml"])
+    pod = dep["spec"]["template"]["spec"]
+    grace = pod.get("terminationGracePeriodSeconds", 30)
+    if grace <= conf["shutdown_grace_period_secs"]:
+        problems.append(f"terminationGracePeriodSeconds {grace} is not above the server's "
+                        f"shutdown_grace_period_secs {conf['shutdown_grace_period_secs']}")
+    if conf.get("host") != "0.0.0.0":
+        problems.append(f"sluice.toml host is {conf.get('host')!r}, must be 0.0.0.0 in a pod")
+    main = next(c for c in pod["containers"] if c["name"] == "sluice")
+    ports = {p["name"]: p["containerPort"] for p in main["ports"]}
+    want = {"http": conf["http_port"], "grpc": conf["grpc_port"], "metrics": conf["metrics_port"]}
+    if ports != want:
+        problems.append(f"container ports {ports} do not match sluice.toml {want}")
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        if probe in main and main[probe].get("grpc", {}).get("port") != conf["grpc_port"]:
+            problems.append(f"{probe} is not a gRPC probe on the gRPC port")
+    if main.get("args") != ["--config", "/etc/sluice/sluice.toml"]:
+        problems.append(f"unexpected args {main.get('args')}")
+    if "checksum/config" not in dep["spec"]["template"]["metadata"].get("annotations", {}):
+        problems.append("pod template lacks the checksum/config annotation")
+    sc = main.get("securityContext", {})
+    if not (sc.get("readOnlyRootFilesystem") and sc.get("allowPrivilegeEscalation") is False
+            and sc.get("capabilities", {}).get("drop") == ["ALL"] and sc.get("runAsNonRoot")):
+        problems.append("sluice container securityContext is not restrictive")
+    has_autoscaler = "HorizontalPodAutoscaler" in by_kind or "ScaledObject" in by_kind
+    if has_autoscaler == ("replicas" in dep["spec"]):
+        problems.append("Deployment must set replicas exactly when no autoscaler owns them")
+    svc = next((s for s in by_kind.get("Service", []) if s["spec"].get("clusterIP") != "None"), None)
+    if svc is None or not any(p.get("appProtocol") == "grpc" and p["name"] == "grpc"
+                              for p in svc["spec"]["ports"]):
+        problems.append("Service lacks a grpc port with appProtocol grpc")
+    for sa in by_kind.get("ServiceAccount", []):
+        if sa.get("automountServiceAccountToken") is not False:
+            problems.append("ServiceAccount mounts its token")
+    return problems
+
+
+def write_render(dest: Path, objs: list[tuple[str, dict[str, Any]]]) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text("---\n".join(yaml.safe_dump(o, sort_keys=False) for _, o in objs))
+
+
+def run_checkov(checkov: str, directory: Path) -> tuple[int, dict[str, Any] | None, str]:
+    """Run checkov on a folder of manifests; (exit code, merged JSON report, stderr)."""
+    proc = subprocess.run(
+        [checkov, "--directory", str(directory), "--framework", "kubernetes", "--output", "json",
+         "--compact", "--skip-download"],
+        capture_output=True, text=True, check=False,
+        env={**os.environ, "BC_SKIP_MAPPING": "TRUE", "CHECKOV_RUN_SCA_PACKAGE_SCAN_V2": "false"},
+    )
+    try:
+        data = json.loads(proc.stdout) if proc.stdout.strip() else None
+    except json.JSONDecodeError:
+        return proc.returncode, None, proc.stdout[-2000:] + proc.stderr[-2000:]
+    if isinstance(data, list):  # one report per framework
+        data = next((d for d in data if d.get("check_type") == "kubernetes"), data[0])
+    return proc.returncode, data, proc.stderr[-2000:]
+
+
+def expect_failure(report: Report, name: str, action: Callable[[], Any],
+                   must_contain: str) -> None:
+    """A negative test: `action` must raise (or return problems) mentioning `must_contain`."""
+    try:
+        result = action()
+    except Exception as e:  # noqa: BLE001 - any rejection counts; the message is checked
+        message = str(e)
+    else:
+        if not result:
+            report.fail(f"negative: {name}: was ACCEPTED, must be rejected")
+            return
+        message = "\n".join(result) if isinstance(result, list) else str(result)
+    if must_contain.lower() in message.lower():
+        first = message.strip().splitlines()[-1] if message.strip() else message
+        report.ok(f"negative: {name}: rejected as intended ({first.strip()[:150]})")
+    else:
+        report.fail(f"negative: {name}: rejected, but not for the expected reason "
+                    f"(wanted {must_contain!r})", message)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--chart", type=Path, required=True)
+    ap.add_argument("--checkov", required=True, help="path of the checkov executable")
+    ap.add_argument("--out", type=Path, help="keep the renders here (default: a temp folder)")
+    args = ap.parse_args()
+
+    chart_dir: Path = args.chart.resolve()
+    report = Report()
+    work = Path(tempfile.mkdtemp(prefix="sluice-chart-"))
+    out = args.out.resolve() if args.out else work / "renders"
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+
+    print(f"helm SDK {helm.helm_sdk_version()} (helm-c {helm.helm_c_version()}), "
+          f"kubernetes-validate schemas {', '.join(KUBE_VERSIONS)}")
+
+    cases: list[tuple[str, Path | None]] = [("default", None)]
+    cases += [(p.stem, p) for p in sorted((chart_dir / "ci").glob("*.yaml"))]
+
+    crd_kinds_seen: set[str] = set()
+    for case, values_file in cases:
+        report.section(f"values: {case}" + (f" ({values_file.relative_to(chart_dir)})"
+                                             if values_file else ""))
+        try:
+            values = load_values(values_file)
+        except helm.HelmError as e:
+            report.fail(f"{case}: values file does not parse", str(e))
+            continue
+
+        errors = lint_errors(chart_dir, values)
+        if errors:
+            report.fail(f"{case}: helm lint --strict", "\n".join(errors))
+        else:
+            report.ok(f"{case}: helm lint --strict")
+
+        try:
+            objs = manifests_of(render(chart_dir, values))
+        except helm.HelmError as e:
+            report.fail(f"{case}: render", str(e))
+            continue
+        kinds = sorted({o["kind"] for _, o in objs})
+        report.ok(f"{case}: rendered {len(objs)} objects ({', '.join(kinds)})")
+        write_render(out / case / "manifests.yaml", objs)
+
+        bad, crd = [], []
+        for template, obj in objs:
+            status, detail = k8s_validate(obj)
+            label = f"{obj['kind']}/{obj['metadata']['name']} ({template})"
+            if status == "fail":
+                bad.append(f"{label}: {detail}")
+            elif status == "unknown":
+                bad.append(f"{label}: {detail}; not an expected custom resource")
+            elif status == "crd":
+                crd.append(detail)
+                crd_kinds_seen.add(obj["kind"])
+        if bad:
+            report.fail(f"{case}: kubernetes schema validation (strict)", "\n".join(bad))
+        else:
+            report.ok(f"{case}: {len(objs) - len(crd)} objects valid against the Kubernetes "
+                      f"{' and '.join(KUBE_VERSIONS)} schemas (strict)")
+        for c in crd:
+            report.skip(f"{case}: {c}: no Kubernetes schema for this custom resource; "
+                        "checked against the chart's partial schema only (passed)")
+
+        problems = check_invariants([o for _, o in objs])
+        if problems:
+            report.fail(f"{case}: chart invariants", "\n".join(problems))
+        else:
+            report.ok(f"{case}: chart invariants (grace > drain, ports, probes, checksum, "
+                      "security context, replicas vs autoscaler)")
+
+    report.section("checkov (framework kubernetes), every render")
+    rc, data, err = run_checkov(args.checkov, out)
+    if data is None:
+        report.fail(f"checkov produced no report (exit {rc})", err)
+    else:
+        summary = data.get("summary", {})
+        results = data.get("results", {})
+        failed = results.get("failed_checks", [])
+        skipped = results.get("skipped_checks", [])
+        if failed or rc != 0:
+            report.fail(f"checkov: {summary.get('failed', len(failed))} failed checks", "\n".join(
+                f"{c['check_id']} {c['check_name']}: {c['resource']} ({c['file_path']})"
+                for c in failed))
+        else:
+            report.ok(f"checkov: {summary.get('passed')} passed, 0 failed, "
+                      f"{summary.get('skipped')} skipped with a reason in the chart")
+        accepted: dict[str, set[str]] = {}
+        for c in skipped:
+            accepted.setdefault(c["check_id"], set()).add(
+                c.get("check_result", {}).get("suppress_comment", "").strip())
+        for check_id in sorted(accepted):
+            for reason in sorted(accepted[check_id]):
+                print(f"      skipped {check_id}: {reason}")
+
+    # ---------------------------------------------------------------- negative tests
+    report.section("negative tests: each gate must reject a broken input")
+
+    def bad_values(values: dict[str, Any]) -> Callable[[], Any]:
+        return lambda: render(chart_dir, values)
+
+    bad_file = work / "wrong-type-values.yaml"
+    bad_file.write_text('replicaCount: "two"\n')
+    expect_failure(report, "values file with replicaCount: \"two\" (schema)",
+                   bad_values(load_values(bad_file) or {}), "want integer")
+    expect_failure(report, "service.grpcPort: \"x\" (schema)",
+                   bad_values({"service": {"grpcPort": "x"}}), "want integer")
+    expect_failure(report, "server.logFormat: xml (schema enum)",
+                   bad_values({"server": {"logFormat": "xml"}}), "logFormat")
+    expect_failure(report, "unknown top-level key replicas (schema additionalProperties)",
+                   bad_values({"replicas": 2}), "additional properties")
+    expect_failure(report, "lint --strict on replicaCount: \"two\"",
+                   lambda: lint_errors(chart_dir, {"replicaCount": "two"}), "want integer")
+    expect_failure(report, "HPA and KEDA both enabled (fail in template)",
+                   bad_values({"autoscaling": {"hpa": {"enabled": True},
+                                               "keda": {"enabled": True}}}),
+                   "enable one of them")
+
+    broken = work / "broken-chart"
+    shutil.copytree(chart_dir, broken / "sluice")
+    dep = broken / "sluice" / "templates" / "deployment.yaml"
+    dep.write_text(dep.read_text().replace("{{- with .Values.nodeSelector }}",
+                                           "{{- with .Values.nodeSelector }\n", 1))
+    expect_failure(report, "template with a syntax error (render)",
+                   lambda: render(broken / "sluice", None), "deployment.yaml")
+    expect_failure(report, "template with a syntax error (lint --strict)",
+                   lambda: lint_errors(broken / "sluice", None), "deployment.yaml")
+    svc = broken / "sluice" / "templates" / "service.yaml"
+    dep.write_text((chart_dir / "templates" / "deployment.yaml").read_text())
+    svc.write_text(svc.read_text().replace(".Values.service.annotations",
+                                           ".Values.service.labels.extra.annotations", 1))
+    expect_failure(report, "template reading a missing value (render)",
+                   lambda: render(broken / "sluice", None), "nil pointer")
+
+    default_objs = [o for _, o in manifests_of(render(chart_dir, None))]
+    deployment = next(o for o in default_objs if o["kind"] == "Deployment")
+
+    def mutated(change: Callable[[dict[str, Any]], None]) -> Callable[[], Any]:
+        def run() -> Any:
+            obj = copy.deepcopy(deployment)
+            change(obj)
+            status, detail = k8s_validate(obj)
+            if status != "fail":
+                return None
+            raise ValueError(detail)
+        return run
+
+    expect_failure(report, "Deployment with an unknown container field (strict k8s schema)",
+                   mutated(lambda d: d["spec"]["template"]["spec"]["containers"][0]
+                           .__setitem__("gpuCount", 1)),
+                   "additional properties")
+    expect_failure(report, "Deployment with replicas: \"one\" (k8s schema type)",
+                   mutated(lambda d: d["spec"].__setitem__("replicas", "one")), "replicas")
+    expect_failure(report, "Deployment probe with a named gRPC port (k8s schema type)",
+                   mutated(lambda d: d["spec"]["template"]["spec"]["containers"][0]
+                           ["livenessProbe"]["grpc"].__setitem__("port", "grpc")), "port")
+
+    def unknown_kind() -> Any:
+        status, detail = k8s_validate({"apiVersion": "example.com/v1", "kind": "Gadget",
+                                       "metadata": {"name": "x"}})
+        return None if status in ("ok", "crd") else [detail]
+    expect_failure(report, "an unexpected kind without schema is not silently skipped",
+                   unknown_kind, "no schema")
+
+    def insecure_checkov() -> Any:
+        d = copy.deepcopy(deployment)
+        d["metadata"].pop("annotations", None)  # no accepted findings either
+        c = d["spec"]["template"]["spec"]["containers"][0]
+        c["securityContext"]["privileged"] = True
+        c["securityContext"]["allowPrivilegeEscalation"] = True
+        bad_dir = work / "checkov-negative"
+        bad_dir.mkdir()
+        (bad_dir / "deployment.yaml").write_text(yaml.safe_dump(d, sort_keys=False))
+        rc, data, err = run_checkov(args.checkov, bad_dir)
+        ids = sorted({c["check_id"] for c in (data or {}).get("results", {})
+                      .get("failed_checks", [])})
+        return [f"checkov exit {rc}, failed: {' '.join(ids)}"] if rc != 0 and ids else None
+    expect_failure(report, "privileged Deployment without skips (checkov)", insecure_checkov,
+                   "CKV_K8S_16")
+
+    shutil.rmtree(work, ignore_errors=True)
+
+    # ---------------------------------------------------------------- summary
+    print("\n== summary")
+    if crd_kinds_seen:
+        print("custom resources without a Kubernetes schema (partial chart-side schema "
+              f"only): {', '.join(sorted(crd_kinds_seen))}")
+    for f in report.failed:
+        print(f"failed: {f}")
+    if args.out:
+        print(f"renders kept in {out}")
+    print(f"check-chart: {report.passed} passed, {len(report.failed)} failed")
+    return 1 if report.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,251 @@
+//! `inference.GRPCInferenceService`: the KServe v2 / Triton gRPC protocol.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use sluice_proto::grpc_inference_service_server::GrpcInferenceService;
+use sluice_proto::inference::*;
+use tokio_stream::{wrappers::ReceiverStream, Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::convert;
+use crate::error::Error;
+use crate::gateway::Gateway;
+
+pub struct InferenceService {
+    gateway: Arc<Gateway>,
+}
+
+impl InferenceService {
+    pub fn new(gateway: Arc<Gateway>) -> InferenceService {
+        InferenceService { gateway }
+    }
+}
+
+/// Protocol extensions we implement, as ServerMetadata lists them.
+const EXTENSIONS: &[&str] = &["model_repository", "model_configuration", "statistics", "binary_tensor_data"];
+
+type StreamOf<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// In-flight requests of one ModelStreamInfer stream whose answers have not been sent yet.
+const STREAM_WINDOW: usize = 64;
+
+#[tonic::async_trait]
+impl GrpcInferenceService for InferenceService {
+    async fn server_live(&self, _: Request<ServerLiveRequest>) -> Result<Response<ServerLiveResponse>, Status> {
+        Ok(Response::new(ServerLiveResponse { live: self.gateway.is_live() }))
+    }
+
+    async fn server_ready(&self, _: Request<ServerReadyRequest>) -> Result<Response<ServerReadyResponse>, Status> {
+        Ok(Response::new(ServerReadyResponse { ready: self.gateway.is_ready() }))
+    }
+
+    async fn model_ready(&self, req: Request<ModelReadyRequest>) -> Result<Response<ModelReadyResponse>, Status> {
+        let req = req.into_inner();
+        let ready = self.gateway.is_ready() && self.gateway.model(&req.name, &req.version).is_ok();
+        Ok(Response::new(ModelReadyResponse { ready }))
+    }
+
+    async fn server_metadata(
+        &self,
+        _: Request<ServerMetadataRequest>,
+    ) -> Result<Response<ServerMetadataResponse>, Status> {
+        Ok(Response::new(ServerMetadataResponse {
+            name: "sluice".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            extensions: EXTENSIONS.iter().map(|s| (*s).to_owned()).collect(),
+        }))
+    }
+
+    async fn model_metadata(
+        &self,
+        req: Request<ModelMetadataRequest>,
+    ) -> Result<Response<ModelMetadataResponse>, Status> {
+        let req = req.into_inner();
+        let model = self.gateway.model(&req.name, &req.version)?;
+        let spec = &model.spec;
+        let tensors = |list: &[crate::repository::TensorSpec]| {
+            list.iter()
+                .map(|t| model_metadata_response::TensorMetadata {
+                    name: t.name.clone(),
+                    datatype: t.dtype.wire_name().to_owned(),
+                    shape: spec.full_dims(&t.dims),
+                })
+                .collect()
+        };
+        Ok(Response::new(ModelMetadataResponse {
+            name: spec.name.clone(),
+            versions: self.gateway.repository.versions(&spec.name).iter().map(i64::to_string).collect(),
+            platform: spec.config.platform.clone(),
+            inputs: tensors(&spec.inputs),
+            outputs: tensors(&spec.outputs),
+        }))
+    }
+
+    async fn model_infer(&self, req: Request<ModelInferRequest>) -> Result<Response<ModelInferResponse>, Status> {
+        let req = req.into_inner();
+        let (name, version) = (req.model_name.clone(), req.model_version.clone());
+        let request = convert::infer_request(req)?;
+        let response = self.gateway.infer(&name, &version, request).await?;
+        Ok(Response::new(convert::infer_response(response)))
+    }
+
+    type ModelStreamInferStream = StreamOf<ModelStreamInferResponse>;
+
+    /// Each request on the stream is answered on it; failures travel in `error_message`
+    /// (as Triton does) so one bad request does not end the stream.
+    async fn model_stream_infer(
+        &self,
+        req: Request<Streaming<ModelInferRequest>>,
+    ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
+        let mut inbound = req.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(STREAM_WINDOW);
+        let gateway = self.gateway.clone();
+        tokio::spawn(async move {
+            while let Some(next) = inbound.next().await {
+                let Ok(req) = next else { break };
+                // Reserve the answer's slot first: back-pressure reaches the reader.
+                let Ok(permit) = tx.clone().reserve_owned().await else { break };
+                let gateway = gateway.clone();
+                tokio::spawn(async move {
+                    let (name, version, id) = (req.model_name.clone(), req.model_version.clone(), req.id.clone());
+                    let answer = match convert::infer_request(req) {
+                        Ok(request) => gateway.infer(&name, &version, request).await,
+                        Err(e) => Err(e),
+                    };
+                    let message = match answer {
+                        Ok(resp) => ModelStreamInferResponse {
+                            error_message: String::new(),
+                            infer_response: Some(convert::infer_response(resp)),
+                        },
+                        Err(e) => ModelStreamInferResponse {
+                            error_message: e.to_string(),
+                            infer_response: Some(ModelInferResponse {
+                                model_name: name,
+                                model_version: version,
+                                id,
+                                ..Default::default()
+                            }),
+                        },
+                    };
+                    permit.send(Ok(message));
+                });
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn model_config(&self, req: Request<ModelConfigRequest>) -> Result<Response<ModelConfigResponse>, Status> {
+        let req = req.into_inner();
+        let model = self.gateway.model(&req.name, &req.version)?;
+        Ok(Response::new(ModelConfigResponse { config: Some(model.spec.config.clone()) }))
+    }
+
+    async fn model_statistics(
+        &self,
+        req: Request<ModelStatisticsRequest>,
+    ) -> Result<Response<ModelStatisticsResponse>, Status> {
+        let req = req.into_inner();
+        let model_stats = if req.name.is_empty() {
+            self.gateway.repository.loaded().iter().map(|m| convert::statistics(m)).collect()
+        } else if req.version.is_empty() {
+            if !self.gateway.repository.is_known(&req.name) {
+                return Err(Error::ModelNotFound { model: req.name }.into());
+            }
+            let all = self.gateway.repository.loaded();
+            all.iter().filter(|m| m.spec.name == req.name).map(|m| convert::statistics(m)).collect()
+        } else {
+            vec![convert::statistics(self.gateway.model(&req.name, &req.version)?.as_ref())]
+        };
+        Ok(Response::new(ModelStatisticsResponse { model_stats }))
+    }
+
+    async fn repository_index(
+        &self,
+        req: Request<RepositoryIndexRequest>,
+    ) -> Result<Response<RepositoryIndexResponse>, Status> {
+        let ready_only = req.into_inner().ready;
+        let models = self
+            .gateway
+            .repository
+            .index()
+            .into_iter()
+            .filter(|e| !ready_only || e.state == "READY")
+            .map(|e| repository_index_response::ModelIndex {
+                name: e.name,
+                version: e.version,
+                state: e.state.to_owned(),
+                reason: e.reason,
+            })
+            .collect();
+        Ok(Response::new(RepositoryIndexResponse { models }))
+    }
+
+    async fn repository_model_load(
+        &self,
+        _: Request<RepositoryModelLoadRequest>,
+    ) -> Result<Response<RepositoryModelLoadResponse>, Status> {
+        Err(Status::unimplemented("model control (RepositoryModelLoad) is not available yet: models load at start-up"))
+    }
+
+    async fn repository_model_unload(
+        &self,
+        _: Request<RepositoryModelUnloadRequest>,
+    ) -> Result<Response<RepositoryModelUnloadResponse>, Status> {
+        Err(Status::unimplemented("model control (RepositoryModelUnload) is not available yet: models load at start-up"))
+    }
+
+    async fn system_shared_memory_status(
+        &self,
+        _: Request<SystemSharedMemoryStatusRequest>,
+    ) -> Result<Response<SystemSharedMemoryStatusResponse>, Status> {
+        Err(unsupported("system shared memory"))
+    }
+
+    async fn system_shared_memory_register(
+        &self,
+        _: Request<SystemSharedMemoryRegisterRequest>,
+    ) -> Result<Response<SystemSharedMemoryRegisterResponse>, Status> {
+        Err(unsupported("system shared memory"))
+    }
+
+    async fn system_shared_memory_unregister(
+        &self,
+        _: Request<SystemSharedMemoryUnregisterRequest>,
+    ) -> Result<Response<SystemSharedMemoryUnregisterResponse>, Status> {
+        Err(unsupported("system shared memory"))
+    }
+
+    async fn cuda_shared_memory_status(
+        &self,
+        _: Request<CudaSharedMemoryStatusRequest>,
+    ) -> Result<Response<CudaSharedMemoryStatusResponse>, Status> {
+        Err(unsupported("CUDA shared memory"))
+    }
+
+    async fn cuda_shared_memory_register(
+        &self,
+        _: Request<CudaSharedMemoryRegisterRequest>,
+    ) -> Result<Response<CudaSharedMemoryRegisterResponse>, Status> {
+        Err(unsupported("CUDA shared memory"))
+    }
+
+    async fn cuda_shared_memory_unregister(
+        &self,
+        _: Request<CudaSharedMemoryUnregisterRequest>,
+    ) -> Result<Response<CudaSharedMemoryUnregisterResponse>, Status> {
+        Err(unsupported("CUDA shared memory"))
+    }
+
+    async fn trace_setting(&self, _: Request<TraceSettingRequest>) -> Result<Response<TraceSettingResponse>, Status> {
+        Err(unsupported("trace settings"))
+    }
+
+    async fn log_settings(&self, _: Request<LogSettingsRequest>) -> Result<Response<LogSettingsResponse>, Status> {
+        Err(unsupported("log settings (use --log-level)"))
+    }
+}
+
+fn unsupported(what: &str) -> Status {
+    Status::unimplemented(format!("{what} is not supported by sluice"))
+}

@@ -1,0 +1,59 @@
+//! A backend without a model, configured from the config's `parameters`:
+//!
+//! - `behavior`: `identity` (default: output i is input i), `fail` (every batch fails),
+//!   `panic` (every batch panics);
+//! - `sleep_ms` / `sleep_us`: stall this long per batch before answering, like a model
+//!   whose compute time is known.
+//!
+//! It measures the gateway's own overhead and makes slow or failing models reproducible.
+
+use std::time::Duration;
+
+use super::{Backend, BackendError};
+use crate::repository::ModelSpec;
+use crate::tensor::Tensor;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Behavior {
+    Identity,
+    Fail,
+    Panic,
+}
+
+pub struct SyntheticBackend {
+    behavior: Behavior,
+    stall: Duration,
+}
+
+impl SyntheticBackend {
+    pub fn from_spec(spec: &ModelSpec) -> Result<SyntheticBackend, BackendError> {
+        let bad = |message: String| BackendError::Load { path: spec.name.clone(), message };
+        let behavior = match spec.parameters.get("behavior").map(String::as_str) {
+            None | Some("identity") => Behavior::Identity,
+            Some("fail") => Behavior::Fail,
+            Some("panic") => Behavior::Panic,
+            Some(other) => return Err(bad(format!("unknown behavior '{other}' (identity, fail, panic)"))),
+        };
+        let number = |key: &str| -> Result<u64, BackendError> {
+            match spec.parameters.get(key) {
+                None => Ok(0),
+                Some(v) => v.parse().map_err(|_| bad(format!("parameter {key}='{v}' is not a whole number"))),
+            }
+        };
+        let stall = Duration::from_millis(number("sleep_ms")?) + Duration::from_micros(number("sleep_us")?);
+        Ok(SyntheticBackend { behavior, stall })
+    }
+}
+
+impl Backend for SyntheticBackend {
+    fn forward(&mut self, inputs: &[Tensor]) -> Result<Vec<Tensor>, BackendError> {
+        if !self.stall.is_zero() {
+            std::thread::sleep(self.stall);
+        }
+        match self.behavior {
+            Behavior::Identity => Ok(inputs.to_vec()),
+            Behavior::Fail => Err(BackendError::Forward("synthetic failure".into())),
+            Behavior::Panic => panic!("synthetic panic"),
+        }
+    }
+}

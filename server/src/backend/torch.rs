@@ -1,0 +1,152 @@
+//! TorchScript models through libtorch (`tch`). The only module that touches `tch`.
+
+use std::path::Path;
+
+use tch::{CModule, Device, IValue, Kind};
+
+use super::{Backend, BackendError};
+use crate::config::BackendOptions;
+use crate::repository::DeviceKind;
+use crate::tensor::{DataType, Tensor};
+
+pub struct TorchBackend {
+    module: CModule,
+    device: Device,
+}
+
+impl TorchBackend {
+    /// Load `path` for this thread. libtorch's intra-op thread count is per calling
+    /// thread (OpenMP), so it is set here, on the instance's own thread.
+    pub fn load(path: &Path, device: DeviceKind, options: &BackendOptions) -> Result<TorchBackend, BackendError> {
+        let fail = |message: String| BackendError::Load { path: path.display().to_string(), message };
+        if !path.is_file() {
+            return Err(fail("file not found".into()));
+        }
+        tch::set_num_threads(i32::try_from(options.intra_op_threads).unwrap_or(1));
+        let device = match device {
+            DeviceKind::Cpu => Device::Cpu,
+            DeviceKind::Auto => Device::cuda_if_available(),
+            DeviceKind::Gpu(index) => {
+                if !tch::Cuda::is_available() {
+                    return Err(fail("instance_group asks for KIND_GPU but libtorch sees no CUDA device".into()));
+                }
+                Device::Cuda(usize::try_from(index).unwrap_or(0))
+            }
+        };
+        let mut module = CModule::load_on_device(path, device).map_err(|e| fail(first_line(&e.to_string())))?;
+        module.set_eval();
+        Ok(TorchBackend { module, device })
+    }
+}
+
+impl Backend for TorchBackend {
+    fn forward(&mut self, inputs: &[Tensor]) -> Result<Vec<Tensor>, BackendError> {
+        let _no_grad = tch::no_grad_guard();
+        let args = inputs
+            .iter()
+            .map(|t| to_torch(t, self.device).map(IValue::Tensor))
+            .collect::<Result<Vec<_>, _>>()?;
+        let result = self
+            .module
+            .forward_is(&args)
+            .map_err(|e| BackendError::Forward(model_message(&e.to_string())))?;
+        let tensors = match result {
+            IValue::Tensor(t) => vec![t],
+            IValue::Tuple(items) | IValue::GenericList(items) => items
+                .into_iter()
+                .map(|v| match v {
+                    IValue::Tensor(t) => Ok(t),
+                    other => Err(BackendError::Forward(format!(
+                        "model returned a {} inside its result, expected tensors",
+                        ivalue_kind(&other)
+                    ))),
+                })
+                .collect::<Result<_, _>>()?,
+            IValue::TensorList(items) => items,
+            other => {
+                return Err(BackendError::Forward(format!(
+                    "model returned a {}, expected a tensor or a tuple of tensors",
+                    ivalue_kind(&other)
+                )))
+            }
+        };
+        tensors.iter().map(from_torch).collect()
+    }
+}
+
+fn kind_of(dtype: DataType) -> Kind {
+    match dtype {
+        DataType::Bool => Kind::Bool,
+        DataType::Uint8 => Kind::Uint8,
+        DataType::Int8 => Kind::Int8,
+        DataType::Int16 => Kind::Int16,
+        DataType::Int32 => Kind::Int,
+        DataType::Int64 => Kind::Int64,
+        DataType::Fp16 => Kind::Half,
+        DataType::Bf16 => Kind::BFloat16,
+        DataType::Fp32 => Kind::Float,
+        DataType::Fp64 => Kind::Double,
+    }
+}
+
+fn dtype_of(kind: Kind) -> Option<DataType> {
+    DataType::ALL.into_iter().find(|&d| kind_of(d) == kind)
+}
+
+fn to_torch(t: &Tensor, device: Device) -> Result<tch::Tensor, BackendError> {
+    let tensor = tch::Tensor::f_from_data_size(&t.data, &t.shape, kind_of(t.dtype))
+        .map_err(|e| BackendError::Forward(format!("cannot build input tensor: {}", first_line(&e.to_string()))))?;
+    if device == Device::Cpu {
+        Ok(tensor)
+    } else {
+        Ok(tensor.to_device(device))
+    }
+}
+
+fn from_torch(t: &tch::Tensor) -> Result<Tensor, BackendError> {
+    let kind = t.kind();
+    let dtype = dtype_of(kind)
+        .ok_or_else(|| BackendError::Forward(format!("model returned a tensor of unsupported type {kind:?}")))?;
+    let t = t.to_device(Device::Cpu).contiguous();
+    let shape = t.size();
+    let numel = t.numel();
+    let mut data = vec![0u8; numel * dtype.size()];
+    t.f_copy_data_u8(&mut data, numel)
+        .map_err(|e| BackendError::Forward(format!("cannot read output: {}", first_line(&e.to_string()))))?;
+    Ok(Tensor::new(dtype, shape, data.into()))
+}
+
+fn ivalue_kind(v: &IValue) -> &'static str {
+    match v {
+        IValue::None => "None",
+        IValue::Tensor(_) => "tensor",
+        IValue::Double(_) => "float",
+        IValue::Int(_) => "int",
+        IValue::Bool(_) => "bool",
+        IValue::Tuple(_) => "tuple",
+        IValue::IntList(_) => "list of ints",
+        IValue::DoubleList(_) => "list of floats",
+        IValue::BoolList(_) => "list of bools",
+        IValue::String(_) => "string",
+        IValue::TensorList(_) => "list of tensors",
+        IValue::GenericList(_) => "list",
+        IValue::GenericDict(_) => "dict",
+        IValue::Object(_) => "object",
+        #[allow(clippy::wildcard_enum_match_arm)] // tch may add variants
+        _ => "value",
+    }
+}
+
+fn first_line(s: &str) -> String {
+    s.lines().next().unwrap_or(s).trim().to_owned()
+}
+
+/// libtorch errors carry a TorchScript traceback; keep the model's own message line,
+/// e.g. "RuntimeError: negative input is not allowed".
+fn model_message(s: &str) -> String {
+    s.lines()
+        .map(str::trim)
+        .find(|l| l.contains("Error:") || l.starts_with("RuntimeError"))
+        .map(str::to_owned)
+        .unwrap_or_else(|| first_line(s))
+}

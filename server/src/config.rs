@@ -1,0 +1,277 @@
+//! Server configuration: one typed value, resolved once at start-up from (highest first)
+//! command-line flags, `SLUICE_*` environment variables, an optional TOML file and the
+//! defaults, then validated. Flag names follow `tritonserver` where it has one.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Deserialize;
+
+/// Every setting, as given by one source. `None` means "not set here".
+///
+/// The same struct is the command line (with `--help`) and the TOML file schema, so the
+/// two cannot drift apart; TOML keys are the flag names in snake_case.
+#[derive(Debug, Default, Clone, Parser, Deserialize)]
+#[command(name = "sluice", version, about = "Model-serving gRPC gateway for TorchScript models (KServe v2 / Triton protocol)")]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// TOML file with any of the settings below (keys in snake_case, e.g. `grpc_port = 8001`).
+    #[arg(long, env = "SLUICE_CONFIG", value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+
+    /// Model repository in Triton's layout: `<dir>/<model>/config.pbtxt` and
+    /// `<dir>/<model>/<version>/model.pt`. [default: models]
+    #[arg(long, env = "SLUICE_MODEL_REPOSITORY", value_name = "DIR")]
+    pub model_repository: Option<PathBuf>,
+
+    /// Address to listen on for gRPC, HTTP and metrics. Use 0.0.0.0 in containers. [default: 127.0.0.1]
+    #[arg(long, env = "SLUICE_HOST", value_name = "ADDR")]
+    pub host: Option<IpAddr>,
+
+    /// gRPC port (KServe v2 inference, grpc.health.v1, reflection); 0 picks a free port. [default: 8001]
+    #[arg(long, env = "SLUICE_GRPC_PORT", value_name = "PORT")]
+    pub grpc_port: Option<u16>,
+
+    /// HTTP port for /v2/health/live, /v2/health/ready and /v2/models/<m>/ready. [default: 8000]
+    #[arg(long, env = "SLUICE_HTTP_PORT", value_name = "PORT")]
+    pub http_port: Option<u16>,
+
+    /// Prometheus metrics port (/metrics). [default: 8002]
+    #[arg(long, env = "SLUICE_METRICS_PORT", value_name = "PORT")]
+    pub metrics_port: Option<u16>,
+
+    /// Log line format: `text` or `json`. [default: text]
+    #[arg(long, env = "SLUICE_LOG_FORMAT", value_name = "FORMAT")]
+    pub log_format: Option<LogFormat>,
+
+    /// Log filter, e.g. `info` or `sluice=debug,tower=warn`. [default: info]
+    #[arg(long, env = "SLUICE_LOG_LEVEL", value_name = "FILTER")]
+    pub log_level: Option<String>,
+
+    /// libtorch intra-op threads per model instance. [default: 1]
+    #[arg(long, env = "SLUICE_INTRA_OP_THREADS", value_name = "N")]
+    pub intra_op_threads: Option<usize>,
+
+    /// Seconds to finish in-flight work after SIGTERM/SIGINT before exiting. [default: 30]
+    #[arg(long, env = "SLUICE_SHUTDOWN_GRACE_PERIOD_SECS", value_name = "SECS")]
+    pub shutdown_grace_period_secs: Option<u64>,
+
+    /// Largest gRPC message accepted or sent, in bytes. [default: 67108864]
+    #[arg(long, env = "SLUICE_MAX_MESSAGE_BYTES", value_name = "BYTES")]
+    pub max_message_bytes: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The validated, immutable configuration the server runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub model_repository: PathBuf,
+    pub host: IpAddr,
+    pub grpc_port: u16,
+    pub http_port: u16,
+    pub metrics_port: u16,
+    pub log_format: LogFormat,
+    pub log_level: String,
+    pub backend: BackendOptions,
+    pub shutdown_grace_period: Duration,
+    pub max_message_bytes: usize,
+}
+
+/// Options every backend instance is created with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackendOptions {
+    pub intra_op_threads: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("invalid config file {path}: {source}")]
+    Parse { path: PathBuf, source: Box<toml::de::Error> },
+    #[error("invalid setting {setting}: {message}")]
+    Invalid { setting: &'static str, message: String },
+}
+
+const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+impl Settings {
+    /// Settings from the command line and environment, merged over the config file they name.
+    pub fn load() -> Result<Settings, ConfigError> {
+        let cli = Settings::parse();
+        match cli.config.clone() {
+            Some(path) => Ok(cli.or(Settings::from_file(&path)?)),
+            None => Ok(cli),
+        }
+    }
+
+    pub fn from_file(path: &Path) -> Result<Settings, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Settings::from_toml(&text)
+            .map_err(|source| ConfigError::Parse { path: path.to_owned(), source: Box::new(source) })
+    }
+
+    pub fn from_toml(text: &str) -> Result<Settings, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    /// Each setting from `self` where set, else from `lower`.
+    pub fn or(self, lower: Settings) -> Settings {
+        Settings {
+            config: self.config.or(lower.config),
+            model_repository: self.model_repository.or(lower.model_repository),
+            host: self.host.or(lower.host),
+            grpc_port: self.grpc_port.or(lower.grpc_port),
+            http_port: self.http_port.or(lower.http_port),
+            metrics_port: self.metrics_port.or(lower.metrics_port),
+            log_format: self.log_format.or(lower.log_format),
+            log_level: self.log_level.or(lower.log_level),
+            intra_op_threads: self.intra_op_threads.or(lower.intra_op_threads),
+            shutdown_grace_period_secs: self
+                .shutdown_grace_period_secs
+                .or(lower.shutdown_grace_period_secs),
+            max_message_bytes: self.max_message_bytes.or(lower.max_message_bytes),
+        }
+    }
+
+    /// Fill in defaults and check every value once.
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        let config = Config {
+            model_repository: self.model_repository.unwrap_or_else(|| PathBuf::from("models")),
+            host: self.host.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+            grpc_port: self.grpc_port.unwrap_or(8001),
+            http_port: self.http_port.unwrap_or(8000),
+            metrics_port: self.metrics_port.unwrap_or(8002),
+            log_format: self.log_format.unwrap_or(LogFormat::Text),
+            log_level: self.log_level.unwrap_or_else(|| "info".to_owned()),
+            backend: BackendOptions { intra_op_threads: self.intra_op_threads.unwrap_or(1) },
+            shutdown_grace_period: Duration::from_secs(self.shutdown_grace_period_secs.unwrap_or(30)),
+            max_message_bytes: self.max_message_bytes.unwrap_or(DEFAULT_MAX_MESSAGE_BYTES),
+        };
+        config.check()?;
+        Ok(config)
+    }
+}
+
+impl Config {
+    /// Defaults with every port at 0 (free ports), for tests and embedding.
+    pub fn for_repository(model_repository: impl Into<PathBuf>) -> Config {
+        Settings {
+            model_repository: Some(model_repository.into()),
+            grpc_port: Some(0),
+            http_port: Some(0),
+            metrics_port: Some(0),
+            ..Settings::default()
+        }
+        .validate_unchecked()
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        let invalid = |setting, message: String| Err(ConfigError::Invalid { setting, message });
+        if !self.model_repository.is_dir() {
+            return invalid(
+                "model_repository",
+                format!("{} is not a directory", self.model_repository.display()),
+            );
+        }
+        let ports = [
+            ("grpc_port", self.grpc_port),
+            ("http_port", self.http_port),
+            ("metrics_port", self.metrics_port),
+        ];
+        for (i, (name_a, a)) in ports.iter().enumerate() {
+            for (name_b, b) in &ports[i + 1..] {
+                if *a != 0 && a == b {
+                    return invalid(name_b, format!("port {b} is already used by {name_a}"));
+                }
+            }
+        }
+        if self.backend.intra_op_threads == 0 {
+            return invalid("intra_op_threads", "must be at least 1".to_owned());
+        }
+        if self.max_message_bytes < 1024 {
+            return invalid("max_message_bytes", format!("{} is below 1024", self.max_message_bytes));
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
+            return invalid("log_level", format!("'{}': {e}", self.log_level));
+        }
+        Ok(())
+    }
+}
+
+impl Settings {
+    fn validate_unchecked(self) -> Config {
+        let dir = self.model_repository.clone();
+        match self.validate() {
+            Ok(c) => c,
+            Err(e) => panic!("test configuration for {dir:?} must be valid: {e}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn repo() -> tempfile::TempDir {
+        tempfile::tempdir().expect("temp dir")
+    }
+
+    #[test]
+    fn defaults_are_tritons_ports_on_loopback() {
+        let dir = repo();
+        let c = Settings { model_repository: Some(dir.path().into()), ..Default::default() }
+            .validate()
+            .unwrap();
+        assert_eq!((c.http_port, c.grpc_port, c.metrics_port), (8000, 8001, 8002));
+        assert_eq!(c.host, IpAddr::V4(Ipv4Addr::LOCALHOST));
+        assert_eq!(c.shutdown_grace_period, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn command_line_wins_over_file() {
+        let dir = repo();
+        let file = Settings::from_toml("grpc_port = 9001\nhttp_port = 9000\nlog_format = \"json\"").unwrap();
+        let cli = Settings::try_parse_from(["sluice", "--grpc-port", "7001"]).unwrap();
+        let c = Settings { model_repository: Some(dir.path().into()), ..cli.or(file) }
+            .validate()
+            .unwrap();
+        assert_eq!(c.grpc_port, 7001);
+        assert_eq!(c.http_port, 9000);
+        assert_eq!(c.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn unknown_file_keys_are_rejected() {
+        let err = Settings::from_toml("grpc_prot = 1").unwrap_err().to_string();
+        assert!(err.contains("grpc_prot"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_are_named() {
+        let dir = repo();
+        let base = || Settings { model_repository: Some(dir.path().into()), ..Default::default() };
+        let err = Settings { grpc_port: Some(9000), http_port: Some(9000), ..base() }
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("http_port") && err.contains("9000"), "{err}");
+        let err = Settings { intra_op_threads: Some(0), ..base() }.validate().unwrap_err().to_string();
+        assert!(err.contains("intra_op_threads"), "{err}");
+        let err = Settings { model_repository: Some("/nonexistent/repo".into()), ..Default::default() }
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/nonexistent/repo"), "{err}");
+    }
+}

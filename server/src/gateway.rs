@@ -1,0 +1,67 @@
+//! The gateway's domain facade: what the API handlers call. It owns the repository and
+//! the server's lifecycle flags, and records per-request metrics. No protocol types here.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::error::Error;
+use crate::metrics;
+use crate::model::{InferRequest, InferResponse, LoadedModel};
+use crate::repository::Repository;
+
+pub struct Gateway {
+    pub repository: Repository,
+    ready: AtomicBool,
+    shutting_down: AtomicBool,
+}
+
+impl Gateway {
+    pub fn new(repository: Repository) -> Arc<Gateway> {
+        Arc::new(Gateway { repository, ready: AtomicBool::new(false), shutting_down: AtomicBool::new(false) })
+    }
+
+    /// Live: the process answers. Always true while it does.
+    pub fn is_live(&self) -> bool {
+        true
+    }
+
+    /// Ready: start-up finished and not shutting down.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire) && !self.shutting_down.load(Ordering::Acquire)
+    }
+
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::Release);
+    }
+
+    /// From now on inference is refused with UNAVAILABLE and readiness is false.
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::Release);
+    }
+
+    pub fn model(&self, name: &str, version: &str) -> Result<Arc<LoadedModel>, Error> {
+        self.repository.get(name, version)
+    }
+
+    /// Run one inference request end to end and account for it.
+    pub async fn infer(&self, name: &str, version: &str, request: InferRequest) -> Result<InferResponse, Error> {
+        let start = Instant::now();
+        let result = self.infer_inner(name, version, request).await;
+        let label = if self.repository.is_known(name) { name } else { metrics::UNKNOWN_MODEL };
+        let outcome = match &result {
+            Ok(_) => "success",
+            Err(e) => e.kind(),
+        };
+        metrics::request(label, outcome, start.elapsed());
+        result
+    }
+
+    async fn infer_inner(&self, name: &str, version: &str, request: InferRequest) -> Result<InferResponse, Error> {
+        if self.shutting_down.load(Ordering::Acquire) {
+            return Err(Error::ShuttingDown);
+        }
+        let model = self.model(name, version)?;
+        model.infer(request).await
+    }
+}

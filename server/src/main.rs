@@ -1,0 +1,47 @@
+//! The `sluice` binary: resolve the configuration, set up logging, serve until SIGTERM.
+
+use std::process::ExitCode;
+
+use sluice::config::{LogFormat, Settings};
+use sluice::server::{termination_signal, Server};
+use tokio_util::sync::CancellationToken;
+
+fn main() -> ExitCode {
+    let config = match Settings::load().and_then(Settings::validate) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("sluice: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::new(&config.log_level);
+    match config.log_format {
+        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
+        LogFormat::Json => tracing_subscriber::fmt().json().with_env_filter(filter).init(),
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("sluice: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        let server = Server::bind(config).await?;
+        let shutdown = CancellationToken::new();
+        let trigger = shutdown.clone();
+        tokio::spawn(async move {
+            termination_signal().await;
+            trigger.cancel();
+        });
+        server.serve(shutdown).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("sluice: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,299 @@
+//! A loaded model version: validates requests against its spec, runs them on its
+//! instances and checks what the model returns. This is the domain the API calls.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+
+use crate::backend::BackendError;
+use crate::config::BackendOptions;
+use crate::error::Error;
+use crate::metrics;
+use crate::pool::InstancePool;
+use crate::repository::{ModelSpec, TensorSpec};
+use crate::tensor::{element_count, shape_string, DataType, Tensor};
+
+/// An inference request after protocol decoding, before validation.
+#[derive(Debug, Clone, Default)]
+pub struct InferRequest {
+    pub id: String,
+    pub inputs: Vec<RequestInput>,
+    /// Outputs to return, by name; empty means all of them.
+    pub outputs: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RequestInput {
+    pub name: String,
+    /// As sent by the client: checked against the model's datatype here.
+    pub datatype: String,
+    pub shape: Vec<i64>,
+    /// Row-major little-endian bytes.
+    pub data: Bytes,
+}
+
+#[derive(Debug)]
+pub struct InferResponse {
+    pub model: String,
+    pub version: i64,
+    pub id: String,
+    pub outputs: Vec<(String, Tensor)>,
+}
+
+/// A request that fits the model: inputs in the model's argument order.
+#[derive(Debug)]
+pub struct Validated {
+    pub inputs: Vec<Tensor>,
+    /// Indices into `spec.outputs`, in the order to answer them.
+    pub outputs: Vec<usize>,
+    /// Samples in the request (1 for models that do not batch).
+    pub batch: usize,
+}
+
+pub struct LoadedModel {
+    pub spec: Arc<ModelSpec>,
+    pub version: i64,
+    pool: InstancePool,
+    stats: Mutex<ModelStats>,
+}
+
+impl LoadedModel {
+    /// Start the model's instances. Blocking (loads the weights).
+    pub fn load(
+        spec: Arc<ModelSpec>,
+        version: i64,
+        version_dir: PathBuf,
+        options: BackendOptions,
+    ) -> Result<LoadedModel, BackendError> {
+        let pool = InstancePool::start(spec.clone(), version_dir, options)?;
+        Ok(LoadedModel { spec, version, pool, stats: Mutex::new(ModelStats::default()) })
+    }
+
+    pub async fn infer(&self, request: InferRequest) -> Result<InferResponse, Error> {
+        let start = Instant::now();
+        let result = self.run(request).await;
+        let mut stats = self.stats.lock().expect("stats lock is never held across a panic");
+        match &result {
+            Ok((_, batch, compute)) => stats.record_success(start.elapsed(), *compute, *batch),
+            Err(_) => stats.record_failure(start.elapsed()),
+        }
+        result.map(|(response, _, _)| response)
+    }
+
+    async fn run(&self, request: InferRequest) -> Result<(InferResponse, usize, Duration), Error> {
+        let spec = &self.spec;
+        let validated = validate(spec, &request)?;
+        let executed = self.pool.execute(validated.inputs).await.map_err(|e| match e {
+            BackendError::InstanceGone => Error::ModelUnavailable {
+                model: spec.name.clone(),
+                reason: "no instance is running".into(),
+            },
+            BackendError::Load { .. } | BackendError::Forward(_) | BackendError::Panic(_) => {
+                Error::ModelFailed { model: spec.name.clone(), message: e.to_string() }
+            }
+        })?;
+        metrics::compute(&spec.name, executed.compute);
+        let mut produced: Vec<Option<Tensor>> = executed.outputs.into_iter().map(Some).collect();
+        let mut outputs = Vec::with_capacity(validated.outputs.len());
+        for &index in &validated.outputs {
+            let out_spec = &spec.outputs[index];
+            let tensor = produced
+                .get_mut(out_spec.position)
+                .and_then(Option::take)
+                .ok_or_else(|| Error::ModelFailed {
+                    model: spec.name.clone(),
+                    message: format!(
+                        "model returned {} output(s), output '{}' is at position {}",
+                        produced.len(),
+                        out_spec.name,
+                        out_spec.position
+                    ),
+                })?;
+            check_output(spec, out_spec, &tensor, validated.batch)?;
+            outputs.push((out_spec.name.clone(), tensor));
+        }
+        let response = InferResponse { model: spec.name.clone(), version: self.version, id: request.id, outputs };
+        Ok((response, validated.batch, executed.compute))
+    }
+
+    pub fn statistics(&self) -> ModelStats {
+        self.stats.lock().expect("stats lock is never held across a panic").clone()
+    }
+}
+
+/// Check a request against the model's declared inputs and outputs.
+pub fn validate(spec: &ModelSpec, request: &InferRequest) -> Result<Validated, Error> {
+    let model = || spec.name.clone();
+    let names = |specs: &[TensorSpec]| specs.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ");
+    let mut slots: Vec<Option<Tensor>> = vec![None; spec.inputs.len()];
+    let mut batch: Option<i64> = None;
+    for input in &request.inputs {
+        let Some(index) = spec.inputs.iter().position(|s| s.name == input.name) else {
+            return Err(Error::UnknownInput { model: model(), input: input.name.clone(), expected: names(&spec.inputs) });
+        };
+        let in_spec = &spec.inputs[index];
+        if slots[in_spec.position].is_some() {
+            return Err(Error::DuplicateInput { model: model(), input: input.name.clone() });
+        }
+        if DataType::from_wire_name(&input.datatype) != Some(in_spec.dtype) {
+            return Err(Error::WrongDatatype {
+                model: model(),
+                input: input.name.clone(),
+                expected: in_spec.dtype,
+                actual: input.datatype.clone(),
+            });
+        }
+        let wrong_shape = || Error::WrongShape {
+            model: model(),
+            input: input.name.clone(),
+            expected: shape_string(&spec.full_dims(&in_spec.dims)),
+            actual: input.shape.clone(),
+        };
+        let sample_dims = if spec.max_batch_size > 0 {
+            let Some((&b, rest)) = input.shape.split_first() else { return Err(wrong_shape()) };
+            if b < 1 {
+                return Err(wrong_shape());
+            }
+            if b > i64::from(spec.max_batch_size) {
+                return Err(Error::BatchTooLarge { model: model(), input: input.name.clone(), max: spec.max_batch_size, actual: b });
+            }
+            if let Some(first) = batch.filter(|&first| first != b) {
+                return Err(Error::InvalidRequest {
+                    model: model(),
+                    message: format!("input '{}' has batch size {b}, other inputs have {first}", input.name),
+                });
+            }
+            batch = Some(b);
+            rest
+        } else {
+            &input.shape[..]
+        };
+        let fits = sample_dims.len() == in_spec.dims.len()
+            && sample_dims.iter().zip(&in_spec.dims).all(|(&got, &want)| got >= 0 && (want == -1 || got == want));
+        if !fits {
+            return Err(wrong_shape());
+        }
+        let expected = element_count(&input.shape) * in_spec.dtype.size();
+        if input.data.len() != expected {
+            return Err(Error::WrongByteSize {
+                model: model(),
+                input: input.name.clone(),
+                expected,
+                actual: input.data.len(),
+                detail: format!("shape {} of {}", shape_string(&input.shape), in_spec.dtype),
+            });
+        }
+        slots[in_spec.position] = Some(Tensor::new(in_spec.dtype, input.shape.clone(), input.data.clone()));
+    }
+    let mut inputs = Vec::with_capacity(slots.len());
+    for (slot, position) in slots.into_iter().zip(0..) {
+        match slot {
+            Some(t) => inputs.push(t),
+            None => {
+                let missing = spec.inputs.iter().find(|s| s.position == position).expect("positions are 0..n");
+                return Err(Error::MissingInput { model: model(), input: missing.name.clone() });
+            }
+        }
+    }
+    let outputs = if request.outputs.is_empty() {
+        (0..spec.outputs.len()).collect()
+    } else {
+        let mut chosen = Vec::with_capacity(request.outputs.len());
+        for name in &request.outputs {
+            let Some(index) = spec.outputs.iter().position(|s| &s.name == name) else {
+                return Err(Error::UnknownOutput { model: model(), output: name.clone(), expected: names(&spec.outputs) });
+            };
+            if chosen.contains(&index) {
+                return Err(Error::InvalidRequest { model: model(), message: format!("output '{name}' requested more than once") });
+            }
+            chosen.push(index);
+        }
+        chosen
+    };
+    let batch = usize::try_from(batch.unwrap_or(1)).expect("batch was checked to be positive");
+    Ok(Validated { inputs, outputs, batch })
+}
+
+/// A model that returns the wrong type or shape fails its request with INTERNAL.
+fn check_output(spec: &ModelSpec, out: &TensorSpec, tensor: &Tensor, batch: usize) -> Result<(), Error> {
+    let fail = |message: String| Error::ModelFailed { model: spec.name.clone(), message };
+    if tensor.dtype != out.dtype {
+        return Err(fail(format!("output '{}' has datatype {}, config declares {}", out.name, tensor.dtype, out.dtype)));
+    }
+    let sample_dims = if spec.max_batch_size > 0 {
+        match tensor.shape.split_first() {
+            Some((&b, rest)) if usize::try_from(b) == Ok(batch) => rest,
+            _ => {
+                return Err(fail(format!(
+                    "output '{}' has shape {}, expected batch size {batch} first",
+                    out.name,
+                    shape_string(&tensor.shape)
+                )))
+            }
+        }
+    } else {
+        &tensor.shape[..]
+    };
+    let fits = sample_dims.len() == out.dims.len() && sample_dims.iter().zip(&out.dims).all(|(&g, &w)| w == -1 || g == w);
+    if !fits {
+        return Err(fail(format!(
+            "output '{}' has shape {}, config declares {}",
+            out.name,
+            shape_string(&tensor.shape),
+            shape_string(&spec.full_dims(&out.dims))
+        )));
+    }
+    Ok(())
+}
+
+/// Counts and cumulative durations as the ModelStatistics RPC reports them.
+#[derive(Debug, Clone, Default)]
+pub struct ModelStats {
+    pub inference_count: u64,
+    pub execution_count: u64,
+    /// Milliseconds since the epoch of the last inference; 0 if none.
+    pub last_inference_ms: u64,
+    pub success: Tally,
+    pub fail: Tally,
+    pub queue: Tally,
+    pub compute_infer: Tally,
+    /// (batch size, executions, compute time) per batch size seen.
+    pub batches: std::collections::BTreeMap<u64, Tally>,
+}
+
+/// A count and a total duration.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Tally {
+    pub count: u64,
+    pub total: Duration,
+}
+
+impl Tally {
+    fn add(&mut self, d: Duration) {
+        self.count += 1;
+        self.total += d;
+    }
+}
+
+impl ModelStats {
+    fn record_success(&mut self, total: Duration, compute: Duration, batch: usize) {
+        self.inference_count += batch as u64;
+        self.execution_count += 1;
+        self.success.add(total);
+        self.queue.add(total.saturating_sub(compute));
+        self.compute_infer.add(compute);
+        self.batches.entry(batch as u64).or_default().add(compute);
+        self.touch();
+    }
+
+    fn record_failure(&mut self, total: Duration) {
+        self.fail.add(total);
+        self.touch();
+    }
+
+    fn touch(&mut self) {
+        self.last_inference_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    }
+}

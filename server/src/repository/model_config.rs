@@ -1,0 +1,451 @@
+//! `config.pbtxt`: parse Triton's `ModelConfig` from protobuf text format (against our
+//! own copy of its schema, so any valid Triton config parses) and turn it into the
+//! [`ModelSpec`] the server runs with. Every rejection names the file and the reason.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use prost_reflect::{DescriptorPool, DynamicMessage};
+use sluice_proto::inference::{
+    model_instance_group, model_version_policy, DataType as ConfigDataType, ModelConfig,
+    ModelInput, ModelOutput,
+};
+
+use crate::tensor::{shape_string, DataType};
+
+/// How an instance of the model executes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Platform {
+    /// TorchScript through libtorch: platform `pytorch_libtorch` or backend `pytorch`.
+    Torch,
+    /// In-process stand-in (backend `sluice_synthetic`) for tests and overhead benchmarks.
+    Synthetic,
+}
+
+/// Where instances run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceKind {
+    /// KIND_AUTO: a GPU when libtorch sees one, else the CPU.
+    Auto,
+    Cpu,
+    Gpu(i32),
+}
+
+/// One declared input or output tensor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorSpec {
+    pub name: String,
+    pub dtype: DataType,
+    /// Dimensions without the batch dimension; -1 is "any size".
+    pub dims: Vec<i64>,
+    /// Position in the model's forward arguments (inputs) or result tuple (outputs).
+    pub position: usize,
+}
+
+/// Which versions of a model to serve.
+#[derive(Debug, Clone, PartialEq)]
+pub enum VersionPolicy {
+    Latest(usize),
+    All,
+    Specific(Vec<i64>),
+}
+
+/// A model's configuration, validated.
+#[derive(Debug, Clone)]
+pub struct ModelSpec {
+    pub name: String,
+    pub platform: Platform,
+    /// 0: the model does not batch, shapes are given in full.
+    pub max_batch_size: u32,
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+    pub instance_count: usize,
+    pub device: DeviceKind,
+    pub version_policy: VersionPolicy,
+    pub model_filename: String,
+    /// The config's `parameters` map (gateway-only settings live here).
+    pub parameters: BTreeMap<String, String>,
+    /// The config as parsed, with defaults filled in, for the ModelConfig RPC.
+    pub config: ModelConfig,
+}
+
+impl ModelSpec {
+    /// Full request shape of an input for display: `[-1, 64]` when batching.
+    pub fn full_dims(&self, dims: &[i64]) -> Vec<i64> {
+        if self.max_batch_size > 0 {
+            std::iter::once(-1).chain(dims.iter().copied()).collect()
+        } else {
+            dims.to_vec()
+        }
+    }
+}
+
+/// Why a model's configuration was rejected.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct ConfigFileError {
+    pub path: PathBuf,
+    pub message: String,
+}
+
+fn descriptor_pool() -> &'static DescriptorPool {
+    static POOL: OnceLock<DescriptorPool> = OnceLock::new();
+    POOL.get_or_init(|| {
+        DescriptorPool::decode(sluice_proto::FILE_DESCRIPTOR_SET)
+            .expect("the descriptor set compiled into sluice-proto is valid")
+    })
+}
+
+/// Parse protobuf text format into a `ModelConfig`.
+pub fn parse_text(text: &str) -> Result<ModelConfig, String> {
+    let descriptor = descriptor_pool()
+        .get_message_by_name(sluice_proto::MODEL_CONFIG_MESSAGE)
+        .expect("ModelConfig is part of the compiled descriptor set");
+    let text = colon_before_lists(text);
+    let dynamic = DynamicMessage::parse_text_format(descriptor, &text).map_err(|e| e.to_string())?;
+    dynamic.transcode_to::<ModelConfig>().map_err(|e| e.to_string())
+}
+
+/// Text format lets a list of messages follow its field name without a colon
+/// (`input [ { ... } ]`), and nearly every Triton config is written that way; the parser
+/// we use wants `input: [ ... ]`. Insert the colon where a field name is directly
+/// followed by `[`, leaving strings and comments untouched.
+fn colon_before_lists(text: &str) -> std::borrow::Cow<'_, str> {
+    let mut out = String::with_capacity(text.len() + 16);
+    let mut chars = text.chars().peekable();
+    let mut last_token_is_name = false; // the previous token was an identifier
+    let mut ident = String::new();
+    let mut changed = false;
+    while let Some(c) = chars.next() {
+        match c {
+            '"' | '\'' => {
+                out.push(c);
+                while let Some(d) = chars.next() {
+                    out.push(d);
+                    if d == '\\' {
+                        if let Some(e) = chars.next() {
+                            out.push(e);
+                        }
+                    } else if d == c {
+                        break;
+                    }
+                }
+                last_token_is_name = false;
+            }
+            '#' => {
+                out.push(c);
+                for d in chars.by_ref() {
+                    out.push(d);
+                    if d == '\n' {
+                        break;
+                    }
+                }
+            }
+            '[' => {
+                if last_token_is_name {
+                    out.push(':');
+                    changed = true;
+                }
+                out.push(c);
+                last_token_is_name = false;
+            }
+            c if c.is_alphanumeric() || c == '_' || c == '.' => {
+                ident.push(c);
+                out.push(c);
+                if !chars.peek().is_some_and(|n| n.is_alphanumeric() || *n == '_' || *n == '.') {
+                    last_token_is_name = ident.starts_with(|f: char| f.is_alphabetic() || f == '_');
+                    ident.clear();
+                }
+            }
+            c if c.is_whitespace() => out.push(c),
+            c => {
+                out.push(c);
+                last_token_is_name = false;
+            }
+        }
+    }
+    if changed {
+        std::borrow::Cow::Owned(out)
+    } else {
+        std::borrow::Cow::Borrowed(text)
+    }
+}
+
+/// Parse and validate the config of the model in directory `dir_name`.
+pub fn load_spec(path: PathBuf, dir_name: &str) -> Result<ModelSpec, ConfigFileError> {
+    let fail = |message: String| ConfigFileError { path: path.clone(), message };
+    let text = std::fs::read_to_string(&path).map_err(|e| fail(format!("cannot read: {e}")))?;
+    let config = parse_text(&text).map_err(|e| fail(format!("invalid protobuf text format: {e}")))?;
+    spec_from_config(config, dir_name).map_err(fail)
+}
+
+/// Validate a parsed config. `dir_name` is the model's directory, which names the model.
+pub fn spec_from_config(mut config: ModelConfig, dir_name: &str) -> Result<ModelSpec, String> {
+    if config.name.is_empty() {
+        config.name = dir_name.to_owned();
+    } else if config.name != dir_name {
+        return Err(format!(
+            "name '{}' does not match the model directory '{dir_name}'",
+            config.name
+        ));
+    }
+    let platform = match (config.platform.as_str(), config.backend.as_str()) {
+        ("pytorch_libtorch", "" | "pytorch") | ("", "pytorch") => Platform::Torch,
+        ("", "sluice_synthetic") => Platform::Synthetic,
+        ("", "") => return Err("neither platform nor backend is set (expected platform \"pytorch_libtorch\")".into()),
+        (platform, backend) => {
+            return Err(format!(
+                "unsupported platform '{platform}' / backend '{backend}' (supported: platform \"pytorch_libtorch\" or backend \"pytorch\")"
+            ))
+        }
+    };
+    if platform == Platform::Torch {
+        config.platform = "pytorch_libtorch".into();
+        config.backend = "pytorch".into();
+    }
+    let max_batch_size = u32::try_from(config.max_batch_size)
+        .map_err(|_| format!("max_batch_size {} is negative", config.max_batch_size))?;
+    if config.input.is_empty() {
+        return Err("no input declared".into());
+    }
+    if config.output.is_empty() {
+        return Err("no output declared".into());
+    }
+    let inputs = tensor_specs("input", config.input.iter().map(InputOrOutput::Input))?;
+    let outputs = tensor_specs("output", config.output.iter().map(InputOrOutput::Output))?;
+
+    let mut instance_count = 0usize;
+    let mut device = DeviceKind::Cpu;
+    if config.instance_group.is_empty() {
+        config.instance_group.push(sluice_proto::inference::ModelInstanceGroup {
+            name: config.name.clone(),
+            count: 1,
+            kind: model_instance_group::Kind::Cpu as i32,
+            ..Default::default()
+        });
+    }
+    for (i, group) in config.instance_group.iter_mut().enumerate() {
+        if group.count < 0 {
+            return Err(format!("instance_group[{i}].count {} is negative", group.count));
+        }
+        if group.count == 0 {
+            group.count = 1;
+        }
+        if group.name.is_empty() {
+            group.name = format!("{}_{i}", config.name);
+        }
+        instance_count += group.count as usize;
+        device = match model_instance_group::Kind::try_from(group.kind) {
+            Ok(model_instance_group::Kind::Cpu) => DeviceKind::Cpu,
+            Ok(model_instance_group::Kind::Gpu) => DeviceKind::Gpu(group.gpus.first().copied().unwrap_or(0)),
+            Ok(model_instance_group::Kind::Auto | model_instance_group::Kind::Model) => DeviceKind::Auto,
+            Err(_) => return Err(format!("instance_group[{i}].kind {} is unknown", group.kind)),
+        };
+    }
+
+    let version_policy = match config.version_policy.as_ref().and_then(|p| p.policy_choice.as_ref()) {
+        None => VersionPolicy::Latest(1),
+        Some(model_version_policy::PolicyChoice::Latest(l)) => VersionPolicy::Latest(l.num_versions.max(1) as usize),
+        Some(model_version_policy::PolicyChoice::All(_)) => VersionPolicy::All,
+        Some(model_version_policy::PolicyChoice::Specific(s)) => {
+            if s.versions.is_empty() {
+                return Err("version_policy.specific lists no versions".into());
+            }
+            VersionPolicy::Specific(s.versions.clone())
+        }
+    };
+    let model_filename = if config.default_model_filename.is_empty() {
+        "model.pt".to_owned()
+    } else {
+        config.default_model_filename.clone()
+    };
+    let parameters = config
+        .parameters
+        .iter()
+        .map(|(k, v)| (k.clone(), v.string_value.clone()))
+        .collect();
+    Ok(ModelSpec {
+        name: config.name.clone(),
+        platform,
+        max_batch_size,
+        inputs,
+        outputs,
+        instance_count,
+        device,
+        version_policy,
+        model_filename,
+        parameters,
+        config,
+    })
+}
+
+enum InputOrOutput<'a> {
+    Input(&'a ModelInput),
+    Output(&'a ModelOutput),
+}
+
+impl InputOrOutput<'_> {
+    fn parts(&self) -> (&str, i32, &[i64], bool) {
+        match self {
+            InputOrOutput::Input(i) => (&i.name, i.data_type, &i.dims, i.reshape.is_some()),
+            InputOrOutput::Output(o) => (&o.name, o.data_type, &o.dims, o.reshape.is_some()),
+        }
+    }
+}
+
+fn tensor_specs<'a>(
+    what: &str,
+    tensors: impl Iterator<Item = InputOrOutput<'a>>,
+) -> Result<Vec<TensorSpec>, String> {
+    let mut specs: Vec<TensorSpec> = Vec::new();
+    for (i, t) in tensors.enumerate() {
+        let (name, data_type, dims, has_reshape) = t.parts();
+        if name.is_empty() {
+            return Err(format!("{what}[{i}] has no name"));
+        }
+        if specs.iter().any(|s| s.name == name) {
+            return Err(format!("{what} '{name}' is declared twice"));
+        }
+        if has_reshape {
+            return Err(format!("{what} '{name}': reshape is not supported"));
+        }
+        let dtype = config_dtype(data_type).map_err(|e| format!("{what} '{name}': {e}"))?;
+        if let Some(d) = dims.iter().find(|&&d| d < -1 || d == 0) {
+            return Err(format!("{what} '{name}': dimension {d} in dims {} is invalid", shape_string(dims)));
+        }
+        specs.push(TensorSpec { name: name.to_owned(), dtype, dims: dims.to_vec(), position: i });
+    }
+    // Triton's PyTorch convention: `<name>__<index>` gives the position explicitly.
+    let indexed: Option<Vec<usize>> = specs
+        .iter()
+        .map(|s| s.name.rsplit_once("__").and_then(|(_, n)| n.parse().ok()))
+        .collect();
+    if let Some(positions) = indexed {
+        let mut sorted = positions.clone();
+        sorted.sort_unstable();
+        if sorted != (0..positions.len()).collect::<Vec<_>>() {
+            return Err(format!(
+                "{what} names use the <name>__<index> convention but the indices are not 0..{}",
+                positions.len()
+            ));
+        }
+        for (spec, position) in specs.iter_mut().zip(positions) {
+            spec.position = position;
+        }
+    }
+    Ok(specs)
+}
+
+fn config_dtype(value: i32) -> Result<DataType, String> {
+    let dtype = ConfigDataType::try_from(value).map_err(|_| format!("unknown data_type {value}"))?;
+    match dtype {
+        ConfigDataType::TypeBool => Ok(DataType::Bool),
+        ConfigDataType::TypeUint8 => Ok(DataType::Uint8),
+        ConfigDataType::TypeInt8 => Ok(DataType::Int8),
+        ConfigDataType::TypeInt16 => Ok(DataType::Int16),
+        ConfigDataType::TypeInt32 => Ok(DataType::Int32),
+        ConfigDataType::TypeInt64 => Ok(DataType::Int64),
+        ConfigDataType::TypeFp16 => Ok(DataType::Fp16),
+        ConfigDataType::TypeBf16 => Ok(DataType::Bf16),
+        ConfigDataType::TypeFp32 => Ok(DataType::Fp32),
+        ConfigDataType::TypeFp64 => Ok(DataType::Fp64),
+        ConfigDataType::TypeInvalid => Err("data_type is not set".into()),
+        ConfigDataType::TypeUint16
+        | ConfigDataType::TypeUint32
+        | ConfigDataType::TypeUint64
+        | ConfigDataType::TypeString => Err(format!(
+            "data_type {} is not supported by the libtorch backend",
+            dtype.as_str_name()
+        )),
+    }
+}
+
+/// The config-file name of a datatype (`TYPE_FP32`), for the ModelConfig answer.
+pub fn config_dtype_name(dtype: DataType) -> &'static str {
+    match dtype {
+        DataType::Bool => "TYPE_BOOL",
+        DataType::Uint8 => "TYPE_UINT8",
+        DataType::Int8 => "TYPE_INT8",
+        DataType::Int16 => "TYPE_INT16",
+        DataType::Int32 => "TYPE_INT32",
+        DataType::Int64 => "TYPE_INT64",
+        DataType::Fp16 => "TYPE_FP16",
+        DataType::Bf16 => "TYPE_BF16",
+        DataType::Fp32 => "TYPE_FP32",
+        DataType::Fp64 => "TYPE_FP64",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MLP: &str = r#"
+        name: "mlp"
+        platform: "pytorch_libtorch"
+        max_batch_size: 32
+        input [ { name: "INPUT__0" data_type: TYPE_FP32 dims: [ 64 ] } ]
+        output [ { name: "OUTPUT__0" data_type: TYPE_FP32 dims: [ 10 ] } ]
+        instance_group [ { count: 2 kind: KIND_CPU } ]
+        dynamic_batching { max_queue_delay_microseconds: 100 }
+        parameters { key: "idle_timeout_secs" value: { string_value: "60" } }
+    "#;
+
+    #[test]
+    fn parses_a_triton_config() {
+        let spec = spec_from_config(parse_text(MLP).unwrap(), "mlp").unwrap();
+        assert_eq!(spec.platform, Platform::Torch);
+        assert_eq!(spec.max_batch_size, 32);
+        assert_eq!(spec.inputs[0].dims, vec![64]);
+        assert_eq!(spec.outputs[0].dtype, DataType::Fp32);
+        assert_eq!(spec.instance_count, 2);
+        assert_eq!(spec.version_policy, VersionPolicy::Latest(1));
+        assert_eq!(spec.parameters["idle_timeout_secs"], "60");
+        assert_eq!(spec.full_dims(&spec.inputs[0].dims), vec![-1, 64]);
+    }
+
+    #[test]
+    fn index_suffix_gives_the_position() {
+        let text = r#"
+            platform: "pytorch_libtorch"
+            input [ { name: "b__1" data_type: TYPE_FP32 dims: [1] },
+                    { name: "a__0" data_type: TYPE_FP32 dims: [1] } ]
+            output [ { name: "y" data_type: TYPE_FP32 dims: [1] } ]"#;
+        let spec = spec_from_config(parse_text(text).unwrap(), "m").unwrap();
+        assert_eq!(spec.name, "m");
+        assert_eq!(spec.inputs[0].position, 1);
+        assert_eq!(spec.inputs[1].position, 0);
+        assert_eq!(spec.outputs[0].position, 0);
+    }
+
+    #[test]
+    fn rejections_say_why() {
+        let bad = |text: &str, dir: &str| spec_from_config(parse_text(text).unwrap(), dir).unwrap_err();
+        let io = r#"input [ { name: "x" data_type: TYPE_FP32 dims: [1] } ] output [ { name: "y" data_type: TYPE_FP32 dims: [1] } ]"#;
+        assert!(bad(&format!("platform: \"onnxruntime_onnx\" {io}"), "m").contains("onnxruntime_onnx"));
+        assert!(bad(&format!("name: \"other\" platform: \"pytorch_libtorch\" {io}"), "m").contains("does not match"));
+        let strings = r#"platform: "pytorch_libtorch" input [ { name: "x" data_type: TYPE_STRING dims: [1] } ] output [ { name: "y" data_type: TYPE_FP32 dims: [1] } ]"#;
+        assert!(bad(strings, "m").contains("TYPE_STRING"));
+        let no_input = r#"platform: "pytorch_libtorch" output [ { name: "y" data_type: TYPE_FP32 dims: [1] } ]"#;
+        assert!(bad(no_input, "m").contains("no input"));
+    }
+
+    #[test]
+    fn lists_without_colon_parse_like_lists_with_one() {
+        let plain = r#"input [ { name: "x[0]" data_type: TYPE_FP32 dims: [ 2 ] } ] # a [ comment
+            output: [ { name: "y" data_type: TYPE_FP32 dims [ 2 ] } ]"#;
+        let c = parse_text(plain).unwrap();
+        assert_eq!(c.input[0].name, "x[0]");
+        assert_eq!(c.input[0].dims, vec![2]);
+        assert_eq!(c.output[0].dims, vec![2]);
+        assert_eq!(colon_before_lists("a: \"q [\" b [1]"), "a: \"q [\" b :[1]");
+    }
+
+    #[test]
+    fn syntax_errors_are_reported() {
+        let err = parse_text("max_batch_size: 8\ninput [ { name: \"x\" ").unwrap_err();
+        assert!(!err.is_empty());
+        assert!(parse_text("no_such_field: 1").unwrap_err().contains("no_such_field"));
+    }
+}

@@ -1,0 +1,165 @@
+//! Start-up and shutdown: load the repository, bind the three listeners, serve until the
+//! shutdown token fires, then drain within the grace period.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use sluice_proto::grpc_inference_service_server::GrpcInferenceServiceServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{grpc::InferenceService, http};
+use crate::config::Config;
+use crate::gateway::Gateway;
+use crate::metrics;
+use crate::repository::Repository;
+
+/// A server with its repository loaded and its ports bound, not yet serving.
+pub struct Server {
+    config: Config,
+    gateway: Arc<Gateway>,
+    grpc: TcpListener,
+    http: TcpListener,
+    metrics: TcpListener,
+}
+
+/// How often the metrics recorder compacts its histograms.
+const METRICS_UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+impl Server {
+    pub async fn bind(config: Config) -> anyhow::Result<Server> {
+        let root = config.model_repository.clone();
+        let options = config.backend;
+        let repository = tokio::task::spawn_blocking(move || Repository::load_all(&root, options))
+            .await
+            .context("repository loader panicked")?
+            .with_context(|| format!("cannot read model repository {}", config.model_repository.display()))?;
+        let bind = |port: u16, what: &'static str| {
+            let addr = SocketAddr::new(config.host, port);
+            async move { TcpListener::bind(addr).await.with_context(|| format!("cannot bind {what} port {addr}")) }
+        };
+        let grpc = bind(config.grpc_port, "gRPC").await?;
+        let http = bind(config.http_port, "HTTP").await?;
+        let metrics = bind(config.metrics_port, "metrics").await?;
+        Ok(Server { gateway: Gateway::new(repository), config, grpc, http, metrics })
+    }
+
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc.local_addr().expect("a bound listener has an address")
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http.local_addr().expect("a bound listener has an address")
+    }
+
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics.local_addr().expect("a bound listener has an address")
+    }
+
+    pub fn gateway(&self) -> Arc<Gateway> {
+        self.gateway.clone()
+    }
+
+    /// Serve until `shutdown` is cancelled. Then readiness and gRPC health turn
+    /// NOT_SERVING, new inference is refused, and in-flight calls get up to the grace
+    /// period to finish.
+    pub async fn serve(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let Server { config, gateway, grpc, http, metrics } = self;
+        let prometheus = metrics::install();
+        let upkeep = {
+            let handle = prometheus.clone();
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(METRICS_UPKEEP_INTERVAL);
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tick.tick() => handle.run_upkeep(),
+                    }
+                }
+            })
+        };
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(sluice_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .context("cannot build the reflection service")?;
+        let inference = GrpcInferenceServiceServer::new(InferenceService::new(gateway.clone()))
+            .max_decoding_message_size(config.max_message_bytes)
+            .max_encoding_message_size(config.max_message_bytes);
+        health.set_serving::<GrpcInferenceServiceServer<InferenceService>>().await;
+        health.set_service_status("", tonic_health::ServingStatus::Serving).await;
+
+        // Plain HTTP endpoints stop only after the gRPC drain, so probes see NOT_SERVING.
+        let http_stop = CancellationToken::new();
+        let http_task = tokio::spawn(http::serve(http, http::health_router(gateway.clone()), http_stop.clone()));
+        let metrics_task = tokio::spawn(http::serve(metrics, http::metrics_router(prometheus), http_stop.clone()));
+
+        let drain_start = CancellationToken::new();
+        let grpc_shutdown = {
+            let drain_start = drain_start.clone();
+            async move { drain_start.cancelled().await }
+        };
+        let grpc_task = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(health_service)
+                .add_service(reflection)
+                .add_service(inference)
+                .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), grpc_shutdown),
+        );
+        gateway.set_ready();
+        tracing::info!(
+            grpc = %config.host, grpc_port = config.grpc_port, http_port = config.http_port,
+            metrics_port = config.metrics_port, "serving"
+        );
+
+        shutdown.cancelled().await;
+        tracing::info!(grace_period_secs = config.shutdown_grace_period.as_secs(), "shutting down: draining in-flight work");
+        gateway.begin_shutdown();
+        health.set_not_serving::<GrpcInferenceServiceServer<InferenceService>>().await;
+        health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+        drain_start.cancel();
+        match tokio::time::timeout(config.shutdown_grace_period, grpc_task).await {
+            Ok(Ok(Ok(()))) => tracing::info!("drained"),
+            Ok(Ok(Err(e))) => tracing::error!(error = %e, "gRPC server failed"),
+            Ok(Err(e)) => tracing::error!(error = %e, "gRPC server task failed"),
+            Err(_) => tracing::warn!("grace period over with calls still in flight; exiting"),
+        }
+        http_stop.cancel();
+        let _ = tokio::join!(http_task, metrics_task, upkeep);
+        Ok(())
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT (Ctrl-C).
+pub async fn termination_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("received SIGINT"),
+        _ = term => tracing::info!("received SIGTERM"),
+    }
+}
