@@ -5,9 +5,9 @@ Weights are generated, never committed: every run with the same seed writes the 
 parameters, so the reference outputs that the tests compare against are reproducible.
 
     python models/export.py                     # bundled repository: models/<name>/1/model.pt
-    python models/export.py --test-repo DIR     # also the test-only models under DIR
+    python models/export.py --test-weights DIR  # also the weights of the test-only models
 
-Reference vectors go to models/reference/<model>.{json,input.bin,output.bin}: raw
+Reference vectors go to models/.reference/ (hidden, so no server takes it for a model):<model>.{json,input.bin,output.bin}: raw
 little-endian FP32, row-major, with the shapes in the JSON file.
 """
 
@@ -150,7 +150,7 @@ def export_bundled(repo: Path) -> None:
     mlp = Mlp()
     cnn = Cnn()
     randomize_batch_norm(cnn, gen)
-    ref = repo / "reference"
+    ref = repo / ".reference"
     for name, module, shape in (("mlp", mlp, [8, 64]), ("cnn", cnn, [8, 3, 64, 64])):
         scripted = save(module, repo / name / "1" / "model.pt")
         write_reference(name, scripted, shape, ref, gen)
@@ -159,21 +159,21 @@ def export_bundled(repo: Path) -> None:
 
 def export_test_models(repo: Path) -> None:
     """Weights for the test-only repository; the tests write their own config.pbtxt."""
-    save(RaiseOnNegative(), repo / "_weights" / "raise_on_negative.pt")
-    save(Identity(), repo / "_weights" / "identity.pt")
-    save(AddSub(), repo / "_weights" / "add_sub.pt")
-    print(f"wrote test weights under {repo / '_weights'}")
+    save(RaiseOnNegative(), repo / "raise_on_negative.pt")
+    save(Identity(), repo / "identity.pt")
+    save(AddSub(), repo / "add_sub.pt")
+    print(f"wrote test weights under {repo}")
 
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repo", type=Path, default=HERE, help="bundled repository (default: %(default)s)")
-    p.add_argument("--test-repo", type=Path, help="also write the test-only weights here")
+    p.add_argument("--test-weights", type=Path, help="also write the test-only model weights here")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     export_bundled(args.repo)
-    if args.test_repo:
-        export_test_models(args.test_repo)
+    if args.test_weights:
+        export_test_models(args.test_weights)
     return 0
 
 

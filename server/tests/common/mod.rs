@@ -1,0 +1,152 @@
+//! Black-box test support: throwaway model repositories and a real server on
+//! 127.0.0.1 with free ports, driven through the generated gRPC client.
+#![allow(dead_code)] // each test binary uses a different part
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use sluice::{Config, Server};
+use sluice_proto::grpc_inference_service_client::GrpcInferenceServiceClient;
+use sluice_proto::inference::{model_infer_request::InferInputTensor, ModelInferRequest};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+pub type Client = GrpcInferenceServiceClient<Channel>;
+
+/// Directory with the test-only weights written by `models/export.py --test-weights`.
+pub fn test_weights(file: &str) -> PathBuf {
+    let dir = std::env::var_os("SLUICE_TEST_WEIGHTS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-weights"));
+    let path = dir.join(file);
+    assert!(
+        path.is_file(),
+        "{} is missing: run `make test` (or `python models/export.py --test-weights {}`)",
+        path.display(),
+        dir.display()
+    );
+    path
+}
+
+/// The bundled repository (`models/`), with exported weights.
+pub fn bundled_models() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models");
+    assert!(dir.join("mlp/1/model.pt").is_file(), "bundled weights are missing: run `make test`");
+    dir
+}
+
+/// A model repository in a temporary directory.
+pub struct TestRepo {
+    dir: tempfile::TempDir,
+}
+
+impl TestRepo {
+    pub fn new() -> TestRepo {
+        TestRepo { dir: tempfile::tempdir().expect("temp dir") }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// `<name>/config.pbtxt` and, if given, `<name>/1/model.pt` copied from `weights`.
+    pub fn model(&self, name: &str, config: &str, weights: Option<&Path>) -> &TestRepo {
+        let dir = self.dir.path().join(name);
+        std::fs::create_dir_all(dir.join("1")).expect("create model dir");
+        std::fs::write(dir.join("config.pbtxt"), config).expect("write config");
+        if let Some(w) = weights {
+            std::fs::copy(w, dir.join("1/model.pt")).expect("copy weights");
+        }
+        self
+    }
+
+    /// A copy of a bundled model (config and weights).
+    pub fn bundled(&self, name: &str) -> &TestRepo {
+        let src = bundled_models().join(name);
+        let config = std::fs::read_to_string(src.join("config.pbtxt")).expect("bundled config");
+        self.model(name, &config, Some(&src.join("1/model.pt")))
+    }
+
+    /// A synthetic identity model with one FP32 input and output of `dims`.
+    pub fn synthetic(&self, name: &str, dims: &str, max_batch_size: u32, parameters: &[(&str, &str)]) -> &TestRepo {
+        let params: String = parameters
+            .iter()
+            .map(|(k, v)| format!("parameters {{ key: \"{k}\" value: {{ string_value: \"{v}\" }} }}\n"))
+            .collect();
+        let config = format!(
+            "backend: \"sluice_synthetic\"\nmax_batch_size: {max_batch_size}\n\
+             input [ {{ name: \"INPUT__0\" data_type: TYPE_FP32 dims: {dims} }} ]\n\
+             output [ {{ name: \"OUTPUT__0\" data_type: TYPE_FP32 dims: {dims} }} ]\n{params}"
+        );
+        self.model(name, &config, None)
+    }
+}
+
+/// A server running in this process on free loopback ports.
+pub struct TestServer {
+    pub client: Client,
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+    pub metrics: SocketAddr,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl TestServer {
+    pub async fn start(repo: &Path) -> TestServer {
+        TestServer::start_with(Config::for_repository(repo)).await
+    }
+
+    pub async fn start_with(config: Config) -> TestServer {
+        let server = Server::bind(config).await.expect("server binds");
+        let (grpc, http, metrics) = (server.grpc_addr(), server.http_addr(), server.metrics_addr());
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(server.serve(shutdown.clone()));
+        let client = GrpcInferenceServiceClient::connect(format!("http://{grpc}"))
+            .await
+            .expect("client connects");
+        TestServer { client, grpc, http, metrics, shutdown, task }
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.expect("server task").expect("server stops cleanly");
+    }
+}
+
+/// An FP32 request with the tensor in `raw_input_contents`, as tritonclient sends it.
+pub fn fp32_request(model: &str, input: &str, shape: &[i64], values: &[f32]) -> ModelInferRequest {
+    let raw: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    raw_request(model, input, "FP32", shape, raw)
+}
+
+pub fn raw_request(model: &str, input: &str, datatype: &str, shape: &[i64], raw: Vec<u8>) -> ModelInferRequest {
+    ModelInferRequest {
+        model_name: model.into(),
+        inputs: vec![InferInputTensor {
+            name: input.into(),
+            datatype: datatype.into(),
+            shape: shape.to_vec(),
+            ..Default::default()
+        }],
+        raw_input_contents: vec![raw.into()],
+        ..Default::default()
+    }
+}
+
+pub fn f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
+/// Minimal HTTP/1.1 GET: status code and body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("send");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.expect("read");
+    let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).expect("status line");
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
+}
