@@ -7,8 +7,9 @@
 //! api (tonic service, HTTP health, /metrics)
 //!   -> gateway (domain facade: lifecycle, per-request metrics)
 //!     -> repository (models by name and version, loaded from a Triton-layout directory)
-//!       -> model (validate against config.pbtxt, run, check outputs, statistics)
-//!         -> pool (instances: named OS threads fed by a bounded channel)
+//!       -> model (validate against config.pbtxt, check outputs, statistics)
+//!         -> batcher (per-model queue actor: flush on size, preferred size or delay)
+//!           -> pool (instances: named OS threads, one batch each, concat/split)
 //!           -> backend (Backend trait: libtorch `torch`, or `synthetic` for tests)
 //! ```
 //! Cross-cutting: `config` (one validated value), `error` (one enum -> gRPC status),
@@ -16,6 +17,7 @@
 
 pub mod api;
 pub mod backend;
+pub mod batcher;
 pub mod config;
 pub mod error;
 pub mod gateway;

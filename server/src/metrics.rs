@@ -5,13 +5,19 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use metrics::{counter, describe_counter, describe_histogram, histogram, Unit};
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 pub const REQUESTS_TOTAL: &str = "sluice_requests_total";
 pub const REQUEST_DURATION_SECONDS: &str = "sluice_request_duration_seconds";
 pub const COMPUTE_DURATION_SECONDS: &str = "sluice_compute_duration_seconds";
 pub const DROPPED_REQUESTS_TOTAL: &str = "sluice_dropped_requests_total";
+pub const REJECTED_REQUESTS_TOTAL: &str = "sluice_rejected_requests_total";
+pub const QUEUE_DURATION_SECONDS: &str = "sluice_queue_duration_seconds";
+pub const QUEUE_DEPTH: &str = "sluice_queue_depth";
+pub const BATCH_SIZE: &str = "sluice_batch_size";
+pub const EXECUTIONS_TOTAL: &str = "sluice_executions_total";
+pub const INFERENCES_TOTAL: &str = "sluice_inferences_total";
 
 /// Label value for requests naming a model the repository does not have, so unknown
 /// names cannot grow the label set.
@@ -23,6 +29,24 @@ const LATENCY_BUCKETS_SECONDS: &[f64] = &[
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
     1.0, 2.5, 5.0, 10.0,
 ];
+
+/// Batch sizes (samples per execution): powers of two up to the largest usual max_batch_size.
+const BATCH_SIZE_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+
+/// Why a request was refused at admission.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectReason {
+    /// The model's queue held `max_queue_size` requests.
+    QueueFull,
+}
+
+impl RejectReason {
+    fn label(self) -> &'static str {
+        match self {
+            RejectReason::QueueFull => "queue_full",
+        }
+    }
+}
 
 /// Why accepted work was dropped before it reached the model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +75,8 @@ pub fn install() -> PrometheusHandle {
             let recorder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS_SECONDS)
                 .expect("bucket list is non-empty")
+                .set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), BATCH_SIZE_BUCKETS)
+                .expect("bucket list is non-empty")
                 .build_recorder();
             let handle = recorder.handle();
             // A recorder set by an embedding program wins; we still render ours.
@@ -73,6 +99,20 @@ fn describe() {
         Unit::Seconds,
         "Time the model's forward took per execution, by model."
     );
+    describe_histogram!(
+        QUEUE_DURATION_SECONDS,
+        Unit::Seconds,
+        "Time requests waited in the model's queue before dispatch, by model."
+    );
+    describe_gauge!(QUEUE_DEPTH, Unit::Count, "Requests waiting in the model's queue, by model.");
+    describe_histogram!(BATCH_SIZE, Unit::Count, "Samples per model execution, by model.");
+    describe_counter!(EXECUTIONS_TOTAL, Unit::Count, "Model executions (batches), by model.");
+    describe_counter!(INFERENCES_TOTAL, Unit::Count, "Samples inferred, by model; over executions it is the mean batch size.");
+    describe_counter!(
+        REJECTED_REQUESTS_TOTAL,
+        Unit::Count,
+        "Requests refused at once at admission, by model and reason."
+    );
     describe_counter!(
         DROPPED_REQUESTS_TOTAL,
         Unit::Count,
@@ -86,9 +126,24 @@ pub fn request(model: &str, outcome: &'static str, elapsed: Duration) {
     histogram!(REQUEST_DURATION_SECONDS, "model" => model.to_owned()).record(elapsed.as_secs_f64());
 }
 
-/// One execution of the model.
-pub fn compute(model: &str, elapsed: Duration) {
-    histogram!(COMPUTE_DURATION_SECONDS, "model" => model.to_owned()).record(elapsed.as_secs_f64());
+/// One execution of the model on a batch of `samples`.
+pub fn execution(model: &str, samples: usize, compute: Duration) {
+    histogram!(COMPUTE_DURATION_SECONDS, "model" => model.to_owned()).record(compute.as_secs_f64());
+    histogram!(BATCH_SIZE, "model" => model.to_owned()).record(samples as f64);
+    counter!(EXECUTIONS_TOTAL, "model" => model.to_owned()).increment(1);
+    counter!(INFERENCES_TOTAL, "model" => model.to_owned()).increment(samples as u64);
+}
+
+pub fn queue_wait(model: &str, waited: Duration) {
+    histogram!(QUEUE_DURATION_SECONDS, "model" => model.to_owned()).record(waited.as_secs_f64());
+}
+
+pub fn queue_depth(model: &str, depth: usize) {
+    gauge!(QUEUE_DEPTH, "model" => model.to_owned()).set(depth as f64);
+}
+
+pub fn rejected(model: &str, reason: RejectReason) {
+    counter!(REJECTED_REQUESTS_TOTAL, "model" => model.to_owned(), "reason" => reason.label()).increment(1);
 }
 
 pub fn dropped(model: &str, reason: DropReason) {

@@ -3,14 +3,16 @@
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
 
 use crate::backend::BackendError;
+use crate::batcher::{BatchKey, Batcher, Queued};
 use crate::config::BackendOptions;
 use crate::error::Error;
-use crate::metrics;
 use crate::pool::InstancePool;
 use crate::repository::{ModelSpec, TensorSpec};
 use crate::tensor::{element_count, shape_string, DataType, Tensor};
@@ -22,6 +24,11 @@ pub struct InferRequest {
     pub inputs: Vec<RequestInput>,
     /// Outputs to return, by name; empty means all of them.
     pub outputs: Vec<String>,
+    /// Past this instant the answer is DEADLINE_EXCEEDED (from grpc-timeout).
+    pub deadline: Option<Instant>,
+    /// Triton's `timeout` request parameter: the request's own queue timeout, honoured
+    /// when the model's queue policy allows overriding its default.
+    pub queue_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Clone)]
@@ -55,47 +62,64 @@ pub struct Validated {
 pub struct LoadedModel {
     pub spec: Arc<ModelSpec>,
     pub version: i64,
-    pool: InstancePool,
-    stats: Mutex<ModelStats>,
+    batcher: Batcher,
+    stats: Arc<Mutex<ModelStats>>,
 }
 
 impl LoadedModel {
-    /// Start the model's instances. Blocking (loads the weights).
+    /// Start the model's instances and its batcher. Blocking (loads the weights); must
+    /// run inside the Tokio runtime (the batcher is a task).
     pub fn load(
         spec: Arc<ModelSpec>,
         version: i64,
         version_dir: PathBuf,
         options: BackendOptions,
     ) -> Result<LoadedModel, BackendError> {
-        let pool = InstancePool::start(spec.clone(), version_dir, options)?;
-        Ok(LoadedModel { spec, version, pool, stats: Mutex::new(ModelStats::default()) })
+        let stats = Arc::new(Mutex::new(ModelStats::default()));
+        let pool = InstancePool::start(spec.clone(), version_dir, options, stats.clone())?;
+        let batcher = Batcher::spawn(spec.name.clone(), spec.batching.clone(), spec.queue.max_queue_size, pool);
+        Ok(LoadedModel { spec, version, batcher, stats })
     }
 
     pub async fn infer(&self, request: InferRequest) -> Result<InferResponse, Error> {
         let start = Instant::now();
-        let result = self.run(request).await;
+        let result = self.run(request, start).await;
         let mut stats = self.stats.lock().expect("stats lock is never held across a panic");
         match &result {
-            Ok((_, batch, compute)) => stats.record_success(start.elapsed(), *compute, *batch),
+            Ok((_, samples, queue, compute)) => stats.record_success(start.elapsed(), *queue, *compute, *samples),
             Err(_) => stats.record_failure(start.elapsed()),
         }
-        result.map(|(response, _, _)| response)
+        result.map(|(response, ..)| response)
     }
 
-    async fn run(&self, request: InferRequest) -> Result<(InferResponse, usize, Duration), Error> {
+    async fn run(&self, request: InferRequest, arrival: Instant) -> Result<(InferResponse, usize, Duration, Duration), Error> {
         let spec = &self.spec;
         let validated = validate(spec, &request)?;
-        let executed = self.pool.execute(validated.inputs).await.map_err(|e| match e {
-            BackendError::InstanceGone => Error::ModelUnavailable {
-                model: spec.name.clone(),
-                reason: "no instance is running".into(),
-            },
-            BackendError::Load { .. } | BackendError::Forward(_) | BackendError::Panic(_) => {
-                Error::ModelFailed { model: spec.name.clone(), message: e.to_string() }
-            }
+        let queue_timeout = match request.queue_timeout {
+            Some(t) if spec.queue.allow_timeout_override => Some(t),
+            _ => spec.queue.default_timeout,
+        }
+        .filter(|_| spec.queue.reject_on_timeout);
+        let expires = [request.deadline, queue_timeout.map(|t| arrival + t)].into_iter().flatten().min();
+        let (reply, answer) = oneshot::channel();
+        self.batcher.submit(Queued {
+            key: batch_key(spec, &validated.inputs),
+            inputs: validated.inputs,
+            samples: validated.batch,
+            arrival,
+            expires,
+            reply,
         })?;
-        metrics::compute(&spec.name, executed.compute);
-        let mut produced: Vec<Option<Tensor>> = executed.outputs.into_iter().map(Some).collect();
+        let gone = || Error::ModelUnavailable { model: spec.name.clone(), reason: "the model stopped".into() };
+        let done = match request.deadline {
+            // No answer later than the deadline, even if the model is still running.
+            Some(deadline) => tokio::time::timeout_at(deadline, answer)
+                .await
+                .map_err(|_| Error::DeadlineExceeded { model: spec.name.clone(), stage: "running" })?,
+            None => answer.await,
+        }
+        .map_err(|_| gone())??;
+        let mut produced: Vec<Option<Tensor>> = done.outputs.into_iter().map(Some).collect();
         let mut outputs = Vec::with_capacity(validated.outputs.len());
         for &index in &validated.outputs {
             let out_spec = &spec.outputs[index];
@@ -115,12 +139,24 @@ impl LoadedModel {
             outputs.push((out_spec.name.clone(), tensor));
         }
         let response = InferResponse { model: spec.name.clone(), version: self.version, id: request.id, outputs };
-        Ok((response, validated.batch, executed.compute))
+        Ok((response, validated.batch, done.queue, done.compute))
     }
 
     pub fn statistics(&self) -> ModelStats {
         self.stats.lock().expect("stats lock is never held across a panic").clone()
     }
+
+    /// Requests waiting in the model's queue.
+    pub fn queue_depth(&self) -> usize {
+        self.batcher.depth()
+    }
+}
+
+/// Requests batch together only when every input has the same datatype and non-batch
+/// dimensions (models that do not batch never combine, so their key is never compared).
+fn batch_key(spec: &ModelSpec, inputs: &[Tensor]) -> BatchKey {
+    let skip = usize::from(spec.max_batch_size > 0);
+    inputs.iter().map(|t| (t.dtype, t.shape[skip.min(t.shape.len())..].to_vec())).collect()
 }
 
 /// Check a request against the model's declared inputs and outputs.
@@ -259,7 +295,7 @@ pub struct ModelStats {
     pub fail: Tally,
     pub queue: Tally,
     pub compute_infer: Tally,
-    /// (batch size, executions, compute time) per batch size seen.
+    /// Executions and their compute time per batch size seen.
     pub batches: std::collections::BTreeMap<u64, Tally>,
 }
 
@@ -278,19 +314,23 @@ impl Tally {
 }
 
 impl ModelStats {
-    fn record_success(&mut self, total: Duration, compute: Duration, batch: usize) {
-        self.inference_count += batch as u64;
-        self.execution_count += 1;
+    fn record_success(&mut self, total: Duration, queue: Duration, compute: Duration, samples: usize) {
+        self.inference_count += samples as u64;
         self.success.add(total);
-        self.queue.add(total.saturating_sub(compute));
+        self.queue.add(queue);
         self.compute_infer.add(compute);
-        self.batches.entry(batch as u64).or_default().add(compute);
         self.touch();
     }
 
     fn record_failure(&mut self, total: Duration) {
         self.fail.add(total);
         self.touch();
+    }
+
+    /// One execution of the model on a batch of `samples`.
+    pub fn record_execution(&mut self, samples: usize, compute: Duration) {
+        self.execution_count += 1;
+        self.batches.entry(samples as u64).or_default().add(compute);
     }
 
     fn touch(&mut self) {

@@ -124,3 +124,68 @@ mod tests {
         assert_eq!(element_count(&[5, 0]), 0);
     }
 }
+
+/// Concatenate same-shaped (but for the leading dimension) tensors along dimension 0:
+/// one copy into a fresh buffer. A single tensor is passed through without a copy.
+pub fn concat_batch(parts: &[&Tensor]) -> Tensor {
+    let first = parts.first().expect("a batch has at least one request");
+    if parts.len() == 1 {
+        return (*first).clone();
+    }
+    let total: i64 = parts.iter().map(|t| t.batch()).sum();
+    let mut data = bytes::BytesMut::with_capacity(parts.iter().map(|t| t.data.len()).sum());
+    for t in parts {
+        debug_assert_eq!((t.dtype, &t.shape[1..]), (first.dtype, &first.shape[1..]));
+        data.extend_from_slice(&t.data);
+    }
+    let mut shape = first.shape.clone();
+    shape[0] = total;
+    Tensor::new(first.dtype, shape, data.freeze())
+}
+
+/// Split a batched tensor into leading-dimension slices of the given sizes, without
+/// copying (each slice shares the buffer).
+pub fn split_batch(t: &Tensor, sizes: &[usize]) -> Result<Vec<Tensor>, String> {
+    let total: usize = sizes.iter().sum();
+    if t.shape.first().and_then(|&b| usize::try_from(b).ok()) != Some(total) {
+        return Err(format!("output has shape {}, expected {total} rows first", shape_string(&t.shape)));
+    }
+    let row_bytes = if total == 0 { 0 } else { t.data.len() / total };
+    let mut offset = 0;
+    Ok(sizes
+        .iter()
+        .map(|&n| {
+            let mut shape = t.shape.clone();
+            shape[0] = n as i64;
+            let part = t.data.slice(offset..offset + n * row_bytes);
+            offset += n * row_bytes;
+            Tensor::new(t.dtype, shape, part)
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod batch_tests {
+    use super::*;
+
+    fn rows(values: &[f32], cols: i64) -> Tensor {
+        let data: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        Tensor::new(DataType::Fp32, vec![values.len() as i64 / cols, cols], data.into())
+    }
+
+    #[test]
+    fn concat_then_split_gives_each_request_its_rows() {
+        let a = rows(&[1.0, 2.0], 2);
+        let b = rows(&[3.0, 4.0, 5.0, 6.0], 2);
+        let batch = concat_batch(&[&a, &b]);
+        assert_eq!(batch.shape, vec![3, 2]);
+        let parts = split_batch(&batch, &[1, 2]).unwrap();
+        assert_eq!(parts, vec![a, b]);
+    }
+
+    #[test]
+    fn split_rejects_a_wrong_leading_dimension() {
+        let t = rows(&[1.0, 2.0, 3.0, 4.0], 2);
+        assert!(split_batch(&t, &[1, 2]).unwrap_err().contains("expected 3 rows"));
+    }
+}

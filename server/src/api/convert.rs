@@ -1,6 +1,10 @@
 //! Protocol messages <-> domain values for inference and statistics.
 
+use std::time::Duration;
+
 use bytes::{BufMut, Bytes, BytesMut};
+use sluice_proto::inference::infer_parameter::ParameterChoice;
+use tokio::time::Instant;
 use sluice_proto::inference::{
     model_infer_request::InferInputTensor, model_infer_response::InferOutputTensor,
     InferBatchStatistics, InferStatistics, InferTensorContents, ModelInferRequest,
@@ -13,8 +17,19 @@ use crate::tensor::{element_count, shape_string, DataType};
 
 /// Decode a ModelInferRequest: tensor bytes from `raw_input_contents` (one entry per
 /// input, in order) or from each input's typed `contents`.
-pub fn infer_request(req: ModelInferRequest) -> Result<InferRequest, Error> {
+pub fn infer_request(req: ModelInferRequest, deadline: Option<Instant>) -> Result<InferRequest, Error> {
     let model = req.model_name;
+    let queue_timeout = match req.parameters.get("timeout").and_then(|p| p.parameter_choice.as_ref()) {
+        None => None,
+        Some(ParameterChoice::Int64Param(us)) if *us >= 0 => Some(Duration::from_micros(*us as u64)),
+        Some(ParameterChoice::Uint64Param(us)) => Some(Duration::from_micros(*us)),
+        Some(other) => {
+            return Err(Error::InvalidRequest {
+                model,
+                message: format!("parameter 'timeout' must be a non-negative integer of microseconds, got {other:?}"),
+            })
+        }
+    };
     let invalid = |message: String| Error::InvalidRequest { model: model.clone(), message };
     let raw = req.raw_input_contents;
     if !raw.is_empty() && raw.len() != req.inputs.len() {
@@ -45,6 +60,8 @@ pub fn infer_request(req: ModelInferRequest) -> Result<InferRequest, Error> {
         id: req.id,
         inputs,
         outputs: req.outputs.into_iter().map(|o| o.name).collect(),
+        deadline,
+        queue_timeout,
     })
 }
 

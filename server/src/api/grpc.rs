@@ -83,9 +83,10 @@ impl GrpcInferenceService for InferenceService {
     }
 
     async fn model_infer(&self, req: Request<ModelInferRequest>) -> Result<Response<ModelInferResponse>, Status> {
+        let deadline = grpc_deadline(req.metadata())?;
         let req = req.into_inner();
         let (name, version) = (req.model_name.clone(), req.model_version.clone());
-        let request = convert::infer_request(req)?;
+        let request = convert::infer_request(req, deadline)?;
         let response = self.gateway.infer(&name, &version, request).await?;
         Ok(Response::new(convert::infer_response(response)))
     }
@@ -109,7 +110,7 @@ impl GrpcInferenceService for InferenceService {
                 let gateway = gateway.clone();
                 tokio::spawn(async move {
                     let (name, version, id) = (req.model_name.clone(), req.model_version.clone(), req.id.clone());
-                    let answer = match convert::infer_request(req) {
+                    let answer = match convert::infer_request(req, None) {
                         Ok(request) => gateway.infer(&name, &version, request).await,
                         Err(e) => Err(e),
                     };
@@ -246,6 +247,56 @@ impl GrpcInferenceService for InferenceService {
     }
 }
 
+/// The call's absolute deadline from its `grpc-timeout` header (gRPC over HTTP/2:
+/// up to 8 digits and a unit, H M S m u n).
+fn grpc_deadline(metadata: &tonic::metadata::MetadataMap) -> Result<Option<tokio::time::Instant>, Status> {
+    let Some(value) = metadata.get("grpc-timeout") else { return Ok(None) };
+    let text = value.to_str().unwrap_or_default();
+    let timeout = parse_grpc_timeout(text)
+        .ok_or_else(|| Status::invalid_argument(format!("malformed grpc-timeout header '{text}'")))?;
+    Ok(Some(tokio::time::Instant::now() + timeout))
+}
+
+pub fn parse_grpc_timeout(text: &str) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    if text.len() < 2 || text.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = text.split_at(text.len() - 1);
+    if !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
 fn unsupported(what: &str) -> Status {
     Status::unimplemented(format!("{what} is not supported by sluice"))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::parse_grpc_timeout;
+
+    #[test]
+    fn grpc_timeout_units() {
+        assert_eq!(parse_grpc_timeout("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("5u"), Some(Duration::from_micros(5)));
+        assert_eq!(parse_grpc_timeout("99999999n"), Some(Duration::from_nanos(99_999_999)));
+        for bad in ["", "m", "10", "1x", "-1m", "123456789m"] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad}");
+        }
+    }
 }

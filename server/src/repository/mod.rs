@@ -3,7 +3,7 @@
 //! it can, and keeps a reason for every one it cannot, so one broken model never stops
 //! the others from serving.
 
-mod model_config;
+pub mod model_config;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -11,7 +11,7 @@ use std::sync::{Arc, RwLock};
 
 pub use model_config::{
     config_dtype_name, parse_text, spec_from_config, ConfigFileError, DeviceKind, ModelSpec,
-    Platform, TensorSpec, VersionPolicy,
+    Platform, QueueSettings, TensorSpec, VersionPolicy,
 };
 
 use crate::config::BackendOptions;

@@ -6,13 +6,34 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
+use std::time::Duration;
+
 use prost_reflect::{DescriptorPool, DynamicMessage};
 use sluice_proto::inference::{
-    model_instance_group, model_version_policy, DataType as ConfigDataType, ModelConfig,
+    model_config::SchedulingChoice, model_instance_group, model_queue_policy,
+    model_version_policy, DataType as ConfigDataType, ModelConfig, ModelDynamicBatching,
     ModelInput, ModelOutput,
 };
 
+use crate::batcher::BatchPolicy;
 use crate::tensor::{shape_string, DataType};
+
+/// Queue bound for models whose config sets no `max_queue_size` (Triton's 0, unbounded):
+/// every queue is bounded so that overload is answered, not buffered.
+pub const DEFAULT_MAX_QUEUE_SIZE: usize = 1024;
+
+/// The queue policy (`dynamic_batching.default_queue_policy`), applied to every request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueueSettings {
+    pub max_queue_size: usize,
+    /// Longest time a request may wait in the queue; `None`: only its deadline bounds it.
+    pub default_timeout: Option<Duration>,
+    /// Whether a request's `timeout` parameter replaces `default_timeout`.
+    pub allow_timeout_override: bool,
+    /// `timeout_action: REJECT` (the default): a request past its queue timeout is
+    /// answered DEADLINE_EXCEEDED. `DELAY`: the timeout is ignored, the request stays.
+    pub reject_on_timeout: bool,
+}
 
 /// How an instance of the model executes.
 #[derive(Debug, Clone, PartialEq)]
@@ -64,6 +85,8 @@ pub struct ModelSpec {
     pub device: DeviceKind,
     pub version_policy: VersionPolicy,
     pub model_filename: String,
+    pub batching: BatchPolicy,
+    pub queue: QueueSettings,
     /// The config's `parameters` map (gateway-only settings live here).
     pub parameters: BTreeMap<String, String>,
     /// The config as parsed, with defaults filled in, for the ModelConfig RPC.
@@ -260,6 +283,7 @@ pub fn spec_from_config(mut config: ModelConfig, dir_name: &str) -> Result<Model
     } else {
         config.default_model_filename.clone()
     };
+    let (batching, queue) = scheduling(&config, max_batch_size)?;
     let parameters = config
         .parameters
         .iter()
@@ -275,9 +299,50 @@ pub fn spec_from_config(mut config: ModelConfig, dir_name: &str) -> Result<Model
         device,
         version_policy,
         model_filename,
+        batching,
+        queue,
         parameters,
         config,
     })
+}
+
+/// Batching and queueing from `dynamic_batching`; without it requests run one by one.
+fn scheduling(config: &ModelConfig, max_batch_size: u32) -> Result<(BatchPolicy, QueueSettings), String> {
+    let unbatched = ModelDynamicBatching::default();
+    let (dynamic, enabled) = match &config.scheduling_choice {
+        Some(SchedulingChoice::DynamicBatching(d)) => (d, true),
+        Some(SchedulingChoice::SequenceBatching(_)) => return Err("sequence_batching is not supported".into()),
+        Some(SchedulingChoice::EnsembleScheduling(_)) => return Err("ensemble_scheduling is not supported".into()),
+        None => (&unbatched, false),
+    };
+    let max = max_batch_size.max(1) as usize;
+    let mut preferred = Vec::with_capacity(dynamic.preferred_batch_size.len());
+    for &p in &dynamic.preferred_batch_size {
+        match usize::try_from(p) {
+            Ok(p) if (1..=max).contains(&p) => preferred.push(p),
+            _ => return Err(format!("dynamic_batching.preferred_batch_size {p} is not within 1..={max}")),
+        }
+    }
+    preferred.sort_unstable();
+    preferred.dedup();
+    let policy = dynamic.default_queue_policy.clone().unwrap_or_default();
+    let batching = BatchPolicy {
+        combine: enabled && max_batch_size > 0,
+        max_batch_size: max,
+        preferred,
+        max_queue_delay: Duration::from_micros(dynamic.max_queue_delay_microseconds),
+    };
+    let queue = QueueSettings {
+        max_queue_size: match policy.max_queue_size {
+            0 => DEFAULT_MAX_QUEUE_SIZE,
+            n => n as usize,
+        },
+        default_timeout: (policy.default_timeout_microseconds > 0)
+            .then(|| Duration::from_micros(policy.default_timeout_microseconds)),
+        allow_timeout_override: policy.allow_timeout_override,
+        reject_on_timeout: policy.timeout_action != model_queue_policy::TimeoutAction::Delay as i32,
+    };
+    Ok((batching, queue))
 }
 
 enum InputOrOutput<'a> {
@@ -403,6 +468,37 @@ mod tests {
         assert_eq!(spec.version_policy, VersionPolicy::Latest(1));
         assert_eq!(spec.parameters["idle_timeout_secs"], "60");
         assert_eq!(spec.full_dims(&spec.inputs[0].dims), vec![-1, 64]);
+        assert!(spec.batching.combine);
+        assert_eq!(spec.batching.max_queue_delay, Duration::from_micros(100));
+        assert_eq!(spec.queue.max_queue_size, DEFAULT_MAX_QUEUE_SIZE);
+    }
+
+    #[test]
+    fn dynamic_batching_settings() {
+        let text = r#"
+            platform: "pytorch_libtorch" max_batch_size: 16
+            input [ { name: "x" data_type: TYPE_FP32 dims: [1] } ]
+            output [ { name: "y" data_type: TYPE_FP32 dims: [1] } ]
+            dynamic_batching {
+              preferred_batch_size: [ 8, 4 ]
+              max_queue_delay_microseconds: 500
+              default_queue_policy { max_queue_size: 7 default_timeout_microseconds: 2000
+                                     allow_timeout_override: true timeout_action: DELAY }
+            }"#;
+        let spec = spec_from_config(parse_text(text).unwrap(), "m").unwrap();
+        assert_eq!(spec.batching.preferred, vec![4, 8]);
+        assert_eq!(spec.batching.max_batch_size, 16);
+        assert_eq!(spec.queue.max_queue_size, 7);
+        assert_eq!(spec.queue.default_timeout, Some(Duration::from_millis(2)));
+        assert!(spec.queue.allow_timeout_override);
+        assert!(!spec.queue.reject_on_timeout);
+
+        let none = r#"platform: "pytorch_libtorch" max_batch_size: 16
+            input [ { name: "x" data_type: TYPE_FP32 dims: [1] } ]
+            output [ { name: "y" data_type: TYPE_FP32 dims: [1] } ]"#;
+        assert!(!spec_from_config(parse_text(none).unwrap(), "m").unwrap().batching.combine);
+        let too_big = text.replace("[ 8, 4 ]", "[ 32 ]");
+        assert!(spec_from_config(parse_text(&too_big).unwrap(), "m").unwrap_err().contains("32"));
     }
 
     #[test]
