@@ -124,15 +124,9 @@ pub fn plan<P: Pending>(policy: &BatchPolicy, queue: &[P], now: Instant) -> Opti
             best = Some((n + 1, prefix));
         }
     }
-    let largest_preferred = policy.preferred.last().copied().unwrap_or(0);
     if let Some((count, size)) = best {
-        // Wait for a larger preferred size only while one is still reachable in time.
-        let larger_possible = size < largest_preferred;
-        let due = now >= head.arrival() + policy.max_queue_delay;
-        if !larger_possible || due || policy.max_queue_delay.is_zero() {
-            take.truncate(count);
-            return Some(Plan { take, samples: size, ready: true, ready_at: None });
-        }
+        take.truncate(count);
+        return Some(Plan { take, samples: size, ready: true, ready_at: None });
     }
     let ready_at = head.arrival() + policy.max_queue_delay;
     let ready = now >= ready_at;
@@ -212,7 +206,9 @@ impl Actor {
             let now = Instant::now();
             self.drop_dead(now);
             let plan = plan(&self.policy, self.queue.make_contiguous(), now);
-            if let Some(p) = plan.as_ref().filter(|p| p.ready && self.idle > 0) {
+            // Once the channel has closed nothing more can join: flush what is there.
+            let ready = |p: &Plan| p.ready || !open;
+            if let Some(p) = plan.as_ref().filter(|p| ready(p) && self.idle > 0) {
                 let take = p.take.clone();
                 self.dispatch(&take, now);
                 continue;
@@ -220,12 +216,14 @@ impl Actor {
             if !open && self.queue.is_empty() {
                 break;
             }
-            let want_instance = plan.as_ref().is_some_and(|p| p.ready) && self.idle == 0;
+            let want_instance = plan.as_ref().is_some_and(ready) && self.idle == 0;
             let wake = [plan.as_ref().and_then(|p| p.ready_at), self.queue.iter().filter_map(|q| q.expires).min()]
                 .into_iter()
                 .flatten()
                 .min();
             tokio::select! {
+                // New requests first: a batch grows with everything already sent.
+                biased;
                 received = self.rx.recv(), if open => match received {
                     Some(q) => self.queue.push_back(q),
                     None => open = false,
@@ -304,6 +302,284 @@ impl Actor {
         self.rx.close();
         if n > 0 {
             self.release(n);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::backend::{Backend, BackendError};
+    use crate::pool::Loader;
+    use crate::repository::{parse_text, spec_from_config};
+
+    // ---- the pure plan -------------------------------------------------------------
+
+    struct P {
+        samples: usize,
+        key: BatchKey,
+        arrival: Instant,
+    }
+
+    impl Pending for P {
+        fn samples(&self) -> usize {
+            self.samples
+        }
+        fn key(&self) -> &BatchKey {
+            &self.key
+        }
+        fn arrival(&self) -> Instant {
+            self.arrival
+        }
+    }
+
+    fn key(dims: &[i64]) -> BatchKey {
+        Arc::from(vec![(DataType::Fp32, dims.to_vec())])
+    }
+
+    fn policy(max: usize, preferred: &[usize], delay_ms: u64) -> BatchPolicy {
+        BatchPolicy { combine: true, max_batch_size: max, preferred: preferred.to_vec(), max_queue_delay: Duration::from_millis(delay_ms) }
+    }
+
+    fn queue(t0: Instant, items: &[(usize, &[i64], u64)]) -> Vec<P> {
+        items.iter().map(|&(samples, dims, at_ms)| P { samples, key: key(dims), arrival: t0 + Duration::from_millis(at_ms) }).collect()
+    }
+
+    #[test]
+    fn no_flush_before_the_delay_then_flush_at_it() {
+        let t0 = Instant::now();
+        let q = queue(t0, &[(1, &[4], 0), (2, &[4], 1)]);
+        let p = plan(&policy(8, &[], 5), &q, t0 + Duration::from_millis(4)).unwrap();
+        assert!(!p.ready);
+        assert_eq!(p.ready_at, Some(t0 + Duration::from_millis(5)));
+        let p = plan(&policy(8, &[], 5), &q, t0 + Duration::from_millis(5)).unwrap();
+        assert!(p.ready);
+        assert_eq!((p.take, p.samples), (vec![0, 1], 3));
+    }
+
+    #[test]
+    fn flush_at_max_batch_size_without_waiting() {
+        let t0 = Instant::now();
+        let q = queue(t0, &[(3, &[4], 0), (3, &[4], 0), (2, &[4], 0), (1, &[4], 0)]);
+        let p = plan(&policy(8, &[], 1000), &q, t0).unwrap();
+        assert!(p.ready);
+        assert_eq!((p.take, p.samples), (vec![0, 1, 2], 8));
+    }
+
+    #[test]
+    fn a_request_that_would_overflow_waits_for_the_next_batch() {
+        let t0 = Instant::now();
+        let q = queue(t0, &[(5, &[4], 0), (4, &[4], 0), (3, &[4], 0)]);
+        let p = plan(&policy(8, &[], 0), &q, t0).unwrap();
+        assert_eq!((p.take, p.samples), (vec![0, 2], 8));
+    }
+
+    #[test]
+    fn preferred_size_goes_out_at_once() {
+        let t0 = Instant::now();
+        let q = queue(t0, &[(2, &[4], 0), (2, &[4], 0), (1, &[4], 0)]);
+        // 4 is preferred and reachable (2+2); 8, the larger one, is not reachable yet.
+        let p = plan(&policy(16, &[4, 8], 100), &q, t0).unwrap();
+        assert!(p.ready, "{p:?}");
+        assert_eq!((p.take.clone(), p.samples), (vec![0, 1], 4));
+        // Only 8 is preferred: 5 samples wait for the delay.
+        let p = plan(&policy(16, &[8], 100), &q, t0).unwrap();
+        assert!(!p.ready);
+        assert_eq!(p.ready_at, Some(t0 + Duration::from_millis(100)));
+    }
+
+    #[test]
+    fn mixed_shapes_are_kept_apart() {
+        let t0 = Instant::now();
+        let q = queue(t0, &[(1, &[4], 0), (1, &[5], 0), (1, &[4], 0), (1, &[5], 0)]);
+        let p = plan(&policy(8, &[], 0), &q, t0).unwrap();
+        assert_eq!(p.take, vec![0, 2]);
+        let rest = queue(t0, &[(1, &[5], 0), (1, &[5], 0)]);
+        assert_eq!(plan(&policy(8, &[], 0), &rest, t0).unwrap().take, vec![0, 1]);
+    }
+
+    #[test]
+    fn without_dynamic_batching_each_request_goes_alone() {
+        let t0 = Instant::now();
+        let q = queue(t0, &[(3, &[4], 0), (1, &[4], 0)]);
+        let unbatched = BatchPolicy { combine: false, ..policy(8, &[], 100) };
+        let p = plan(&unbatched, &q, t0).unwrap();
+        assert_eq!((p.take, p.samples, p.ready), (vec![0], 3, true));
+        assert!(plan::<P>(&unbatched, &[], t0).is_none());
+    }
+
+    // ---- the actor, with paused time and a backend the test controls -------------------
+
+    /// Records the batch size of every forward; each forward waits for one permit.
+    struct Gated {
+        permits: Arc<Mutex<std::sync::mpsc::Receiver<()>>>,
+        seen: Arc<Mutex<Vec<i64>>>,
+    }
+
+    impl Backend for Gated {
+        fn forward(&mut self, inputs: &[Tensor]) -> Result<Vec<Tensor>, BackendError> {
+            self.seen.lock().unwrap().push(inputs[0].batch());
+            self.permits.lock().unwrap().recv().map_err(|_| BackendError::Forward("gate closed".into()))?;
+            Ok(inputs.to_vec())
+        }
+    }
+
+    struct Harness {
+        batcher: Batcher,
+        permits: std::sync::mpsc::Sender<()>,
+        seen: Arc<Mutex<Vec<i64>>>,
+    }
+
+    fn harness(dynamic: &str, max_queue_size: usize) -> Harness {
+        let text = format!(
+            r#"backend: "sluice_synthetic" max_batch_size: 8
+               input [ {{ name: "x" data_type: TYPE_FP32 dims: [-1] }} ]
+               output [ {{ name: "y" data_type: TYPE_FP32 dims: [-1] }} ] {dynamic}"#
+        );
+        let spec = Arc::new(spec_from_config(parse_text(&text).unwrap(), "m").unwrap());
+        let (permits, rx) = std::sync::mpsc::channel();
+        let rx = Arc::new(Mutex::new(rx));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (r, s) = (rx.clone(), seen.clone());
+        let loader: Loader = Arc::new(move || Ok(Box::new(Gated { permits: r.clone(), seen: s.clone() }) as Box<dyn Backend>));
+        let pool = InstancePool::start_with(spec.clone(), loader, Default::default()).unwrap();
+        Harness { batcher: Batcher::spawn("m".into(), spec.batching.clone(), max_queue_size, pool), permits, seen }
+    }
+
+    fn request(samples: usize, width: i64, expires: Option<Instant>) -> (Queued, oneshot::Receiver<Result<Done, Error>>) {
+        let data = vec![0u8; samples * width as usize * 4];
+        let (reply, rx) = oneshot::channel();
+        let q = Queued {
+            inputs: vec![Tensor::new(DataType::Fp32, vec![samples as i64, width], data.into())],
+            samples,
+            key: key(&[width]),
+            arrival: Instant::now(),
+            expires,
+            reply,
+        };
+        (q, rx)
+    }
+
+    /// Let every task run until all are idle (paused time: no timer fires early).
+    async fn settle() {
+        for _ in 0..50 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// Wait (in real time, bounded) until the instance has started `n` forwards.
+    async fn forwards(h: &Harness, n: usize) -> Vec<i64> {
+        for _ in 0..2000 {
+            let seen = h.seen.lock().unwrap().clone();
+            if seen.len() >= n {
+                return seen;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+            tokio::task::yield_now().await;
+        }
+        panic!("only {:?} forwards started, expected {n}", h.seen.lock().unwrap());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn flushes_at_the_delay_not_before() {
+        let h = harness("dynamic_batching { max_queue_delay_microseconds: 5000 }", 16);
+        let (a, ra) = request(1, 2, None);
+        let (b, rb) = request(2, 2, None);
+        h.batcher.submit(a).unwrap();
+        h.batcher.submit(b).unwrap();
+        settle().await;
+        tokio::time::sleep(Duration::from_millis(4)).await;
+        settle().await;
+        assert!(h.seen.lock().unwrap().is_empty(), "flushed before the delay");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        assert_eq!(forwards(&h, 1).await, vec![3]);
+        h.permits.send(()).unwrap();
+        let (da, db) = (ra.await.unwrap().unwrap(), rb.await.unwrap().unwrap());
+        assert_eq!((da.outputs[0].shape.clone(), db.outputs[0].shape.clone()), (vec![1, 2], vec![2, 2]));
+        assert_eq!((da.batch_size, db.batch_size), (3, 3));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_zero_delay_the_batch_grows_while_the_instance_is_busy() {
+        let h = harness("dynamic_batching { }", 16);
+        let (first, r1) = request(1, 2, None);
+        h.batcher.submit(first).unwrap();
+        assert_eq!(forwards(&h, 1).await, vec![1]);
+        let mut rest = Vec::new();
+        for _ in 0..4 {
+            let (q, r) = request(1, 2, None);
+            h.batcher.submit(q).unwrap();
+            rest.push(r);
+        }
+        settle().await;
+        h.permits.send(()).unwrap(); // the instance frees up: all four go out together
+        r1.await.unwrap().unwrap();
+        assert_eq!(forwards(&h, 2).await, vec![1, 4]);
+        h.permits.send(()).unwrap();
+        for r in rest {
+            assert_eq!(r.await.unwrap().unwrap().batch_size, 4);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn closing_the_channel_flushes_a_partial_batch() {
+        let h = harness("dynamic_batching { max_queue_delay_microseconds: 10000000 }", 16);
+        let (a, ra) = request(1, 2, None);
+        h.batcher.submit(a).unwrap();
+        settle().await;
+        let Harness { batcher, permits, seen } = h;
+        drop(batcher);
+        permits.send(()).unwrap();
+        let done = ra.await.unwrap().unwrap();
+        assert_eq!(done.batch_size, 1);
+        assert_eq!(*seen.lock().unwrap(), vec![1]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expired_and_cancelled_requests_never_reach_the_model() {
+        let h = harness("dynamic_batching { }", 16);
+        let (busy, rbusy) = request(1, 2, None);
+        h.batcher.submit(busy).unwrap();
+        assert_eq!(forwards(&h, 1).await, vec![1]);
+        // While the instance is busy: one expires, one is cancelled, one stays.
+        let (expiring, rexp) = request(2, 2, Some(Instant::now() + Duration::from_millis(10)));
+        let (cancelled, rcan) = request(3, 2, None);
+        let (kept, rkept) = request(1, 2, None);
+        for q in [expiring, cancelled, kept] {
+            h.batcher.submit(q).unwrap();
+        }
+        drop(rcan);
+        let expired = rexp.await.unwrap().unwrap_err(); // answered at its deadline
+        assert!(matches!(expired, Error::DeadlineExceeded { .. }), "{expired}");
+        h.permits.send(()).unwrap();
+        rbusy.await.unwrap().unwrap();
+        h.permits.send(()).unwrap();
+        assert_eq!(rkept.await.unwrap().unwrap().batch_size, 1);
+        assert_eq!(*h.seen.lock().unwrap(), vec![1, 1], "only the live request ran");
+        assert_eq!(h.batcher.depth(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_queue_refuses_at_once() {
+        let h = harness("dynamic_batching { }", 2);
+        let (busy, _r0) = request(1, 2, None);
+        h.batcher.submit(busy).unwrap();
+        forwards(&h, 1).await;
+        let (a, _ra) = request(1, 2, None);
+        let (b, _rb) = request(1, 2, None);
+        h.batcher.submit(a).unwrap();
+        h.batcher.submit(b).unwrap();
+        // `submit` is synchronous: the refusal cannot wait for anything.
+        for _ in 0..100 {
+            let (c, _rc) = request(1, 2, None);
+            let err = h.batcher.submit(c).unwrap_err();
+            assert!(matches!(err, Error::Overloaded { .. }), "{err}");
+        }
+        assert_eq!(h.batcher.depth(), 2, "the queue never holds more than max_queue_size");
+        for _ in 0..3 {
+            h.permits.send(()).unwrap();
         }
     }
 }

@@ -45,6 +45,17 @@ impl InstancePool {
         options: BackendOptions,
         stats: Arc<Mutex<ModelStats>>,
     ) -> Result<InstancePool, BackendError> {
+        let loader_spec = spec.clone();
+        let loader: Loader = Arc::new(move || backend::load(&loader_spec, &version_dir, &options));
+        InstancePool::start_with(spec, loader, stats)
+    }
+
+    /// Like [`InstancePool::start`], with each instance's backend made by `loader`.
+    pub fn start_with(
+        spec: Arc<ModelSpec>,
+        loader: Loader,
+        stats: Arc<Mutex<ModelStats>>,
+    ) -> Result<InstancePool, BackendError> {
         let n = spec.instance_count;
         // A job is only sent against a free token, so neither channel ever holds more
         // than one entry per instance.
@@ -55,8 +66,7 @@ impl InstancePool {
         for index in 0..n {
             let instance = Instance {
                 spec: spec.clone(),
-                version_dir: version_dir.clone(),
-                options,
+                loader: loader.clone(),
                 jobs: jobs_rx.clone(),
                 free: free_tx.clone(),
                 stats: stats.clone(),
@@ -104,10 +114,12 @@ impl Drop for InstancePool {
     }
 }
 
+/// Makes one backend instance; called on the instance's own thread.
+pub type Loader = Arc<dyn Fn() -> Result<Box<dyn Backend>, BackendError> + Send + Sync>;
+
 struct Instance {
     spec: Arc<ModelSpec>,
-    version_dir: PathBuf,
-    options: BackendOptions,
+    loader: Loader,
     jobs: flume::Receiver<Job>,
     free: mpsc::Sender<()>,
     stats: Arc<Mutex<ModelStats>>,
@@ -115,10 +127,10 @@ struct Instance {
 
 impl Instance {
     fn load(&self) -> Result<Box<dyn Backend>, BackendError> {
-        match catch_unwind(AssertUnwindSafe(|| backend::load(&self.spec, &self.version_dir, &self.options))) {
+        match catch_unwind(AssertUnwindSafe(|| (self.loader)())) {
             Ok(result) => result,
             Err(panic) => Err(BackendError::Load {
-                path: self.version_dir.display().to_string(),
+                path: self.spec.name.clone(),
                 message: format!("loader panicked: {}", panic_message(&panic)),
             }),
         }
