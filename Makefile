@@ -17,7 +17,7 @@ export SLUICE_TEST_WEIGHTS := $(TEST_WEIGHTS)
 
 MODEL_WEIGHTS := models/mlp/1/model.pt models/cnn/1/model.pt
 
-.PHONY: all setup venv models build run test test-rust test-python test-helm lint bench clean help
+.PHONY: all setup venv models build run test test-rust test-python test-helm test-deploy lint bench clean help
 
 all: build
 
@@ -49,7 +49,7 @@ build: setup
 run: build
 	./target/release/sluice --model-repository models
 
-test: setup test-rust test-python test-helm
+test: setup test-rust test-python test-helm test-deploy
 
 test-rust: setup
 	cargo test --workspace --no-fail-fast
@@ -60,6 +60,11 @@ test-python: setup
 
 test-helm:
 	bash helm/check-chart.sh
+
+# The container image's library set: the binary runs with only the libraries it copies.
+test-deploy: setup
+	cargo build -p sluice
+	bash deploy/test-runtime-libs.sh target/debug/sluice
 
 lint: setup
 	cargo fmt --all -- --check

@@ -6,10 +6,12 @@
 # The libtorch libraries (libtorch_cpu.so, libc10.so, ...) and the NVIDIA runtime
 # libraries they link (libcudart, libcupti, ...) come from the PyTorch wheels of a
 # virtual environment. This script resolves the binary's full dependency closure with
-# ldd, searching the venv's library folders, and copies every library that lives in
-# one of those folders into DEST_DIR (flat, under the name the loader asks for).
+# ldd, searching the venv's library folders, and copies every library that does not
+# come from a system folder (/lib, /lib64, /usr/lib, /usr/lib64) into DEST_DIR, flat,
+# under the name the loader asks for; that includes libraries found through another
+# library's rpath (libtorch_cpu finds libcudart via $ORIGIN/../../nvidia/...).
 # Libraries from the system folders (libc, libm, libstdc++, libgcc_s, ...) are left to
-# the base image and only listed.
+# the base image, which must be the same Debian release as the build, and only listed.
 #
 # Some libraries are opened with dlopen() rather than linked, so ldd cannot see them;
 # the known ones are added when the library that opens them is in the set
@@ -51,21 +53,16 @@ else
 fi
 [[ ${#search_dirs[@]} -gt 0 ]] || die "no library folders found (is torch installed in the venv?)"
 
-# Canonical forms of the search folders, to tell "ours" from system libraries.
-canon_dirs=()
 for d in "${search_dirs[@]}"; do
     [[ -d $d ]] || die "library folder does not exist: $d"
-    canon_dirs+=("$(readlink -f "$d")")
 done
 lib_path=$(IFS=:; echo "${search_dirs[*]}")
 
-is_ours() { # PATH -> 0 when PATH (canonical) lies in one of the search folders
-    local real d
-    real=$(readlink -f "$1")
-    for d in "${canon_dirs[@]}"; do
-        [[ $real == "$d"/* ]] && return 0
-    done
-    return 1
+is_system() { # PATH -> 0 when PATH (canonical) lies in a system library folder
+    case $(readlink -f "$1") in
+        /lib/*|/lib64/*|/usr/lib/*|/usr/lib64/*) return 0 ;;
+        *) return 1 ;;
+    esac
 }
 
 declare -A ours=()     # loader name -> resolved path
@@ -84,7 +81,7 @@ resolve() { # FILE: add FILE's dependency closure to the maps
                 name=${line%% => *}
                 path=${line#* => }
                 path=${path% (0x*}
-                if is_ours "$path"; then ours[$name]=$path; else system[$name]=$path; fi ;;
+                if is_system "$path"; then system[$name]=$path; else ours[$name]=$path; fi ;;
             *) ;; # linux-vdso, the dynamic loader itself, statically linked
         esac
     done <<<"$out"

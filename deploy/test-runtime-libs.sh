@@ -10,7 +10,9 @@
 #      (never from the venv or the build tree);
 #   4. run `sluice --help`;
 #   5. when models/ holds exported weights (models/*/<version>/model.pt), start the
-#      server on 127.0.0.1 with free ports and expect 200 from /v2/health/live.
+#      server on 127.0.0.1 with free ports and expect 200 from /v2/health/live and
+#      from /v2/models/<name>/ready for each exported model (loaded by the copied
+#      libtorch), then stop it with SIGTERM and expect exit status 0.
 #
 #   deploy/test-runtime-libs.sh [BINARY]     (default: target/release/sluice)
 #
@@ -97,7 +99,8 @@ else
     ok "no library comes from the venv or the build tree"
 fi
 
-run_copy() { env -i PATH=/usr/bin:/bin HOME="$work" LD_LIBRARY_PATH="$work/lib" "$work/bin/sluice" "$@"; }
+# exec: when run in the background, $! is then the server itself, not a subshell.
+run_copy() { exec env -i PATH=/usr/bin:/bin HOME="$work" LD_LIBRARY_PATH="$work/lib" "$work/bin/sluice" "$@"; }
 
 # Step 4.
 if help_out=$(run_copy --help 2>&1) && grep -q -- "--model-repository" <<<"$help_out"; then
@@ -108,6 +111,18 @@ else
 fi
 
 # Step 5: a real start, when there are exported models to serve.
+http_status() { # PORT PATH -> HTTP status, 000 when unreachable
+    python3 - "$1" "$2" <<'PY'
+import sys, urllib.request, urllib.error
+try:
+    with urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}{sys.argv[2]}", timeout=2) as r:
+        print(r.status)
+except urllib.error.HTTPError as e:
+    print(e.code)
+except Exception:
+    print("000")
+PY
+}
 free_port() {
     python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
 }
@@ -125,17 +140,7 @@ else
     status=000
     deadline=$((SECONDS + startup_timeout_s))
     while [[ $SECONDS -lt $deadline ]] && kill -0 "$server_pid" 2>/dev/null; do
-        status=$(python3 - "$http_port" <<'PY'
-import sys, urllib.request, urllib.error
-try:
-    with urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/v2/health/live", timeout=2) as r:
-        print(r.status)
-except urllib.error.HTTPError as e:
-    print(e.code)
-except Exception:
-    print("000")
-PY
-)
+        status=$(http_status "$http_port" /v2/health/live)
         [[ $status == 200 ]] && break
         sleep 1
     done
@@ -145,9 +150,32 @@ PY
         bad "server from the copy: /v2/health/live answered '$status'; log tail:"
         tail -n 20 "$work/server.log" | sed 's/^/        /'
     fi
+    if [[ $status == 200 ]]; then
+        for w in "${weights[@]}"; do
+            model=$(basename "$(dirname "$(dirname "$w")")")
+            ready=000
+            for _ in $(seq 1 "$startup_timeout_s"); do
+                ready=$(http_status "$http_port" "/v2/models/$model/ready")
+                [[ $ready == 200 ]] && break
+                sleep 1
+            done
+            if [[ $ready == 200 ]]; then
+                ok "model $model loaded by the copied libtorch: /v2/models/$model/ready -> 200"
+            else
+                bad "model $model: /v2/models/$model/ready answered $ready"
+            fi
+        done
+    fi
     kill -TERM "$server_pid" 2>/dev/null || true
-    wait "$server_pid" 2>/dev/null || true
+    rc=0
+    wait "$server_pid" 2>/dev/null || rc=$?
     server_pid=
+    if [[ $rc -eq 0 ]]; then
+        ok "server exited 0 on SIGTERM"
+    else
+        bad "server exited $rc on SIGTERM; log tail:"
+        tail -n 10 "$work/server.log" | sed 's/^/        /'
+    fi
 fi
 
 summary

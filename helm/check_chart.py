@@ -9,7 +9,12 @@ Checks, for the default values and for every helm/sluice/ci/*.yaml:
      as skipped and checked against the chart's own partial schemas instead;
   4. chart invariants (termination grace above the server's drain, named ports, ...);
   5. checkov (framework kubernetes) over all renders: no failed check; accepted findings
-     are skipped in the chart with a reason, and listed here.
+     are skipped in the chart with a reason, and listed here;
+  6. with --dockerfile, checkov (framework dockerfile) on the image's Dockerfile;
+  7. with --sluice-binary, the real server started with each rendered sluice.toml
+     (host, ports and repository overridden on the command line): it must accept the
+     file, answer /v2/health/live, and exit 0 on SIGTERM within the pod's
+     terminationGracePeriodSeconds.
 Then negative tests prove that each gate rejects what it should.
 
 Exit status 0 when everything passed, 1 otherwise.
@@ -22,10 +27,15 @@ import copy
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 import tomllib
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any, Callable
 
@@ -131,7 +141,7 @@ class Report:
         self.failed.append(msg)
         print(f"FAIL  {msg}", flush=True)
         for line in detail.strip().splitlines()[:40]:
-            print(f"        {line}")
+            print(f"        {line[:400]}")
 
     def skip(self, msg: str) -> None:
         self.skipped.append(msg)
@@ -241,15 +251,88 @@ def check_invariants(objs: list[dict[str, Any]]) -> list[str]:
     return problems
 
 
+def server_config_keys(config_rs: Path) -> set[str]:
+    """TOML keys the server accepts: the fields of `struct Settings` in config.rs that
+    serde reads (the server rejects unknown keys, so the chart must render only these)."""
+    text = config_rs.read_text()
+    body = text[text.index("pub struct Settings"):]
+    body = body[:body.index("\n}\n")]
+    keys, skip_next = set(), False
+    for line in body.splitlines():
+        line = line.strip()
+        if line.startswith("#[serde(skip"):
+            skip_next = True
+        elif line.startswith("pub ") and ":" in line:
+            if not skip_next:
+                keys.add(line[4:line.index(":")].strip())
+            skip_next = False
+    return keys
+
+
+def unknown_toml_keys(toml_text: str, known: set[str]) -> list[str]:
+    unknown = set(tomllib.loads(toml_text)) - known
+    if not unknown:
+        return []
+    return [f"sluice.toml has keys the server rejects: {sorted(unknown)} "
+            f"(server settings: {sorted(known)})"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def serve_with_config(binary: Path, toml_text: str, grace_s: int, work: Path) -> list[str]:
+    """Start sluice with a rendered sluice.toml; [] when it served and stopped cleanly."""
+    conf = work / "sluice.toml"
+    conf.write_text(toml_text)
+    repo = work / "empty-repository"
+    repo.mkdir(exist_ok=True)
+    http = free_port()
+    cmd = [str(binary), "--config", str(conf), "--host", "127.0.0.1",
+           "--model-repository", str(repo), "--http-port", str(http),
+           "--grpc-port", str(free_port()), "--metrics-port", str(free_port())]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
+    log = work / "server.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        status, deadline = None, time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None and status != 200:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/live",
+                                            timeout=2) as r:
+                    status = r.status
+            except (urllib.error.URLError, OSError):
+                time.sleep(0.2)
+        if status != 200:
+            return [f"server did not answer /v2/health/live (exit {proc.poll()}): "
+                    + log.read_text()[-1500:]]
+        proc.send_signal(signal.SIGTERM)
+        try:
+            rc = proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            return [f"server still running {grace_s} s after SIGTERM "
+                    "(the pod's terminationGracePeriodSeconds)"]
+        return [] if rc == 0 else [f"server exited {rc} after SIGTERM: {log.read_text()[-800:]}"]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def write_render(dest: Path, objs: list[tuple[str, dict[str, Any]]]) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text("---\n".join(yaml.safe_dump(o, sort_keys=False) for _, o in objs))
 
 
-def run_checkov(checkov: str, directory: Path) -> tuple[int, dict[str, Any] | None, str]:
-    """Run checkov on a folder of manifests; (exit code, merged JSON report, stderr)."""
+def run_checkov(checkov: str, target: Path, framework: str = "kubernetes"
+                ) -> tuple[int, dict[str, Any] | None, str]:
+    """Run checkov on a folder or file; (exit code, JSON report, stderr)."""
+    where = ["--directory" if target.is_dir() else "--file", str(target)]
     proc = subprocess.run(
-        [checkov, "--directory", str(directory), "--framework", "kubernetes", "--output", "json",
+        [checkov, *where, "--framework", framework, "--output", "json",
          "--compact", "--skip-download"],
         capture_output=True, text=True, check=False,
         env={**os.environ, "BC_SKIP_MAPPING": "TRUE", "CHECKOV_RUN_SCA_PACKAGE_SCAN_V2": "false"},
@@ -259,7 +342,7 @@ def run_checkov(checkov: str, directory: Path) -> tuple[int, dict[str, Any] | No
     except json.JSONDecodeError:
         return proc.returncode, None, proc.stdout[-2000:] + proc.stderr[-2000:]
     if isinstance(data, list):  # one report per framework
-        data = next((d for d in data if d.get("check_type") == "kubernetes"), data[0])
+        data = next((d for d in data if d.get("check_type") == framework), data[0])
     return proc.returncode, data, proc.stderr[-2000:]
 
 
@@ -288,6 +371,11 @@ def main() -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--chart", type=Path, required=True)
     ap.add_argument("--checkov", required=True, help="path of the checkov executable")
+    ap.add_argument("--dockerfile", type=Path, help="also run checkov on this Dockerfile")
+    ap.add_argument("--server-config", type=Path,
+                    help="server/src/config.rs: rendered sluice.toml keys must be among its settings")
+    ap.add_argument("--sluice-binary", type=Path,
+                    help="start this sluice binary with every rendered sluice.toml")
     ap.add_argument("--out", type=Path, help="keep the renders here (default: a temp folder)")
     args = ap.parse_args()
 
@@ -305,7 +393,20 @@ def main() -> int:
     cases: list[tuple[str, Path | None]] = [("default", None)]
     cases += [(p.stem, p) for p in sorted((chart_dir / "ci").glob("*.yaml"))]
 
+    binary: Path | None = None
+    if args.sluice_binary and os.access(args.sluice_binary, os.X_OK):
+        binary = args.sluice_binary.resolve()
+        print(f"server binary: {binary}")
+    else:
+        report.skip("server start with the rendered sluice.toml: no sluice binary "
+                    "(build it with: cargo build --release -p sluice)")
+
     crd_kinds_seen: set[str] = set()
+    known_keys: set[str] | None = None
+    if args.server_config and args.server_config.is_file():
+        known_keys = server_config_keys(args.server_config)
+    elif args.server_config:
+        report.skip(f"sluice.toml keys not cross-checked: {args.server_config} not found")
     for case, values_file in cases:
         report.section(f"values: {case}" + (f" ({values_file.relative_to(chart_dir)})"
                                              if values_file else ""))
@@ -351,11 +452,26 @@ def main() -> int:
                         "checked against the chart's partial schema only (passed)")
 
         problems = check_invariants([o for _, o in objs])
+        if known_keys is not None:
+            cm = next(o for _, o in objs if o["kind"] == "ConfigMap")
+            problems += unknown_toml_keys(cm["data"]["sluice.toml"], known_keys)
         if problems:
             report.fail(f"{case}: chart invariants", "\n".join(problems))
         else:
-            report.ok(f"{case}: chart invariants (grace > drain, ports, probes, checksum, "
-                      "security context, replicas vs autoscaler)")
+            report.ok(f"{case}: chart invariants (sluice.toml keys known to the server, "
+                      "grace > drain, ports, probes, checksum, security context, replicas vs "
+                      "autoscaler)")
+
+        if binary is not None:
+            cm = next(o for _, o in objs if o["kind"] == "ConfigMap")
+            dep = next(o for _, o in objs if o["kind"] == "Deployment")
+            grace = dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+            problems = serve_with_config(binary, cm["data"]["sluice.toml"], grace, work)
+            if problems:
+                report.fail(f"{case}: sluice accepts the rendered sluice.toml", "\n".join(problems))
+            else:
+                report.ok(f"{case}: {binary.name} started with the rendered sluice.toml, "
+                          f"answered /v2/health/live, exited 0 on SIGTERM within {grace} s")
 
     report.section("checkov (framework kubernetes), every render")
     rc, data, err = run_checkov(args.checkov, out)
@@ -380,6 +496,18 @@ def main() -> int:
         for check_id in sorted(accepted):
             for reason in sorted(accepted[check_id]):
                 print(f"      skipped {check_id}: {reason}")
+
+    if args.dockerfile:
+        report.section(f"checkov (framework dockerfile), {args.dockerfile.name}")
+        rc, data, err = run_checkov(args.checkov, args.dockerfile.resolve(), "dockerfile")
+        failed = (data or {}).get("results", {}).get("failed_checks", [])
+        if data is None or rc != 0 or failed:
+            report.fail(f"checkov dockerfile: exit {rc}", err + "\n".join(
+                f"{c['check_id']} {c['check_name']} (line {c['file_line_range']})" for c in failed))
+        else:
+            s = data.get("summary", {})
+            report.ok(f"checkov dockerfile: {s.get('passed')} passed, 0 failed, "
+                      f"{s.get('skipped')} skipped")
 
     # ---------------------------------------------------------------- negative tests
     report.section("negative tests: each gate must reject a broken input")
@@ -415,8 +543,7 @@ def main() -> int:
                    lambda: lint_errors(broken / "sluice", None), "deployment.yaml")
     svc = broken / "sluice" / "templates" / "service.yaml"
     dep.write_text((chart_dir / "templates" / "deployment.yaml").read_text())
-    svc.write_text(svc.read_text().replace(".Values.service.annotations",
-                                           ".Values.service.labels.extra.annotations", 1))
+    svc.write_text(svc.read_text() + "\n  clusterIP: {{ .Values.service.typo.clusterIP }}\n")
     expect_failure(report, "template reading a missing value (render)",
                    lambda: render(broken / "sluice", None), "nil pointer")
 
@@ -442,6 +569,19 @@ def main() -> int:
     expect_failure(report, "Deployment probe with a named gRPC port (k8s schema type)",
                    mutated(lambda d: d["spec"]["template"]["spec"]["containers"][0]
                            ["livenessProbe"]["grpc"].__setitem__("port", "grpc")), "port")
+
+    if known_keys is not None:
+        expect_failure(report, "sluice.toml with a key the server does not know",
+                       lambda: unknown_toml_keys('grpc_port = 8001\nmax_batch = 8\n', known_keys),
+                       "max_batch")
+
+    if binary is not None:
+        def bad_toml() -> Any:
+            d = work / "bad-toml"
+            d.mkdir(exist_ok=True)
+            return serve_with_config(binary, 'http_port = 8000\nmax_batch = 8\n', 10, d)
+        expect_failure(report, "the server itself refuses a sluice.toml with an unknown key",
+                       bad_toml, "unknown field")
 
     def unknown_kind() -> Any:
         status, detail = k8s_validate({"apiVersion": "example.com/v1", "kind": "Gadget",

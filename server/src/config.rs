@@ -14,7 +14,7 @@ use serde::Deserialize;
 /// The same struct is the command line (with `--help`) and the TOML file schema, so the
 /// two cannot drift apart; TOML keys are the flag names in snake_case.
 #[derive(Debug, Default, Clone, Parser, Deserialize)]
-#[command(name = "sluice", version, about = "Model-serving gRPC gateway for TorchScript models (KServe v2 / Triton protocol)")]
+#[command(name = "sluice", version, long_about = None, about = "Model-serving gRPC gateway for TorchScript models (KServe v2 / Triton protocol)")]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
     /// TOML file with any of the settings below (keys in snake_case, e.g. `grpc_port = 8001`).
