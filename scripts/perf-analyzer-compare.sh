@@ -58,7 +58,7 @@ start_server unbatched "$work/unbatched" 38011
 run_pa() { # port model concurrency -> "throughput p50 p99 overhead queue compute" (microseconds)
   local csv=$work/pa.csv
   "$pa" -m "$2" -u "127.0.0.1:$1" -i grpc --concurrency-range "$3" \
-    --measurement-interval "$interval_ms" -f "$csv" > "$work/pa.out" 2>&1 \
+    --measurement-interval "$interval_ms" --stability-percentage "${STABILITY_PERCENTAGE:-20}" --max-trials 20 -f "$csv" > "$work/pa.out" 2>&1 \
     || { cat "$work/pa.out" >&2; return 1; }
   python3 - "$csv" "$work/pa.out" <<'PY'
 import csv, re, sys

@@ -8,7 +8,6 @@ use std::time::Duration;
 use anyhow::Context;
 use sluice_proto::grpc_inference_service_server::GrpcInferenceServiceServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{grpc::InferenceService, http};
@@ -110,7 +109,12 @@ impl Server {
                 .add_service(health_service)
                 .add_service(reflection)
                 .add_service(inference)
-                .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), grpc_shutdown),
+                // No Nagle delay: small responses go out at once (with Nagle and delayed ACKs
+                // a reply can sit 40 ms in the socket).
+                .serve_with_incoming_shutdown(
+                    tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
+                    grpc_shutdown,
+                ),
         );
         gateway.set_ready();
         tracing::info!(
