@@ -60,7 +60,8 @@ async fn metadata_config_and_http_health() {
     let config = s.client.model_config(ModelConfigRequest { name: "mlp".into(), version: String::new() }).await;
     let config = config.unwrap().into_inner().config.unwrap();
     assert_eq!((config.name.as_str(), config.max_batch_size), ("mlp", 32));
-    assert_eq!(config.instance_group[0].count, 1);
+    assert_eq!(config.instance_group[0].count, 2);
+    assert!(config.scheduling_choice.is_some(), "dynamic_batching is returned");
 
     let missing = s.client.model_metadata(ModelMetadataRequest { name: "nope".into(), version: String::new() }).await;
     assert_eq!(missing.unwrap_err().code(), tonic::Code::NotFound);
