@@ -49,7 +49,7 @@ fn inputs(spec: &ModelSpec, batch: i64) -> Vec<Tensor> {
 fn main() {
     let args = Args::parse();
     let name = args.model_dir.file_name().and_then(|n| n.to_str()).expect("model dir has a name").to_owned();
-    let spec = Arc::new(load_spec(args.model_dir.join(CONFIG_FILE), &name).expect("valid config"));
+    let spec = Arc::new(load_spec(args.model_dir.join(CONFIG_FILE)).expect("valid config"));
     let options = BackendOptions { intra_op_threads: args.threads };
     let version_dir = args.model_dir.join("1");
     println!("model {name}: {} instance(s) x {} intra-op thread(s)", args.instances, args.threads);

@@ -25,7 +25,7 @@ use tokio::time::Instant;
 
 use crate::error::Error;
 use crate::metrics::{self, DropReason};
-use crate::pool::InstancePool;
+use crate::pool::{Event, InstancePool, Job};
 use crate::tensor::{DataType, Tensor};
 
 /// What makes two requests batchable: per input, datatype and non-batch dimensions.
@@ -135,21 +135,45 @@ pub fn plan<P: Pending>(policy: &BatchPolicy, queue: &[P], now: Instant) -> Opti
 
 /// Sending side of a model's batcher. Dropping it lets the actor drain and stop.
 pub struct Batcher {
+    /// Instances as the actor last saw them: (loaded or loading, idle).
+    pub instances: Arc<(AtomicUsize, AtomicUsize)>,
     model: String,
     tx: mpsc::Sender<Queued>,
     queued: Arc<AtomicUsize>,
     max_queue_size: usize,
 }
 
+/// How many instances a model keeps (from its config `parameters` and server defaults).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Scaling {
+    /// Instances kept loaded however idle (0: the model scales to zero).
+    pub min_instances: usize,
+    /// `instance_group.count`: the most instances the pool grows to under queue pressure.
+    pub max_instances: usize,
+    /// An instance idle this long is unloaded, down to `min_instances`.
+    pub idle_timeout: Duration,
+}
+
 impl Batcher {
     /// Start the actor for `pool`. `max_queue_size` bounds the requests waiting in total.
-    pub fn spawn(model: String, policy: BatchPolicy, max_queue_size: usize, pool: InstancePool) -> Batcher {
+    pub fn spawn(model: String, policy: BatchPolicy, scaling: Scaling, max_queue_size: usize, pool: InstancePool) -> Batcher {
         let queued = Arc::new(AtomicUsize::new(0));
+        let instances = Arc::new((AtomicUsize::new(pool.live()), AtomicUsize::new(0)));
         // The channel never holds more than the queue may: admission counts first.
         let (tx, rx) = mpsc::channel(max_queue_size.max(1));
-        let actor = Actor { model: model.clone(), policy, rx, queue: VecDeque::new(), queued: queued.clone(), pool, idle: 0 };
+        let actor = Actor {
+            instances: instances.clone(),
+            model: model.clone(),
+            policy,
+            scaling,
+            rx,
+            queue: VecDeque::new(),
+            queued: queued.clone(),
+            pool,
+            cold_since: None,
+        };
         tokio::spawn(actor.run());
-        Batcher { model, tx, queued, max_queue_size }
+        Batcher { instances, model, tx, queued, max_queue_size }
     }
 
     /// Enqueue at once or refuse at once: a full queue answers UNAVAILABLE without waiting.
@@ -189,14 +213,16 @@ impl Batcher {
 }
 
 struct Actor {
+    instances: Arc<(AtomicUsize, AtomicUsize)>,
     model: String,
     policy: BatchPolicy,
+    scaling: Scaling,
     rx: mpsc::Receiver<Queued>,
     queue: VecDeque<Queued>,
     queued: Arc<AtomicUsize>,
     pool: InstancePool,
-    /// Free-instance tokens held.
-    idle: usize,
+    /// Set while the model has no instance and one is loading for waiting requests.
+    cold_since: Option<Instant>,
 }
 
 impl Actor {
@@ -205,22 +231,36 @@ impl Actor {
         loop {
             let now = Instant::now();
             self.drop_dead(now);
-            let plan = plan(&self.policy, self.queue.make_contiguous(), now);
             // Once the channel has closed nothing more can join: flush what is there.
             let ready = |p: &Plan| p.ready || !open;
-            if let Some(p) = plan.as_ref().filter(|p| ready(p) && self.idle > 0) {
-                let take = p.take.clone();
-                self.dispatch(&take, now);
-                continue;
+            let plan = loop {
+                let plan = plan(&self.policy, self.queue.make_contiguous(), now);
+                match (plan.as_ref().filter(|p| ready(p)), self.pool.idle()) {
+                    (Some(p), Some(id)) => {
+                        let take = p.take.clone();
+                        self.dispatch(id, &take, now);
+                    }
+                    _ => break plan,
+                }
+            };
+            if plan.is_some() && self.pool.idle().is_none() {
+                self.grow(now);
+            }
+            if let Some(cutoff) = now.checked_sub(self.scaling.idle_timeout) {
+                self.pool.retire_idle(cutoff, self.scaling.min_instances);
             }
             if !open && self.queue.is_empty() {
                 break;
             }
-            let want_instance = plan.as_ref().is_some_and(ready) && self.idle == 0;
-            let wake = [plan.as_ref().and_then(|p| p.ready_at), self.queue.iter().filter_map(|q| q.expires).min()]
+            let retire_at = (self.pool.live() > self.scaling.min_instances)
+                .then(|| self.pool.next_idle_deadline(self.scaling.idle_timeout))
+                .flatten();
+            let wake = [plan.as_ref().and_then(|p| p.ready_at), self.queue.iter().filter_map(|q| q.expires).min(), retire_at]
                 .into_iter()
                 .flatten()
                 .min();
+            self.instances.0.store(self.pool.live(), Ordering::Release);
+            self.instances.1.store(self.pool.idle_count(), Ordering::Release);
             tokio::select! {
                 // New requests first: a batch grows with everything already sent.
                 biased;
@@ -228,19 +268,56 @@ impl Actor {
                     Some(q) => self.queue.push_back(q),
                     None => open = false,
                 },
-                token = self.pool.free.recv(), if want_instance => match token {
-                    Some(()) => self.idle += 1,
-                    None => {
-                        self.fail_all("no model instance is running");
-                        if !open { break; }
-                    }
-                },
+                Some(event) = self.pool.events.recv() => self.on_event(event),
                 _ = tokio::time::sleep_until(wake.unwrap_or(now)), if wake.is_some() => {}
             }
         }
-        // Instances finish what they hold; joining them blocks, so not on the runtime.
-        let pool = self.pool;
-        tokio::task::spawn_blocking(move || drop(pool));
+        // Dropping the pool lets the instances finish and stop, joined off the runtime.
+    }
+
+    /// Work is waiting and no instance is free: start one more, one load at a time.
+    fn grow(&mut self, now: Instant) {
+        if self.pool.loading() > 0 || self.pool.live() >= self.scaling.max_instances {
+            return;
+        }
+        let cold = self.pool.live() == 0;
+        match self.pool.spawn() {
+            Ok(_) if cold => {
+                self.cold_since = Some(now);
+                metrics::cold_start(&self.model);
+                tracing::info!(model = %self.model, waiting = self.queue.len(), "cold start: loading an instance");
+            }
+            Ok(_) => tracing::debug!(model = %self.model, live = self.pool.live(), "queue pressure: loading another instance"),
+            Err(reason) => self.fail_queued(&reason),
+        }
+    }
+
+    fn on_event(&mut self, event: Event) {
+        let now = Instant::now();
+        self.pool.on_event(&event, now);
+        match event {
+            Event::Ready { load, warmup, .. } => {
+                if let Some(since) = self.cold_since.take() {
+                    for q in &self.queue {
+                        metrics::cold_start_wait(&self.model, now - q.arrival.max(since));
+                    }
+                    tracing::info!(model = %self.model, load_ms = load.as_millis() as u64,
+                        warmup_ms = warmup.as_millis() as u64, "cold start done");
+                }
+            }
+            Event::LoadFailed { reason, .. } => {
+                if self.pool.live() == 0 {
+                    self.cold_since = None;
+                    self.fail_queued(&format!("cannot load an instance: {reason}"));
+                }
+            }
+            Event::Stopped { .. } => {
+                if self.pool.live() == 0 {
+                    self.fail_queued("the last instance stopped");
+                }
+            }
+            Event::Done { .. } => {}
+        }
     }
 
     /// Answer and remove requests that expired or whose client left.
@@ -272,34 +349,33 @@ impl Actor {
         metrics::queue_depth(&self.model, left);
     }
 
-    fn dispatch(&mut self, take: &[usize], now: Instant) {
+    fn dispatch(&mut self, instance: usize, take: &[usize], now: Instant) {
         let mut batch = Vec::with_capacity(take.len());
         for &i in take.iter().rev() {
             batch.push(self.queue.remove(i).expect("planned indices are in the queue"));
         }
         batch.reverse();
         self.release(batch.len());
-        self.idle -= 1;
         let queue_times: Vec<Duration> = batch.iter().map(|q| now - q.arrival).collect();
         for t in &queue_times {
             metrics::queue_wait(&self.model, *t);
         }
-        if let Err(batch) = self.pool.run(batch, queue_times) {
-            for q in batch {
+        if let Err(job) = self.pool.run(instance, Job { requests: batch, queue_times }) {
+            for q in job.requests {
                 let _ = q.reply.send(Err(Error::ModelUnavailable {
                     model: self.model.clone(),
-                    reason: "no model instance is running".into(),
+                    reason: "the model instance stopped".into(),
                 }));
             }
         }
     }
 
-    fn fail_all(&mut self, reason: &str) {
+    /// Answer every queued request UNAVAILABLE with `reason`.
+    fn fail_queued(&mut self, reason: &str) {
         let n = self.queue.len();
         for q in self.queue.drain(..) {
             let _ = q.reply.send(Err(Error::ModelUnavailable { model: self.model.clone(), reason: reason.into() }));
         }
-        self.rx.close();
         if n > 0 {
             self.release(n);
         }
@@ -430,22 +506,70 @@ mod tests {
         batcher: Batcher,
         permits: std::sync::mpsc::Sender<()>,
         seen: Arc<Mutex<Vec<i64>>>,
+        /// Backends loaded so far, and alive now.
+        loads: Arc<AtomicUsize>,
+        alive: Arc<AtomicUsize>,
     }
 
-    fn harness(dynamic: &str, max_queue_size: usize) -> Harness {
+    struct Counted(Gated, Arc<AtomicUsize>);
+
+    impl Backend for Counted {
+        fn forward(&mut self, inputs: &[Tensor]) -> Result<Vec<Tensor>, BackendError> {
+            self.0.forward(inputs)
+        }
+    }
+
+    impl Drop for Counted {
+        fn drop(&mut self) {
+            self.1.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    fn spec_for(dynamic: &str) -> Arc<crate::repository::ModelSpec> {
         let text = format!(
             r#"backend: "sluice_synthetic" max_batch_size: 8
                input [ {{ name: "x" data_type: TYPE_FP32 dims: [-1] }} ]
                output [ {{ name: "y" data_type: TYPE_FP32 dims: [-1] }} ] {dynamic}"#
         );
-        let spec = Arc::new(spec_from_config(parse_text(&text).unwrap(), "m").unwrap());
+        Arc::new(spec_from_config(parse_text(&text).unwrap(), "m").unwrap())
+    }
+
+    /// A batcher over gated instances. `load` decides each load's outcome (it may block).
+    async fn harness_with(
+        dynamic: &str,
+        max_queue_size: usize,
+        scaling: Scaling,
+        load: impl Fn() -> Result<(), String> + Send + Sync + 'static,
+    ) -> Harness {
+        let spec = spec_for(dynamic);
         let (permits, rx) = std::sync::mpsc::channel();
         let rx = Arc::new(Mutex::new(rx));
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let (r, s) = (rx.clone(), seen.clone());
-        let loader: Loader = Arc::new(move || Ok(Box::new(Gated { permits: r.clone(), seen: s.clone() }) as Box<dyn Backend>));
-        let pool = InstancePool::start_with(spec.clone(), loader, Default::default()).unwrap();
-        Harness { batcher: Batcher::spawn("m".into(), spec.batching.clone(), max_queue_size, pool), permits, seen }
+        let loads = Arc::new(AtomicUsize::new(0));
+        let alive = Arc::new(AtomicUsize::new(0));
+        let (r, s, l, a) = (rx.clone(), seen.clone(), loads.clone(), alive.clone());
+        let loader: Loader = Arc::new(move || {
+            load().map_err(|message| BackendError::Load { path: "m".into(), message })?;
+            l.fetch_add(1, Ordering::SeqCst);
+            a.fetch_add(1, Ordering::SeqCst);
+            Ok(Box::new(Counted(Gated { permits: r.clone(), seen: s.clone() }, a.clone())) as Box<dyn Backend>)
+        });
+        let mut pool = InstancePool::with_loader(spec.clone(), loader, Arc::from(Vec::new()), Default::default());
+        let initial = scaling.min_instances.max(1); // as LoadedModel::load does
+        let pool = tokio::task::spawn_blocking(move || {
+            pool.start(initial).expect("initial instances load");
+            pool
+        })
+        .await
+        .unwrap();
+        let batcher = Batcher::spawn("m".into(), spec.batching.clone(), scaling, max_queue_size, pool);
+        Harness { batcher, permits, seen, loads, alive }
+    }
+
+    const ONE: Scaling = Scaling { min_instances: 1, max_instances: 1, idle_timeout: Duration::from_secs(3600) };
+
+    async fn harness(dynamic: &str, max_queue_size: usize) -> Harness {
+        harness_with(dynamic, max_queue_size, ONE, || Ok(())).await
     }
 
     fn request(samples: usize, width: i64, expires: Option<Instant>) -> (Queued, oneshot::Receiver<Result<Done, Error>>) {
@@ -484,7 +608,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn flushes_at_the_delay_not_before() {
-        let h = harness("dynamic_batching { max_queue_delay_microseconds: 5000 }", 16);
+        let h = harness("dynamic_batching { max_queue_delay_microseconds: 5000 }", 16).await;
         let (a, ra) = request(1, 2, None);
         let (b, rb) = request(2, 2, None);
         h.batcher.submit(a).unwrap();
@@ -503,7 +627,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn with_zero_delay_the_batch_grows_while_the_instance_is_busy() {
-        let h = harness("dynamic_batching { }", 16);
+        let h = harness("dynamic_batching { }", 16).await;
         let (first, r1) = request(1, 2, None);
         h.batcher.submit(first).unwrap();
         assert_eq!(forwards(&h, 1).await, vec![1]);
@@ -525,11 +649,11 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn closing_the_channel_flushes_a_partial_batch() {
-        let h = harness("dynamic_batching { max_queue_delay_microseconds: 10000000 }", 16);
+        let h = harness("dynamic_batching { max_queue_delay_microseconds: 10000000 }", 16).await;
         let (a, ra) = request(1, 2, None);
         h.batcher.submit(a).unwrap();
         settle().await;
-        let Harness { batcher, permits, seen } = h;
+        let Harness { batcher, permits, seen, .. } = h;
         drop(batcher);
         permits.send(()).unwrap();
         let done = ra.await.unwrap().unwrap();
@@ -539,7 +663,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn expired_and_cancelled_requests_never_reach_the_model() {
-        let h = harness("dynamic_batching { }", 16);
+        let h = harness("dynamic_batching { }", 16).await;
         let (busy, rbusy) = request(1, 2, None);
         h.batcher.submit(busy).unwrap();
         assert_eq!(forwards(&h, 1).await, vec![1]);
@@ -563,7 +687,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_full_queue_refuses_at_once() {
-        let h = harness("dynamic_batching { }", 2);
+        let h = harness("dynamic_batching { }", 2).await;
         let (busy, _r0) = request(1, 2, None);
         h.batcher.submit(busy).unwrap();
         forwards(&h, 1).await;
@@ -581,5 +705,150 @@ mod tests {
         for _ in 0..3 {
             h.permits.send(()).unwrap();
         }
+    }
+
+    /// Wait (real time, bounded) until `counter` reads `want`.
+    async fn until(counter: &AtomicUsize, want: usize) {
+        for _ in 0..2000 {
+            if counter.load(Ordering::SeqCst) == want {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+            tokio::task::yield_now().await;
+        }
+        panic!("counter stayed at {} (wanted {want})", counter.load(Ordering::SeqCst));
+    }
+
+    const TO_ZERO: Scaling = Scaling { min_instances: 0, max_instances: 1, idle_timeout: Duration::from_secs(60) };
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_instances_unload_down_to_zero() {
+        // min_instances 0 still loads one instance at start (a broken model shows at once).
+        let h = harness_with("dynamic_batching { }", 16, TO_ZERO, || Ok(())).await;
+        assert_eq!(h.alive.load(Ordering::SeqCst), 1);
+        tokio::time::sleep(Duration::from_secs(59)).await;
+        settle().await;
+        assert_eq!(h.alive.load(Ordering::SeqCst), 1, "unloaded before the idle timeout");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        until(&h.alive, 0).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_at_zero_instances_loads_once_and_all_are_served() {
+        let h = harness_with("dynamic_batching { }", 64, TO_ZERO, || Ok(())).await;
+        tokio::time::sleep(Duration::from_secs(61)).await;
+        until(&h.alive, 0).await;
+        let mut answers = Vec::new();
+        for _ in 0..20 {
+            let (q, r) = request(1, 2, None);
+            h.batcher.submit(q).unwrap();
+            answers.push(r);
+        }
+        for _ in 0..20 {
+            h.permits.send(()).unwrap();
+        }
+        let mut served = 0;
+        for r in answers {
+            served += r.await.unwrap().unwrap().outputs.len();
+        }
+        assert_eq!(served, 20);
+        assert_eq!(h.loads.load(Ordering::SeqCst), 2, "one load at start, exactly one for the burst");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiting_for_a_cold_start_respects_the_deadline() {
+        // Loads after the first block until the test opens the gate.
+        let (open_tx, open_rx) = std::sync::mpsc::channel::<()>();
+        let open_rx = Mutex::new(open_rx);
+        let first = std::sync::atomic::AtomicBool::new(true);
+        let h = harness_with("dynamic_batching { }", 16, TO_ZERO, move || {
+            if !first.swap(false, Ordering::SeqCst) {
+                let _ = open_rx.lock().unwrap().recv();
+            }
+            Ok(())
+        })
+        .await;
+        tokio::time::sleep(Duration::from_secs(61)).await;
+        until(&h.alive, 0).await;
+        let deadline = Instant::now() + Duration::from_millis(100);
+        let (q, r) = request(1, 2, Some(deadline));
+        h.batcher.submit(q).unwrap();
+        let err = r.await.unwrap().unwrap_err();
+        assert!(matches!(err, Error::DeadlineExceeded { .. }), "{err}");
+        assert!(Instant::now() >= deadline && Instant::now() < deadline + Duration::from_millis(5));
+        open_tx.send(()).unwrap();
+        until(&h.loads, 2).await;
+        // The instance that loaded late serves the next request.
+        let (q, r) = request(1, 2, None);
+        h.batcher.submit(q).unwrap();
+        h.permits.send(()).unwrap();
+        r.await.unwrap().unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_cold_start_is_answered_to_every_waiter() {
+        let first = std::sync::atomic::AtomicBool::new(true);
+        let h = harness_with("dynamic_batching { }", 16, TO_ZERO, move || {
+            if first.swap(false, Ordering::SeqCst) {
+                Ok(())
+            } else {
+                Err("weights vanished".into())
+            }
+        })
+        .await;
+        tokio::time::sleep(Duration::from_secs(61)).await;
+        until(&h.alive, 0).await;
+        let mut answers = Vec::new();
+        for _ in 0..5 {
+            let (q, r) = request(1, 2, None);
+            h.batcher.submit(q).unwrap();
+            answers.push(r);
+        }
+        for r in answers {
+            match r.await.unwrap() {
+                Err(Error::ModelUnavailable { reason, .. }) => assert!(reason.contains("weights vanished"), "{reason}"),
+                other => panic!("expected UNAVAILABLE, got {other:?}"),
+            }
+        }
+        assert_eq!(h.batcher.depth(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn queue_pressure_grows_the_pool_up_to_its_maximum() {
+        let scaling = Scaling { min_instances: 1, max_instances: 3, idle_timeout: Duration::from_secs(60) };
+        let h = harness_with("dynamic_batching { }", 64, scaling, || Ok(())).await;
+        let mut answers = Vec::new();
+        // Each request arrives while every instance is busy: the pool grows by one.
+        for n in 1..=3 {
+            let (q, r) = request(1, 2, None);
+            h.batcher.submit(q).unwrap();
+            answers.push(r);
+            until(&h.alive, n).await;
+            forwards(&h, n).await;
+        }
+        // At the maximum, more pressure only queues.
+        for _ in 0..5 {
+            let (q, r) = request(1, 2, None);
+            h.batcher.submit(q).unwrap();
+            answers.push(r);
+        }
+        settle().await;
+        for _ in 0..8 {
+            h.permits.send(()).unwrap();
+        }
+        for r in answers {
+            r.await.unwrap().unwrap();
+        }
+        assert_eq!(h.loads.load(Ordering::SeqCst), 3, "never more than max_instances");
+        // Idle clocks start when each instance's last Done event lands (real threads, so
+        // possibly after a paused-clock jump): give every instance a full idle period.
+        for _ in 0..10 {
+            tokio::time::sleep(Duration::from_secs(61)).await;
+            if h.batcher.instances.0.load(Ordering::Acquire) == 1 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        until(&h.alive, 1).await; // back down to the minimum
     }
 }

@@ -62,6 +62,39 @@ pub struct Settings {
     /// Largest gRPC message accepted or sent, in bytes. [default: 67108864]
     #[arg(long, env = "SLUICE_MAX_MESSAGE_BYTES", value_name = "BYTES")]
     pub max_message_bytes: Option<usize>,
+
+    /// Instances each model keeps loaded however idle, for models whose config has no
+    /// `min_instances` parameter; 0 lets idle models scale to zero. [default: each model's
+    /// instance_group count, i.e. no scaling]
+    #[arg(long, env = "SLUICE_MIN_INSTANCES", value_name = "N")]
+    pub min_instances: Option<usize>,
+
+    /// Seconds an instance may stay idle before it is unloaded (down to the minimum), for
+    /// models whose config has no `idle_timeout_secs` parameter. [default: 300]
+    #[arg(long, env = "SLUICE_IDLE_TIMEOUT_SECS", value_name = "SECS")]
+    pub idle_timeout_secs: Option<f64>,
+
+    /// `none`: load every model at start-up, no load/unload RPCs. `explicit`: load only
+    /// `--load-model` models at start-up; RepositoryModelLoad/Unload manage the rest. [default: none]
+    #[arg(long, env = "SLUICE_MODEL_CONTROL_MODE", value_name = "MODE")]
+    pub model_control_mode: Option<ModelControlMode>,
+
+    /// With `--model-control-mode explicit`: a model to load at start-up (repeat the flag,
+    /// or separate names with commas; `*` loads all).
+    #[arg(long, env = "SLUICE_LOAD_MODEL", value_name = "MODEL", value_delimiter = ',')]
+    pub load_model: Option<Vec<String>>,
+
+    /// Bearer token that RepositoryModelLoad/Unload calls must send
+    /// (`authorization: Bearer <token>`). Unset: no token is asked for.
+    #[arg(long, env = "SLUICE_MODEL_CONTROL_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    pub model_control_token: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelControlMode {
+    None,
+    Explicit,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -84,6 +117,23 @@ pub struct Config {
     pub backend: BackendOptions,
     pub shutdown_grace_period: Duration,
     pub max_message_bytes: usize,
+    pub models: ModelDefaults,
+    pub control: ModelControl,
+}
+
+/// Server-wide defaults for per-model settings a config.pbtxt leaves unset.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ModelDefaults {
+    pub min_instances: Option<usize>,
+    pub idle_timeout: Duration,
+}
+
+/// Who may load and unload models, and which load at start-up.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelControl {
+    pub mode: ModelControlMode,
+    pub load_models: Vec<String>,
+    pub token: Option<String>,
 }
 
 /// Options every backend instance is created with.
@@ -141,6 +191,11 @@ impl Settings {
                 .shutdown_grace_period_secs
                 .or(lower.shutdown_grace_period_secs),
             max_message_bytes: self.max_message_bytes.or(lower.max_message_bytes),
+            min_instances: self.min_instances.or(lower.min_instances),
+            idle_timeout_secs: self.idle_timeout_secs.or(lower.idle_timeout_secs),
+            model_control_mode: self.model_control_mode.or(lower.model_control_mode),
+            load_model: self.load_model.or(lower.load_model),
+            model_control_token: self.model_control_token.or(lower.model_control_token),
         }
     }
 
@@ -157,6 +212,23 @@ impl Settings {
             backend: BackendOptions { intra_op_threads: self.intra_op_threads.unwrap_or(1) },
             shutdown_grace_period: Duration::from_secs(self.shutdown_grace_period_secs.unwrap_or(30)),
             max_message_bytes: self.max_message_bytes.unwrap_or(DEFAULT_MAX_MESSAGE_BYTES),
+            models: ModelDefaults {
+                min_instances: self.min_instances,
+                idle_timeout: match self.idle_timeout_secs.unwrap_or(300.0) {
+                    secs if secs.is_finite() && secs > 0.0 => Duration::from_secs_f64(secs),
+                    secs => {
+                        return Err(ConfigError::Invalid {
+                            setting: "idle_timeout_secs",
+                            message: format!("{secs} is not a positive number of seconds"),
+                        })
+                    }
+                },
+            },
+            control: ModelControl {
+                mode: self.model_control_mode.unwrap_or(ModelControlMode::None),
+                load_models: self.load_model.unwrap_or_default(),
+                token: self.model_control_token.filter(|t| !t.is_empty()),
+            },
         };
         config.check()?;
         Ok(config)
@@ -201,6 +273,9 @@ impl Config {
         }
         if self.max_message_bytes < 1024 {
             return invalid("max_message_bytes", format!("{} is below 1024", self.max_message_bytes));
+        }
+        if self.control.mode == ModelControlMode::None && !self.control.load_models.is_empty() {
+            return invalid("load_model", "needs model_control_mode explicit (in mode none every model loads)".to_owned());
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
             return invalid("log_level", format!("'{}': {e}", self.log_level));
@@ -249,6 +324,30 @@ mod tests {
         assert_eq!(c.grpc_port, 7001);
         assert_eq!(c.http_port, 9000);
         assert_eq!(c.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn model_control_settings() {
+        let dir = repo();
+        let cli = Settings::try_parse_from([
+            "sluice", "--model-control-mode", "explicit", "--load-model", "a,b", "--load-model", "c",
+            "--min-instances", "0", "--idle-timeout-secs", "2.5",
+        ])
+        .unwrap();
+        let c = Settings { model_repository: Some(dir.path().into()), ..cli }.validate().unwrap();
+        assert_eq!(c.control.mode, ModelControlMode::Explicit);
+        assert_eq!(c.control.load_models, vec!["a", "b", "c"]);
+        assert_eq!(c.models.min_instances, Some(0));
+        assert_eq!(c.models.idle_timeout, Duration::from_millis(2500));
+        let file = Settings::from_toml("model_control_mode = \"explicit\"\nload_model = [\"mlp\"]\nmodel_control_token = \"s3cret\"").unwrap();
+        let c = Settings { model_repository: Some(dir.path().into()), ..file }.validate().unwrap();
+        assert_eq!((c.control.load_models.clone(), c.control.token.as_deref()), (vec!["mlp".to_owned()], Some("s3cret")));
+
+        let base = || Settings { model_repository: Some(dir.path().into()), ..Default::default() };
+        let err = Settings { load_model: Some(vec!["x".into()]), ..base() }.validate().unwrap_err().to_string();
+        assert!(err.contains("explicit"), "{err}");
+        let err = Settings { idle_timeout_secs: Some(0.0), ..base() }.validate().unwrap_err().to_string();
+        assert!(err.contains("idle_timeout_secs"), "{err}");
     }
 
     #[test]

@@ -18,6 +18,13 @@ pub const QUEUE_DEPTH: &str = "sluice_queue_depth";
 pub const BATCH_SIZE: &str = "sluice_batch_size";
 pub const EXECUTIONS_TOTAL: &str = "sluice_executions_total";
 pub const INFERENCES_TOTAL: &str = "sluice_inferences_total";
+pub const INSTANCES: &str = "sluice_instances";
+pub const INSTANCE_LOADS_TOTAL: &str = "sluice_instance_loads_total";
+pub const INSTANCE_UNLOADS_TOTAL: &str = "sluice_instance_unloads_total";
+pub const COLD_STARTS_TOTAL: &str = "sluice_cold_starts_total";
+pub const LOAD_DURATION_SECONDS: &str = "sluice_instance_load_duration_seconds";
+pub const WARMUP_DURATION_SECONDS: &str = "sluice_instance_warmup_duration_seconds";
+pub const COLD_START_WAIT_SECONDS: &str = "sluice_cold_start_wait_seconds";
 
 /// Label value for requests naming a model the repository does not have, so unknown
 /// names cannot grow the label set.
@@ -108,6 +115,17 @@ fn describe() {
     describe_histogram!(BATCH_SIZE, Unit::Count, "Samples per model execution, by model.");
     describe_counter!(EXECUTIONS_TOTAL, Unit::Count, "Model executions (batches), by model.");
     describe_counter!(INFERENCES_TOTAL, Unit::Count, "Samples inferred, by model; over executions it is the mean batch size.");
+    describe_gauge!(INSTANCES, Unit::Count, "Model instances loaded or loading, by model.");
+    describe_counter!(INSTANCE_LOADS_TOTAL, Unit::Count, "Instances loaded and warmed up, by model.");
+    describe_counter!(INSTANCE_UNLOADS_TOTAL, Unit::Count, "Instances unloaded after their idle timeout, by model.");
+    describe_counter!(COLD_STARTS_TOTAL, Unit::Count, "Loads started because requests arrived at zero instances, by model.");
+    describe_histogram!(LOAD_DURATION_SECONDS, Unit::Seconds, "Time to load one instance's weights, by model.");
+    describe_histogram!(WARMUP_DURATION_SECONDS, Unit::Seconds, "Time one instance spent on its warm-up, by model.");
+    describe_histogram!(
+        COLD_START_WAIT_SECONDS,
+        Unit::Seconds,
+        "Time requests waited for a cold start (zero instances to the first ready), by model."
+    );
     describe_counter!(
         REJECTED_REQUESTS_TOTAL,
         Unit::Count,
@@ -148,4 +166,26 @@ pub fn rejected(model: &str, reason: RejectReason) {
 
 pub fn dropped(model: &str, reason: DropReason) {
     counter!(DROPPED_REQUESTS_TOTAL, "model" => model.to_owned(), "reason" => reason.label()).increment(1);
+}
+
+pub fn instances(model: &str, live: usize) {
+    gauge!(INSTANCES, "model" => model.to_owned()).set(live as f64);
+}
+
+pub fn instance_loaded(model: &str, load: Duration, warmup: Duration) {
+    counter!(INSTANCE_LOADS_TOTAL, "model" => model.to_owned()).increment(1);
+    histogram!(LOAD_DURATION_SECONDS, "model" => model.to_owned()).record(load.as_secs_f64());
+    histogram!(WARMUP_DURATION_SECONDS, "model" => model.to_owned()).record(warmup.as_secs_f64());
+}
+
+pub fn instance_unloaded(model: &str) {
+    counter!(INSTANCE_UNLOADS_TOTAL, "model" => model.to_owned()).increment(1);
+}
+
+pub fn cold_start(model: &str) {
+    counter!(COLD_STARTS_TOTAL, "model" => model.to_owned()).increment(1);
+}
+
+pub fn cold_start_wait(model: &str, waited: Duration) {
+    histogram!(COLD_START_WAIT_SECONDS, "model" => model.to_owned()).record(waited.as_secs_f64());
 }

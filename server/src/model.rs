@@ -9,9 +9,8 @@ use bytes::Bytes;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::backend::BackendError;
-use crate::batcher::{BatchKey, Batcher, Queued};
-use crate::config::BackendOptions;
+use crate::batcher::{BatchKey, Batcher, Queued, Scaling};
+use crate::config::{BackendOptions, ModelDefaults};
 use crate::error::Error;
 use crate::pool::InstancePool;
 use crate::repository::{ModelSpec, TensorSpec};
@@ -59,6 +58,26 @@ pub struct Validated {
     pub batch: usize,
 }
 
+/// What every model load needs from the server configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadOptions {
+    pub backend: BackendOptions,
+    pub defaults: ModelDefaults,
+}
+
+impl LoadOptions {
+    /// The model's own `parameters` first, then the server-wide defaults; by default a
+    /// model keeps all its instances.
+    pub fn scaling(&self, spec: &ModelSpec) -> Scaling {
+        let max = spec.instance_count;
+        Scaling {
+            min_instances: spec.scaling.min_instances.or(self.defaults.min_instances).unwrap_or(max).min(max),
+            max_instances: max,
+            idle_timeout: spec.scaling.idle_timeout.unwrap_or(self.defaults.idle_timeout),
+        }
+    }
+}
+
 pub struct LoadedModel {
     pub spec: Arc<ModelSpec>,
     pub version: i64,
@@ -67,17 +86,15 @@ pub struct LoadedModel {
 }
 
 impl LoadedModel {
-    /// Start the model's instances and its batcher. Blocking (loads the weights); must
-    /// run inside the Tokio runtime (the batcher is a task).
-    pub fn load(
-        spec: Arc<ModelSpec>,
-        version: i64,
-        version_dir: PathBuf,
-        options: BackendOptions,
-    ) -> Result<LoadedModel, BackendError> {
+    /// Start the model's instances (at least one, loaded and warmed up, so a broken model
+    /// is found now) and its batcher. Blocking: call from `spawn_blocking` inside the
+    /// Tokio runtime (the batcher is a task).
+    pub fn load(spec: Arc<ModelSpec>, version: i64, version_dir: PathBuf, options: LoadOptions) -> Result<LoadedModel, String> {
+        let scaling = options.scaling(&spec);
         let stats = Arc::new(Mutex::new(ModelStats::default()));
-        let pool = InstancePool::start(spec.clone(), version_dir, options, stats.clone())?;
-        let batcher = Batcher::spawn(spec.name.clone(), spec.batching.clone(), spec.queue.max_queue_size, pool);
+        let mut pool = InstancePool::new(spec.clone(), version_dir, options.backend, stats.clone());
+        pool.start(scaling.min_instances.max(1))?;
+        let batcher = Batcher::spawn(spec.name.clone(), spec.batching.clone(), scaling, spec.queue.max_queue_size, pool);
         Ok(LoadedModel { spec, version, batcher, stats })
     }
 

@@ -1,10 +1,12 @@
-//! Model instances: each is a named OS thread (`model-<name>-<i>`) that owns one loaded
-//! backend. An idle instance offers itself on the `free` channel; the batcher answers
-//! with one batch on the job channel. The instance concatenates the requests' inputs
-//! (one copy), runs forward, splits the outputs back per request (no copy) and answers
-//! each on its oneshot. A panicking model fails only its own batch; the instance then
-//! reloads its backend and goes on. Dropping the pool closes the channels and joins the
-//! threads after the batch they hold.
+//! Model instances, from zero up to `instance_group.count`. Each instance is a named OS
+//! thread (`model-<name>-<i>`) that loads its own backend, runs the warm-up, then takes
+//! one batch at a time from its own channel. It concatenates the requests' inputs (one
+//! copy), runs forward, splits the outputs back per request (no copy) and answers each on
+//! its oneshot. Every state change is reported on the pool's event channel, which the
+//! model's batcher owns: it decides when to start an instance (cold start, queue
+//! pressure) and when to retire one (idle). A panicking model fails only its own batch;
+//! the instance then reloads its backend and goes on. Retired instances are joined off
+//! the async runtime.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
@@ -23,145 +25,326 @@ use crate::model::ModelStats;
 use crate::repository::ModelSpec;
 use crate::tensor::{concat_batch, split_batch, Tensor};
 
+/// Makes one backend instance; called on the instance's own thread.
+pub type Loader = Arc<dyn Fn() -> Result<Box<dyn Backend>, BackendError> + Send + Sync>;
+
+/// A warm-up sample: inputs in model argument order, run `count` times.
+#[derive(Debug, Clone)]
+pub struct WarmupSample {
+    pub name: String,
+    pub inputs: Vec<Tensor>,
+    pub count: u32,
+}
+
 /// One batch for an instance, with each request's time in the queue.
-struct Job {
-    requests: Vec<Queued>,
-    queue_times: Vec<Duration>,
+pub struct Job {
+    pub requests: Vec<Queued>,
+    pub queue_times: Vec<Duration>,
+}
+
+/// What instances report to the batcher.
+#[derive(Debug)]
+pub enum Event {
+    /// Loaded and warmed up: ready for its first batch.
+    Ready { id: usize, load: Duration, warmup: Duration },
+    /// Loading or warm-up failed; the instance is gone.
+    LoadFailed { id: usize, reason: String },
+    /// Finished a batch: ready for the next.
+    Done { id: usize },
+    /// The instance stopped for good (its backend could not be reloaded after a panic).
+    Stopped { id: usize },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Loading,
+    Idle { since: tokio::time::Instant },
+    Busy,
+}
+
+struct Slot {
+    id: usize,
+    state: State,
+    jobs: std::sync::mpsc::SyncSender<Job>,
+    thread: JoinHandle<()>,
 }
 
 pub struct InstancePool {
-    jobs: Option<flume::Sender<Job>>,
-    /// One token per idle instance.
-    pub free: mpsc::Receiver<()>,
-    workers: Vec<JoinHandle<()>>,
+    spec: Arc<ModelSpec>,
+    loader: Loader,
+    warmup: Arc<[WarmupSample]>,
+    stats: Arc<Mutex<ModelStats>>,
+    events_tx: mpsc::Sender<Event>,
+    /// Instance events; owned by whoever drives the pool (the batcher).
+    pub events: mpsc::Receiver<Event>,
+    slots: Vec<Slot>,
+    next_id: usize,
 }
 
 impl InstancePool {
-    /// Start `spec.instance_count` instances of the model in `version_dir` and wait until
-    /// each has loaded. Blocking: call from a blocking context.
-    pub fn start(
-        spec: Arc<ModelSpec>,
-        version_dir: PathBuf,
-        options: BackendOptions,
-        stats: Arc<Mutex<ModelStats>>,
-    ) -> Result<InstancePool, BackendError> {
+    pub fn new(spec: Arc<ModelSpec>, version_dir: PathBuf, options: BackendOptions, stats: Arc<Mutex<ModelStats>>) -> InstancePool {
         let loader_spec = spec.clone();
         let loader: Loader = Arc::new(move || backend::load(&loader_spec, &version_dir, &options));
-        InstancePool::start_with(spec, loader, stats)
+        let warmup = spec.warmup.clone().into();
+        InstancePool::with_loader(spec, loader, warmup, stats)
     }
 
-    /// Like [`InstancePool::start`], with each instance's backend made by `loader`.
-    pub fn start_with(
+    /// A pool whose instances get their backend from `loader`.
+    pub fn with_loader(
         spec: Arc<ModelSpec>,
         loader: Loader,
+        warmup: Arc<[WarmupSample]>,
         stats: Arc<Mutex<ModelStats>>,
-    ) -> Result<InstancePool, BackendError> {
-        let n = spec.instance_count;
-        // A job is only sent against a free token, so neither channel ever holds more
-        // than one entry per instance.
-        let (jobs, jobs_rx) = flume::bounded::<Job>(n);
-        let (free_tx, free) = mpsc::channel(n);
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let mut workers = Vec::with_capacity(n);
-        for index in 0..n {
-            let instance = Instance {
-                spec: spec.clone(),
-                loader: loader.clone(),
-                jobs: jobs_rx.clone(),
-                free: free_tx.clone(),
-                stats: stats.clone(),
-            };
-            let ready = ready_tx.clone();
-            let handle = std::thread::Builder::new()
-                .name(format!("model-{}-{index}", spec.name))
-                .spawn(move || instance.run(ready))
-                .map_err(|e| BackendError::Load {
-                    path: spec.name.clone(),
-                    message: format!("cannot start instance thread: {e}"),
-                })?;
-            workers.push(handle);
+    ) -> InstancePool {
+        // Each instance has at most one event outstanding at a time (Ready/LoadFailed,
+        // then Done per batch, or Stopped), so this never blocks an instance for long.
+        let (events_tx, events) = mpsc::channel(spec.instance_count.max(1) * 2);
+        InstancePool { spec, loader, warmup, stats, events_tx, events, slots: Vec::new(), next_id: 0 }
+    }
+
+    /// Load `n` instances and wait until each has loaded and warmed up. Blocking: call
+    /// outside the async runtime (e.g. in `spawn_blocking`).
+    pub fn start(&mut self, n: usize) -> Result<(), String> {
+        for _ in 0..n {
+            self.spawn()?;
         }
-        drop((ready_tx, free_tx));
         let mut failure = None;
         for _ in 0..n {
-            match ready_rx.recv() {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => failure = failure.or(Some(e)),
-                Err(_) => failure = failure.or(Some(BackendError::InstanceGone)),
+            let event = self.events.blocking_recv().expect("the pool holds a sender");
+            if let Event::LoadFailed { reason, .. } = &event {
+                failure = failure.or(Some(reason.clone()));
             }
+            self.on_event(&event, tokio::time::Instant::now());
         }
-        let pool = InstancePool { jobs: Some(jobs), free, workers };
         match failure {
-            None => Ok(pool),
-            Some(e) => Err(e), // dropping `pool` stops and joins the instances that did load
+            None => Ok(()),
+            Some(reason) => Err(reason),
         }
     }
 
-    /// Hand a batch to an idle instance. Call only holding a token from `free`.
-    pub fn run(&self, requests: Vec<Queued>, queue_times: Vec<Duration>) -> Result<(), Vec<Queued>> {
-        let Some(jobs) = self.jobs.as_ref() else { return Err(requests) };
-        jobs.try_send(Job { requests, queue_times }).map_err(|e| e.into_inner().requests)
+    /// Start loading one more instance; its `Ready` or `LoadFailed` event follows.
+    pub fn spawn(&mut self) -> Result<usize, String> {
+        let id = self.next_id;
+        self.next_id += 1;
+        // One slot: a job is only sent to an idle instance.
+        let (jobs, jobs_rx) = std::sync::mpsc::sync_channel(1);
+        let worker = Worker {
+            id,
+            spec: self.spec.clone(),
+            loader: self.loader.clone(),
+            warmup: self.warmup.clone(),
+            jobs: jobs_rx,
+            events: self.events_tx.clone(),
+            stats: self.stats.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("model-{}-{id}", self.spec.name))
+            .spawn(move || worker.run())
+            .map_err(|e| format!("cannot start an instance thread: {e}"))?;
+        self.slots.push(Slot { id, state: State::Loading, jobs, thread });
+        self.report();
+        Ok(id)
+    }
+
+    /// Apply an event to the instance states.
+    pub fn on_event(&mut self, event: &Event, now: tokio::time::Instant) {
+        match *event {
+            Event::Ready { id, .. } | Event::Done { id } => self.set(id, State::Idle { since: now }),
+            Event::LoadFailed { id, .. } | Event::Stopped { id } => {
+                if let Some(i) = self.slots.iter().position(|s| s.id == id) {
+                    let slot = self.slots.remove(i);
+                    join_in_background(vec![slot]);
+                }
+                self.report();
+            }
+        }
+    }
+
+    fn set(&mut self, id: usize, state: State) {
+        if let Some(slot) = self.slots.iter_mut().find(|s| s.id == id) {
+            slot.state = state;
+        }
+    }
+
+    /// An idle instance, the longest idle first (so the others can reach their idle timeout).
+    pub fn idle(&self) -> Option<usize> {
+        self.slots
+            .iter()
+            .filter_map(|s| match s.state {
+                State::Idle { since } => Some((since, s.id)),
+                State::Loading | State::Busy => None,
+            })
+            .min()
+            .map(|(_, id)| id)
+    }
+
+    /// Hand a batch to idle instance `id`.
+    pub fn run(&mut self, id: usize, job: Job) -> Result<(), Job> {
+        let Some(slot) = self.slots.iter_mut().find(|s| s.id == id) else { return Err(job) };
+        match slot.jobs.try_send(job) {
+            Ok(()) => {
+                slot.state = State::Busy;
+                Ok(())
+            }
+            Err(std::sync::mpsc::TrySendError::Full(job) | std::sync::mpsc::TrySendError::Disconnected(job)) => Err(job),
+        }
+    }
+
+    /// Retire idle instances that have been idle since before `cutoff`, keeping `min`.
+    /// Returns how many were retired.
+    pub fn retire_idle(&mut self, cutoff: tokio::time::Instant, min: usize) -> usize {
+        let mut retired = Vec::new();
+        while self.live() > min {
+            let oldest = self
+                .slots
+                .iter()
+                .position(|s| matches!(s.state, State::Idle { since } if since <= cutoff));
+            match oldest {
+                Some(i) => retired.push(self.slots.remove(i)),
+                None => break,
+            }
+        }
+        let n = retired.len();
+        if n > 0 {
+            for _ in 0..n {
+                metrics::instance_unloaded(&self.spec.name);
+            }
+            tracing::info!(model = %self.spec.name, retired = n, left = self.live(), "idle instances unloaded");
+            join_in_background(retired);
+            self.report();
+        }
+        n
+    }
+
+    /// When the longest-idle instance reaches `idle_timeout`, if any is idle.
+    pub fn next_idle_deadline(&self, idle_timeout: Duration) -> Option<tokio::time::Instant> {
+        self.slots
+            .iter()
+            .filter_map(|s| match s.state {
+                State::Idle { since } => Some(since + idle_timeout),
+                State::Loading | State::Busy => None,
+            })
+            .min()
+    }
+
+    pub fn idle_count(&self) -> usize {
+        self.slots.iter().filter(|s| matches!(s.state, State::Idle { .. })).count()
+    }
+
+    /// Instances loaded or loading.
+    pub fn live(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn loading(&self) -> usize {
+        self.slots.iter().filter(|s| s.state == State::Loading).count()
+    }
+
+    fn report(&self) {
+        metrics::instances(&self.spec.name, self.slots.len());
     }
 }
 
 impl Drop for InstancePool {
+    /// Instances finish the batch they hold, then stop. Joining blocks: off the runtime
+    /// when there is one.
     fn drop(&mut self) {
-        self.jobs.take();
-        self.free.close();
-        for worker in self.workers.drain(..) {
-            let _ = worker.join();
-        }
+        let slots = std::mem::take(&mut self.slots);
+        metrics::instances(&self.spec.name, 0);
+        join_in_background(slots);
     }
 }
 
-/// Makes one backend instance; called on the instance's own thread.
-pub type Loader = Arc<dyn Fn() -> Result<Box<dyn Backend>, BackendError> + Send + Sync>;
+/// Close each instance's channel (it stops after its current batch) and join its thread
+/// without blocking an async worker.
+fn join_in_background(slots: Vec<Slot>) {
+    if slots.is_empty() {
+        return;
+    }
+    let threads: Vec<JoinHandle<()>> = slots.into_iter().map(|s| s.thread).collect();
+    let join = move || {
+        for t in threads {
+            let _ = t.join();
+        }
+    };
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) => {
+            handle.spawn_blocking(join);
+        }
+        Err(_) => join(),
+    }
+}
 
-struct Instance {
+struct Worker {
+    id: usize,
     spec: Arc<ModelSpec>,
     loader: Loader,
-    jobs: flume::Receiver<Job>,
-    free: mpsc::Sender<()>,
+    warmup: Arc<[WarmupSample]>,
+    jobs: std::sync::mpsc::Receiver<Job>,
+    events: mpsc::Sender<Event>,
     stats: Arc<Mutex<ModelStats>>,
 }
 
-impl Instance {
-    fn load(&self) -> Result<Box<dyn Backend>, BackendError> {
+impl Worker {
+    fn load(&self) -> Result<Box<dyn Backend>, String> {
         match catch_unwind(AssertUnwindSafe(|| (self.loader)())) {
-            Ok(result) => result,
-            Err(panic) => Err(BackendError::Load {
-                path: self.spec.name.clone(),
-                message: format!("loader panicked: {}", panic_message(&panic)),
-            }),
+            Ok(result) => result.map_err(|e| e.to_string()),
+            Err(panic) => Err(format!("loader panicked: {}", panic_message(&panic))),
         }
     }
 
-    fn run(self, ready: std::sync::mpsc::Sender<Result<(), BackendError>>) {
-        let mut backend = match self.load() {
-            Ok(b) => {
-                let _ = ready.send(Ok(()));
-                b
+    /// Run every warm-up sample; a model that fails its warm-up never reports ready.
+    fn warm_up(&self, backend: &mut dyn Backend) -> Result<(), String> {
+        for sample in self.warmup.iter() {
+            for _ in 0..sample.count.max(1) {
+                match catch_unwind(AssertUnwindSafe(|| backend.forward(&sample.inputs))) {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => return Err(format!("warm-up sample '{}' failed: {e}", sample.name)),
+                    Err(panic) => {
+                        return Err(format!("warm-up sample '{}' panicked: {}", sample.name, panic_message(&panic)))
+                    }
+                }
             }
-            Err(e) => {
-                let _ = ready.send(Err(e));
+        }
+        Ok(())
+    }
+
+    fn load_and_warm_up(&self) -> Result<(Box<dyn Backend>, Duration, Duration), String> {
+        let start = Instant::now();
+        let mut backend = self.load()?;
+        let load = start.elapsed();
+        let start = Instant::now();
+        self.warm_up(backend.as_mut())?;
+        Ok((backend, load, start.elapsed()))
+    }
+
+    fn run(self) {
+        let mut backend = match self.load_and_warm_up() {
+            Ok((backend, load, warmup)) => {
+                metrics::instance_loaded(&self.spec.name, load, warmup);
+                let _ = self.events.blocking_send(Event::Ready { id: self.id, load, warmup });
+                backend
+            }
+            Err(reason) => {
+                tracing::error!(model = %self.spec.name, %reason, "instance failed to load");
+                let _ = self.events.blocking_send(Event::LoadFailed { id: self.id, reason });
                 return;
             }
         };
-        drop(ready);
-        loop {
-            if self.free.blocking_send(()).is_err() {
-                return; // the batcher has stopped
-            }
-            let Ok(job) = self.jobs.recv() else { return };
+        while let Ok(job) = self.jobs.recv() {
             if let Err(panic) = self.execute(backend.as_mut(), job) {
                 tracing::error!(model = %self.spec.name, message = %panic, "model panicked; reloading the instance");
-                match self.load() {
-                    Ok(fresh) => backend = fresh,
+                match self.load_and_warm_up() {
+                    Ok((fresh, ..)) => backend = fresh,
                     Err(e) => {
                         tracing::error!(model = %self.spec.name, error = %e, "instance could not be reloaded; it stops");
+                        let _ = self.events.blocking_send(Event::Stopped { id: self.id });
                         return;
                     }
                 }
+            }
+            if self.events.blocking_send(Event::Done { id: self.id }).is_err() {
+                return; // the batcher has stopped
             }
         }
     }

@@ -14,6 +14,7 @@ use crate::api::{grpc::InferenceService, http};
 use crate::config::Config;
 use crate::gateway::Gateway;
 use crate::metrics;
+use crate::model::LoadOptions;
 use crate::repository::Repository;
 
 /// A server with its repository loaded and its ports bound, not yet serving.
@@ -31,11 +32,12 @@ const METRICS_UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 impl Server {
     pub async fn bind(config: Config) -> anyhow::Result<Server> {
         let root = config.model_repository.clone();
-        let options = config.backend;
-        let repository = tokio::task::spawn_blocking(move || Repository::load_all(&root, options))
+        let options = LoadOptions { backend: config.backend, defaults: config.models };
+        let control = config.control.clone();
+        let repository = tokio::task::spawn_blocking(move || Repository::open(&root, options, &control))
             .await
             .context("repository loader panicked")?
-            .with_context(|| format!("cannot read model repository {}", config.model_repository.display()))?;
+            .map_err(anyhow::Error::msg)?;
         let bind = |port: u16, what: &'static str| {
             let addr = SocketAddr::new(config.host, port);
             async move { TcpListener::bind(addr).await.with_context(|| format!("cannot bind {what} port {addr}")) }

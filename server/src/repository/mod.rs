@@ -7,16 +7,16 @@ pub mod model_config;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 pub use model_config::{
     config_dtype_name, parse_text, spec_from_config, ConfigFileError, DeviceKind, ModelSpec,
-    Platform, QueueSettings, TensorSpec, VersionPolicy,
+    Platform, QueueSettings, ScalingParams, TensorSpec, VersionPolicy,
 };
 
-use crate::config::BackendOptions;
+use crate::config::{ModelControl, ModelControlMode};
 use crate::error::Error;
-use crate::model::LoadedModel;
+use crate::model::{LoadOptions, LoadedModel};
 
 pub const CONFIG_FILE: &str = "config.pbtxt";
 
@@ -54,29 +54,94 @@ pub struct IndexEntry {
 
 pub struct Repository {
     root: PathBuf,
+    options: LoadOptions,
     models: RwLock<BTreeMap<String, ModelEntry>>,
+    /// One load or unload at a time, so two calls for one model cannot interleave.
+    control: Mutex<()>,
 }
 
+/// Reason shown for a model that is in the repository but not loaded.
+pub const NOT_LOADED: &str = "unloaded";
+
 impl Repository {
-    /// Scan `root` and load every model found. Blocking: loads weights.
-    pub fn load_all(root: &Path, options: BackendOptions) -> std::io::Result<Repository> {
-        let mut models = BTreeMap::new();
-        for dir in model_dirs(root)? {
-            let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
-            let entry = match load_model(&dir, &name, options) {
-                Ok(versions) => {
-                    let list: Vec<String> = versions.keys().map(i64::to_string).collect();
-                    tracing::info!(model = %name, versions = %list.join(","), "model ready");
-                    ModelEntry { state: ModelState::Ready, versions }
-                }
-                Err(reason) => {
-                    tracing::error!(model = %name, %reason, "model failed to load; serving the others");
-                    ModelEntry { state: ModelState::Unavailable { reason }, versions: BTreeMap::new() }
-                }
-            };
-            models.insert(name, entry);
+    /// Scan `root` and load the models `control` asks for (all of them in mode `none`).
+    /// Blocking: loads weights. A model that fails to load is kept with its reason.
+    pub fn open(root: &Path, options: LoadOptions, control: &ModelControl) -> Result<Repository, String> {
+        let dirs = model_dirs(root).map_err(|e| format!("cannot read model repository {}: {e}", root.display()))?;
+        let names: Vec<String> = dirs
+            .iter()
+            .map(|d| d.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned())
+            .collect();
+        let wanted = |name: &str| match control.mode {
+            ModelControlMode::None => true,
+            ModelControlMode::Explicit => control.load_models.iter().any(|m| m == name || m == "*"),
+        };
+        if let Some(missing) = control.load_models.iter().find(|m| *m != "*" && !names.contains(m)) {
+            return Err(format!("--load-model {missing}: no such model in {}", root.display()));
         }
-        Ok(Repository { root: root.to_owned(), models: RwLock::new(models) })
+        let repository = Repository {
+            root: root.to_owned(),
+            options,
+            models: RwLock::new(BTreeMap::new()),
+            control: Mutex::new(()),
+        };
+        for name in names {
+            if wanted(&name) {
+                repository.load_entry(&name);
+            } else {
+                repository.set(&name, ModelEntry::unloaded());
+            }
+        }
+        Ok(repository)
+    }
+
+    /// Load (or reload) a model from disk; the old versions, if any, drain and stop.
+    /// Blocking: loads weights.
+    pub fn load(&self, name: &str) -> Result<(), Error> {
+        let _one_at_a_time = self.control.lock().expect("control lock is never poisoned");
+        if !self.root.join(name).is_dir() || name.starts_with('.') || name.contains('/') {
+            return Err(Error::ModelNotFound { model: name.to_owned() });
+        }
+        match &self.load_entry(name) {
+            ModelState::Ready => Ok(()),
+            ModelState::Unavailable { reason } => {
+                Err(Error::ModelUnavailable { model: name.to_owned(), reason: reason.clone() })
+            }
+        }
+    }
+
+    /// Unload a model: new requests get UNAVAILABLE at once; requests already admitted
+    /// finish on the old instances, which stop once they are done.
+    pub fn unload(&self, name: &str) -> Result<(), Error> {
+        let _one_at_a_time = self.control.lock().expect("control lock is never poisoned");
+        if !self.is_known(name) {
+            return Err(Error::ModelNotFound { model: name.to_owned() });
+        }
+        self.set(name, ModelEntry::unloaded());
+        tracing::info!(model = %name, "model unloaded");
+        Ok(())
+    }
+
+    fn load_entry(&self, name: &str) -> ModelState {
+        let entry = match load_model(&self.root.join(name), name, self.options) {
+            Ok(versions) => {
+                let list: Vec<String> = versions.keys().map(i64::to_string).collect();
+                tracing::info!(model = %name, versions = %list.join(","), "model ready");
+                ModelEntry { state: ModelState::Ready, versions }
+            }
+            Err(reason) => {
+                tracing::error!(model = %name, %reason, "model failed to load; serving the others");
+                ModelEntry { state: ModelState::Unavailable { reason }, versions: BTreeMap::new() }
+            }
+        };
+        let state = entry.state.clone();
+        self.set(name, entry);
+        state
+    }
+
+    fn set(&self, name: &str, entry: ModelEntry) {
+        let old = self.models.write().expect("repository lock is never poisoned").insert(name.to_owned(), entry);
+        drop(old); // outside the lock: the old versions' batchers drain on their own
     }
 
     pub fn root(&self) -> &Path {
@@ -140,6 +205,12 @@ impl Repository {
     }
 }
 
+impl ModelEntry {
+    fn unloaded() -> ModelEntry {
+        ModelEntry { state: ModelState::Unavailable { reason: NOT_LOADED.to_owned() }, versions: BTreeMap::new() }
+    }
+}
+
 /// Model directories: every non-hidden subdirectory of the root, sorted.
 fn model_dirs(root: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut dirs: Vec<PathBuf> = std::fs::read_dir(root)?
@@ -178,12 +249,8 @@ fn select_versions(policy: &VersionPolicy, available: &[i64]) -> Result<Vec<i64>
     }
 }
 
-fn load_model(
-    dir: &Path,
-    name: &str,
-    options: BackendOptions,
-) -> Result<BTreeMap<i64, Arc<LoadedModel>>, String> {
-    let spec = Arc::new(model_config::load_spec(dir.join(CONFIG_FILE), name).map_err(|e| e.to_string())?);
+fn load_model(dir: &Path, name: &str, options: LoadOptions) -> Result<BTreeMap<i64, Arc<LoadedModel>>, String> {
+    let spec = Arc::new(model_config::load_spec(dir.join(CONFIG_FILE)).map_err(|e| e.to_string())?);
     let available = version_dirs(dir);
     if available.is_empty() {
         return Err(format!("{}: no numeric version directory (e.g. {name}/1/{})", dir.display(), spec.model_filename));

@@ -3,20 +3,21 @@
 //! [`ModelSpec`] the server runs with. Every rejection names the file and the reason.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use std::time::Duration;
 
 use prost_reflect::{DescriptorPool, DynamicMessage};
 use sluice_proto::inference::{
-    model_config::SchedulingChoice, model_instance_group, model_queue_policy,
+    model_config::SchedulingChoice, model_instance_group, model_queue_policy, model_warmup,
     model_version_policy, DataType as ConfigDataType, ModelConfig, ModelDynamicBatching,
     ModelInput, ModelOutput,
 };
 
 use crate::batcher::BatchPolicy;
-use crate::tensor::{shape_string, DataType};
+use crate::pool::WarmupSample;
+use crate::tensor::{element_count, shape_string, DataType, Tensor};
 
 /// Queue bound for models whose config sets no `max_queue_size` (Triton's 0, unbounded):
 /// every queue is bounded so that overload is answered, not buffered.
@@ -87,6 +88,9 @@ pub struct ModelSpec {
     pub model_filename: String,
     pub batching: BatchPolicy,
     pub queue: QueueSettings,
+    /// Run by every new instance before it reports ready.
+    pub warmup: Vec<WarmupSample>,
+    pub scaling: ScalingParams,
     /// The config's `parameters` map (gateway-only settings live here).
     pub parameters: BTreeMap<String, String>,
     /// The config as parsed, with defaults filled in, for the ModelConfig RPC.
@@ -195,16 +199,20 @@ fn colon_before_lists(text: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
-/// Parse and validate the config of the model in directory `dir_name`.
-pub fn load_spec(path: PathBuf, dir_name: &str) -> Result<ModelSpec, ConfigFileError> {
+/// Parse and validate `path`, the config of the model in its parent directory.
+pub fn load_spec(path: PathBuf) -> Result<ModelSpec, ConfigFileError> {
     let fail = |message: String| ConfigFileError { path: path.clone(), message };
     let text = std::fs::read_to_string(&path).map_err(|e| fail(format!("cannot read: {e}")))?;
     let config = parse_text(&text).map_err(|e| fail(format!("invalid protobuf text format: {e}")))?;
-    spec_from_config(config, dir_name).map_err(fail)
+    let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    spec_from_config(config, dir).map_err(fail)
 }
 
-/// Validate a parsed config. `dir_name` is the model's directory, which names the model.
-pub fn spec_from_config(mut config: ModelConfig, dir_name: &str) -> Result<ModelSpec, String> {
+/// Validate a parsed config. `model_dir` is the model's directory, whose name names the
+/// model (warm-up data files are read from its `warmup/` folder).
+pub fn spec_from_config(mut config: ModelConfig, model_dir: impl AsRef<Path>) -> Result<ModelSpec, String> {
+    let model_dir = model_dir.as_ref();
+    let dir_name = model_dir.file_name().and_then(|n| n.to_str()).unwrap_or_default();
     if config.name.is_empty() {
         config.name = dir_name.to_owned();
     } else if config.name != dir_name {
@@ -284,6 +292,8 @@ pub fn spec_from_config(mut config: ModelConfig, dir_name: &str) -> Result<Model
         config.default_model_filename.clone()
     };
     let (batching, queue) = scheduling(&config, max_batch_size)?;
+    let warmup = warmup_samples(&config, &inputs, &batching, max_batch_size, model_dir)?;
+    let scaling = ScalingParams::from_parameters(&config, instance_count)?;
     let parameters = config
         .parameters
         .iter()
@@ -301,9 +311,148 @@ pub fn spec_from_config(mut config: ModelConfig, dir_name: &str) -> Result<Model
         model_filename,
         batching,
         queue,
+        warmup,
+        scaling,
         parameters,
         config,
     })
+}
+
+/// Per-model instance scaling from the config's `parameters` (gateway-only settings):
+/// `min_instances` (0 allows scale to zero) and `idle_timeout_secs`. Unset values take the
+/// server-wide defaults when the model loads.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct ScalingParams {
+    pub min_instances: Option<usize>,
+    pub idle_timeout: Option<Duration>,
+}
+
+impl ScalingParams {
+    fn from_parameters(config: &ModelConfig, instance_count: usize) -> Result<ScalingParams, String> {
+        let get = |key: &str| config.parameters.get(key).map(|p| p.string_value.trim().to_owned());
+        let min_instances = match get("min_instances") {
+            None => None,
+            Some(v) => match v.parse::<usize>() {
+                Ok(n) if n <= instance_count => Some(n),
+                _ => return Err(format!("parameter min_instances '{v}' must be a whole number from 0 to instance_group count {instance_count}")),
+            },
+        };
+        let idle_timeout = match get("idle_timeout_secs") {
+            None => None,
+            Some(v) => match v.parse::<f64>() {
+                Ok(secs) if secs.is_finite() && secs > 0.0 => Some(Duration::from_secs_f64(secs)),
+                _ => return Err(format!("parameter idle_timeout_secs '{v}' must be a positive number of seconds")),
+            },
+        };
+        Ok(ScalingParams { min_instances, idle_timeout })
+    }
+}
+
+/// Warm-up samples: Triton's `model_warmup`, or by default zeros at every batch size the
+/// batcher will form (1, the preferred sizes, max_batch_size), each run twice so that
+/// TorchScript's profiling executor has optimized its graph before the first request.
+fn warmup_samples(
+    config: &ModelConfig,
+    inputs: &[TensorSpec],
+    batching: &BatchPolicy,
+    max_batch_size: u32,
+    model_dir: &Path,
+) -> Result<Vec<WarmupSample>, String> {
+    let mut ordered: Vec<&TensorSpec> = inputs.iter().collect();
+    ordered.sort_by_key(|t| t.position);
+    let batched = max_batch_size > 0;
+    let full_shape = |batch: u32, dims: &[i64]| -> Vec<i64> {
+        let dims = dims.iter().map(|&d| if d < 0 { 1 } else { d });
+        if batched {
+            std::iter::once(i64::from(batch)).chain(dims).collect()
+        } else {
+            dims.collect()
+        }
+    };
+    if config.model_warmup.is_empty() {
+        let mut sizes = vec![1usize];
+        if batched {
+            sizes.extend(batching.preferred.iter().copied());
+            sizes.push(max_batch_size as usize);
+        }
+        sizes.sort_unstable();
+        sizes.dedup();
+        return Ok(sizes
+            .into_iter()
+            .map(|b| WarmupSample {
+                name: format!("default batch {b}"),
+                inputs: ordered
+                    .iter()
+                    .map(|t| {
+                        let shape = full_shape(b as u32, &t.dims);
+                        Tensor::new(t.dtype, shape.clone(), vec![0u8; element_count(&shape) * t.dtype.size()].into())
+                    })
+                    .collect(),
+                count: 2,
+            })
+            .collect());
+    }
+    let mut samples = Vec::with_capacity(config.model_warmup.len());
+    for w in &config.model_warmup {
+        let fail = |m: String| format!("model_warmup '{}': {m}", w.name);
+        if batched && (w.batch_size < 1 || w.batch_size > max_batch_size) {
+            return Err(fail(format!("batch_size {} is not within 1..={max_batch_size}", w.batch_size)));
+        }
+        let mut tensors = Vec::with_capacity(ordered.len());
+        for t in &ordered {
+            let input = w.inputs.get(&t.name).ok_or_else(|| fail(format!("no data for input '{}'", t.name)))?;
+            let dtype = config_dtype(input.data_type).map_err(|e| fail(format!("input '{}': {e}", t.name)))?;
+            if dtype != t.dtype {
+                return Err(fail(format!("input '{}' is {dtype}, the model takes {}", t.name, t.dtype)));
+            }
+            let shape = full_shape(w.batch_size, &input.dims);
+            let bytes = element_count(&shape) * dtype.size();
+            let data = match &input.input_data_type {
+                None | Some(model_warmup::input::InputDataType::ZeroData(_)) => vec![0u8; bytes],
+                Some(model_warmup::input::InputDataType::RandomData(_)) => random_data(dtype, bytes),
+                Some(model_warmup::input::InputDataType::InputDataFile(file)) => {
+                    let path = model_dir.join("warmup").join(file);
+                    let data = std::fs::read(&path).map_err(|e| fail(format!("cannot read {}: {e}", path.display())))?;
+                    if data.len() != bytes {
+                        return Err(fail(format!("{} holds {} bytes, shape {} of {dtype} needs {bytes}", path.display(), data.len(), shape_string(&shape))));
+                    }
+                    data
+                }
+            };
+            tensors.push(Tensor::new(dtype, shape, data.into()));
+        }
+        samples.push(WarmupSample { name: w.name.clone(), inputs: tensors, count: w.count.max(1) });
+    }
+    Ok(samples)
+}
+
+/// Varied but finite data of `dtype` (no NaN or infinity for floating types).
+fn random_data(dtype: DataType, bytes: usize) -> Vec<u8> {
+    let mut state: u32 = 0x9e37_79b9;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 17;
+        state ^= state << 5;
+        state
+    };
+    let mut out = Vec::with_capacity(bytes);
+    while out.len() < bytes {
+        let r = next();
+        match dtype {
+            DataType::Bool => out.push((r & 1) as u8),
+            DataType::Fp32 => out.extend_from_slice(&((r % 1000) as f32 / 1000.0).to_le_bytes()),
+            DataType::Fp64 => out.extend_from_slice(&((r % 1000) as f64 / 1000.0).to_le_bytes()),
+            // Exponent bits kept in range: values between 0.5 and 1.
+            DataType::Fp16 => out.extend_from_slice(&(0x3800u16 | (r as u16 & 0x03ff)).to_le_bytes()),
+            DataType::Bf16 => out.extend_from_slice(&(0x3f00u16 | (r as u16 & 0x007f)).to_le_bytes()),
+            DataType::Uint8 | DataType::Int8 | DataType::Int16 | DataType::Int32 | DataType::Int64 => {
+                out.extend_from_slice(&r.to_le_bytes()[..dtype.size().min(4)]);
+                out.resize(out.len() + dtype.size().saturating_sub(4), 0);
+            }
+        }
+    }
+    out.truncate(bytes);
+    out
 }
 
 /// Batching and queueing from `dynamic_batching`; without it requests run one by one.
@@ -471,6 +620,42 @@ mod tests {
         assert!(spec.batching.combine);
         assert_eq!(spec.batching.max_queue_delay, Duration::from_micros(100));
         assert_eq!(spec.queue.max_queue_size, DEFAULT_MAX_QUEUE_SIZE);
+    }
+
+    #[test]
+    fn default_warm_up_covers_the_batch_sizes_the_batcher_forms() {
+        let text = MLP.replace("max_queue_delay_microseconds: 100", "preferred_batch_size: [ 8 ]");
+        let spec = spec_from_config(parse_text(&text).unwrap(), "mlp").unwrap();
+        let batches: Vec<i64> = spec.warmup.iter().map(|w| w.inputs[0].shape[0]).collect();
+        assert_eq!(batches, vec![1, 8, 32]);
+        assert_eq!(spec.warmup[2].inputs[0].shape, vec![32, 64]);
+        assert!(spec.warmup.iter().all(|w| w.count == 2));
+    }
+
+    #[test]
+    fn configured_warm_up_and_scaling_parameters() {
+        let text = r#"
+            platform: "pytorch_libtorch" max_batch_size: 4
+            input [ { name: "x" data_type: TYPE_FP16 dims: [-1] } ]
+            output [ { name: "y" data_type: TYPE_FP32 dims: [1] } ]
+            instance_group [ { count: 3 } ]
+            model_warmup [ { name: "w" batch_size: 2 count: 5
+                             inputs { key: "x" value: { data_type: TYPE_FP16 dims: [3] random_data: true } } } ]
+            parameters { key: "min_instances" value: { string_value: "0" } }
+            parameters { key: "idle_timeout_secs" value: { string_value: "1.5" } }"#;
+        let spec = spec_from_config(parse_text(text).unwrap(), "m").unwrap();
+        assert_eq!(spec.warmup.len(), 1);
+        assert_eq!((spec.warmup[0].inputs[0].shape.clone(), spec.warmup[0].count), (vec![2, 3], 5));
+        assert_eq!(spec.warmup[0].inputs[0].data.len(), 12);
+        assert_eq!(spec.scaling.min_instances, Some(0));
+        assert_eq!(spec.scaling.idle_timeout, Some(Duration::from_millis(1500)));
+
+        let bad = |from: &str, to: &str| spec_from_config(parse_text(&text.replace(from, to)).unwrap(), "m").unwrap_err();
+        assert!(bad("TYPE_FP16 dims: [3]", "TYPE_FP32 dims: [3]").contains("the model takes FP16"));
+        assert!(bad("key: \"x\" value", "key: \"z\" value").contains("no data for input 'x'"));
+        assert!(bad("batch_size: 2", "batch_size: 9").contains("batch_size 9"));
+        assert!(bad("string_value: \"0\"", "string_value: \"4\"").contains("min_instances"));
+        assert!(bad("1.5", "-1").contains("idle_timeout_secs"));
     }
 
     #[test]
