@@ -132,10 +132,13 @@ async fn panicking_model_fails_its_request_and_the_instance_is_replaced() {
     repo.bundled("mlp").synthetic("panics", "[ 2 ]", 4, &[("behavior", "panic")]);
     let mut s = TestServer::start(repo.path()).await;
     for _ in 0..3 {
-        let err = s.client.model_infer(fp32_request("panics", "INPUT__0", &[1, 2], &[1.0, 2.0])).await.unwrap_err();
+        let err = s.client.model_infer(fp32_request("panics", "INPUT__0", &[1, 2], &[1.0, -2.0])).await.unwrap_err();
         assert_eq!(err.code(), Code::Internal);
         assert!(err.message().contains("panicked"), "{}", err.message());
     }
+    // The replaced instance serves the next request.
+    let ok = s.client.model_infer(fp32_request("panics", "INPUT__0", &[1, 2], &[1.0, 2.0])).await;
+    assert_eq!(f32s(&ok.expect("instance was replaced").into_inner().raw_output_contents[0]), vec![1.0, 2.0]);
     still_serves_mlp(&mut s).await;
     s.stop().await;
 }

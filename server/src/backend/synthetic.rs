@@ -1,7 +1,7 @@
 //! A backend without a model, configured from the config's `parameters`:
 //!
-//! - `behavior`: `identity` (default: output i is input i), `fail` (every batch fails),
-//!   `panic` (every batch panics);
+//! - `behavior`: `identity` (default: output i is input i), `fail` or `panic` (a batch
+//!   whose first input holds a negative value fails, or panics; warm-up's zeros pass);
 //! - `sleep_ms` / `sleep_us`: stall this long per batch before answering, like a model
 //!   whose compute time is known.
 //!
@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use super::{Backend, BackendError};
 use crate::repository::ModelSpec;
-use crate::tensor::Tensor;
+use crate::tensor::{DataType, Tensor};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Behavior {
@@ -50,10 +50,27 @@ impl Backend for SyntheticBackend {
         if !self.stall.is_zero() {
             std::thread::sleep(self.stall);
         }
+        let negative = inputs.first().is_some_and(has_negative);
         match self.behavior {
-            Behavior::Identity => Ok(inputs.to_vec()),
-            Behavior::Fail => Err(BackendError::Forward("synthetic failure".into())),
-            Behavior::Panic => panic!("synthetic panic"),
+            Behavior::Fail if negative => Err(BackendError::Forward("synthetic failure on negative input".into())),
+            Behavior::Panic if negative => panic!("synthetic panic on negative input"),
+            Behavior::Identity | Behavior::Fail | Behavior::Panic => Ok(inputs.to_vec()),
         }
+    }
+}
+
+/// Whether any element is negative: the sign bit (the top bit of the last little-endian
+/// byte) of a signed or floating type.
+fn has_negative(t: &Tensor) -> bool {
+    match t.dtype {
+        DataType::Bool | DataType::Uint8 => false,
+        DataType::Int8
+        | DataType::Int16
+        | DataType::Int32
+        | DataType::Int64
+        | DataType::Fp16
+        | DataType::Bf16
+        | DataType::Fp32
+        | DataType::Fp64 => t.data.chunks_exact(t.dtype.size()).any(|e| e[e.len() - 1] & 0x80 != 0),
     }
 }
