@@ -163,6 +163,13 @@ impl LoadedModel {
         self.stats.lock().expect("stats lock is never held across a panic").clone()
     }
 
+    /// Instances (loaded or loading, idle) as the batcher last saw them.
+    pub fn instances(&self) -> (usize, usize) {
+        use std::sync::atomic::Ordering;
+        let counts = &self.batcher.instances;
+        (counts.0.load(Ordering::Acquire), counts.1.load(Ordering::Acquire))
+    }
+
     /// Requests waiting in the model's queue.
     pub fn queue_depth(&self) -> usize {
         self.batcher.depth()

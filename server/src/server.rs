@@ -90,7 +90,7 @@ impl Server {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()
             .context("cannot build the reflection service")?;
-        let inference = GrpcInferenceServiceServer::new(InferenceService::new(gateway.clone()))
+        let inference = GrpcInferenceServiceServer::new(InferenceService::new(gateway.clone(), config.control.clone()))
             .max_decoding_message_size(config.max_message_bytes)
             .max_encoding_message_size(config.max_message_bytes);
         health.set_serving::<GrpcInferenceServiceServer<InferenceService>>().await;

@@ -9,17 +9,44 @@ use tokio_stream::{wrappers::ReceiverStream, Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::convert;
+use crate::config::{ModelControl, ModelControlMode};
 use crate::error::Error;
 use crate::gateway::Gateway;
 
 pub struct InferenceService {
     gateway: Arc<Gateway>,
+    control: ModelControl,
 }
 
 impl InferenceService {
-    pub fn new(gateway: Arc<Gateway>) -> InferenceService {
-        InferenceService { gateway }
+    pub fn new(gateway: Arc<Gateway>, control: ModelControl) -> InferenceService {
+        InferenceService { gateway, control }
     }
+
+    /// RepositoryModelLoad/Unload: the bearer token first (when one is configured), then
+    /// the control mode.
+    fn authorize_control(&self, metadata: &tonic::metadata::MetadataMap) -> Result<(), Status> {
+        if let Some(token) = &self.control.token {
+            let Some(header) = metadata.get("authorization") else {
+                return Err(Status::unauthenticated("model control needs an 'authorization: Bearer <token>' header"));
+            };
+            let presented = header.to_str().unwrap_or_default().strip_prefix("Bearer ").unwrap_or_default();
+            if !constant_time_eq(presented.as_bytes(), token.as_bytes()) {
+                return Err(Status::permission_denied("the model control token is not valid"));
+            }
+        }
+        if self.control.mode != ModelControlMode::Explicit {
+            return Err(Status::failed_precondition(
+                "model control is off: start sluice with --model-control-mode explicit to load and unload models",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Compare secrets without an early exit that would leak how much of a guess matched.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Protocol extensions we implement, as ServerMetadata lists them.
@@ -182,18 +209,29 @@ impl GrpcInferenceService for InferenceService {
         Ok(Response::new(RepositoryIndexResponse { models }))
     }
 
+    /// Load or reload a model from the repository (explicit model control mode).
     async fn repository_model_load(
         &self,
-        _: Request<RepositoryModelLoadRequest>,
+        req: Request<RepositoryModelLoadRequest>,
     ) -> Result<Response<RepositoryModelLoadResponse>, Status> {
-        Err(Status::unimplemented("model control (RepositoryModelLoad) is not available yet: models load at start-up"))
+        self.authorize_control(req.metadata())?;
+        let name = req.into_inner().model_name;
+        let gateway = self.gateway.clone();
+        tokio::task::spawn_blocking(move || gateway.repository.load(&name))
+            .await
+            .map_err(|e| Status::internal(format!("model load task failed: {e}")))??;
+        Ok(Response::new(RepositoryModelLoadResponse {}))
     }
 
+    /// Unload a model: new requests are refused, admitted ones finish.
     async fn repository_model_unload(
         &self,
-        _: Request<RepositoryModelUnloadRequest>,
+        req: Request<RepositoryModelUnloadRequest>,
     ) -> Result<Response<RepositoryModelUnloadResponse>, Status> {
-        Err(Status::unimplemented("model control (RepositoryModelUnload) is not available yet: models load at start-up"))
+        self.authorize_control(req.metadata())?;
+        let name = req.into_inner().model_name;
+        self.gateway.repository.unload(&name)?;
+        Ok(Response::new(RepositoryModelUnloadResponse {}))
     }
 
     async fn system_shared_memory_status(
@@ -295,6 +333,8 @@ mod tests {
         assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
         assert_eq!(parse_grpc_timeout("5u"), Some(Duration::from_micros(5)));
         assert_eq!(parse_grpc_timeout("99999999n"), Some(Duration::from_nanos(99_999_999)));
+        assert!(super::constant_time_eq(b"abc", b"abc"));
+        assert!(!super::constant_time_eq(b"abc", b"abd") && !super::constant_time_eq(b"abc", b"ab"));
         for bad in ["", "m", "10", "1x", "-1m", "123456789m"] {
             assert_eq!(parse_grpc_timeout(bad), None, "{bad}");
         }

@@ -86,6 +86,7 @@ impl TestRepo {
 /// A server running in this process on free loopback ports.
 pub struct TestServer {
     pub client: Client,
+    pub gateway: std::sync::Arc<sluice::gateway::Gateway>,
     pub grpc: SocketAddr,
     pub http: SocketAddr,
     pub metrics: SocketAddr,
@@ -101,12 +102,13 @@ impl TestServer {
     pub async fn start_with(config: Config) -> TestServer {
         let server = Server::bind(config).await.expect("server binds");
         let (grpc, http, metrics) = (server.grpc_addr(), server.http_addr(), server.metrics_addr());
+        let gateway = server.gateway();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(server.serve(shutdown.clone()));
         let client = GrpcInferenceServiceClient::connect(format!("http://{grpc}"))
             .await
             .expect("client connects");
-        TestServer { client, grpc, http, metrics, shutdown, task }
+        TestServer { client, gateway, grpc, http, metrics, shutdown, task }
     }
 
     pub async fn stop(self) {
@@ -149,4 +151,13 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).expect("status line");
     let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
     (status, body)
+}
+
+/// Poll `check` every 5 ms until it holds, for at most `limit` (then fail with `what`).
+pub async fn eventually(limit: std::time::Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !check() {
+        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for: {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
 }
