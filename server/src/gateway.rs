@@ -1,7 +1,7 @@
 //! The gateway's domain facade: what the API handlers call. It owns the repository and
 //! the server's lifecycle flags, and records per-request metrics. No protocol types here.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -14,11 +14,31 @@ pub struct Gateway {
     pub repository: Repository,
     ready: AtomicBool,
     shutting_down: AtomicBool,
+    /// Inference requests admitted and not yet answered.
+    in_flight: AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+/// Counts one admitted request until it is answered (or its caller goes away).
+struct InFlight<'a>(&'a Gateway);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
 }
 
 impl Gateway {
     pub fn new(repository: Repository) -> Arc<Gateway> {
-        Arc::new(Gateway { repository, ready: AtomicBool::new(false), shutting_down: AtomicBool::new(false) })
+        Arc::new(Gateway {
+            repository,
+            ready: AtomicBool::new(false),
+            shutting_down: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
+            idle: tokio::sync::Notify::new(),
+        })
     }
 
     /// Live: the process answers. Always true while it does.
@@ -40,6 +60,22 @@ impl Gateway {
         self.shutting_down.store(true, Ordering::Release);
     }
 
+    /// Resolves once no admitted inference request is left (after `begin_shutdown`,
+    /// none are admitted any more).
+    pub async fn drained(&self) {
+        loop {
+            let notified = self.idle.notified();
+            if self.in_flight.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
     pub fn model(&self, name: &str, version: &str) -> Result<Arc<LoadedModel>, Error> {
         self.repository.get(name, version)
     }
@@ -58,6 +94,9 @@ impl Gateway {
     }
 
     async fn infer_inner(&self, name: &str, version: &str, request: InferRequest) -> Result<InferResponse, Error> {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        let _counted = InFlight(self);
+        // Checked after counting: a drain that saw zero cannot miss this request.
         if self.shutting_down.load(Ordering::Acquire) {
             return Err(Error::ShuttingDown);
         }

@@ -126,15 +126,21 @@ impl Server {
 
         shutdown.cancelled().await;
         tracing::info!(grace_period_secs = config.shutdown_grace_period.as_secs(), "shutting down: draining in-flight work");
+        let deadline = tokio::time::Instant::now() + config.shutdown_grace_period;
         gateway.begin_shutdown();
         health.set_not_serving::<GrpcInferenceServiceServer<InferenceService>>().await;
         health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+        // While admitted work finishes, the transport stays up so that new calls get a
+        // precise UNAVAILABLE (not a reset connection); then it closes.
+        if tokio::time::timeout_at(deadline, gateway.drained()).await.is_err() {
+            tracing::warn!(in_flight = gateway.in_flight(), "grace period over with requests in flight; exiting");
+        }
         drain_start.cancel();
-        match tokio::time::timeout(config.shutdown_grace_period, grpc_task).await {
+        match tokio::time::timeout_at(deadline, grpc_task).await {
             Ok(Ok(Ok(()))) => tracing::info!("drained"),
             Ok(Ok(Err(e))) => tracing::error!(error = %e, "gRPC server failed"),
             Ok(Err(e)) => tracing::error!(error = %e, "gRPC server task failed"),
-            Err(_) => tracing::warn!("grace period over with calls still in flight; exiting"),
+            Err(_) => tracing::warn!("grace period over with connections still open; exiting"),
         }
         http_stop.cancel();
         let _ = tokio::join!(http_task, metrics_task, upkeep);
