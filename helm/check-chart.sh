@@ -49,4 +49,5 @@ exec "$venv/bin/python" "$repo_root/helm/check_chart.py" \
     --checkov "$venv/bin/checkov" \
     --dockerfile "$repo_root/Dockerfile" \
     --server-config "$repo_root/server/src/config.rs" \
+    --bundled-models "$repo_root/models" \
     "${binary[@]}" "${keep[@]}"

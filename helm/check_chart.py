@@ -14,8 +14,13 @@ Checks, for the default values and for every helm/sluice/ci/*.yaml:
   7. with --sluice-binary, the real server started with each rendered sluice.toml
      (host, ports and repository overridden on the command line): it must accept the
      file, answer /v2/health/live, and exit 0 on SIGTERM within the pod's
-     terminationGracePeriodSeconds.
-Then negative tests prove that each gate rejects what it should.
+     terminationGracePeriodSeconds. A file naming models in load_model runs against
+     --bundled-models (the models the image bakes in) when they are exported there;
+     otherwise load_model is overridden with "*" on an empty repository. When the pod
+     gets SLUICE_MODEL_CONTROL_TOKEN from a Secret, the server gets a dummy one too.
+The model-control token is also rendered from a plain value (chart-created Secret) and
+checked to stay out of the ConfigMap. Then negative tests prove that each gate rejects
+what it should.
 
 Exit status 0 when everything passed, 1 otherwise.
 """
@@ -23,6 +28,7 @@ Exit status 0 when everything passed, 1 otherwise.
 from __future__ import annotations
 
 import argparse
+import base64
 import copy
 import json
 import os
@@ -248,6 +254,34 @@ def check_invariants(objs: list[dict[str, Any]]) -> list[str]:
     for sa in by_kind.get("ServiceAccount", []):
         if sa.get("automountServiceAccountToken") is not False:
             problems.append("ServiceAccount mounts its token")
+    problems += token_problems(conf, main, by_kind.get("Secret", []))
+    return problems
+
+
+TOKEN_ENV = "SLUICE_MODEL_CONTROL_TOKEN"
+
+
+def token_problems(conf: dict[str, Any], container: dict[str, Any],
+                   secrets: list[dict[str, Any]]) -> list[str]:
+    """The model-control token never goes into sluice.toml (a ConfigMap, readable by
+    anyone who may read ConfigMaps); it reaches the server only as SLUICE_MODEL_CONTROL_TOKEN
+    from a secretKeyRef, and a Secret the chart creates is the one that variable names."""
+    problems = []
+    if "model_control_token" in conf:
+        problems.append("sluice.toml (a ConfigMap) contains model_control_token")
+    envs = [e for e in container.get("env", []) if e.get("name") == TOKEN_ENV]
+    if len(envs) > 1:
+        problems.append(f"{TOKEN_ENV} is set {len(envs)} times")
+    ref = None
+    for e in envs:
+        ref = e.get("valueFrom", {}).get("secretKeyRef")
+        if "value" in e or not ref or not ref.get("name") or not ref.get("key"):
+            problems.append(f"{TOKEN_ENV} must come from a secretKeyRef, not {e}")
+    for sec in secrets:
+        data = sec.get("data", {})
+        if ref is None or sec["metadata"]["name"] != ref.get("name") or ref.get("key") not in data:
+            problems.append(f"Secret {sec['metadata']['name']} (keys {sorted(data)}) is not the "
+                            f"one {TOKEN_ENV} reads ({ref})")
     return problems
 
 
@@ -283,17 +317,33 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def serve_with_config(binary: Path, toml_text: str, grace_s: int, work: Path) -> list[str]:
-    """Start sluice with a rendered sluice.toml; [] when it served and stopped cleanly."""
+def exported_models(repository: Path | None, names: list[str]) -> bool:
+    """True when every named model is in `repository` with a config.pbtxt and a model.pt
+    (the bundled models' model.pt files are built by models/export.py, not committed)."""
+    if repository is None:
+        return False
+    return all((repository / n / "config.pbtxt").is_file()
+               and any((repository / n).glob("*/model.pt")) for n in names)
+
+
+def serve_with_config(binary: Path, toml_text: str, grace_s: int, work: Path,
+                      repository: Path | None = None, extra_args: list[str] | None = None,
+                      extra_env: dict[str, str] | None = None) -> list[str]:
+    """Start sluice with a rendered sluice.toml; [] when it served and stopped cleanly.
+    The model repository is an empty folder unless `repository` is given."""
     conf = work / "sluice.toml"
     conf.write_text(toml_text)
-    repo = work / "empty-repository"
-    repo.mkdir(exist_ok=True)
+    repo = repository
+    if repo is None:
+        repo = work / "empty-repository"
+        repo.mkdir(exist_ok=True)
     http = free_port()
     cmd = [str(binary), "--config", str(conf), "--host", "127.0.0.1",
            "--model-repository", str(repo), "--http-port", str(http),
-           "--grpc-port", str(free_port()), "--metrics-port", str(free_port())]
+           "--grpc-port", str(free_port()), "--metrics-port", str(free_port()),
+           *(extra_args or [])]
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
+    env.update(extra_env or {})
     log = work / "server.log"
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -376,6 +426,9 @@ def main() -> int:
                     help="server/src/config.rs: rendered sluice.toml keys must be among its settings")
     ap.add_argument("--sluice-binary", type=Path,
                     help="start this sluice binary with every rendered sluice.toml")
+    ap.add_argument("--bundled-models", type=Path,
+                    help="the models the image bakes in (<repo>/models): the server runs "
+                         "against them when a rendered sluice.toml names models in load_model")
     ap.add_argument("--out", type=Path, help="keep the renders here (default: a temp folder)")
     args = ap.parse_args()
 
@@ -400,6 +453,10 @@ def main() -> int:
     else:
         report.skip("server start with the rendered sluice.toml: no sluice binary "
                     "(build it with: cargo build --release -p sluice)")
+
+    bundled: Path | None = None
+    if args.bundled_models and args.bundled_models.is_dir():
+        bundled = args.bundled_models.resolve()
 
     crd_kinds_seen: set[str] = set()
     known_keys: set[str] | None = None
@@ -466,11 +523,26 @@ def main() -> int:
             cm = next(o for _, o in objs if o["kind"] == "ConfigMap")
             dep = next(o for _, o in objs if o["kind"] == "Deployment")
             grace = dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
-            problems = serve_with_config(binary, cm["data"]["sluice.toml"], grace, work)
+            toml_text = cm["data"]["sluice.toml"]
+            names = [n for n in tomllib.loads(toml_text).get("load_model", []) if n != "*"]
+            repository, extra_args, how = None, [], ""
+            if names and exported_models(bundled, names):
+                repository, how = bundled, f", loading {', '.join(names)} from {bundled}"
+            elif names:
+                extra_args = ["--load-model", "*"]
+                how = (f"; load_model {names} overridden with \"*\" on an empty repository "
+                       "(bundled models not exported: python models/export.py)")
+            env_names = {e["name"] for c in dep["spec"]["template"]["spec"]["containers"]
+                         for e in c.get("env", [])}
+            extra_env = {TOKEN_ENV: "check-chart-dummy-token"} if TOKEN_ENV in env_names else {}
+            if extra_env:
+                how += f", with {TOKEN_ENV} set"
+            problems = serve_with_config(binary, toml_text, grace, work, repository,
+                                         extra_args, extra_env)
             if problems:
                 report.fail(f"{case}: sluice accepts the rendered sluice.toml", "\n".join(problems))
             else:
-                report.ok(f"{case}: {binary.name} started with the rendered sluice.toml, "
+                report.ok(f"{case}: {binary.name} started with the rendered sluice.toml{how}, "
                           f"answered /v2/health/live, exited 0 on SIGTERM within {grace} s")
 
     report.section("checkov (framework kubernetes), every render")
@@ -509,6 +581,39 @@ def main() -> int:
             report.ok(f"checkov dockerfile: {s.get('passed')} passed, 0 failed, "
                       f"{s.get('skipped')} skipped")
 
+    # ------------------------------------------- model-control token from a plain value
+    report.section("model-control token from server.modelControlToken.value (chart-created Secret)")
+    token = "check-chart-plain-token-4f9c2e"
+    token_values = {"server": {"modelControlMode": "explicit", "loadModels": ["*"],
+                               "modelControlToken": {"value": token, "key": "bearer.token"}}}
+    try:
+        rendered = render(chart_dir, token_values)
+    except helm.HelmError as e:
+        report.fail("token value: render", str(e))
+    else:
+        objs = [o for _, o in manifests_of(rendered)]
+        secrets = [o for o in objs if o["kind"] == "Secret"]
+        problems = lint_errors(chart_dir, token_values)
+        if len(secrets) != 1:
+            problems.append(f"expected 1 Secret, got {len(secrets)}")
+        elif base64.b64decode(secrets[0].get("data", {}).get("bearer.token", "")).decode() != token:
+            problems.append("the Secret does not hold the token under the configured key")
+        encoded = base64.b64encode(token.encode()).decode()
+        for template, text in rendered.items():
+            if token in text or (encoded in text and not template.endswith("secret.yaml")):
+                problems.append(f"{template} contains the token")
+        for o in objs:
+            status, detail = k8s_validate(o)
+            if status != "ok":
+                problems.append(f"{o['kind']}/{o['metadata']['name']}: {detail}")
+        problems += check_invariants(objs)
+        if problems:
+            report.fail("token value: Secret, env and ConfigMap", "\n".join(problems))
+        else:
+            report.ok("token value: lint, strict schemas, one Secret with the token under its "
+                      f"key, {TOKEN_ENV} from its secretKeyRef, the token in no other object "
+                      "and not in NOTES")
+
     # ---------------------------------------------------------------- negative tests
     report.section("negative tests: each gate must reject a broken input")
 
@@ -531,6 +636,23 @@ def main() -> int:
                    bad_values({"autoscaling": {"hpa": {"enabled": True},
                                                "keda": {"enabled": True}}}),
                    "enable one of them")
+    expect_failure(report, "server.loadModels with modelControlMode none (fail in template; "
+                   "the server refuses load_model in mode none)",
+                   bad_values({"server": {"modelControlMode": "none", "loadModels": ["mlp"]}}),
+                   "modelControlMode is none")
+    expect_failure(report, "modelControlToken with existingSecret and value (fail in template)",
+                   bad_values({"server": {"modelControlMode": "explicit", "modelControlToken": {
+                       "existingSecret": "sluice-model-control", "value": "s3cret"}}}),
+                   "set only one of existingSecret")
+    expect_failure(report, "server.modelControlMode: auto (schema enum)",
+                   bad_values({"server": {"modelControlMode": "auto"}}), "modelControlMode")
+    expect_failure(report, "server.idleTimeoutSeconds: 0 (schema, must be positive)",
+                   bad_values({"server": {"idleTimeoutSeconds": 0}}), "idleTimeoutSeconds")
+    expect_failure(report, "server.minInstances: -1 (schema)",
+                   bad_values({"server": {"minInstances": -1}}), "minInstances")
+    expect_failure(report, "server.modelControlToken.secret (schema additionalProperties)",
+                   bad_values({"server": {"modelControlToken": {"secret": "x"}}}),
+                   "additional properties")
 
     broken = work / "broken-chart"
     shutil.copytree(chart_dir, broken / "sluice")
@@ -549,6 +671,25 @@ def main() -> int:
 
     default_objs = [o for _, o in manifests_of(render(chart_dir, None))]
     deployment = next(o for o in default_objs if o["kind"] == "Deployment")
+
+    def with_change(kind: str, change: Callable[[dict[str, Any]], None]) -> Callable[[], Any]:
+        """Chart invariants of the default render with one object of `kind` changed."""
+        def run() -> Any:
+            objs = copy.deepcopy(default_objs)
+            change(next(o for o in objs if o["kind"] == kind))
+            return check_invariants(objs)
+        return run
+
+    def token_in_configmap(cm: dict[str, Any]) -> None:
+        cm["data"]["sluice.toml"] += 'model_control_token = "s3cret"\n'
+    expect_failure(report, "model_control_token in the ConfigMap (invariant)",
+                   with_change("ConfigMap", token_in_configmap), "contains model_control_token")
+
+    def literal_token_env(dep: dict[str, Any]) -> None:
+        dep["spec"]["template"]["spec"]["containers"][0]["env"].append(
+            {"name": TOKEN_ENV, "value": "s3cret"})
+    expect_failure(report, f"{TOKEN_ENV} as a literal env value (invariant)",
+                   with_change("Deployment", literal_token_env), "must come from a secretKeyRef")
 
     def mutated(change: Callable[[dict[str, Any]], None]) -> Callable[[], Any]:
         def run() -> Any:
@@ -583,6 +724,15 @@ def main() -> int:
         expect_failure(report, "the server itself refuses a sluice.toml with an unknown key",
                        bad_toml, "unknown field")
 
+        def load_model_in_mode_none() -> Any:
+            d = work / "bad-load-model"
+            d.mkdir(exist_ok=True)
+            return serve_with_config(binary, 'model_control_mode = "none"\nload_model = ["mlp"]\n',
+                                     10, d)
+        expect_failure(report, "the server itself refuses load_model with model_control_mode none "
+                       "(what the chart's fail mirrors)", load_model_in_mode_none,
+                       "needs model_control_mode explicit")
+
     def unknown_kind() -> Any:
         status, detail = k8s_validate({"apiVersion": "example.com/v1", "kind": "Gadget",
                                        "metadata": {"name": "x"}})
@@ -605,6 +755,22 @@ def main() -> int:
         return [f"checkov exit {rc}, failed: {' '.join(ids)}"] if rc != 0 and ids else None
     expect_failure(report, "privileged Deployment without skips (checkov)", insecure_checkov,
                    "CKV_K8S_16")
+
+    def token_env_without_skip() -> Any:
+        objs = [o for _, o in manifests_of(render(chart_dir, token_values))]
+        d = next(o for o in objs if o["kind"] == "Deployment")
+        notes = d["metadata"].get("annotations", {})
+        for k in [k for k, v in notes.items() if v.startswith("CKV_K8S_35=")]:
+            del notes[k]
+        bad_dir = work / "checkov-token-negative"
+        bad_dir.mkdir()
+        (bad_dir / "deployment.yaml").write_text(yaml.safe_dump(d, sort_keys=False))
+        rc, data, err = run_checkov(args.checkov, bad_dir)
+        ids = sorted({c["check_id"] for c in (data or {}).get("results", {})
+                      .get("failed_checks", [])})
+        return [f"checkov exit {rc}, failed: {' '.join(ids)}"] if rc != 0 and ids else None
+    expect_failure(report, "the token env var without its CKV_K8S_35 skip (checkov: the skip "
+                   "covers a real finding)", token_env_without_skip, "CKV_K8S_35")
 
     shutil.rmtree(work, ignore_errors=True)
 

@@ -150,7 +150,7 @@ fn model_infer_request_round_trip() {
                 ..Default::default()
             },
         ],
-        raw_input_contents: vec![raw0.clone(), raw1.clone()],
+        raw_input_contents: vec![raw0.clone().into(), raw1.clone().into()],
         ..Default::default()
     };
     request.parameters.insert(
@@ -163,7 +163,8 @@ fn model_infer_request_round_trip() {
     let bytes = request.encode_to_vec();
     let decoded = ModelInferRequest::decode(bytes.as_slice()).expect("decodes");
     assert_eq!(decoded, request);
-    assert_eq!(decoded.raw_input_contents, vec![raw0, raw1]);
+    assert_eq!(decoded.raw_input_contents[0].as_ref(), &raw0[..]);
+    assert_eq!(decoded.raw_input_contents[1].as_ref(), &raw1[..]);
     assert_eq!(decoded.inputs[0].shape, vec![1, 4]);
     assert_eq!(
         decoded.parameters["sequence_id"].parameter_choice,

@@ -39,7 +39,9 @@ fn inputs(spec: &ModelSpec, batch: i64) -> Vec<Tensor> {
     sorted
         .iter()
         .map(|t| {
-            let shape: Vec<i64> = std::iter::once(batch).chain(t.dims.iter().map(|&d| d.max(1))).collect();
+            let shape: Vec<i64> = std::iter::once(batch)
+                .chain(t.dims.iter().map(|&d| d.max(1)))
+                .collect();
             let data = vec![0u8; element_count(&shape) * t.dtype.size()];
             Tensor::new(t.dtype, shape, data.into())
         })
@@ -48,12 +50,25 @@ fn inputs(spec: &ModelSpec, batch: i64) -> Vec<Tensor> {
 
 fn main() {
     let args = Args::parse();
-    let name = args.model_dir.file_name().and_then(|n| n.to_str()).expect("model dir has a name").to_owned();
+    let name = args
+        .model_dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .expect("model dir has a name")
+        .to_owned();
     let spec = Arc::new(load_spec(args.model_dir.join(CONFIG_FILE)).expect("valid config"));
-    let options = BackendOptions { intra_op_threads: args.threads };
+    let options = BackendOptions {
+        intra_op_threads: args.threads,
+    };
     let version_dir = args.model_dir.join("1");
-    println!("model {name}: {} instance(s) x {} intra-op thread(s)", args.instances, args.threads);
-    println!("{:>6} {:>14} {:>14} {:>16}", "batch", "p50 forward", "p99 forward", "inferences/s");
+    println!(
+        "model {name}: {} instance(s) x {} intra-op thread(s)",
+        args.instances, args.threads
+    );
+    println!(
+        "{:>6} {:>14} {:>14} {:>16}",
+        "batch", "p50 forward", "p99 forward", "inferences/s"
+    );
     for &batch in &args.batch {
         let measure = Duration::from_secs_f64(args.seconds);
         let barrier = Arc::new(std::sync::Barrier::new(args.instances));
@@ -87,6 +102,10 @@ fn main() {
         }
         all.sort();
         let pct = |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)];
-        println!("{batch:>6} {:>11.1} us {:>11.1} us {rate:>16.0}", pct(0.5).as_secs_f64() * 1e6, pct(0.99).as_secs_f64() * 1e6);
+        println!(
+            "{batch:>6} {:>11.1} us {:>11.1} us {rate:>16.0}",
+            pct(0.5).as_secs_f64() * 1e6,
+            pct(0.99).as_secs_f64() * 1e6
+        );
     }
 }

@@ -100,7 +100,12 @@ pub struct Plan {
 pub fn plan<P: Pending>(policy: &BatchPolicy, queue: &[P], now: Instant) -> Option<Plan> {
     let head = queue.first()?;
     if !policy.combine {
-        return Some(Plan { take: vec![0], samples: head.samples(), ready: true, ready_at: None });
+        return Some(Plan {
+            take: vec![0],
+            samples: head.samples(),
+            ready: true,
+            ready_at: None,
+        });
     }
     // Greedily collect, oldest first, the requests that fit beside the head.
     let mut take = Vec::new();
@@ -112,7 +117,12 @@ pub fn plan<P: Pending>(policy: &BatchPolicy, queue: &[P], now: Instant) -> Opti
         take.push(i);
         samples += p.samples();
         if samples == policy.max_batch_size {
-            return Some(Plan { take, samples, ready: true, ready_at: None });
+            return Some(Plan {
+                take,
+                samples,
+                ready: true,
+                ready_at: None,
+            });
         }
     }
     // The largest preferred size that a prefix of the collected requests forms exactly.
@@ -126,11 +136,21 @@ pub fn plan<P: Pending>(policy: &BatchPolicy, queue: &[P], now: Instant) -> Opti
     }
     if let Some((count, size)) = best {
         take.truncate(count);
-        return Some(Plan { take, samples: size, ready: true, ready_at: None });
+        return Some(Plan {
+            take,
+            samples: size,
+            ready: true,
+            ready_at: None,
+        });
     }
     let ready_at = head.arrival() + policy.max_queue_delay;
     let ready = now >= ready_at;
-    Some(Plan { take, samples, ready, ready_at: (!ready).then_some(ready_at) })
+    Some(Plan {
+        take,
+        samples,
+        ready,
+        ready_at: (!ready).then_some(ready_at),
+    })
 }
 
 /// Sending side of a model's batcher. Dropping it lets the actor drain and stop.
@@ -156,7 +176,13 @@ pub struct Scaling {
 
 impl Batcher {
     /// Start the actor for `pool`. `max_queue_size` bounds the requests waiting in total.
-    pub fn spawn(model: String, policy: BatchPolicy, scaling: Scaling, max_queue_size: usize, pool: InstancePool) -> Batcher {
+    pub fn spawn(
+        model: String,
+        policy: BatchPolicy,
+        scaling: Scaling,
+        max_queue_size: usize,
+        pool: InstancePool,
+    ) -> Batcher {
         let queued = Arc::new(AtomicUsize::new(0));
         let instances = Arc::new((AtomicUsize::new(pool.live()), AtomicUsize::new(0)));
         // The channel never holds more than the queue may: admission counts first.
@@ -173,7 +199,13 @@ impl Batcher {
             cold_since: None,
         };
         tokio::spawn(actor.run());
-        Batcher { instances, model, tx, queued, max_queue_size }
+        Batcher {
+            instances,
+            model,
+            tx,
+            queued,
+            max_queue_size,
+        }
     }
 
     /// Enqueue at once or refuse at once: a full queue answers UNAVAILABLE without waiting.
@@ -255,12 +287,18 @@ impl Actor {
             let retire_at = (self.pool.live() > self.scaling.min_instances)
                 .then(|| self.pool.next_idle_deadline(self.scaling.idle_timeout))
                 .flatten();
-            let wake = [plan.as_ref().and_then(|p| p.ready_at), self.queue.iter().filter_map(|q| q.expires).min(), retire_at]
-                .into_iter()
-                .flatten()
-                .min();
+            let wake = [
+                plan.as_ref().and_then(|p| p.ready_at),
+                self.queue.iter().filter_map(|q| q.expires).min(),
+                retire_at,
+            ]
+            .into_iter()
+            .flatten()
+            .min();
             self.instances.0.store(self.pool.live(), Ordering::Release);
-            self.instances.1.store(self.pool.idle_count(), Ordering::Release);
+            self.instances
+                .1
+                .store(self.pool.idle_count(), Ordering::Release);
             tokio::select! {
                 // New requests first: a batch grows with everything already sent.
                 biased;
@@ -287,7 +325,9 @@ impl Actor {
                 metrics::cold_start(&self.model);
                 tracing::info!(model = %self.model, waiting = self.queue.len(), "cold start: loading an instance");
             }
-            Ok(_) => tracing::debug!(model = %self.model, live = self.pool.live(), "queue pressure: loading another instance"),
+            Ok(_) => {
+                tracing::debug!(model = %self.model, live = self.pool.live(), "queue pressure: loading another instance")
+            }
             Err(reason) => self.fail_queued(&reason),
         }
     }
@@ -331,7 +371,10 @@ impl Actor {
         for q in self.queue.drain(..) {
             if q.expires.is_some_and(|e| e <= now) {
                 metrics::dropped(&self.model, DropReason::Expired);
-                let _ = q.reply.send(Err(Error::DeadlineExceeded { model: self.model.clone(), stage: "waiting in the queue" }));
+                let _ = q.reply.send(Err(Error::DeadlineExceeded {
+                    model: self.model.clone(),
+                    stage: "waiting in the queue",
+                }));
                 removed += 1;
             } else if q.reply.is_closed() {
                 metrics::dropped(&self.model, DropReason::Cancelled);
@@ -352,7 +395,11 @@ impl Actor {
     fn dispatch(&mut self, instance: usize, take: &[usize], now: Instant) {
         let mut batch = Vec::with_capacity(take.len());
         for &i in take.iter().rev() {
-            batch.push(self.queue.remove(i).expect("planned indices are in the queue"));
+            batch.push(
+                self.queue
+                    .remove(i)
+                    .expect("planned indices are in the queue"),
+            );
         }
         batch.reverse();
         self.release(batch.len());
@@ -360,7 +407,13 @@ impl Actor {
         for t in &queue_times {
             metrics::queue_wait(&self.model, *t);
         }
-        if let Err(job) = self.pool.run(instance, Job { requests: batch, queue_times }) {
+        if let Err(job) = self.pool.run(
+            instance,
+            Job {
+                requests: batch,
+                queue_times,
+            },
+        ) {
             for q in job.requests {
                 let _ = q.reply.send(Err(Error::ModelUnavailable {
                     model: self.model.clone(),
@@ -374,7 +427,10 @@ impl Actor {
     fn fail_queued(&mut self, reason: &str) {
         let n = self.queue.len();
         for q in self.queue.drain(..) {
-            let _ = q.reply.send(Err(Error::ModelUnavailable { model: self.model.clone(), reason: reason.into() }));
+            let _ = q.reply.send(Err(Error::ModelUnavailable {
+                model: self.model.clone(),
+                reason: reason.into(),
+            }));
         }
         if n > 0 {
             self.release(n);
@@ -416,11 +472,23 @@ mod tests {
     }
 
     fn policy(max: usize, preferred: &[usize], delay_ms: u64) -> BatchPolicy {
-        BatchPolicy { combine: true, max_batch_size: max, preferred: preferred.to_vec(), max_queue_delay: Duration::from_millis(delay_ms) }
+        BatchPolicy {
+            combine: true,
+            max_batch_size: max,
+            preferred: preferred.to_vec(),
+            max_queue_delay: Duration::from_millis(delay_ms),
+        }
     }
 
     fn queue(t0: Instant, items: &[(usize, &[i64], u64)]) -> Vec<P> {
-        items.iter().map(|&(samples, dims, at_ms)| P { samples, key: key(dims), arrival: t0 + Duration::from_millis(at_ms) }).collect()
+        items
+            .iter()
+            .map(|&(samples, dims, at_ms)| P {
+                samples,
+                key: key(dims),
+                arrival: t0 + Duration::from_millis(at_ms),
+            })
+            .collect()
     }
 
     #[test]
@@ -438,7 +506,10 @@ mod tests {
     #[test]
     fn flush_at_max_batch_size_without_waiting() {
         let t0 = Instant::now();
-        let q = queue(t0, &[(3, &[4], 0), (3, &[4], 0), (2, &[4], 0), (1, &[4], 0)]);
+        let q = queue(
+            t0,
+            &[(3, &[4], 0), (3, &[4], 0), (2, &[4], 0), (1, &[4], 0)],
+        );
         let p = plan(&policy(8, &[], 1000), &q, t0).unwrap();
         assert!(p.ready);
         assert_eq!((p.take, p.samples), (vec![0, 1, 2], 8));
@@ -469,18 +540,27 @@ mod tests {
     #[test]
     fn mixed_shapes_are_kept_apart() {
         let t0 = Instant::now();
-        let q = queue(t0, &[(1, &[4], 0), (1, &[5], 0), (1, &[4], 0), (1, &[5], 0)]);
+        let q = queue(
+            t0,
+            &[(1, &[4], 0), (1, &[5], 0), (1, &[4], 0), (1, &[5], 0)],
+        );
         let p = plan(&policy(8, &[], 0), &q, t0).unwrap();
         assert_eq!(p.take, vec![0, 2]);
         let rest = queue(t0, &[(1, &[5], 0), (1, &[5], 0)]);
-        assert_eq!(plan(&policy(8, &[], 0), &rest, t0).unwrap().take, vec![0, 1]);
+        assert_eq!(
+            plan(&policy(8, &[], 0), &rest, t0).unwrap().take,
+            vec![0, 1]
+        );
     }
 
     #[test]
     fn without_dynamic_batching_each_request_goes_alone() {
         let t0 = Instant::now();
         let q = queue(t0, &[(3, &[4], 0), (1, &[4], 0)]);
-        let unbatched = BatchPolicy { combine: false, ..policy(8, &[], 100) };
+        let unbatched = BatchPolicy {
+            combine: false,
+            ..policy(8, &[], 100)
+        };
         let p = plan(&unbatched, &q, t0).unwrap();
         assert_eq!((p.take, p.samples, p.ready), (vec![0], 3, true));
         assert!(plan::<P>(&unbatched, &[], t0).is_none());
@@ -497,7 +577,11 @@ mod tests {
     impl Backend for Gated {
         fn forward(&mut self, inputs: &[Tensor]) -> Result<Vec<Tensor>, BackendError> {
             self.seen.lock().unwrap().push(inputs[0].batch());
-            self.permits.lock().unwrap().recv().map_err(|_| BackendError::Forward("gate closed".into()))?;
+            self.permits
+                .lock()
+                .unwrap()
+                .recv()
+                .map_err(|_| BackendError::Forward("gate closed".into()))?;
             Ok(inputs.to_vec())
         }
     }
@@ -549,12 +633,26 @@ mod tests {
         let alive = Arc::new(AtomicUsize::new(0));
         let (r, s, l, a) = (rx.clone(), seen.clone(), loads.clone(), alive.clone());
         let loader: Loader = Arc::new(move || {
-            load().map_err(|message| BackendError::Load { path: "m".into(), message })?;
+            load().map_err(|message| BackendError::Load {
+                path: "m".into(),
+                message,
+            })?;
             l.fetch_add(1, Ordering::SeqCst);
             a.fetch_add(1, Ordering::SeqCst);
-            Ok(Box::new(Counted(Gated { permits: r.clone(), seen: s.clone() }, a.clone())) as Box<dyn Backend>)
+            Ok(Box::new(Counted(
+                Gated {
+                    permits: r.clone(),
+                    seen: s.clone(),
+                },
+                a.clone(),
+            )) as Box<dyn Backend>)
         });
-        let mut pool = InstancePool::with_loader(spec.clone(), loader, Arc::from(Vec::new()), Default::default());
+        let mut pool = InstancePool::with_loader(
+            spec.clone(),
+            loader,
+            Arc::from(Vec::new()),
+            Default::default(),
+        );
         let initial = scaling.min_instances.max(1); // as LoadedModel::load does
         let pool = tokio::task::spawn_blocking(move || {
             pool.start(initial).expect("initial instances load");
@@ -562,21 +660,45 @@ mod tests {
         })
         .await
         .unwrap();
-        let batcher = Batcher::spawn("m".into(), spec.batching.clone(), scaling, max_queue_size, pool);
-        Harness { batcher, permits, seen, loads, alive }
+        let batcher = Batcher::spawn(
+            "m".into(),
+            spec.batching.clone(),
+            scaling,
+            max_queue_size,
+            pool,
+        );
+        Harness {
+            batcher,
+            permits,
+            seen,
+            loads,
+            alive,
+        }
     }
 
-    const ONE: Scaling = Scaling { min_instances: 1, max_instances: 1, idle_timeout: Duration::from_secs(3600) };
+    const ONE: Scaling = Scaling {
+        min_instances: 1,
+        max_instances: 1,
+        idle_timeout: Duration::from_secs(3600),
+    };
 
     async fn harness(dynamic: &str, max_queue_size: usize) -> Harness {
         harness_with(dynamic, max_queue_size, ONE, || Ok(())).await
     }
 
-    fn request(samples: usize, width: i64, expires: Option<Instant>) -> (Queued, oneshot::Receiver<Result<Done, Error>>) {
+    fn request(
+        samples: usize,
+        width: i64,
+        expires: Option<Instant>,
+    ) -> (Queued, oneshot::Receiver<Result<Done, Error>>) {
         let data = vec![0u8; samples * width as usize * 4];
         let (reply, rx) = oneshot::channel();
         let q = Queued {
-            inputs: vec![Tensor::new(DataType::Fp32, vec![samples as i64, width], data.into())],
+            inputs: vec![Tensor::new(
+                DataType::Fp32,
+                vec![samples as i64, width],
+                data.into(),
+            )],
             samples,
             key: key(&[width]),
             arrival: Instant::now(),
@@ -603,12 +725,19 @@ mod tests {
             std::thread::sleep(Duration::from_millis(1));
             tokio::task::yield_now().await;
         }
-        panic!("only {:?} forwards started, expected {n}", h.seen.lock().unwrap());
+        panic!(
+            "only {:?} forwards started, expected {n}",
+            h.seen.lock().unwrap()
+        );
     }
 
     #[tokio::test(start_paused = true)]
     async fn flushes_at_the_delay_not_before() {
-        let h = harness("dynamic_batching { max_queue_delay_microseconds: 5000 }", 16).await;
+        let h = harness(
+            "dynamic_batching { max_queue_delay_microseconds: 5000 }",
+            16,
+        )
+        .await;
         let (a, ra) = request(1, 2, None);
         let (b, rb) = request(2, 2, None);
         h.batcher.submit(a).unwrap();
@@ -616,12 +745,18 @@ mod tests {
         settle().await;
         tokio::time::sleep(Duration::from_millis(4)).await;
         settle().await;
-        assert!(h.seen.lock().unwrap().is_empty(), "flushed before the delay");
+        assert!(
+            h.seen.lock().unwrap().is_empty(),
+            "flushed before the delay"
+        );
         tokio::time::sleep(Duration::from_millis(2)).await;
         assert_eq!(forwards(&h, 1).await, vec![3]);
         h.permits.send(()).unwrap();
         let (da, db) = (ra.await.unwrap().unwrap(), rb.await.unwrap().unwrap());
-        assert_eq!((da.outputs[0].shape.clone(), db.outputs[0].shape.clone()), (vec![1, 2], vec![2, 2]));
+        assert_eq!(
+            (da.outputs[0].shape.clone(), db.outputs[0].shape.clone()),
+            (vec![1, 2], vec![2, 2])
+        );
         assert_eq!((da.batch_size, db.batch_size), (3, 3));
     }
 
@@ -649,11 +784,20 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn closing_the_channel_flushes_a_partial_batch() {
-        let h = harness("dynamic_batching { max_queue_delay_microseconds: 10000000 }", 16).await;
+        let h = harness(
+            "dynamic_batching { max_queue_delay_microseconds: 10000000 }",
+            16,
+        )
+        .await;
         let (a, ra) = request(1, 2, None);
         h.batcher.submit(a).unwrap();
         settle().await;
-        let Harness { batcher, permits, seen, .. } = h;
+        let Harness {
+            batcher,
+            permits,
+            seen,
+            ..
+        } = h;
         drop(batcher);
         permits.send(()).unwrap();
         let done = ra.await.unwrap().unwrap();
@@ -676,12 +820,19 @@ mod tests {
         }
         drop(rcan);
         let expired = rexp.await.unwrap().unwrap_err(); // answered at its deadline
-        assert!(matches!(expired, Error::DeadlineExceeded { .. }), "{expired}");
+        assert!(
+            matches!(expired, Error::DeadlineExceeded { .. }),
+            "{expired}"
+        );
         h.permits.send(()).unwrap();
         rbusy.await.unwrap().unwrap();
         h.permits.send(()).unwrap();
         assert_eq!(rkept.await.unwrap().unwrap().batch_size, 1);
-        assert_eq!(*h.seen.lock().unwrap(), vec![1, 1], "only the live request ran");
+        assert_eq!(
+            *h.seen.lock().unwrap(),
+            vec![1, 1],
+            "only the live request ran"
+        );
         assert_eq!(h.batcher.depth(), 0);
     }
 
@@ -701,7 +852,11 @@ mod tests {
             let err = h.batcher.submit(c).unwrap_err();
             assert!(matches!(err, Error::Overloaded { .. }), "{err}");
         }
-        assert_eq!(h.batcher.depth(), 2, "the queue never holds more than max_queue_size");
+        assert_eq!(
+            h.batcher.depth(),
+            2,
+            "the queue never holds more than max_queue_size"
+        );
         for _ in 0..3 {
             h.permits.send(()).unwrap();
         }
@@ -716,10 +871,17 @@ mod tests {
             std::thread::sleep(Duration::from_millis(1));
             tokio::task::yield_now().await;
         }
-        panic!("counter stayed at {} (wanted {want})", counter.load(Ordering::SeqCst));
+        panic!(
+            "counter stayed at {} (wanted {want})",
+            counter.load(Ordering::SeqCst)
+        );
     }
 
-    const TO_ZERO: Scaling = Scaling { min_instances: 0, max_instances: 1, idle_timeout: Duration::from_secs(60) };
+    const TO_ZERO: Scaling = Scaling {
+        min_instances: 0,
+        max_instances: 1,
+        idle_timeout: Duration::from_secs(60),
+    };
 
     #[tokio::test(start_paused = true)]
     async fn idle_instances_unload_down_to_zero() {
@@ -728,7 +890,11 @@ mod tests {
         assert_eq!(h.alive.load(Ordering::SeqCst), 1);
         tokio::time::sleep(Duration::from_secs(59)).await;
         settle().await;
-        assert_eq!(h.alive.load(Ordering::SeqCst), 1, "unloaded before the idle timeout");
+        assert_eq!(
+            h.alive.load(Ordering::SeqCst),
+            1,
+            "unloaded before the idle timeout"
+        );
         tokio::time::sleep(Duration::from_secs(2)).await;
         until(&h.alive, 0).await;
     }
@@ -752,7 +918,11 @@ mod tests {
             served += r.await.unwrap().unwrap().outputs.len();
         }
         assert_eq!(served, 20);
-        assert_eq!(h.loads.load(Ordering::SeqCst), 2, "one load at start, exactly one for the burst");
+        assert_eq!(
+            h.loads.load(Ordering::SeqCst),
+            2,
+            "one load at start, exactly one for the burst"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -806,7 +976,9 @@ mod tests {
         }
         for r in answers {
             match r.await.unwrap() {
-                Err(Error::ModelUnavailable { reason, .. }) => assert!(reason.contains("weights vanished"), "{reason}"),
+                Err(Error::ModelUnavailable { reason, .. }) => {
+                    assert!(reason.contains("weights vanished"), "{reason}")
+                }
                 other => panic!("expected UNAVAILABLE, got {other:?}"),
             }
         }
@@ -815,7 +987,11 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn queue_pressure_grows_the_pool_up_to_its_maximum() {
-        let scaling = Scaling { min_instances: 1, max_instances: 3, idle_timeout: Duration::from_secs(60) };
+        let scaling = Scaling {
+            min_instances: 1,
+            max_instances: 3,
+            idle_timeout: Duration::from_secs(60),
+        };
         let h = harness_with("dynamic_batching { }", 64, scaling, || Ok(())).await;
         let mut answers = Vec::new();
         // Each request arrives while every instance is busy: the pool grows by one.
@@ -839,7 +1015,11 @@ mod tests {
         for r in answers {
             r.await.unwrap().unwrap();
         }
-        assert_eq!(h.loads.load(Ordering::SeqCst), 3, "never more than max_instances");
+        assert_eq!(
+            h.loads.load(Ordering::SeqCst),
+            3,
+            "never more than max_instances"
+        );
         // Idle clocks start when each instance's last Done event lands (real threads, so
         // possibly after a paused-clock jump): give every instance a full idle period.
         for _ in 0..10 {

@@ -81,12 +81,22 @@ pub struct Settings {
 
     /// With `--model-control-mode explicit`: a model to load at start-up (repeat the flag,
     /// or separate names with commas; `*` loads all).
-    #[arg(long, env = "SLUICE_LOAD_MODEL", value_name = "MODEL", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "SLUICE_LOAD_MODEL",
+        value_name = "MODEL",
+        value_delimiter = ','
+    )]
     pub load_model: Option<Vec<String>>,
 
     /// Bearer token that RepositoryModelLoad/Unload calls must send
     /// (`authorization: Bearer <token>`). Unset: no token is asked for.
-    #[arg(long, env = "SLUICE_MODEL_CONTROL_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "SLUICE_MODEL_CONTROL_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
     pub model_control_token: Option<String>,
 }
 
@@ -145,11 +155,20 @@ pub struct BackendOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("invalid config file {path}: {source}")]
-    Parse { path: PathBuf, source: Box<toml::de::Error> },
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
     #[error("invalid setting {setting}: {message}")]
-    Invalid { setting: &'static str, message: String },
+    Invalid {
+        setting: &'static str,
+        message: String,
+    },
 }
 
 const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
@@ -165,10 +184,14 @@ impl Settings {
     }
 
     pub fn from_file(path: &Path) -> Result<Settings, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        Settings::from_toml(&text)
-            .map_err(|source| ConfigError::Parse { path: path.to_owned(), source: Box::new(source) })
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Settings::from_toml(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(source),
+        })
     }
 
     pub fn from_toml(text: &str) -> Result<Settings, toml::de::Error> {
@@ -202,15 +225,21 @@ impl Settings {
     /// Fill in defaults and check every value once.
     pub fn validate(self) -> Result<Config, ConfigError> {
         let config = Config {
-            model_repository: self.model_repository.unwrap_or_else(|| PathBuf::from("models")),
+            model_repository: self
+                .model_repository
+                .unwrap_or_else(|| PathBuf::from("models")),
             host: self.host.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)),
             grpc_port: self.grpc_port.unwrap_or(8001),
             http_port: self.http_port.unwrap_or(8000),
             metrics_port: self.metrics_port.unwrap_or(8002),
             log_format: self.log_format.unwrap_or(LogFormat::Text),
             log_level: self.log_level.unwrap_or_else(|| "info".to_owned()),
-            backend: BackendOptions { intra_op_threads: self.intra_op_threads.unwrap_or(1) },
-            shutdown_grace_period: Duration::from_secs(self.shutdown_grace_period_secs.unwrap_or(30)),
+            backend: BackendOptions {
+                intra_op_threads: self.intra_op_threads.unwrap_or(1),
+            },
+            shutdown_grace_period: Duration::from_secs(
+                self.shutdown_grace_period_secs.unwrap_or(30),
+            ),
             max_message_bytes: self.max_message_bytes.unwrap_or(DEFAULT_MAX_MESSAGE_BYTES),
             models: ModelDefaults {
                 min_instances: self.min_instances,
@@ -272,10 +301,16 @@ impl Config {
             return invalid("intra_op_threads", "must be at least 1".to_owned());
         }
         if self.max_message_bytes < 1024 {
-            return invalid("max_message_bytes", format!("{} is below 1024", self.max_message_bytes));
+            return invalid(
+                "max_message_bytes",
+                format!("{} is below 1024", self.max_message_bytes),
+            );
         }
         if self.control.mode == ModelControlMode::None && !self.control.load_models.is_empty() {
-            return invalid("load_model", "needs model_control_mode explicit (in mode none every model loads)".to_owned());
+            return invalid(
+                "load_model",
+                "needs model_control_mode explicit (in mode none every model loads)".to_owned(),
+            );
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
             return invalid("log_level", format!("'{}': {e}", self.log_level));
@@ -305,10 +340,16 @@ mod tests {
     #[test]
     fn defaults_are_tritons_ports_on_loopback() {
         let dir = repo();
-        let c = Settings { model_repository: Some(dir.path().into()), ..Default::default() }
-            .validate()
-            .unwrap();
-        assert_eq!((c.http_port, c.grpc_port, c.metrics_port), (8000, 8001, 8002));
+        let c = Settings {
+            model_repository: Some(dir.path().into()),
+            ..Default::default()
+        }
+        .validate()
+        .unwrap();
+        assert_eq!(
+            (c.http_port, c.grpc_port, c.metrics_port),
+            (8000, 8001, 8002)
+        );
         assert_eq!(c.host, IpAddr::V4(Ipv4Addr::LOCALHOST));
         assert_eq!(c.shutdown_grace_period, Duration::from_secs(30));
     }
@@ -316,11 +357,15 @@ mod tests {
     #[test]
     fn command_line_wins_over_file() {
         let dir = repo();
-        let file = Settings::from_toml("grpc_port = 9001\nhttp_port = 9000\nlog_format = \"json\"").unwrap();
-        let cli = Settings::try_parse_from(["sluice", "--grpc-port", "7001"]).unwrap();
-        let c = Settings { model_repository: Some(dir.path().into()), ..cli.or(file) }
-            .validate()
+        let file = Settings::from_toml("grpc_port = 9001\nhttp_port = 9000\nlog_format = \"json\"")
             .unwrap();
+        let cli = Settings::try_parse_from(["sluice", "--grpc-port", "7001"]).unwrap();
+        let c = Settings {
+            model_repository: Some(dir.path().into()),
+            ..cli.or(file)
+        }
+        .validate()
+        .unwrap();
         assert_eq!(c.grpc_port, 7001);
         assert_eq!(c.http_port, 9000);
         assert_eq!(c.log_format, LogFormat::Json);
@@ -330,47 +375,102 @@ mod tests {
     fn model_control_settings() {
         let dir = repo();
         let cli = Settings::try_parse_from([
-            "sluice", "--model-control-mode", "explicit", "--load-model", "a,b", "--load-model", "c",
-            "--min-instances", "0", "--idle-timeout-secs", "2.5",
+            "sluice",
+            "--model-control-mode",
+            "explicit",
+            "--load-model",
+            "a,b",
+            "--load-model",
+            "c",
+            "--min-instances",
+            "0",
+            "--idle-timeout-secs",
+            "2.5",
         ])
         .unwrap();
-        let c = Settings { model_repository: Some(dir.path().into()), ..cli }.validate().unwrap();
+        let c = Settings {
+            model_repository: Some(dir.path().into()),
+            ..cli
+        }
+        .validate()
+        .unwrap();
         assert_eq!(c.control.mode, ModelControlMode::Explicit);
         assert_eq!(c.control.load_models, vec!["a", "b", "c"]);
         assert_eq!(c.models.min_instances, Some(0));
         assert_eq!(c.models.idle_timeout, Duration::from_millis(2500));
         let file = Settings::from_toml("model_control_mode = \"explicit\"\nload_model = [\"mlp\"]\nmodel_control_token = \"s3cret\"").unwrap();
-        let c = Settings { model_repository: Some(dir.path().into()), ..file }.validate().unwrap();
-        assert_eq!((c.control.load_models.clone(), c.control.token.as_deref()), (vec!["mlp".to_owned()], Some("s3cret")));
+        let c = Settings {
+            model_repository: Some(dir.path().into()),
+            ..file
+        }
+        .validate()
+        .unwrap();
+        assert_eq!(
+            (c.control.load_models.clone(), c.control.token.as_deref()),
+            (vec!["mlp".to_owned()], Some("s3cret"))
+        );
 
-        let base = || Settings { model_repository: Some(dir.path().into()), ..Default::default() };
-        let err = Settings { load_model: Some(vec!["x".into()]), ..base() }.validate().unwrap_err().to_string();
+        let base = || Settings {
+            model_repository: Some(dir.path().into()),
+            ..Default::default()
+        };
+        let err = Settings {
+            load_model: Some(vec!["x".into()]),
+            ..base()
+        }
+        .validate()
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("explicit"), "{err}");
-        let err = Settings { idle_timeout_secs: Some(0.0), ..base() }.validate().unwrap_err().to_string();
+        let err = Settings {
+            idle_timeout_secs: Some(0.0),
+            ..base()
+        }
+        .validate()
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("idle_timeout_secs"), "{err}");
     }
 
     #[test]
     fn unknown_file_keys_are_rejected() {
-        let err = Settings::from_toml("grpc_prot = 1").unwrap_err().to_string();
+        let err = Settings::from_toml("grpc_prot = 1")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("grpc_prot"), "{err}");
     }
 
     #[test]
     fn invalid_values_are_named() {
         let dir = repo();
-        let base = || Settings { model_repository: Some(dir.path().into()), ..Default::default() };
-        let err = Settings { grpc_port: Some(9000), http_port: Some(9000), ..base() }
-            .validate()
-            .unwrap_err()
-            .to_string();
+        let base = || Settings {
+            model_repository: Some(dir.path().into()),
+            ..Default::default()
+        };
+        let err = Settings {
+            grpc_port: Some(9000),
+            http_port: Some(9000),
+            ..base()
+        }
+        .validate()
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("http_port") && err.contains("9000"), "{err}");
-        let err = Settings { intra_op_threads: Some(0), ..base() }.validate().unwrap_err().to_string();
+        let err = Settings {
+            intra_op_threads: Some(0),
+            ..base()
+        }
+        .validate()
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("intra_op_threads"), "{err}");
-        let err = Settings { model_repository: Some("/nonexistent/repo".into()), ..Default::default() }
-            .validate()
-            .unwrap_err()
-            .to_string();
+        let err = Settings {
+            model_repository: Some("/nonexistent/repo".into()),
+            ..Default::default()
+        }
+        .validate()
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("/nonexistent/repo"), "{err}");
     }
 }

@@ -17,13 +17,21 @@ pub enum Error {
     ModelNotFound { model: String },
 
     #[error("model '{model}' has no version '{version}' available (available: {available})")]
-    VersionNotFound { model: String, version: String, available: String },
+    VersionNotFound {
+        model: String,
+        version: String,
+        available: String,
+    },
 
     #[error("model '{model}' is not available: {reason}")]
     ModelUnavailable { model: String, reason: String },
 
     #[error("model '{model}': unexpected input '{input}' (expected one of: {expected})")]
-    UnknownInput { model: String, input: String, expected: String },
+    UnknownInput {
+        model: String,
+        input: String,
+        expected: String,
+    },
 
     #[error("model '{model}': missing input '{input}'")]
     MissingInput { model: String, input: String },
@@ -31,20 +39,51 @@ pub enum Error {
     #[error("model '{model}': input '{input}' given more than once")]
     DuplicateInput { model: String, input: String },
 
-    #[error("model '{model}': unexpected requested output '{output}' (expected one of: {expected})")]
-    UnknownOutput { model: String, output: String, expected: String },
+    #[error(
+        "model '{model}': unexpected requested output '{output}' (expected one of: {expected})"
+    )]
+    UnknownOutput {
+        model: String,
+        output: String,
+        expected: String,
+    },
 
     #[error("model '{model}': input '{input}' has datatype {actual}, expected {expected}")]
-    WrongDatatype { model: String, input: String, expected: DataType, actual: String },
+    WrongDatatype {
+        model: String,
+        input: String,
+        expected: DataType,
+        actual: String,
+    },
 
     #[error("model '{model}': input '{input}' has shape {actual:?}, expected {expected}")]
-    WrongShape { model: String, input: String, expected: String, actual: Vec<i64> },
+    WrongShape {
+        model: String,
+        input: String,
+        expected: String,
+        actual: Vec<i64>,
+    },
 
-    #[error("model '{model}': input '{input}' has batch size {actual}, above max_batch_size {max}")]
-    BatchTooLarge { model: String, input: String, max: u32, actual: i64 },
+    #[error(
+        "model '{model}': input '{input}' has batch size {actual}, above max_batch_size {max}"
+    )]
+    BatchTooLarge {
+        model: String,
+        input: String,
+        max: u32,
+        actual: i64,
+    },
 
-    #[error("model '{model}': input '{input}' holds {actual} bytes, expected {expected} ({detail})")]
-    WrongByteSize { model: String, input: String, expected: usize, actual: usize, detail: String },
+    #[error(
+        "model '{model}': input '{input}' holds {actual} bytes, expected {expected} ({detail})"
+    )]
+    WrongByteSize {
+        model: String,
+        input: String,
+        expected: usize,
+        actual: usize,
+        detail: String,
+    },
 
     #[error("model '{model}': {message}")]
     InvalidRequest { model: String, message: String },
@@ -56,7 +95,11 @@ pub enum Error {
     DeadlineExceeded { model: String, stage: &'static str },
 
     #[error("model '{model}' is overloaded: {reason}")]
-    Overloaded { model: String, reason: String, retry_after: Duration },
+    Overloaded {
+        model: String,
+        reason: String,
+        retry_after: Duration,
+    },
 
     #[error("server is shutting down")]
     ShuttingDown,
@@ -131,17 +174,44 @@ mod tests {
         let cases = [
             (Error::ModelNotFound { model: m() }, Code::NotFound),
             (
-                Error::VersionNotFound { model: m(), version: "3".into(), available: "1".into() },
+                Error::VersionNotFound {
+                    model: m(),
+                    version: "3".into(),
+                    available: "1".into(),
+                },
                 Code::NotFound,
             ),
             (
-                Error::BatchTooLarge { model: m(), input: "x".into(), max: 4, actual: 5 },
+                Error::BatchTooLarge {
+                    model: m(),
+                    input: "x".into(),
+                    max: 4,
+                    actual: 5,
+                },
                 Code::InvalidArgument,
             ),
-            (Error::ModelFailed { model: m(), message: "boom".into() }, Code::Internal),
-            (Error::DeadlineExceeded { model: m(), stage: "queued" }, Code::DeadlineExceeded),
+            (
+                Error::ModelFailed {
+                    model: m(),
+                    message: "boom".into(),
+                },
+                Code::Internal,
+            ),
+            (
+                Error::DeadlineExceeded {
+                    model: m(),
+                    stage: "queued",
+                },
+                Code::DeadlineExceeded,
+            ),
             (Error::ShuttingDown, Code::Unavailable),
-            (Error::ModelUnavailable { model: m(), reason: "r".into() }, Code::Unavailable),
+            (
+                Error::ModelUnavailable {
+                    model: m(),
+                    reason: "r".into(),
+                },
+                Code::Unavailable,
+            ),
         ];
         for (err, code) in cases {
             assert_eq!(Status::from(err).code(), code);
@@ -168,6 +238,9 @@ mod tests {
             actual: "INT32".into(),
         }
         .to_string();
-        assert_eq!(msg, "model 'mlp': input 'INPUT__0' has datatype INT32, expected FP32");
+        assert_eq!(
+            msg,
+            "model 'mlp': input 'INPUT__0' has datatype INT32, expected FP32"
+        );
     }
 }

@@ -81,10 +81,19 @@ impl Gateway {
     }
 
     /// Run one inference request end to end and account for it.
-    pub async fn infer(&self, name: &str, version: &str, request: InferRequest) -> Result<InferResponse, Error> {
+    pub async fn infer(
+        &self,
+        name: &str,
+        version: &str,
+        request: InferRequest,
+    ) -> Result<InferResponse, Error> {
         let start = Instant::now();
         let result = self.infer_inner(name, version, request).await;
-        let label = if self.repository.is_known(name) { name } else { metrics::UNKNOWN_MODEL };
+        let label = if self.repository.is_known(name) {
+            name
+        } else {
+            metrics::UNKNOWN_MODEL
+        };
         let outcome = match &result {
             Ok(_) => "success",
             Err(e) => e.kind(),
@@ -93,7 +102,12 @@ impl Gateway {
         result
     }
 
-    async fn infer_inner(&self, name: &str, version: &str, request: InferRequest) -> Result<InferResponse, Error> {
+    async fn infer_inner(
+        &self,
+        name: &str,
+        version: &str,
+        request: InferRequest,
+    ) -> Result<InferResponse, Error> {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         let _counted = InFlight(self);
         // Checked after counting: a drain that saw zero cannot miss this request.

@@ -5,7 +5,9 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
+};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 pub const REQUESTS_TOTAL: &str = "sluice_requests_total";
@@ -33,8 +35,8 @@ pub const UNKNOWN_MODEL: &str = "_unknown";
 /// Latency buckets from 50 µs to 10 s: the gateway's own overhead sits at the bottom,
 /// cold starts and deadline-bound waits at the top.
 const LATENCY_BUCKETS_SECONDS: &[f64] = &[
-    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-    1.0, 2.5, 5.0, 10.0,
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0,
 ];
 
 /// Batch sizes (samples per execution): powers of two up to the largest usual max_batch_size.
@@ -95,7 +97,11 @@ pub fn install() -> PrometheusHandle {
 }
 
 fn describe() {
-    describe_counter!(REQUESTS_TOTAL, Unit::Count, "Inference requests answered, by model and outcome.");
+    describe_counter!(
+        REQUESTS_TOTAL,
+        Unit::Count,
+        "Inference requests answered, by model and outcome."
+    );
     describe_histogram!(
         REQUEST_DURATION_SECONDS,
         Unit::Seconds,
@@ -111,16 +117,56 @@ fn describe() {
         Unit::Seconds,
         "Time requests waited in the model's queue before dispatch, by model."
     );
-    describe_gauge!(QUEUE_DEPTH, Unit::Count, "Requests waiting in the model's queue, by model.");
-    describe_histogram!(BATCH_SIZE, Unit::Count, "Samples per model execution, by model.");
-    describe_counter!(EXECUTIONS_TOTAL, Unit::Count, "Model executions (batches), by model.");
-    describe_counter!(INFERENCES_TOTAL, Unit::Count, "Samples inferred, by model; over executions it is the mean batch size.");
-    describe_gauge!(INSTANCES, Unit::Count, "Model instances loaded or loading, by model.");
-    describe_counter!(INSTANCE_LOADS_TOTAL, Unit::Count, "Instances loaded and warmed up, by model.");
-    describe_counter!(INSTANCE_UNLOADS_TOTAL, Unit::Count, "Instances unloaded after their idle timeout, by model.");
-    describe_counter!(COLD_STARTS_TOTAL, Unit::Count, "Loads started because requests arrived at zero instances, by model.");
-    describe_histogram!(LOAD_DURATION_SECONDS, Unit::Seconds, "Time to load one instance's weights, by model.");
-    describe_histogram!(WARMUP_DURATION_SECONDS, Unit::Seconds, "Time one instance spent on its warm-up, by model.");
+    describe_gauge!(
+        QUEUE_DEPTH,
+        Unit::Count,
+        "Requests waiting in the model's queue, by model."
+    );
+    describe_histogram!(
+        BATCH_SIZE,
+        Unit::Count,
+        "Samples per model execution, by model."
+    );
+    describe_counter!(
+        EXECUTIONS_TOTAL,
+        Unit::Count,
+        "Model executions (batches), by model."
+    );
+    describe_counter!(
+        INFERENCES_TOTAL,
+        Unit::Count,
+        "Samples inferred, by model; over executions it is the mean batch size."
+    );
+    describe_gauge!(
+        INSTANCES,
+        Unit::Count,
+        "Model instances loaded or loading, by model."
+    );
+    describe_counter!(
+        INSTANCE_LOADS_TOTAL,
+        Unit::Count,
+        "Instances loaded and warmed up, by model."
+    );
+    describe_counter!(
+        INSTANCE_UNLOADS_TOTAL,
+        Unit::Count,
+        "Instances unloaded after their idle timeout, by model."
+    );
+    describe_counter!(
+        COLD_STARTS_TOTAL,
+        Unit::Count,
+        "Loads started because requests arrived at zero instances, by model."
+    );
+    describe_histogram!(
+        LOAD_DURATION_SECONDS,
+        Unit::Seconds,
+        "Time to load one instance's weights, by model."
+    );
+    describe_histogram!(
+        WARMUP_DURATION_SECONDS,
+        Unit::Seconds,
+        "Time one instance spent on its warm-up, by model."
+    );
     describe_histogram!(
         COLD_START_WAIT_SECONDS,
         Unit::Seconds,
@@ -161,11 +207,13 @@ pub fn queue_depth(model: &str, depth: usize) {
 }
 
 pub fn rejected(model: &str, reason: RejectReason) {
-    counter!(REJECTED_REQUESTS_TOTAL, "model" => model.to_owned(), "reason" => reason.label()).increment(1);
+    counter!(REJECTED_REQUESTS_TOTAL, "model" => model.to_owned(), "reason" => reason.label())
+        .increment(1);
 }
 
 pub fn dropped(model: &str, reason: DropReason) {
-    counter!(DROPPED_REQUESTS_TOTAL, "model" => model.to_owned(), "reason" => reason.label()).increment(1);
+    counter!(DROPPED_REQUESTS_TOTAL, "model" => model.to_owned(), "reason" => reason.label())
+        .increment(1);
 }
 
 pub fn instances(model: &str, live: usize) {

@@ -71,9 +71,17 @@ impl LoadOptions {
     pub fn scaling(&self, spec: &ModelSpec) -> Scaling {
         let max = spec.instance_count;
         Scaling {
-            min_instances: spec.scaling.min_instances.or(self.defaults.min_instances).unwrap_or(max).min(max),
+            min_instances: spec
+                .scaling
+                .min_instances
+                .or(self.defaults.min_instances)
+                .unwrap_or(max)
+                .min(max),
             max_instances: max,
-            idle_timeout: spec.scaling.idle_timeout.unwrap_or(self.defaults.idle_timeout),
+            idle_timeout: spec
+                .scaling
+                .idle_timeout
+                .unwrap_or(self.defaults.idle_timeout),
         }
     }
 }
@@ -89,27 +97,52 @@ impl LoadedModel {
     /// Start the model's instances (at least one, loaded and warmed up, so a broken model
     /// is found now) and its batcher. Blocking: call from `spawn_blocking` inside the
     /// Tokio runtime (the batcher is a task).
-    pub fn load(spec: Arc<ModelSpec>, version: i64, version_dir: PathBuf, options: LoadOptions) -> Result<LoadedModel, String> {
+    pub fn load(
+        spec: Arc<ModelSpec>,
+        version: i64,
+        version_dir: PathBuf,
+        options: LoadOptions,
+    ) -> Result<LoadedModel, String> {
         let scaling = options.scaling(&spec);
         let stats = Arc::new(Mutex::new(ModelStats::default()));
         let mut pool = InstancePool::new(spec.clone(), version_dir, options.backend, stats.clone());
         pool.start(scaling.min_instances.max(1))?;
-        let batcher = Batcher::spawn(spec.name.clone(), spec.batching.clone(), scaling, spec.queue.max_queue_size, pool);
-        Ok(LoadedModel { spec, version, batcher, stats })
+        let batcher = Batcher::spawn(
+            spec.name.clone(),
+            spec.batching.clone(),
+            scaling,
+            spec.queue.max_queue_size,
+            pool,
+        );
+        Ok(LoadedModel {
+            spec,
+            version,
+            batcher,
+            stats,
+        })
     }
 
     pub async fn infer(&self, request: InferRequest) -> Result<InferResponse, Error> {
         let start = Instant::now();
         let result = self.run(request, start).await;
-        let mut stats = self.stats.lock().expect("stats lock is never held across a panic");
+        let mut stats = self
+            .stats
+            .lock()
+            .expect("stats lock is never held across a panic");
         match &result {
-            Ok((_, samples, queue, compute)) => stats.record_success(start.elapsed(), *queue, *compute, *samples),
+            Ok((_, samples, queue, compute)) => {
+                stats.record_success(start.elapsed(), *queue, *compute, *samples)
+            }
             Err(_) => stats.record_failure(start.elapsed()),
         }
         result.map(|(response, ..)| response)
     }
 
-    async fn run(&self, request: InferRequest, arrival: Instant) -> Result<(InferResponse, usize, Duration, Duration), Error> {
+    async fn run(
+        &self,
+        request: InferRequest,
+        arrival: Instant,
+    ) -> Result<(InferResponse, usize, Duration, Duration), Error> {
         let spec = &self.spec;
         let validated = validate(spec, &request)?;
         let queue_timeout = match request.queue_timeout {
@@ -117,7 +150,10 @@ impl LoadedModel {
             _ => spec.queue.default_timeout,
         }
         .filter(|_| spec.queue.reject_on_timeout);
-        let expires = [request.deadline, queue_timeout.map(|t| arrival + t)].into_iter().flatten().min();
+        let expires = [request.deadline, queue_timeout.map(|t| arrival + t)]
+            .into_iter()
+            .flatten()
+            .min();
         let (reply, answer) = oneshot::channel();
         self.batcher.submit(Queued {
             key: batch_key(spec, &validated.inputs),
@@ -127,12 +163,18 @@ impl LoadedModel {
             expires,
             reply,
         })?;
-        let gone = || Error::ModelUnavailable { model: spec.name.clone(), reason: "the model stopped".into() };
+        let gone = || Error::ModelUnavailable {
+            model: spec.name.clone(),
+            reason: "the model stopped".into(),
+        };
         let done = match request.deadline {
             // No answer later than the deadline, even if the model is still running.
             Some(deadline) => tokio::time::timeout_at(deadline, answer)
                 .await
-                .map_err(|_| Error::DeadlineExceeded { model: spec.name.clone(), stage: "running" })?,
+                .map_err(|_| Error::DeadlineExceeded {
+                    model: spec.name.clone(),
+                    stage: "running",
+                })?,
             None => answer.await,
         }
         .map_err(|_| gone())??;
@@ -155,19 +197,30 @@ impl LoadedModel {
             check_output(spec, out_spec, &tensor, validated.batch)?;
             outputs.push((out_spec.name.clone(), tensor));
         }
-        let response = InferResponse { model: spec.name.clone(), version: self.version, id: request.id, outputs };
+        let response = InferResponse {
+            model: spec.name.clone(),
+            version: self.version,
+            id: request.id,
+            outputs,
+        };
         Ok((response, validated.batch, done.queue, done.compute))
     }
 
     pub fn statistics(&self) -> ModelStats {
-        self.stats.lock().expect("stats lock is never held across a panic").clone()
+        self.stats
+            .lock()
+            .expect("stats lock is never held across a panic")
+            .clone()
     }
 
     /// Instances (loaded or loading, idle) as the batcher last saw them.
     pub fn instances(&self) -> (usize, usize) {
         use std::sync::atomic::Ordering;
         let counts = &self.batcher.instances;
-        (counts.0.load(Ordering::Acquire), counts.1.load(Ordering::Acquire))
+        (
+            counts.0.load(Ordering::Acquire),
+            counts.1.load(Ordering::Acquire),
+        )
     }
 
     /// Requests waiting in the model's queue.
@@ -180,22 +233,38 @@ impl LoadedModel {
 /// dimensions (models that do not batch never combine, so their key is never compared).
 fn batch_key(spec: &ModelSpec, inputs: &[Tensor]) -> BatchKey {
     let skip = usize::from(spec.max_batch_size > 0);
-    inputs.iter().map(|t| (t.dtype, t.shape[skip.min(t.shape.len())..].to_vec())).collect()
+    inputs
+        .iter()
+        .map(|t| (t.dtype, t.shape[skip.min(t.shape.len())..].to_vec()))
+        .collect()
 }
 
 /// Check a request against the model's declared inputs and outputs.
 pub fn validate(spec: &ModelSpec, request: &InferRequest) -> Result<Validated, Error> {
     let model = || spec.name.clone();
-    let names = |specs: &[TensorSpec]| specs.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ");
+    let names = |specs: &[TensorSpec]| {
+        specs
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     let mut slots: Vec<Option<Tensor>> = vec![None; spec.inputs.len()];
     let mut batch: Option<i64> = None;
     for input in &request.inputs {
         let Some(index) = spec.inputs.iter().position(|s| s.name == input.name) else {
-            return Err(Error::UnknownInput { model: model(), input: input.name.clone(), expected: names(&spec.inputs) });
+            return Err(Error::UnknownInput {
+                model: model(),
+                input: input.name.clone(),
+                expected: names(&spec.inputs),
+            });
         };
         let in_spec = &spec.inputs[index];
         if slots[in_spec.position].is_some() {
-            return Err(Error::DuplicateInput { model: model(), input: input.name.clone() });
+            return Err(Error::DuplicateInput {
+                model: model(),
+                input: input.name.clone(),
+            });
         }
         if DataType::from_wire_name(&input.datatype) != Some(in_spec.dtype) {
             return Err(Error::WrongDatatype {
@@ -212,17 +281,27 @@ pub fn validate(spec: &ModelSpec, request: &InferRequest) -> Result<Validated, E
             actual: input.shape.clone(),
         };
         let sample_dims = if spec.max_batch_size > 0 {
-            let Some((&b, rest)) = input.shape.split_first() else { return Err(wrong_shape()) };
+            let Some((&b, rest)) = input.shape.split_first() else {
+                return Err(wrong_shape());
+            };
             if b < 1 {
                 return Err(wrong_shape());
             }
             if b > i64::from(spec.max_batch_size) {
-                return Err(Error::BatchTooLarge { model: model(), input: input.name.clone(), max: spec.max_batch_size, actual: b });
+                return Err(Error::BatchTooLarge {
+                    model: model(),
+                    input: input.name.clone(),
+                    max: spec.max_batch_size,
+                    actual: b,
+                });
             }
             if let Some(first) = batch.filter(|&first| first != b) {
                 return Err(Error::InvalidRequest {
                     model: model(),
-                    message: format!("input '{}' has batch size {b}, other inputs have {first}", input.name),
+                    message: format!(
+                        "input '{}' has batch size {b}, other inputs have {first}",
+                        input.name
+                    ),
                 });
             }
             batch = Some(b);
@@ -231,7 +310,10 @@ pub fn validate(spec: &ModelSpec, request: &InferRequest) -> Result<Validated, E
             &input.shape[..]
         };
         let fits = sample_dims.len() == in_spec.dims.len()
-            && sample_dims.iter().zip(&in_spec.dims).all(|(&got, &want)| got >= 0 && (want == -1 || got == want));
+            && sample_dims
+                .iter()
+                .zip(&in_spec.dims)
+                .all(|(&got, &want)| got >= 0 && (want == -1 || got == want));
         if !fits {
             return Err(wrong_shape());
         }
@@ -245,15 +327,26 @@ pub fn validate(spec: &ModelSpec, request: &InferRequest) -> Result<Validated, E
                 detail: format!("shape {} of {}", shape_string(&input.shape), in_spec.dtype),
             });
         }
-        slots[in_spec.position] = Some(Tensor::new(in_spec.dtype, input.shape.clone(), input.data.clone()));
+        slots[in_spec.position] = Some(Tensor::new(
+            in_spec.dtype,
+            input.shape.clone(),
+            input.data.clone(),
+        ));
     }
     let mut inputs = Vec::with_capacity(slots.len());
     for (slot, position) in slots.into_iter().zip(0..) {
         match slot {
             Some(t) => inputs.push(t),
             None => {
-                let missing = spec.inputs.iter().find(|s| s.position == position).expect("positions are 0..n");
-                return Err(Error::MissingInput { model: model(), input: missing.name.clone() });
+                let missing = spec
+                    .inputs
+                    .iter()
+                    .find(|s| s.position == position)
+                    .expect("positions are 0..n");
+                return Err(Error::MissingInput {
+                    model: model(),
+                    input: missing.name.clone(),
+                });
             }
         }
     }
@@ -263,24 +356,46 @@ pub fn validate(spec: &ModelSpec, request: &InferRequest) -> Result<Validated, E
         let mut chosen = Vec::with_capacity(request.outputs.len());
         for name in &request.outputs {
             let Some(index) = spec.outputs.iter().position(|s| &s.name == name) else {
-                return Err(Error::UnknownOutput { model: model(), output: name.clone(), expected: names(&spec.outputs) });
+                return Err(Error::UnknownOutput {
+                    model: model(),
+                    output: name.clone(),
+                    expected: names(&spec.outputs),
+                });
             };
             if chosen.contains(&index) {
-                return Err(Error::InvalidRequest { model: model(), message: format!("output '{name}' requested more than once") });
+                return Err(Error::InvalidRequest {
+                    model: model(),
+                    message: format!("output '{name}' requested more than once"),
+                });
             }
             chosen.push(index);
         }
         chosen
     };
     let batch = usize::try_from(batch.unwrap_or(1)).expect("batch was checked to be positive");
-    Ok(Validated { inputs, outputs, batch })
+    Ok(Validated {
+        inputs,
+        outputs,
+        batch,
+    })
 }
 
 /// A model that returns the wrong type or shape fails its request with INTERNAL.
-fn check_output(spec: &ModelSpec, out: &TensorSpec, tensor: &Tensor, batch: usize) -> Result<(), Error> {
-    let fail = |message: String| Error::ModelFailed { model: spec.name.clone(), message };
+fn check_output(
+    spec: &ModelSpec,
+    out: &TensorSpec,
+    tensor: &Tensor,
+    batch: usize,
+) -> Result<(), Error> {
+    let fail = |message: String| Error::ModelFailed {
+        model: spec.name.clone(),
+        message,
+    };
     if tensor.dtype != out.dtype {
-        return Err(fail(format!("output '{}' has datatype {}, config declares {}", out.name, tensor.dtype, out.dtype)));
+        return Err(fail(format!(
+            "output '{}' has datatype {}, config declares {}",
+            out.name, tensor.dtype, out.dtype
+        )));
     }
     let sample_dims = if spec.max_batch_size > 0 {
         match tensor.shape.split_first() {
@@ -296,7 +411,11 @@ fn check_output(spec: &ModelSpec, out: &TensorSpec, tensor: &Tensor, batch: usiz
     } else {
         &tensor.shape[..]
     };
-    let fits = sample_dims.len() == out.dims.len() && sample_dims.iter().zip(&out.dims).all(|(&g, &w)| w == -1 || g == w);
+    let fits = sample_dims.len() == out.dims.len()
+        && sample_dims
+            .iter()
+            .zip(&out.dims)
+            .all(|(&g, &w)| w == -1 || g == w);
     if !fits {
         return Err(fail(format!(
             "output '{}' has shape {}, config declares {}",
@@ -338,7 +457,13 @@ impl Tally {
 }
 
 impl ModelStats {
-    fn record_success(&mut self, total: Duration, queue: Duration, compute: Duration, samples: usize) {
+    fn record_success(
+        &mut self,
+        total: Duration,
+        queue: Duration,
+        compute: Duration,
+        samples: usize,
+    ) {
         self.inference_count += samples as u64;
         self.success.add(total);
         self.queue.add(queue);
@@ -358,6 +483,9 @@ impl ModelStats {
     }
 
     fn touch(&mut self) {
-        self.last_inference_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        self.last_inference_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
     }
 }

@@ -46,7 +46,11 @@ pub struct Job {
 #[derive(Debug)]
 pub enum Event {
     /// Loaded and warmed up: ready for its first batch.
-    Ready { id: usize, load: Duration, warmup: Duration },
+    Ready {
+        id: usize,
+        load: Duration,
+        warmup: Duration,
+    },
     /// Loading or warm-up failed; the instance is gone.
     LoadFailed { id: usize, reason: String },
     /// Finished a batch: ready for the next.
@@ -82,7 +86,12 @@ pub struct InstancePool {
 }
 
 impl InstancePool {
-    pub fn new(spec: Arc<ModelSpec>, version_dir: PathBuf, options: BackendOptions, stats: Arc<Mutex<ModelStats>>) -> InstancePool {
+    pub fn new(
+        spec: Arc<ModelSpec>,
+        version_dir: PathBuf,
+        options: BackendOptions,
+        stats: Arc<Mutex<ModelStats>>,
+    ) -> InstancePool {
         let loader_spec = spec.clone();
         let loader: Loader = Arc::new(move || backend::load(&loader_spec, &version_dir, &options));
         let warmup = spec.warmup.clone().into();
@@ -99,7 +108,16 @@ impl InstancePool {
         // Each instance has at most one event outstanding at a time (Ready/LoadFailed,
         // then Done per batch, or Stopped), so this never blocks an instance for long.
         let (events_tx, events) = mpsc::channel(spec.instance_count.max(1) * 2);
-        InstancePool { spec, loader, warmup, stats, events_tx, events, slots: Vec::new(), next_id: 0 }
+        InstancePool {
+            spec,
+            loader,
+            warmup,
+            stats,
+            events_tx,
+            events,
+            slots: Vec::new(),
+            next_id: 0,
+        }
     }
 
     /// Load `n` instances and wait until each has loaded and warmed up. Blocking: call
@@ -110,7 +128,10 @@ impl InstancePool {
         }
         let mut failure = None;
         for _ in 0..n {
-            let event = self.events.blocking_recv().expect("the pool holds a sender");
+            let event = self
+                .events
+                .blocking_recv()
+                .expect("the pool holds a sender");
             if let Event::LoadFailed { reason, .. } = &event {
                 failure = failure.or(Some(reason.clone()));
             }
@@ -141,7 +162,12 @@ impl InstancePool {
             .name(format!("model-{}-{id}", self.spec.name))
             .spawn(move || worker.run())
             .map_err(|e| format!("cannot start an instance thread: {e}"))?;
-        self.slots.push(Slot { id, state: State::Loading, jobs, thread });
+        self.slots.push(Slot {
+            id,
+            state: State::Loading,
+            jobs,
+            thread,
+        });
         self.report();
         Ok(id)
     }
@@ -149,7 +175,9 @@ impl InstancePool {
     /// Apply an event to the instance states.
     pub fn on_event(&mut self, event: &Event, now: tokio::time::Instant) {
         match *event {
-            Event::Ready { id, .. } | Event::Done { id } => self.set(id, State::Idle { since: now }),
+            Event::Ready { id, .. } | Event::Done { id } => {
+                self.set(id, State::Idle { since: now })
+            }
             Event::LoadFailed { id, .. } | Event::Stopped { id } => {
                 if let Some(i) = self.slots.iter().position(|s| s.id == id) {
                     let slot = self.slots.remove(i);
@@ -180,13 +208,18 @@ impl InstancePool {
 
     /// Hand a batch to idle instance `id`.
     pub fn run(&mut self, id: usize, job: Job) -> Result<(), Job> {
-        let Some(slot) = self.slots.iter_mut().find(|s| s.id == id) else { return Err(job) };
+        let Some(slot) = self.slots.iter_mut().find(|s| s.id == id) else {
+            return Err(job);
+        };
         match slot.jobs.try_send(job) {
             Ok(()) => {
                 slot.state = State::Busy;
                 Ok(())
             }
-            Err(std::sync::mpsc::TrySendError::Full(job) | std::sync::mpsc::TrySendError::Disconnected(job)) => Err(job),
+            Err(
+                std::sync::mpsc::TrySendError::Full(job)
+                | std::sync::mpsc::TrySendError::Disconnected(job),
+            ) => Err(job),
         }
     }
 
@@ -228,7 +261,10 @@ impl InstancePool {
     }
 
     pub fn idle_count(&self) -> usize {
-        self.slots.iter().filter(|s| matches!(s.state, State::Idle { .. })).count()
+        self.slots
+            .iter()
+            .filter(|s| matches!(s.state, State::Idle { .. }))
+            .count()
     }
 
     /// Instances loaded or loading.
@@ -237,7 +273,10 @@ impl InstancePool {
     }
 
     pub fn loading(&self) -> usize {
-        self.slots.iter().filter(|s| s.state == State::Loading).count()
+        self.slots
+            .iter()
+            .filter(|s| s.state == State::Loading)
+            .count()
     }
 
     fn report(&self) {
@@ -266,6 +305,7 @@ fn join_in_background(slots: Vec<Slot>) {
         for t in threads {
             let _ = t.join();
         }
+        release_free_memory();
     };
     match tokio::runtime::Handle::try_current() {
         Ok(handle) => {
@@ -274,6 +314,22 @@ fn join_in_background(slots: Vec<Slot>) {
         Err(_) => join(),
     }
 }
+
+/// Hand memory freed by unloaded instances back to the operating system. glibc keeps
+/// freed heap pages for reuse, so without this a model scaled to zero would still hold
+/// its instances' memory in the process's RSS.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+fn release_free_memory() {
+    // SAFETY: malloc_trim only returns unused pages of the allocator's own arenas; it
+    // takes no pointers and is safe to call from any thread at any time.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn release_free_memory() {}
 
 struct Worker {
     id: usize,
@@ -299,9 +355,15 @@ impl Worker {
             for _ in 0..sample.count.max(1) {
                 match catch_unwind(AssertUnwindSafe(|| backend.forward(&sample.inputs))) {
                     Ok(Ok(_)) => {}
-                    Ok(Err(e)) => return Err(format!("warm-up sample '{}' failed: {e}", sample.name)),
+                    Ok(Err(e)) => {
+                        return Err(format!("warm-up sample '{}' failed: {e}", sample.name))
+                    }
                     Err(panic) => {
-                        return Err(format!("warm-up sample '{}' panicked: {}", sample.name, panic_message(&panic)))
+                        return Err(format!(
+                            "warm-up sample '{}' panicked: {}",
+                            sample.name,
+                            panic_message(&panic)
+                        ))
                     }
                 }
             }
@@ -322,12 +384,19 @@ impl Worker {
         let mut backend = match self.load_and_warm_up() {
             Ok((backend, load, warmup)) => {
                 metrics::instance_loaded(&self.spec.name, load, warmup);
-                let _ = self.events.blocking_send(Event::Ready { id: self.id, load, warmup });
+                let _ = self.events.blocking_send(Event::Ready {
+                    id: self.id,
+                    load,
+                    warmup,
+                });
                 backend
             }
             Err(reason) => {
                 tracing::error!(model = %self.spec.name, %reason, "instance failed to load");
-                let _ = self.events.blocking_send(Event::LoadFailed { id: self.id, reason });
+                let _ = self.events.blocking_send(Event::LoadFailed {
+                    id: self.id,
+                    reason,
+                });
                 return;
             }
         };
@@ -343,7 +412,11 @@ impl Worker {
                     }
                 }
             }
-            if self.events.blocking_send(Event::Done { id: self.id }).is_err() {
+            if self
+                .events
+                .blocking_send(Event::Done { id: self.id })
+                .is_err()
+            {
                 return; // the batcher has stopped
             }
         }
@@ -378,11 +451,17 @@ impl Worker {
         let result = catch_unwind(AssertUnwindSafe(|| backend.forward(&inputs)));
         let compute = start.elapsed();
         metrics::execution(model, total, compute);
-        self.stats.lock().expect("stats lock is never poisoned").record_execution(total, compute);
+        self.stats
+            .lock()
+            .expect("stats lock is never poisoned")
+            .record_execution(total, compute);
 
         let fail = |requests: Vec<Queued>, message: String| {
             for q in requests {
-                let _ = q.reply.send(Err(Error::ModelFailed { model: model.clone(), message: message.clone() }));
+                let _ = q.reply.send(Err(Error::ModelFailed {
+                    model: model.clone(),
+                    message: message.clone(),
+                }));
             }
         };
         let outputs = match result {
@@ -411,10 +490,17 @@ impl Worker {
                     }
                 }
             }
-            (0..requests.len()).map(|r| split.iter().map(|parts| parts[r].clone()).collect()).collect()
+            (0..requests.len())
+                .map(|r| split.iter().map(|parts| parts[r].clone()).collect())
+                .collect()
         };
         for ((q, outputs), queue) in requests.into_iter().zip(per_request).zip(queue_times) {
-            let _ = q.reply.send(Ok(Done { outputs, queue, compute, batch_size: total }));
+            let _ = q.reply.send(Ok(Done {
+                outputs,
+                queue,
+                compute,
+                batch_size: total,
+            }));
         }
         Ok(())
     }

@@ -32,32 +32,52 @@ const METRICS_UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 impl Server {
     pub async fn bind(config: Config) -> anyhow::Result<Server> {
         let root = config.model_repository.clone();
-        let options = LoadOptions { backend: config.backend, defaults: config.models };
+        let options = LoadOptions {
+            backend: config.backend,
+            defaults: config.models,
+        };
         let control = config.control.clone();
-        let repository = tokio::task::spawn_blocking(move || Repository::open(&root, options, &control))
-            .await
-            .context("repository loader panicked")?
-            .map_err(anyhow::Error::msg)?;
+        let repository =
+            tokio::task::spawn_blocking(move || Repository::open(&root, options, &control))
+                .await
+                .context("repository loader panicked")?
+                .map_err(anyhow::Error::msg)?;
         let bind = |port: u16, what: &'static str| {
             let addr = SocketAddr::new(config.host, port);
-            async move { TcpListener::bind(addr).await.with_context(|| format!("cannot bind {what} port {addr}")) }
+            async move {
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot bind {what} port {addr}"))
+            }
         };
         let grpc = bind(config.grpc_port, "gRPC").await?;
         let http = bind(config.http_port, "HTTP").await?;
         let metrics = bind(config.metrics_port, "metrics").await?;
-        Ok(Server { gateway: Gateway::new(repository), config, grpc, http, metrics })
+        Ok(Server {
+            gateway: Gateway::new(repository),
+            config,
+            grpc,
+            http,
+            metrics,
+        })
     }
 
     pub fn grpc_addr(&self) -> SocketAddr {
-        self.grpc.local_addr().expect("a bound listener has an address")
+        self.grpc
+            .local_addr()
+            .expect("a bound listener has an address")
     }
 
     pub fn http_addr(&self) -> SocketAddr {
-        self.http.local_addr().expect("a bound listener has an address")
+        self.http
+            .local_addr()
+            .expect("a bound listener has an address")
     }
 
     pub fn metrics_addr(&self) -> SocketAddr {
-        self.metrics.local_addr().expect("a bound listener has an address")
+        self.metrics
+            .local_addr()
+            .expect("a bound listener has an address")
     }
 
     pub fn gateway(&self) -> Arc<Gateway> {
@@ -68,7 +88,13 @@ impl Server {
     /// NOT_SERVING, new inference is refused, and in-flight calls get up to the grace
     /// period to finish.
     pub async fn serve(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let Server { config, gateway, grpc, http, metrics } = self;
+        let Server {
+            config,
+            gateway,
+            grpc,
+            http,
+            metrics,
+        } = self;
         let prometheus = metrics::install();
         let upkeep = {
             let handle = prometheus.clone();
@@ -90,16 +116,31 @@ impl Server {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()
             .context("cannot build the reflection service")?;
-        let inference = GrpcInferenceServiceServer::new(InferenceService::new(gateway.clone(), config.control.clone()))
-            .max_decoding_message_size(config.max_message_bytes)
-            .max_encoding_message_size(config.max_message_bytes);
-        health.set_serving::<GrpcInferenceServiceServer<InferenceService>>().await;
-        health.set_service_status("", tonic_health::ServingStatus::Serving).await;
+        let inference = GrpcInferenceServiceServer::new(InferenceService::new(
+            gateway.clone(),
+            config.control.clone(),
+        ))
+        .max_decoding_message_size(config.max_message_bytes)
+        .max_encoding_message_size(config.max_message_bytes);
+        health
+            .set_serving::<GrpcInferenceServiceServer<InferenceService>>()
+            .await;
+        health
+            .set_service_status("", tonic_health::ServingStatus::Serving)
+            .await;
 
         // Plain HTTP endpoints stop only after the gRPC drain, so probes see NOT_SERVING.
         let http_stop = CancellationToken::new();
-        let http_task = tokio::spawn(http::serve(http, http::health_router(gateway.clone()), http_stop.clone()));
-        let metrics_task = tokio::spawn(http::serve(metrics, http::metrics_router(prometheus), http_stop.clone()));
+        let http_task = tokio::spawn(http::serve(
+            http,
+            http::health_router(gateway.clone()),
+            http_stop.clone(),
+        ));
+        let metrics_task = tokio::spawn(http::serve(
+            metrics,
+            http::metrics_router(prometheus),
+            http_stop.clone(),
+        ));
 
         let drain_start = CancellationToken::new();
         let grpc_shutdown = {
@@ -125,15 +166,28 @@ impl Server {
         );
 
         shutdown.cancelled().await;
-        tracing::info!(grace_period_secs = config.shutdown_grace_period.as_secs(), "shutting down: draining in-flight work");
+        tracing::info!(
+            grace_period_secs = config.shutdown_grace_period.as_secs(),
+            "shutting down: draining in-flight work"
+        );
         let deadline = tokio::time::Instant::now() + config.shutdown_grace_period;
         gateway.begin_shutdown();
-        health.set_not_serving::<GrpcInferenceServiceServer<InferenceService>>().await;
-        health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+        health
+            .set_not_serving::<GrpcInferenceServiceServer<InferenceService>>()
+            .await;
+        health
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
         // While admitted work finishes, the transport stays up so that new calls get a
         // precise UNAVAILABLE (not a reset connection); then it closes.
-        if tokio::time::timeout_at(deadline, gateway.drained()).await.is_err() {
-            tracing::warn!(in_flight = gateway.in_flight(), "grace period over with requests in flight; exiting");
+        if tokio::time::timeout_at(deadline, gateway.drained())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                in_flight = gateway.in_flight(),
+                "grace period over with requests in flight; exiting"
+            );
         }
         drain_start.cancel();
         match tokio::time::timeout_at(deadline, grpc_task).await {

@@ -95,7 +95,10 @@ impl Tensor {
 
 /// Number of elements of a shape whose dimensions are all non-negative.
 pub fn element_count(shape: &[i64]) -> usize {
-    shape.iter().map(|&d| usize::try_from(d).unwrap_or(0)).product()
+    shape
+        .iter()
+        .map(|&d| usize::try_from(d).unwrap_or(0))
+        .product()
 }
 
 /// `[-1, 64]` style rendering used in error messages and logs.
@@ -148,7 +151,10 @@ pub fn concat_batch(parts: &[&Tensor]) -> Tensor {
 pub fn split_batch(t: &Tensor, sizes: &[usize]) -> Result<Vec<Tensor>, String> {
     let total: usize = sizes.iter().sum();
     if t.shape.first().and_then(|&b| usize::try_from(b).ok()) != Some(total) {
-        return Err(format!("output has shape {}, expected {total} rows first", shape_string(&t.shape)));
+        return Err(format!(
+            "output has shape {}, expected {total} rows first",
+            shape_string(&t.shape)
+        ));
     }
     let row_bytes = if total == 0 { 0 } else { t.data.len() / total };
     let mut offset = 0;
@@ -170,7 +176,11 @@ mod batch_tests {
 
     fn rows(values: &[f32], cols: i64) -> Tensor {
         let data: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        Tensor::new(DataType::Fp32, vec![values.len() as i64 / cols, cols], data.into())
+        Tensor::new(
+            DataType::Fp32,
+            vec![values.len() as i64 / cols, cols],
+            data.into(),
+        )
     }
 
     #[test]
@@ -186,6 +196,8 @@ mod batch_tests {
     #[test]
     fn split_rejects_a_wrong_leading_dimension() {
         let t = rows(&[1.0, 2.0, 3.0, 4.0], 2);
-        assert!(split_batch(&t, &[1, 2]).unwrap_err().contains("expected 3 rows"));
+        assert!(split_batch(&t, &[1, 2])
+            .unwrap_err()
+            .contains("expected 3 rows"));
     }
 }

@@ -22,7 +22,9 @@ fn with_batching(repo: &TestRepo, name: &str, dims: &str, delay_us: u32) {
 
 /// Deterministic, distinct input for client `c`, sample `s`.
 fn input(c: usize, s: usize, width: usize) -> Vec<f32> {
-    (0..width).map(|i| ((c * 31 + s * 7 + i) % 97) as f32 / 97.0 - 0.5).collect()
+    (0..width)
+        .map(|i| ((c * 31 + s * 7 + i) % 97) as f32 / 97.0 - 0.5)
+        .collect()
 }
 
 async fn batched_equals_unbatched(name: &str, dims: &str, width: usize) {
@@ -31,7 +33,11 @@ async fn batched_equals_unbatched(name: &str, dims: &str, width: usize) {
     let mut s = TestServer::start(repo.path()).await;
     let shape = |n: usize| -> Vec<i64> {
         let mut v = vec![n as i64];
-        v.extend(dims.trim_matches(|c| c == '[' || c == ']' || c == ' ').split(',').map(|d| d.trim().parse::<i64>().unwrap()));
+        v.extend(
+            dims.trim_matches(|c| c == '[' || c == ']' || c == ' ')
+                .split(',')
+                .map(|d| d.trim().parse::<i64>().unwrap()),
+        );
         v
     };
     const CLIENTS: usize = 16;
@@ -40,7 +46,11 @@ async fn batched_equals_unbatched(name: &str, dims: &str, width: usize) {
     for c in 0..CLIENTS {
         let samples = 1 + c % 2;
         let values: Vec<f32> = (0..samples).flat_map(|s| input(c, s, width)).collect();
-        let out = s.client.model_infer(fp32_request(name, "INPUT__0", &shape(samples), &values)).await.unwrap();
+        let out = s
+            .client
+            .model_infer(fp32_request(name, "INPUT__0", &shape(samples), &values))
+            .await
+            .unwrap();
         alone.push(f32s(&out.into_inner().raw_output_contents[0]));
     }
     // Then all at once, concurrently: they share batches.
@@ -50,25 +60,47 @@ async fn batched_equals_unbatched(name: &str, dims: &str, width: usize) {
         let samples = 1 + c % 2;
         let values: Vec<f32> = (0..samples).flat_map(|s| input(c, s, width)).collect();
         let req = fp32_request(name, "INPUT__0", &shape(samples), &values);
-        tasks.push(tokio::spawn(async move { (c, client.model_infer(req).await) }));
+        tasks.push(tokio::spawn(
+            async move { (c, client.model_infer(req).await) },
+        ));
     }
     for t in tasks {
         let (c, result) = t.await.unwrap();
         let out = result.unwrap().into_inner();
-        assert_eq!(out.outputs[0].shape, vec![(1 + c % 2) as i64, 10], "client {c}");
+        assert_eq!(
+            out.outputs[0].shape,
+            vec![(1 + c % 2) as i64, 10],
+            "client {c}"
+        );
         let got = f32s(&out.raw_output_contents[0]);
         for (g, a) in got.iter().zip(&alone[c]) {
-            assert!((g - a).abs() <= 1e-5, "{name} client {c}: batched {g} vs alone {a}");
+            assert!(
+                (g - a).abs() <= 1e-5,
+                "{name} client {c}: batched {g} vs alone {a}"
+            );
         }
     }
-    let stats = s.client.model_statistics(ModelStatisticsRequest { name: name.into(), version: String::new() }).await;
+    let stats = s
+        .client
+        .model_statistics(ModelStatisticsRequest {
+            name: name.into(),
+            version: String::new(),
+        })
+        .await;
     let stats = stats.unwrap().into_inner().model_stats.remove(0);
     assert!(
         stats.batch_stats.iter().any(|b| b.batch_size > 2),
         "concurrent requests were never combined: {:?}",
-        stats.batch_stats.iter().map(|b| b.batch_size).collect::<Vec<_>>()
+        stats
+            .batch_stats
+            .iter()
+            .map(|b| b.batch_size)
+            .collect::<Vec<_>>()
     );
-    assert_eq!(stats.inference_count, 2 * (CLIENTS as u64 / 2 + CLIENTS as u64));
+    assert_eq!(
+        stats.inference_count,
+        2 * (CLIENTS as u64 / 2 + CLIENTS as u64)
+    );
     assert!(stats.execution_count < 2 * CLIENTS as u64);
     s.stop().await;
 }
@@ -97,7 +129,9 @@ async fn a_flooded_queue_answers_unavailable_with_pushback() {
     for _ in 0..40 {
         let mut client = s.client.clone();
         tasks.push(tokio::spawn(async move {
-            client.model_infer(fp32_request("slow", "INPUT__0", &[1, 2], &[1.0, 2.0])).await
+            client
+                .model_infer(fp32_request("slow", "INPUT__0", &[1, 2], &[1.0, 2.0]))
+                .await
         }));
     }
     let (mut ok, mut refused) = (0, 0);
@@ -107,7 +141,10 @@ async fn a_flooded_queue_answers_unavailable_with_pushback() {
             Err(e) => {
                 assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
                 assert!(e.message().contains("queue full"), "{}", e.message());
-                let pushback = e.metadata().get("grpc-retry-pushback-ms").expect("pushback header");
+                let pushback = e
+                    .metadata()
+                    .get("grpc-retry-pushback-ms")
+                    .expect("pushback header");
                 assert!(pushback.to_str().unwrap().parse::<u64>().unwrap() > 0);
                 refused += 1;
             }

@@ -8,28 +8,47 @@ use std::time::Duration;
 use common::{eventually, f32s, fp32_request, http_get, TestRepo, TestServer};
 use sluice::config::{ModelControl, ModelControlMode};
 use sluice::Config;
-use sluice_proto::inference::{RepositoryIndexRequest, RepositoryModelLoadRequest, RepositoryModelUnloadRequest};
+use sluice_proto::inference::{
+    RepositoryIndexRequest, RepositoryModelLoadRequest, RepositoryModelUnloadRequest,
+};
 use tonic::{Code, Request};
 
 const SLOW: &[(&str, &str)] = &[("sleep_ms", "300")];
 
 fn load(name: &str, token: Option<&str>) -> Request<RepositoryModelLoadRequest> {
-    let mut req = Request::new(RepositoryModelLoadRequest { model_name: name.into(), ..Default::default() });
+    let mut req = Request::new(RepositoryModelLoadRequest {
+        model_name: name.into(),
+        ..Default::default()
+    });
     if let Some(t) = token {
-        req.metadata_mut().insert("authorization", format!("Bearer {t}").parse().unwrap());
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
     }
     req
 }
 
 fn unload(name: &str, token: &str) -> Request<RepositoryModelUnloadRequest> {
-    let mut req = Request::new(RepositoryModelUnloadRequest { model_name: name.into(), ..Default::default() });
-    req.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let mut req = Request::new(RepositoryModelUnloadRequest {
+        model_name: name.into(),
+        ..Default::default()
+    });
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
     req
 }
 
 async fn index_state(s: &mut TestServer, name: &str) -> (String, String) {
-    let index = s.client.repository_index(RepositoryIndexRequest::default()).await.unwrap().into_inner();
-    let row = index.models.into_iter().find(|m| m.name == name).expect("model in index");
+    let index = s
+        .client
+        .repository_index(RepositoryIndexRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let row = index
+        .models
+        .into_iter()
+        .find(|m| m.name == name)
+        .expect("model in index");
     (row.state, row.reason)
 }
 
@@ -45,40 +64,113 @@ async fn explicit_model_control_with_a_token() {
     };
     let mut s = TestServer::start_with(config).await;
 
-    assert_eq!(index_state(&mut s, "mlp").await, ("UNAVAILABLE".into(), "unloaded".into()));
+    assert_eq!(
+        index_state(&mut s, "mlp").await,
+        ("UNAVAILABLE".into(), "unloaded".into())
+    );
     assert_eq!(index_state(&mut s, "slow").await.0, "READY");
-    let err = s.client.model_infer(fp32_request("mlp", "INPUT__0", &[1, 64], &[0.0; 64])).await.unwrap_err();
+    let err = s
+        .client
+        .model_infer(fp32_request("mlp", "INPUT__0", &[1, 64], &[0.0; 64]))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable);
 
     // Token checks.
-    assert_eq!(s.client.repository_model_load(load("mlp", None)).await.unwrap_err().code(), Code::Unauthenticated);
-    assert_eq!(s.client.repository_model_load(load("mlp", Some("guess"))).await.unwrap_err().code(), Code::PermissionDenied);
-    assert_eq!(s.client.repository_model_unload(unload("slow", "guess")).await.unwrap_err().code(), Code::PermissionDenied);
+    assert_eq!(
+        s.client
+            .repository_model_load(load("mlp", None))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::Unauthenticated
+    );
+    assert_eq!(
+        s.client
+            .repository_model_load(load("mlp", Some("guess")))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        s.client
+            .repository_model_unload(unload("slow", "guess"))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::PermissionDenied
+    );
 
     // Load, then serve.
-    s.client.repository_model_load(load("mlp", Some("s3cret"))).await.unwrap();
+    s.client
+        .repository_model_load(load("mlp", Some("s3cret")))
+        .await
+        .unwrap();
     assert_eq!(index_state(&mut s, "mlp").await.0, "READY");
-    s.client.model_infer(fp32_request("mlp", "INPUT__0", &[1, 64], &[0.0; 64])).await.unwrap();
-    let missing = s.client.repository_model_load(load("nope", Some("s3cret"))).await.unwrap_err();
+    s.client
+        .model_infer(fp32_request("mlp", "INPUT__0", &[1, 64], &[0.0; 64]))
+        .await
+        .unwrap();
+    let missing = s
+        .client
+        .repository_model_load(load("nope", Some("s3cret")))
+        .await
+        .unwrap_err();
     assert_eq!(missing.code(), Code::NotFound);
 
     // Unload while a request runs: it finishes; new ones are refused.
     let mut client = s.client.clone();
-    let in_flight = tokio::spawn(async move { client.model_infer(fp32_request("slow", "INPUT__0", &[1, 2], &[3.0, 4.0])).await });
+    let in_flight = tokio::spawn(async move {
+        client
+            .model_infer(fp32_request("slow", "INPUT__0", &[1, 2], &[3.0, 4.0]))
+            .await
+    });
     let slow = s.gateway.model("slow", "").unwrap();
-    eventually(Duration::from_secs(5), "the slow request is running", || slow.instances().1 == 0).await;
+    eventually(
+        Duration::from_secs(5),
+        "the slow request is running",
+        || slow.instances().1 == 0,
+    )
+    .await;
     drop(slow);
-    s.client.repository_model_unload(unload("slow", "s3cret")).await.unwrap();
-    let refused = s.client.model_infer(fp32_request("slow", "INPUT__0", &[1, 2], &[3.0, 4.0])).await.unwrap_err();
+    s.client
+        .repository_model_unload(unload("slow", "s3cret"))
+        .await
+        .unwrap();
+    let refused = s
+        .client
+        .model_infer(fp32_request("slow", "INPUT__0", &[1, 2], &[3.0, 4.0]))
+        .await
+        .unwrap_err();
     assert_eq!(refused.code(), Code::Unavailable);
-    assert!(refused.message().contains("unloaded"), "{}", refused.message());
-    let done = in_flight.await.unwrap().expect("in-flight request completes after unload");
-    assert_eq!(f32s(&done.into_inner().raw_output_contents[0]), vec![3.0, 4.0]);
-    assert_eq!(index_state(&mut s, "slow").await, ("UNAVAILABLE".into(), "unloaded".into()));
+    assert!(
+        refused.message().contains("unloaded"),
+        "{}",
+        refused.message()
+    );
+    let done = in_flight
+        .await
+        .unwrap()
+        .expect("in-flight request completes after unload");
+    assert_eq!(
+        f32s(&done.into_inner().raw_output_contents[0]),
+        vec![3.0, 4.0]
+    );
+    assert_eq!(
+        index_state(&mut s, "slow").await,
+        ("UNAVAILABLE".into(), "unloaded".into())
+    );
 
     // And back.
-    s.client.repository_model_load(load("slow", Some("s3cret"))).await.unwrap();
-    s.client.model_infer(fp32_request("slow", "INPUT__0", &[1, 2], &[3.0, 4.0])).await.unwrap();
+    s.client
+        .repository_model_load(load("slow", Some("s3cret")))
+        .await
+        .unwrap();
+    s.client
+        .model_infer(fp32_request("slow", "INPUT__0", &[1, 2], &[3.0, 4.0]))
+        .await
+        .unwrap();
     s.stop().await;
 }
 
@@ -87,7 +179,11 @@ async fn model_control_is_refused_in_mode_none() {
     let repo = TestRepo::new();
     repo.bundled("mlp");
     let mut s = TestServer::start(repo.path()).await;
-    let err = s.client.repository_model_load(load("mlp", None)).await.unwrap_err();
+    let err = s
+        .client
+        .repository_model_load(load("mlp", None))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.message().contains("explicit"), "{}", err.message());
     s.stop().await;
@@ -96,11 +192,25 @@ async fn model_control_is_refused_in_mode_none() {
 #[tokio::test]
 async fn idle_model_scales_to_zero_and_cold_starts_on_demand() {
     let repo = TestRepo::new();
-    repo.synthetic("lazy", "[ 2 ]", 4, &[("min_instances", "0"), ("idle_timeout_secs", "0.2"), ("sleep_ms", "20")]);
+    repo.synthetic(
+        "lazy",
+        "[ 2 ]",
+        4,
+        &[
+            ("min_instances", "0"),
+            ("idle_timeout_secs", "0.2"),
+            ("sleep_ms", "20"),
+        ],
+    );
     let mut s = TestServer::start(repo.path()).await;
     let model = s.gateway.model("lazy", "").unwrap();
     assert_eq!(model.instances().0, 1, "one instance loads at start");
-    eventually(Duration::from_secs(10), "scale to zero after the idle timeout", || model.instances().0 == 0).await;
+    eventually(
+        Duration::from_secs(10),
+        "scale to zero after the idle timeout",
+        || model.instances().0 == 0,
+    )
+    .await;
     // Still ready: it loads on demand.
     assert_eq!(http_get(s.http, "/v2/models/lazy/ready").await.0, 200);
 
@@ -109,19 +219,32 @@ async fn idle_model_scales_to_zero_and_cold_starts_on_demand() {
     for i in 0..12 {
         let mut client = s.client.clone();
         tasks.push(tokio::spawn(async move {
-            client.model_infer(fp32_request("lazy", "INPUT__0", &[1, 2], &[i as f32, 1.0])).await
+            client
+                .model_infer(fp32_request("lazy", "INPUT__0", &[1, 2], &[i as f32, 1.0]))
+                .await
         }));
     }
     for (i, t) in tasks.into_iter().enumerate() {
-        let out = t.await.unwrap().expect("served after the cold start").into_inner();
+        let out = t
+            .await
+            .unwrap()
+            .expect("served after the cold start")
+            .into_inner();
         assert_eq!(f32s(&out.raw_output_contents[0]), vec![i as f32, 1.0]);
     }
     let (_, body) = http_get(s.metrics, "/metrics").await;
-    let line = body.lines().find(|l| l.starts_with("sluice_cold_starts_total{model=\"lazy\"}")).expect("cold start counted");
+    let line = body
+        .lines()
+        .find(|l| l.starts_with("sluice_cold_starts_total{model=\"lazy\"}"))
+        .expect("cold start counted");
     assert!(line.ends_with(" 1"), "{line}");
     assert!(body.contains("sluice_cold_start_wait_seconds_count{model=\"lazy\"}"));
     assert!(body.contains("sluice_instance_warmup_duration_seconds_count{model=\"lazy\"}"));
-    let _ = s.client.model_infer(fp32_request("lazy", "INPUT__0", &[1, 2], &[0.0, 0.0])).await.unwrap();
+    let _ = s
+        .client
+        .model_infer(fp32_request("lazy", "INPUT__0", &[1, 2], &[0.0, 0.0]))
+        .await
+        .unwrap();
     s.stop().await;
 }
 
@@ -137,11 +260,18 @@ async fn a_model_that_fails_its_warm_up_never_turns_ready() {
     repo.model("picky", config, None).bundled("mlp");
     let warmup = repo.path().join("picky/warmup");
     std::fs::create_dir_all(&warmup).unwrap();
-    std::fs::write(warmup.join("neg.bin"), [(-1.0f32).to_le_bytes(), 1.0f32.to_le_bytes()].concat()).unwrap();
+    std::fs::write(
+        warmup.join("neg.bin"),
+        [(-1.0f32).to_le_bytes(), 1.0f32.to_le_bytes()].concat(),
+    )
+    .unwrap();
     let mut s = TestServer::start(repo.path()).await;
     let (state, reason) = index_state(&mut s, "picky").await;
     assert_eq!(state, "UNAVAILABLE");
-    assert!(reason.contains("warm-up sample 'negative' failed"), "{reason}");
+    assert!(
+        reason.contains("warm-up sample 'negative' failed"),
+        "{reason}"
+    );
     assert_eq!(http_get(s.http, "/v2/models/picky/ready").await.0, 503);
     assert_eq!(index_state(&mut s, "mlp").await.0, "READY");
     s.stop().await;

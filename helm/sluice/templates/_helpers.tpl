@@ -141,8 +141,30 @@ so every render runs them.
 {{- fail "modelRepository.source is initContainer: set modelRepository.initContainer.command (what writes the models into the repository volume)." }}
 {{- end }}
 {{- end }}
+{{- $srv := .Values.server }}
+{{- if and (eq $srv.modelControlMode "none") $srv.loadModels }}
+{{- fail (printf "server.loadModels is %s but server.modelControlMode is none: in mode none every model loads at start-up and the server refuses load_model. Set server.modelControlMode to explicit, or server.loadModels to []." (toJson $srv.loadModels)) }}
+{{- end }}
+{{- $tok := $srv.modelControlToken }}
+{{- if and $tok.existingSecret $tok.value }}
+{{- fail "server.modelControlToken: set only one of existingSecret (recommended) and value (the chart then creates a Secret from it)." }}
+{{- end }}
 {{- $ports := .Values.containerPorts }}
 {{- if or (eq (int $ports.http) (int $ports.grpc)) (eq (int $ports.http) (int $ports.metrics)) (eq (int $ports.grpc) (int $ports.metrics)) }}
 {{- fail "containerPorts: http, grpc and metrics must be three different ports." }}
+{{- end }}
+{{- end }}
+
+{{/*
+Name of the Secret holding the model-control token, or "" when no token is configured:
+server.modelControlToken.existingSecret, else the Secret the chart creates from
+server.modelControlToken.value.
+*/}}
+{{- define "sluice.modelControlTokenSecret" -}}
+{{- $tok := .Values.server.modelControlToken }}
+{{- if $tok.existingSecret }}
+{{- $tok.existingSecret }}
+{{- else if $tok.value }}
+{{- printf "%s-model-control" (include "sluice.fullname" . | trunc 49 | trimSuffix "-") }}
 {{- end }}
 {{- end }}

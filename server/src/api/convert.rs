@@ -4,12 +4,12 @@ use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use sluice_proto::inference::infer_parameter::ParameterChoice;
-use tokio::time::Instant;
 use sluice_proto::inference::{
     model_infer_request::InferInputTensor, model_infer_response::InferOutputTensor,
     InferBatchStatistics, InferStatistics, InferTensorContents, ModelInferRequest,
     ModelInferResponse, ModelStatistics, StatisticDuration,
 };
+use tokio::time::Instant;
 
 use crate::error::Error;
 use crate::model::{InferRequest, InferResponse, LoadedModel, RequestInput, Tally};
@@ -17,20 +17,32 @@ use crate::tensor::{element_count, shape_string, DataType};
 
 /// Decode a ModelInferRequest: tensor bytes from `raw_input_contents` (one entry per
 /// input, in order) or from each input's typed `contents`.
-pub fn infer_request(req: ModelInferRequest, deadline: Option<Instant>) -> Result<InferRequest, Error> {
+pub fn infer_request(
+    req: ModelInferRequest,
+    deadline: Option<Instant>,
+) -> Result<InferRequest, Error> {
     let model = req.model_name;
-    let queue_timeout = match req.parameters.get("timeout").and_then(|p| p.parameter_choice.as_ref()) {
+    let queue_timeout = match req
+        .parameters
+        .get("timeout")
+        .and_then(|p| p.parameter_choice.as_ref())
+    {
         None => None,
-        Some(ParameterChoice::Int64Param(us)) if *us >= 0 => Some(Duration::from_micros(*us as u64)),
-        Some(ParameterChoice::Uint64Param(us)) => Some(Duration::from_micros(*us)),
-        Some(other) => {
-            return Err(Error::InvalidRequest {
-                model,
-                message: format!("parameter 'timeout' must be a non-negative integer of microseconds, got {other:?}"),
-            })
+        Some(ParameterChoice::Int64Param(us)) if *us >= 0 => {
+            Some(Duration::from_micros(*us as u64))
         }
+        Some(ParameterChoice::Uint64Param(us)) => Some(Duration::from_micros(*us)),
+        Some(other) => return Err(Error::InvalidRequest {
+            model,
+            message: format!(
+                "parameter 'timeout' must be a non-negative integer of microseconds, got {other:?}"
+            ),
+        }),
     };
-    let invalid = |message: String| Error::InvalidRequest { model: model.clone(), message };
+    let invalid = |message: String| Error::InvalidRequest {
+        model: model.clone(),
+        message,
+    };
     let raw = req.raw_input_contents;
     if !raw.is_empty() && raw.len() != req.inputs.len() {
         return Err(invalid(format!(
@@ -54,7 +66,12 @@ pub fn infer_request(req: ModelInferRequest, deadline: Option<Instant>) -> Resul
             }
             None => typed_contents(&model, &input)?,
         };
-        inputs.push(RequestInput { name: input.name, datatype: input.datatype, shape: input.shape, data });
+        inputs.push(RequestInput {
+            name: input.name,
+            datatype: input.datatype,
+            shape: input.shape,
+            data,
+        });
     }
     Ok(InferRequest {
         id: req.id,
@@ -74,18 +91,26 @@ fn typed_contents(model: &str, input: &InferInputTensor) -> Result<Bytes, Error>
     let empty = InferTensorContents::default();
     let c = input.contents.as_ref().unwrap_or(&empty);
     let expected = element_count(&input.shape);
-    let invalid = |message: String| Error::InvalidRequest { model: model.to_owned(), message };
+    let invalid = |message: String| Error::InvalidRequest {
+        model: model.to_owned(),
+        message,
+    };
     let mut out = BytesMut::with_capacity(expected * dtype.size());
     let narrow = |what: &str, v: i64, lo: i64, hi: i64| {
         if v < lo || v > hi {
-            Err(invalid(format!("input '{}': {what} value {v} does not fit {dtype}", input.name)))
+            Err(invalid(format!(
+                "input '{}': {what} value {v} does not fit {dtype}",
+                input.name
+            )))
         } else {
             Ok(v)
         }
     };
     let count = match dtype {
         DataType::Bool => {
-            c.bool_contents.iter().for_each(|&b| out.put_u8(u8::from(b)));
+            c.bool_contents
+                .iter()
+                .for_each(|&b| out.put_u8(u8::from(b)));
             c.bool_contents.len()
         }
         DataType::Uint8 => {
@@ -163,7 +188,10 @@ pub fn infer_response(resp: InferResponse) -> ModelInferResponse {
 }
 
 fn duration(t: Tally) -> Option<StatisticDuration> {
-    Some(StatisticDuration { count: t.count, ns: u64::try_from(t.total.as_nanos()).unwrap_or(u64::MAX) })
+    Some(StatisticDuration {
+        count: t.count,
+        ns: u64::try_from(t.total.as_nanos()).unwrap_or(u64::MAX),
+    })
 }
 
 /// ModelStatistics for one loaded version.

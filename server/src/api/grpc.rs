@@ -28,11 +28,19 @@ impl InferenceService {
     fn authorize_control(&self, metadata: &tonic::metadata::MetadataMap) -> Result<(), Status> {
         if let Some(token) = &self.control.token {
             let Some(header) = metadata.get("authorization") else {
-                return Err(Status::unauthenticated("model control needs an 'authorization: Bearer <token>' header"));
+                return Err(Status::unauthenticated(
+                    "model control needs an 'authorization: Bearer <token>' header",
+                ));
             };
-            let presented = header.to_str().unwrap_or_default().strip_prefix("Bearer ").unwrap_or_default();
+            let presented = header
+                .to_str()
+                .unwrap_or_default()
+                .strip_prefix("Bearer ")
+                .unwrap_or_default();
             if !constant_time_eq(presented.as_bytes(), token.as_bytes()) {
-                return Err(Status::permission_denied("the model control token is not valid"));
+                return Err(Status::permission_denied(
+                    "the model control token is not valid",
+                ));
             }
         }
         if self.control.mode != ModelControlMode::Explicit {
@@ -50,7 +58,12 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// Protocol extensions we implement, as ServerMetadata lists them.
-const EXTENSIONS: &[&str] = &["model_repository", "model_configuration", "statistics", "binary_tensor_data"];
+const EXTENSIONS: &[&str] = &[
+    "model_repository",
+    "model_configuration",
+    "statistics",
+    "binary_tensor_data",
+];
 
 type StreamOf<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -59,15 +72,28 @@ const STREAM_WINDOW: usize = 64;
 
 #[tonic::async_trait]
 impl GrpcInferenceService for InferenceService {
-    async fn server_live(&self, _: Request<ServerLiveRequest>) -> Result<Response<ServerLiveResponse>, Status> {
-        Ok(Response::new(ServerLiveResponse { live: self.gateway.is_live() }))
+    async fn server_live(
+        &self,
+        _: Request<ServerLiveRequest>,
+    ) -> Result<Response<ServerLiveResponse>, Status> {
+        Ok(Response::new(ServerLiveResponse {
+            live: self.gateway.is_live(),
+        }))
     }
 
-    async fn server_ready(&self, _: Request<ServerReadyRequest>) -> Result<Response<ServerReadyResponse>, Status> {
-        Ok(Response::new(ServerReadyResponse { ready: self.gateway.is_ready() }))
+    async fn server_ready(
+        &self,
+        _: Request<ServerReadyRequest>,
+    ) -> Result<Response<ServerReadyResponse>, Status> {
+        Ok(Response::new(ServerReadyResponse {
+            ready: self.gateway.is_ready(),
+        }))
     }
 
-    async fn model_ready(&self, req: Request<ModelReadyRequest>) -> Result<Response<ModelReadyResponse>, Status> {
+    async fn model_ready(
+        &self,
+        req: Request<ModelReadyRequest>,
+    ) -> Result<Response<ModelReadyResponse>, Status> {
         let req = req.into_inner();
         let ready = self.gateway.is_ready() && self.gateway.model(&req.name, &req.version).is_ok();
         Ok(Response::new(ModelReadyResponse { ready }))
@@ -102,14 +128,23 @@ impl GrpcInferenceService for InferenceService {
         };
         Ok(Response::new(ModelMetadataResponse {
             name: spec.name.clone(),
-            versions: self.gateway.repository.versions(&spec.name).iter().map(i64::to_string).collect(),
+            versions: self
+                .gateway
+                .repository
+                .versions(&spec.name)
+                .iter()
+                .map(i64::to_string)
+                .collect(),
             platform: spec.config.platform.clone(),
             inputs: tensors(&spec.inputs),
             outputs: tensors(&spec.outputs),
         }))
     }
 
-    async fn model_infer(&self, req: Request<ModelInferRequest>) -> Result<Response<ModelInferResponse>, Status> {
+    async fn model_infer(
+        &self,
+        req: Request<ModelInferRequest>,
+    ) -> Result<Response<ModelInferResponse>, Status> {
         let deadline = grpc_deadline(req.metadata())?;
         let req = req.into_inner();
         let (name, version) = (req.model_name.clone(), req.model_version.clone());
@@ -133,10 +168,16 @@ impl GrpcInferenceService for InferenceService {
             while let Some(next) = inbound.next().await {
                 let Ok(req) = next else { break };
                 // Reserve the answer's slot first: back-pressure reaches the reader.
-                let Ok(permit) = tx.clone().reserve_owned().await else { break };
+                let Ok(permit) = tx.clone().reserve_owned().await else {
+                    break;
+                };
                 let gateway = gateway.clone();
                 tokio::spawn(async move {
-                    let (name, version, id) = (req.model_name.clone(), req.model_version.clone(), req.id.clone());
+                    let (name, version, id) = (
+                        req.model_name.clone(),
+                        req.model_version.clone(),
+                        req.id.clone(),
+                    );
                     let answer = match convert::infer_request(req, None) {
                         Ok(request) => gateway.infer(&name, &version, request).await,
                         Err(e) => Err(e),
@@ -163,10 +204,15 @@ impl GrpcInferenceService for InferenceService {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn model_config(&self, req: Request<ModelConfigRequest>) -> Result<Response<ModelConfigResponse>, Status> {
+    async fn model_config(
+        &self,
+        req: Request<ModelConfigRequest>,
+    ) -> Result<Response<ModelConfigResponse>, Status> {
         let req = req.into_inner();
         let model = self.gateway.model(&req.name, &req.version)?;
-        Ok(Response::new(ModelConfigResponse { config: Some(model.spec.config.clone()) }))
+        Ok(Response::new(ModelConfigResponse {
+            config: Some(model.spec.config.clone()),
+        }))
     }
 
     async fn model_statistics(
@@ -175,15 +221,25 @@ impl GrpcInferenceService for InferenceService {
     ) -> Result<Response<ModelStatisticsResponse>, Status> {
         let req = req.into_inner();
         let model_stats = if req.name.is_empty() {
-            self.gateway.repository.loaded().iter().map(|m| convert::statistics(m)).collect()
+            self.gateway
+                .repository
+                .loaded()
+                .iter()
+                .map(|m| convert::statistics(m))
+                .collect()
         } else if req.version.is_empty() {
             if !self.gateway.repository.is_known(&req.name) {
                 return Err(Error::ModelNotFound { model: req.name }.into());
             }
             let all = self.gateway.repository.loaded();
-            all.iter().filter(|m| m.spec.name == req.name).map(|m| convert::statistics(m)).collect()
+            all.iter()
+                .filter(|m| m.spec.name == req.name)
+                .map(|m| convert::statistics(m))
+                .collect()
         } else {
-            vec![convert::statistics(self.gateway.model(&req.name, &req.version)?.as_ref())]
+            vec![convert::statistics(
+                self.gateway.model(&req.name, &req.version)?.as_ref(),
+            )]
         };
         Ok(Response::new(ModelStatisticsResponse { model_stats }))
     }
@@ -276,22 +332,33 @@ impl GrpcInferenceService for InferenceService {
         Err(unsupported("CUDA shared memory"))
     }
 
-    async fn trace_setting(&self, _: Request<TraceSettingRequest>) -> Result<Response<TraceSettingResponse>, Status> {
+    async fn trace_setting(
+        &self,
+        _: Request<TraceSettingRequest>,
+    ) -> Result<Response<TraceSettingResponse>, Status> {
         Err(unsupported("trace settings"))
     }
 
-    async fn log_settings(&self, _: Request<LogSettingsRequest>) -> Result<Response<LogSettingsResponse>, Status> {
+    async fn log_settings(
+        &self,
+        _: Request<LogSettingsRequest>,
+    ) -> Result<Response<LogSettingsResponse>, Status> {
         Err(unsupported("log settings (use --log-level)"))
     }
 }
 
 /// The call's absolute deadline from its `grpc-timeout` header (gRPC over HTTP/2:
 /// up to 8 digits and a unit, H M S m u n).
-fn grpc_deadline(metadata: &tonic::metadata::MetadataMap) -> Result<Option<tokio::time::Instant>, Status> {
-    let Some(value) = metadata.get("grpc-timeout") else { return Ok(None) };
+fn grpc_deadline(
+    metadata: &tonic::metadata::MetadataMap,
+) -> Result<Option<tokio::time::Instant>, Status> {
+    let Some(value) = metadata.get("grpc-timeout") else {
+        return Ok(None);
+    };
     let text = value.to_str().unwrap_or_default();
-    let timeout = parse_grpc_timeout(text)
-        .ok_or_else(|| Status::invalid_argument(format!("malformed grpc-timeout header '{text}'")))?;
+    let timeout = parse_grpc_timeout(text).ok_or_else(|| {
+        Status::invalid_argument(format!("malformed grpc-timeout header '{text}'"))
+    })?;
     Ok(Some(tokio::time::Instant::now() + timeout))
 }
 
@@ -332,9 +399,14 @@ mod tests {
         assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
         assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
         assert_eq!(parse_grpc_timeout("5u"), Some(Duration::from_micros(5)));
-        assert_eq!(parse_grpc_timeout("99999999n"), Some(Duration::from_nanos(99_999_999)));
+        assert_eq!(
+            parse_grpc_timeout("99999999n"),
+            Some(Duration::from_nanos(99_999_999))
+        );
         assert!(super::constant_time_eq(b"abc", b"abc"));
-        assert!(!super::constant_time_eq(b"abc", b"abd") && !super::constant_time_eq(b"abc", b"ab"));
+        assert!(
+            !super::constant_time_eq(b"abc", b"abd") && !super::constant_time_eq(b"abc", b"ab")
+        );
         for bad in ["", "m", "10", "1x", "-1m", "123456789m"] {
             assert_eq!(parse_grpc_timeout(bad), None, "{bad}");
         }

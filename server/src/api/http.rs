@@ -24,7 +24,11 @@ pub struct Reply {
 
 impl Reply {
     fn text(status: StatusCode, body: impl Into<String>) -> Reply {
-        Reply { status, content_type: "text/plain; charset=utf-8", body: body.into() }
+        Reply {
+            status,
+            content_type: "text/plain; charset=utf-8",
+            body: body.into(),
+        }
     }
 
     fn ok_if(ok: bool) -> Reply {
@@ -51,7 +55,9 @@ pub fn health_router(gateway: Arc<Gateway>) -> Router {
             ["v2", "health", "live"] => Reply::ok_if(gateway.is_live()),
             ["v2", "health", "ready"] => Reply::ok_if(gateway.is_ready()),
             ["v2", "models", name, "ready"] => model_ready(&gateway, name, ""),
-            ["v2", "models", name, "versions", version, "ready"] => model_ready(&gateway, name, version),
+            ["v2", "models", name, "versions", version, "ready"] => {
+                model_ready(&gateway, name, version)
+            }
             _ => Reply::text(StatusCode::NOT_FOUND, format!("no route for {path}\n")),
         }
     })
@@ -59,7 +65,10 @@ pub fn health_router(gateway: Arc<Gateway>) -> Router {
 
 fn model_ready(gateway: &Gateway, name: &str, version: &str) -> Reply {
     if !gateway.repository.is_known(name) {
-        return Reply::text(StatusCode::NOT_FOUND, format!("model '{name}' is not in the repository\n"));
+        return Reply::text(
+            StatusCode::NOT_FOUND,
+            format!("model '{name}' is not in the repository\n"),
+        );
     }
     Reply::ok_if(gateway.is_ready() && gateway.model(name, version).is_ok())
 }
@@ -101,7 +110,8 @@ pub async fn serve(listener: TcpListener, router: Router, shutdown: Cancellation
                     .expect("status and header are valid");
                 async move { Ok::<_, Infallible>(response) }
             });
-            let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service);
             tokio::pin!(conn);
             tokio::select! {
                 _ = conn.as_mut() => {}

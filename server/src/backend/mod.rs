@@ -40,7 +40,11 @@ pub fn load(
     match spec.platform {
         Platform::Torch => {
             let path = version_dir.join(&spec.model_filename);
-            Ok(Box::new(torch::TorchBackend::load(&path, spec.device, options)?))
+            Ok(Box::new(torch::TorchBackend::load(
+                &path,
+                spec.device,
+                options,
+            )?))
         }
         Platform::Synthetic => Ok(Box::new(synthetic::SyntheticBackend::from_spec(spec)?)),
     }

@@ -27,20 +27,30 @@ pub struct SyntheticBackend {
 
 impl SyntheticBackend {
     pub fn from_spec(spec: &ModelSpec) -> Result<SyntheticBackend, BackendError> {
-        let bad = |message: String| BackendError::Load { path: spec.name.clone(), message };
+        let bad = |message: String| BackendError::Load {
+            path: spec.name.clone(),
+            message,
+        };
         let behavior = match spec.parameters.get("behavior").map(String::as_str) {
             None | Some("identity") => Behavior::Identity,
             Some("fail") => Behavior::Fail,
             Some("panic") => Behavior::Panic,
-            Some(other) => return Err(bad(format!("unknown behavior '{other}' (identity, fail, panic)"))),
+            Some(other) => {
+                return Err(bad(format!(
+                    "unknown behavior '{other}' (identity, fail, panic)"
+                )))
+            }
         };
         let number = |key: &str| -> Result<u64, BackendError> {
             match spec.parameters.get(key) {
                 None => Ok(0),
-                Some(v) => v.parse().map_err(|_| bad(format!("parameter {key}='{v}' is not a whole number"))),
+                Some(v) => v
+                    .parse()
+                    .map_err(|_| bad(format!("parameter {key}='{v}' is not a whole number"))),
             }
         };
-        let stall = Duration::from_millis(number("sleep_ms")?) + Duration::from_micros(number("sleep_us")?);
+        let stall =
+            Duration::from_millis(number("sleep_ms")?) + Duration::from_micros(number("sleep_us")?);
         Ok(SyntheticBackend { behavior, stall })
     }
 }
@@ -52,7 +62,9 @@ impl Backend for SyntheticBackend {
         }
         let negative = inputs.first().is_some_and(has_negative);
         match self.behavior {
-            Behavior::Fail if negative => Err(BackendError::Forward("synthetic failure on negative input".into())),
+            Behavior::Fail if negative => Err(BackendError::Forward(
+                "synthetic failure on negative input".into(),
+            )),
             Behavior::Panic if negative => panic!("synthetic panic on negative input"),
             Behavior::Identity | Behavior::Fail | Behavior::Panic => Ok(inputs.to_vec()),
         }
@@ -71,6 +83,9 @@ fn has_negative(t: &Tensor) -> bool {
         | DataType::Fp16
         | DataType::Bf16
         | DataType::Fp32
-        | DataType::Fp64 => t.data.chunks_exact(t.dtype.size()).any(|e| e[e.len() - 1] & 0x80 != 0),
+        | DataType::Fp64 => t
+            .data
+            .chunks_exact(t.dtype.size())
+            .any(|e| e[e.len() - 1] & 0x80 != 0),
     }
 }

@@ -17,8 +17,15 @@ pub struct TorchBackend {
 impl TorchBackend {
     /// Load `path` for this thread. libtorch's intra-op thread count is per calling
     /// thread (OpenMP), so it is set here, on the instance's own thread.
-    pub fn load(path: &Path, device: DeviceKind, options: &BackendOptions) -> Result<TorchBackend, BackendError> {
-        let fail = |message: String| BackendError::Load { path: path.display().to_string(), message };
+    pub fn load(
+        path: &Path,
+        device: DeviceKind,
+        options: &BackendOptions,
+    ) -> Result<TorchBackend, BackendError> {
+        let fail = |message: String| BackendError::Load {
+            path: path.display().to_string(),
+            message,
+        };
         if !path.is_file() {
             return Err(fail("file not found".into()));
         }
@@ -28,12 +35,15 @@ impl TorchBackend {
             DeviceKind::Auto => Device::cuda_if_available(),
             DeviceKind::Gpu(index) => {
                 if !tch::Cuda::is_available() {
-                    return Err(fail("instance_group asks for KIND_GPU but libtorch sees no CUDA device".into()));
+                    return Err(fail(
+                        "instance_group asks for KIND_GPU but libtorch sees no CUDA device".into(),
+                    ));
                 }
                 Device::Cuda(usize::try_from(index).unwrap_or(0))
             }
         };
-        let mut module = CModule::load_on_device(path, device).map_err(|e| fail(first_line(&e.to_string())))?;
+        let mut module =
+            CModule::load_on_device(path, device).map_err(|e| fail(first_line(&e.to_string())))?;
         module.set_eval();
         Ok(TorchBackend { module, device })
     }
@@ -94,8 +104,13 @@ fn dtype_of(kind: Kind) -> Option<DataType> {
 }
 
 fn to_torch(t: &Tensor, device: Device) -> Result<tch::Tensor, BackendError> {
-    let tensor = tch::Tensor::f_from_data_size(&t.data, &t.shape, kind_of(t.dtype))
-        .map_err(|e| BackendError::Forward(format!("cannot build input tensor: {}", first_line(&e.to_string()))))?;
+    let tensor =
+        tch::Tensor::f_from_data_size(&t.data, &t.shape, kind_of(t.dtype)).map_err(|e| {
+            BackendError::Forward(format!(
+                "cannot build input tensor: {}",
+                first_line(&e.to_string())
+            ))
+        })?;
     if device == Device::Cpu {
         Ok(tensor)
     } else {
@@ -105,14 +120,21 @@ fn to_torch(t: &Tensor, device: Device) -> Result<tch::Tensor, BackendError> {
 
 fn from_torch(t: &tch::Tensor) -> Result<Tensor, BackendError> {
     let kind = t.kind();
-    let dtype = dtype_of(kind)
-        .ok_or_else(|| BackendError::Forward(format!("model returned a tensor of unsupported type {kind:?}")))?;
+    let dtype = dtype_of(kind).ok_or_else(|| {
+        BackendError::Forward(format!(
+            "model returned a tensor of unsupported type {kind:?}"
+        ))
+    })?;
     let t = t.to_device(Device::Cpu).contiguous();
     let shape = t.size();
     let numel = t.numel();
     let mut data = vec![0u8; numel * dtype.size()];
-    t.f_copy_data_u8(&mut data, numel)
-        .map_err(|e| BackendError::Forward(format!("cannot read output: {}", first_line(&e.to_string()))))?;
+    t.f_copy_data_u8(&mut data, numel).map_err(|e| {
+        BackendError::Forward(format!(
+            "cannot read output: {}",
+            first_line(&e.to_string())
+        ))
+    })?;
     Ok(Tensor::new(dtype, shape, data.into()))
 }
 

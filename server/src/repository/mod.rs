@@ -66,18 +66,35 @@ pub const NOT_LOADED: &str = "unloaded";
 impl Repository {
     /// Scan `root` and load the models `control` asks for (all of them in mode `none`).
     /// Blocking: loads weights. A model that fails to load is kept with its reason.
-    pub fn open(root: &Path, options: LoadOptions, control: &ModelControl) -> Result<Repository, String> {
-        let dirs = model_dirs(root).map_err(|e| format!("cannot read model repository {}: {e}", root.display()))?;
+    pub fn open(
+        root: &Path,
+        options: LoadOptions,
+        control: &ModelControl,
+    ) -> Result<Repository, String> {
+        let dirs = model_dirs(root)
+            .map_err(|e| format!("cannot read model repository {}: {e}", root.display()))?;
         let names: Vec<String> = dirs
             .iter()
-            .map(|d| d.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned())
+            .map(|d| {
+                d.file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or_default()
+                    .to_owned()
+            })
             .collect();
         let wanted = |name: &str| match control.mode {
             ModelControlMode::None => true,
             ModelControlMode::Explicit => control.load_models.iter().any(|m| m == name || m == "*"),
         };
-        if let Some(missing) = control.load_models.iter().find(|m| *m != "*" && !names.contains(m)) {
-            return Err(format!("--load-model {missing}: no such model in {}", root.display()));
+        if let Some(missing) = control
+            .load_models
+            .iter()
+            .find(|m| *m != "*" && !names.contains(m))
+        {
+            return Err(format!(
+                "--load-model {missing}: no such model in {}",
+                root.display()
+            ));
         }
         let repository = Repository {
             root: root.to_owned(),
@@ -100,13 +117,16 @@ impl Repository {
     pub fn load(&self, name: &str) -> Result<(), Error> {
         let _one_at_a_time = self.control.lock().expect("control lock is never poisoned");
         if !self.root.join(name).is_dir() || name.starts_with('.') || name.contains('/') {
-            return Err(Error::ModelNotFound { model: name.to_owned() });
+            return Err(Error::ModelNotFound {
+                model: name.to_owned(),
+            });
         }
         match &self.load_entry(name) {
             ModelState::Ready => Ok(()),
-            ModelState::Unavailable { reason } => {
-                Err(Error::ModelUnavailable { model: name.to_owned(), reason: reason.clone() })
-            }
+            ModelState::Unavailable { reason } => Err(Error::ModelUnavailable {
+                model: name.to_owned(),
+                reason: reason.clone(),
+            }),
         }
     }
 
@@ -115,7 +135,9 @@ impl Repository {
     pub fn unload(&self, name: &str) -> Result<(), Error> {
         let _one_at_a_time = self.control.lock().expect("control lock is never poisoned");
         if !self.is_known(name) {
-            return Err(Error::ModelNotFound { model: name.to_owned() });
+            return Err(Error::ModelNotFound {
+                model: name.to_owned(),
+            });
         }
         self.set(name, ModelEntry::unloaded());
         tracing::info!(model = %name, "model unloaded");
@@ -127,11 +149,17 @@ impl Repository {
             Ok(versions) => {
                 let list: Vec<String> = versions.keys().map(i64::to_string).collect();
                 tracing::info!(model = %name, versions = %list.join(","), "model ready");
-                ModelEntry { state: ModelState::Ready, versions }
+                ModelEntry {
+                    state: ModelState::Ready,
+                    versions,
+                }
             }
             Err(reason) => {
                 tracing::error!(model = %name, %reason, "model failed to load; serving the others");
-                ModelEntry { state: ModelState::Unavailable { reason }, versions: BTreeMap::new() }
+                ModelEntry {
+                    state: ModelState::Unavailable { reason },
+                    versions: BTreeMap::new(),
+                }
             }
         };
         let state = entry.state.clone();
@@ -140,7 +168,11 @@ impl Repository {
     }
 
     fn set(&self, name: &str, entry: ModelEntry) {
-        let old = self.models.write().expect("repository lock is never poisoned").insert(name.to_owned(), entry);
+        let old = self
+            .models
+            .write()
+            .expect("repository lock is never poisoned")
+            .insert(name.to_owned(), entry);
         drop(old); // outside the lock: the old versions' batchers drain on their own
     }
 
@@ -150,10 +182,18 @@ impl Repository {
 
     /// The model version a request names: `""` or `"-1"` is the newest loaded version.
     pub fn get(&self, name: &str, version: &str) -> Result<Arc<LoadedModel>, Error> {
-        let models = self.models.read().expect("repository lock is never poisoned");
-        let entry = models.get(name).ok_or_else(|| Error::ModelNotFound { model: name.to_owned() })?;
+        let models = self
+            .models
+            .read()
+            .expect("repository lock is never poisoned");
+        let entry = models.get(name).ok_or_else(|| Error::ModelNotFound {
+            model: name.to_owned(),
+        })?;
         if let ModelState::Unavailable { reason } = &entry.state {
-            return Err(Error::ModelUnavailable { model: name.to_owned(), reason: reason.clone() });
+            return Err(Error::ModelUnavailable {
+                model: name.to_owned(),
+                reason: reason.clone(),
+            });
         }
         let found = match version {
             "" | "-1" => entry.versions.values().next_back(),
@@ -162,28 +202,51 @@ impl Repository {
         found.cloned().ok_or_else(|| Error::VersionNotFound {
             model: name.to_owned(),
             version: version.to_owned(),
-            available: entry.versions.keys().map(i64::to_string).collect::<Vec<_>>().join(", "),
+            available: entry
+                .versions
+                .keys()
+                .map(i64::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
         })
     }
 
     /// Loaded versions of a model, ascending.
     pub fn versions(&self, name: &str) -> Vec<i64> {
-        let models = self.models.read().expect("repository lock is never poisoned");
-        models.get(name).map(|e| e.versions.keys().copied().collect()).unwrap_or_default()
+        let models = self
+            .models
+            .read()
+            .expect("repository lock is never poisoned");
+        models
+            .get(name)
+            .map(|e| e.versions.keys().copied().collect())
+            .unwrap_or_default()
     }
 
     pub fn is_known(&self, name: &str) -> bool {
-        self.models.read().expect("repository lock is never poisoned").contains_key(name)
+        self.models
+            .read()
+            .expect("repository lock is never poisoned")
+            .contains_key(name)
     }
 
     /// Every loaded model version.
     pub fn loaded(&self) -> Vec<Arc<LoadedModel>> {
-        let models = self.models.read().expect("repository lock is never poisoned");
-        models.values().flat_map(|e| e.versions.values().cloned()).collect()
+        let models = self
+            .models
+            .read()
+            .expect("repository lock is never poisoned");
+        models
+            .values()
+            .flat_map(|e| e.versions.values().cloned())
+            .collect()
     }
 
     pub fn index(&self) -> Vec<IndexEntry> {
-        let models = self.models.read().expect("repository lock is never poisoned");
+        let models = self
+            .models
+            .read()
+            .expect("repository lock is never poisoned");
         let mut rows = Vec::new();
         for (name, entry) in models.iter() {
             match &entry.state {
@@ -207,7 +270,12 @@ impl Repository {
 
 impl ModelEntry {
     fn unloaded() -> ModelEntry {
-        ModelEntry { state: ModelState::Unavailable { reason: NOT_LOADED.to_owned() }, versions: BTreeMap::new() }
+        ModelEntry {
+            state: ModelState::Unavailable {
+                reason: NOT_LOADED.to_owned(),
+            },
+            versions: BTreeMap::new(),
+        }
     }
 }
 
@@ -216,7 +284,14 @@ fn model_dirs(root: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut dirs: Vec<PathBuf> = std::fs::read_dir(root)?
         .flatten()
         .map(|e| e.path())
-        .filter(|p| p.is_dir() && !p.file_name().and_then(|n| n.to_str()).unwrap_or(".").starts_with('.'))
+        .filter(|p| {
+            p.is_dir()
+                && !p
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or(".")
+                    .starts_with('.')
+        })
         .collect();
     dirs.sort();
     Ok(dirs)
@@ -242,18 +317,28 @@ fn select_versions(policy: &VersionPolicy, available: &[i64]) -> Result<Vec<i64>
         VersionPolicy::All => Ok(available.to_vec()),
         VersionPolicy::Specific(wanted) => {
             if let Some(missing) = wanted.iter().find(|v| !available.contains(v)) {
-                return Err(format!("version_policy asks for version {missing}, which has no directory"));
+                return Err(format!(
+                    "version_policy asks for version {missing}, which has no directory"
+                ));
             }
             Ok(wanted.clone())
         }
     }
 }
 
-fn load_model(dir: &Path, name: &str, options: LoadOptions) -> Result<BTreeMap<i64, Arc<LoadedModel>>, String> {
+fn load_model(
+    dir: &Path,
+    name: &str,
+    options: LoadOptions,
+) -> Result<BTreeMap<i64, Arc<LoadedModel>>, String> {
     let spec = Arc::new(model_config::load_spec(dir.join(CONFIG_FILE)).map_err(|e| e.to_string())?);
     let available = version_dirs(dir);
     if available.is_empty() {
-        return Err(format!("{}: no numeric version directory (e.g. {name}/1/{})", dir.display(), spec.model_filename));
+        return Err(format!(
+            "{}: no numeric version directory (e.g. {name}/1/{})",
+            dir.display(),
+            spec.model_filename
+        ));
     }
     let mut loaded = BTreeMap::new();
     for version in select_versions(&spec.version_policy, &available)? {
@@ -272,10 +357,24 @@ mod tests {
     #[test]
     fn version_policies() {
         let avail = [1, 2, 5];
-        assert_eq!(select_versions(&VersionPolicy::Latest(1), &avail).unwrap(), vec![5]);
-        assert_eq!(select_versions(&VersionPolicy::Latest(2), &avail).unwrap(), vec![2, 5]);
-        assert_eq!(select_versions(&VersionPolicy::All, &avail).unwrap(), vec![1, 2, 5]);
-        assert_eq!(select_versions(&VersionPolicy::Specific(vec![2]), &avail).unwrap(), vec![2]);
-        assert!(select_versions(&VersionPolicy::Specific(vec![3]), &avail).unwrap_err().contains('3'));
+        assert_eq!(
+            select_versions(&VersionPolicy::Latest(1), &avail).unwrap(),
+            vec![5]
+        );
+        assert_eq!(
+            select_versions(&VersionPolicy::Latest(2), &avail).unwrap(),
+            vec![2, 5]
+        );
+        assert_eq!(
+            select_versions(&VersionPolicy::All, &avail).unwrap(),
+            vec![1, 2, 5]
+        );
+        assert_eq!(
+            select_versions(&VersionPolicy::Specific(vec![2]), &avail).unwrap(),
+            vec![2]
+        );
+        assert!(select_versions(&VersionPolicy::Specific(vec![3]), &avail)
+            .unwrap_err()
+            .contains('3'));
     }
 }

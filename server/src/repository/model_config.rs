@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use prost_reflect::{DescriptorPool, DynamicMessage};
 use sluice_proto::inference::{
-    model_config::SchedulingChoice, model_instance_group, model_queue_policy, model_warmup,
-    model_version_policy, DataType as ConfigDataType, ModelConfig, ModelDynamicBatching,
-    ModelInput, ModelOutput,
+    model_config::SchedulingChoice, model_instance_group, model_queue_policy, model_version_policy,
+    model_warmup, DataType as ConfigDataType, ModelConfig, ModelDynamicBatching, ModelInput,
+    ModelOutput,
 };
 
 use crate::batcher::BatchPolicy;
@@ -130,8 +130,11 @@ pub fn parse_text(text: &str) -> Result<ModelConfig, String> {
         .get_message_by_name(sluice_proto::MODEL_CONFIG_MESSAGE)
         .expect("ModelConfig is part of the compiled descriptor set");
     let text = colon_before_lists(text);
-    let dynamic = DynamicMessage::parse_text_format(descriptor, &text).map_err(|e| e.to_string())?;
-    dynamic.transcode_to::<ModelConfig>().map_err(|e| e.to_string())
+    let dynamic =
+        DynamicMessage::parse_text_format(descriptor, &text).map_err(|e| e.to_string())?;
+    dynamic
+        .transcode_to::<ModelConfig>()
+        .map_err(|e| e.to_string())
 }
 
 /// Text format lets a list of messages follow its field name without a colon
@@ -180,7 +183,10 @@ fn colon_before_lists(text: &str) -> std::borrow::Cow<'_, str> {
             c if c.is_alphanumeric() || c == '_' || c == '.' => {
                 ident.push(c);
                 out.push(c);
-                if !chars.peek().is_some_and(|n| n.is_alphanumeric() || *n == '_' || *n == '.') {
+                if !chars
+                    .peek()
+                    .is_some_and(|n| n.is_alphanumeric() || *n == '_' || *n == '.')
+                {
                     last_token_is_name = ident.starts_with(|f: char| f.is_alphabetic() || f == '_');
                     ident.clear();
                 }
@@ -201,18 +207,28 @@ fn colon_before_lists(text: &str) -> std::borrow::Cow<'_, str> {
 
 /// Parse and validate `path`, the config of the model in its parent directory.
 pub fn load_spec(path: PathBuf) -> Result<ModelSpec, ConfigFileError> {
-    let fail = |message: String| ConfigFileError { path: path.clone(), message };
+    let fail = |message: String| ConfigFileError {
+        path: path.clone(),
+        message,
+    };
     let text = std::fs::read_to_string(&path).map_err(|e| fail(format!("cannot read: {e}")))?;
-    let config = parse_text(&text).map_err(|e| fail(format!("invalid protobuf text format: {e}")))?;
+    let config =
+        parse_text(&text).map_err(|e| fail(format!("invalid protobuf text format: {e}")))?;
     let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
     spec_from_config(config, dir).map_err(fail)
 }
 
 /// Validate a parsed config. `model_dir` is the model's directory, whose name names the
 /// model (warm-up data files are read from its `warmup/` folder).
-pub fn spec_from_config(mut config: ModelConfig, model_dir: impl AsRef<Path>) -> Result<ModelSpec, String> {
+pub fn spec_from_config(
+    mut config: ModelConfig,
+    model_dir: impl AsRef<Path>,
+) -> Result<ModelSpec, String> {
     let model_dir = model_dir.as_ref();
-    let dir_name = model_dir.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    let dir_name = model_dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
     if config.name.is_empty() {
         config.name = dir_name.to_owned();
     } else if config.name != dir_name {
@@ -249,16 +265,21 @@ pub fn spec_from_config(mut config: ModelConfig, model_dir: impl AsRef<Path>) ->
     let mut instance_count = 0usize;
     let mut device = DeviceKind::Cpu;
     if config.instance_group.is_empty() {
-        config.instance_group.push(sluice_proto::inference::ModelInstanceGroup {
-            name: config.name.clone(),
-            count: 1,
-            kind: model_instance_group::Kind::Cpu as i32,
-            ..Default::default()
-        });
+        config
+            .instance_group
+            .push(sluice_proto::inference::ModelInstanceGroup {
+                name: config.name.clone(),
+                count: 1,
+                kind: model_instance_group::Kind::Cpu as i32,
+                ..Default::default()
+            });
     }
     for (i, group) in config.instance_group.iter_mut().enumerate() {
         if group.count < 0 {
-            return Err(format!("instance_group[{i}].count {} is negative", group.count));
+            return Err(format!(
+                "instance_group[{i}].count {} is negative",
+                group.count
+            ));
         }
         if group.count == 0 {
             group.count = 1;
@@ -269,15 +290,30 @@ pub fn spec_from_config(mut config: ModelConfig, model_dir: impl AsRef<Path>) ->
         instance_count += group.count as usize;
         device = match model_instance_group::Kind::try_from(group.kind) {
             Ok(model_instance_group::Kind::Cpu) => DeviceKind::Cpu,
-            Ok(model_instance_group::Kind::Gpu) => DeviceKind::Gpu(group.gpus.first().copied().unwrap_or(0)),
-            Ok(model_instance_group::Kind::Auto | model_instance_group::Kind::Model) => DeviceKind::Auto,
-            Err(_) => return Err(format!("instance_group[{i}].kind {} is unknown", group.kind)),
+            Ok(model_instance_group::Kind::Gpu) => {
+                DeviceKind::Gpu(group.gpus.first().copied().unwrap_or(0))
+            }
+            Ok(model_instance_group::Kind::Auto | model_instance_group::Kind::Model) => {
+                DeviceKind::Auto
+            }
+            Err(_) => {
+                return Err(format!(
+                    "instance_group[{i}].kind {} is unknown",
+                    group.kind
+                ))
+            }
         };
     }
 
-    let version_policy = match config.version_policy.as_ref().and_then(|p| p.policy_choice.as_ref()) {
+    let version_policy = match config
+        .version_policy
+        .as_ref()
+        .and_then(|p| p.policy_choice.as_ref())
+    {
         None => VersionPolicy::Latest(1),
-        Some(model_version_policy::PolicyChoice::Latest(l)) => VersionPolicy::Latest(l.num_versions.max(1) as usize),
+        Some(model_version_policy::PolicyChoice::Latest(l)) => {
+            VersionPolicy::Latest(l.num_versions.max(1) as usize)
+        }
         Some(model_version_policy::PolicyChoice::All(_)) => VersionPolicy::All,
         Some(model_version_policy::PolicyChoice::Specific(s)) => {
             if s.versions.is_empty() {
@@ -328,8 +364,16 @@ pub struct ScalingParams {
 }
 
 impl ScalingParams {
-    fn from_parameters(config: &ModelConfig, instance_count: usize) -> Result<ScalingParams, String> {
-        let get = |key: &str| config.parameters.get(key).map(|p| p.string_value.trim().to_owned());
+    fn from_parameters(
+        config: &ModelConfig,
+        instance_count: usize,
+    ) -> Result<ScalingParams, String> {
+        let get = |key: &str| {
+            config
+                .parameters
+                .get(key)
+                .map(|p| p.string_value.trim().to_owned())
+        };
         let min_instances = match get("min_instances") {
             None => None,
             Some(v) => match v.parse::<usize>() {
@@ -341,10 +385,17 @@ impl ScalingParams {
             None => None,
             Some(v) => match v.parse::<f64>() {
                 Ok(secs) if secs.is_finite() && secs > 0.0 => Some(Duration::from_secs_f64(secs)),
-                _ => return Err(format!("parameter idle_timeout_secs '{v}' must be a positive number of seconds")),
+                _ => {
+                    return Err(format!(
+                        "parameter idle_timeout_secs '{v}' must be a positive number of seconds"
+                    ))
+                }
             },
         };
-        Ok(ScalingParams { min_instances, idle_timeout })
+        Ok(ScalingParams {
+            min_instances,
+            idle_timeout,
+        })
     }
 }
 
@@ -385,7 +436,11 @@ fn warmup_samples(
                     .iter()
                     .map(|t| {
                         let shape = full_shape(b as u32, &t.dims);
-                        Tensor::new(t.dtype, shape.clone(), vec![0u8; element_count(&shape) * t.dtype.size()].into())
+                        Tensor::new(
+                            t.dtype,
+                            shape.clone(),
+                            vec![0u8; element_count(&shape) * t.dtype.size()].into(),
+                        )
                     })
                     .collect(),
                 count: 2,
@@ -396,32 +451,54 @@ fn warmup_samples(
     for w in &config.model_warmup {
         let fail = |m: String| format!("model_warmup '{}': {m}", w.name);
         if batched && (w.batch_size < 1 || w.batch_size > max_batch_size) {
-            return Err(fail(format!("batch_size {} is not within 1..={max_batch_size}", w.batch_size)));
+            return Err(fail(format!(
+                "batch_size {} is not within 1..={max_batch_size}",
+                w.batch_size
+            )));
         }
         let mut tensors = Vec::with_capacity(ordered.len());
         for t in &ordered {
-            let input = w.inputs.get(&t.name).ok_or_else(|| fail(format!("no data for input '{}'", t.name)))?;
-            let dtype = config_dtype(input.data_type).map_err(|e| fail(format!("input '{}': {e}", t.name)))?;
+            let input = w
+                .inputs
+                .get(&t.name)
+                .ok_or_else(|| fail(format!("no data for input '{}'", t.name)))?;
+            let dtype = config_dtype(input.data_type)
+                .map_err(|e| fail(format!("input '{}': {e}", t.name)))?;
             if dtype != t.dtype {
-                return Err(fail(format!("input '{}' is {dtype}, the model takes {}", t.name, t.dtype)));
+                return Err(fail(format!(
+                    "input '{}' is {dtype}, the model takes {}",
+                    t.name, t.dtype
+                )));
             }
             let shape = full_shape(w.batch_size, &input.dims);
             let bytes = element_count(&shape) * dtype.size();
             let data = match &input.input_data_type {
                 None | Some(model_warmup::input::InputDataType::ZeroData(_)) => vec![0u8; bytes],
-                Some(model_warmup::input::InputDataType::RandomData(_)) => random_data(dtype, bytes),
+                Some(model_warmup::input::InputDataType::RandomData(_)) => {
+                    random_data(dtype, bytes)
+                }
                 Some(model_warmup::input::InputDataType::InputDataFile(file)) => {
                     let path = model_dir.join("warmup").join(file);
-                    let data = std::fs::read(&path).map_err(|e| fail(format!("cannot read {}: {e}", path.display())))?;
+                    let data = std::fs::read(&path)
+                        .map_err(|e| fail(format!("cannot read {}: {e}", path.display())))?;
                     if data.len() != bytes {
-                        return Err(fail(format!("{} holds {} bytes, shape {} of {dtype} needs {bytes}", path.display(), data.len(), shape_string(&shape))));
+                        return Err(fail(format!(
+                            "{} holds {} bytes, shape {} of {dtype} needs {bytes}",
+                            path.display(),
+                            data.len(),
+                            shape_string(&shape)
+                        )));
                     }
                     data
                 }
             };
             tensors.push(Tensor::new(dtype, shape, data.into()));
         }
-        samples.push(WarmupSample { name: w.name.clone(), inputs: tensors, count: w.count.max(1) });
+        samples.push(WarmupSample {
+            name: w.name.clone(),
+            inputs: tensors,
+            count: w.count.max(1),
+        });
     }
     Ok(samples)
 }
@@ -443,9 +520,17 @@ fn random_data(dtype: DataType, bytes: usize) -> Vec<u8> {
             DataType::Fp32 => out.extend_from_slice(&((r % 1000) as f32 / 1000.0).to_le_bytes()),
             DataType::Fp64 => out.extend_from_slice(&((r % 1000) as f64 / 1000.0).to_le_bytes()),
             // Exponent bits kept in range: values between 0.5 and 1.
-            DataType::Fp16 => out.extend_from_slice(&(0x3800u16 | (r as u16 & 0x03ff)).to_le_bytes()),
-            DataType::Bf16 => out.extend_from_slice(&(0x3f00u16 | (r as u16 & 0x007f)).to_le_bytes()),
-            DataType::Uint8 | DataType::Int8 | DataType::Int16 | DataType::Int32 | DataType::Int64 => {
+            DataType::Fp16 => {
+                out.extend_from_slice(&(0x3800u16 | (r as u16 & 0x03ff)).to_le_bytes())
+            }
+            DataType::Bf16 => {
+                out.extend_from_slice(&(0x3f00u16 | (r as u16 & 0x007f)).to_le_bytes())
+            }
+            DataType::Uint8
+            | DataType::Int8
+            | DataType::Int16
+            | DataType::Int32
+            | DataType::Int64 => {
                 out.extend_from_slice(&r.to_le_bytes()[..dtype.size().min(4)]);
                 out.resize(out.len() + dtype.size().saturating_sub(4), 0);
             }
@@ -456,12 +541,19 @@ fn random_data(dtype: DataType, bytes: usize) -> Vec<u8> {
 }
 
 /// Batching and queueing from `dynamic_batching`; without it requests run one by one.
-fn scheduling(config: &ModelConfig, max_batch_size: u32) -> Result<(BatchPolicy, QueueSettings), String> {
+fn scheduling(
+    config: &ModelConfig,
+    max_batch_size: u32,
+) -> Result<(BatchPolicy, QueueSettings), String> {
     let unbatched = ModelDynamicBatching::default();
     let (dynamic, enabled) = match &config.scheduling_choice {
         Some(SchedulingChoice::DynamicBatching(d)) => (d, true),
-        Some(SchedulingChoice::SequenceBatching(_)) => return Err("sequence_batching is not supported".into()),
-        Some(SchedulingChoice::EnsembleScheduling(_)) => return Err("ensemble_scheduling is not supported".into()),
+        Some(SchedulingChoice::SequenceBatching(_)) => {
+            return Err("sequence_batching is not supported".into())
+        }
+        Some(SchedulingChoice::EnsembleScheduling(_)) => {
+            return Err("ensemble_scheduling is not supported".into())
+        }
         None => (&unbatched, false),
     };
     let max = max_batch_size.max(1) as usize;
@@ -469,7 +561,11 @@ fn scheduling(config: &ModelConfig, max_batch_size: u32) -> Result<(BatchPolicy,
     for &p in &dynamic.preferred_batch_size {
         match usize::try_from(p) {
             Ok(p) if (1..=max).contains(&p) => preferred.push(p),
-            _ => return Err(format!("dynamic_batching.preferred_batch_size {p} is not within 1..={max}")),
+            _ => {
+                return Err(format!(
+                    "dynamic_batching.preferred_batch_size {p} is not within 1..={max}"
+                ))
+            }
         }
     }
     preferred.sort_unstable();
@@ -526,9 +622,17 @@ fn tensor_specs<'a>(
         }
         let dtype = config_dtype(data_type).map_err(|e| format!("{what} '{name}': {e}"))?;
         if let Some(d) = dims.iter().find(|&&d| d < -1 || d == 0) {
-            return Err(format!("{what} '{name}': dimension {d} in dims {} is invalid", shape_string(dims)));
+            return Err(format!(
+                "{what} '{name}': dimension {d} in dims {} is invalid",
+                shape_string(dims)
+            ));
         }
-        specs.push(TensorSpec { name: name.to_owned(), dtype, dims: dims.to_vec(), position: i });
+        specs.push(TensorSpec {
+            name: name.to_owned(),
+            dtype,
+            dims: dims.to_vec(),
+            position: i,
+        });
     }
     // Triton's PyTorch convention: `<name>__<index>` gives the position explicitly.
     let indexed: Option<Vec<usize>> = specs
@@ -552,7 +656,8 @@ fn tensor_specs<'a>(
 }
 
 fn config_dtype(value: i32) -> Result<DataType, String> {
-    let dtype = ConfigDataType::try_from(value).map_err(|_| format!("unknown data_type {value}"))?;
+    let dtype =
+        ConfigDataType::try_from(value).map_err(|_| format!("unknown data_type {value}"))?;
     match dtype {
         ConfigDataType::TypeBool => Ok(DataType::Bool),
         ConfigDataType::TypeUint8 => Ok(DataType::Uint8),
@@ -624,7 +729,10 @@ mod tests {
 
     #[test]
     fn default_warm_up_covers_the_batch_sizes_the_batcher_forms() {
-        let text = MLP.replace("max_queue_delay_microseconds: 100", "preferred_batch_size: [ 8 ]");
+        let text = MLP.replace(
+            "max_queue_delay_microseconds: 100",
+            "preferred_batch_size: [ 8 ]",
+        );
         let spec = spec_from_config(parse_text(&text).unwrap(), "mlp").unwrap();
         let batches: Vec<i64> = spec.warmup.iter().map(|w| w.inputs[0].shape[0]).collect();
         assert_eq!(batches, vec![1, 8, 32]);
@@ -645,12 +753,17 @@ mod tests {
             parameters { key: "idle_timeout_secs" value: { string_value: "1.5" } }"#;
         let spec = spec_from_config(parse_text(text).unwrap(), "m").unwrap();
         assert_eq!(spec.warmup.len(), 1);
-        assert_eq!((spec.warmup[0].inputs[0].shape.clone(), spec.warmup[0].count), (vec![2, 3], 5));
+        assert_eq!(
+            (spec.warmup[0].inputs[0].shape.clone(), spec.warmup[0].count),
+            (vec![2, 3], 5)
+        );
         assert_eq!(spec.warmup[0].inputs[0].data.len(), 12);
         assert_eq!(spec.scaling.min_instances, Some(0));
         assert_eq!(spec.scaling.idle_timeout, Some(Duration::from_millis(1500)));
 
-        let bad = |from: &str, to: &str| spec_from_config(parse_text(&text.replace(from, to)).unwrap(), "m").unwrap_err();
+        let bad = |from: &str, to: &str| {
+            spec_from_config(parse_text(&text.replace(from, to)).unwrap(), "m").unwrap_err()
+        };
         assert!(bad("TYPE_FP16 dims: [3]", "TYPE_FP32 dims: [3]").contains("the model takes FP16"));
         assert!(bad("key: \"x\" value", "key: \"z\" value").contains("no data for input 'x'"));
         assert!(bad("batch_size: 2", "batch_size: 9").contains("batch_size 9"));
@@ -681,9 +794,16 @@ mod tests {
         let none = r#"platform: "pytorch_libtorch" max_batch_size: 16
             input [ { name: "x" data_type: TYPE_FP32 dims: [1] } ]
             output [ { name: "y" data_type: TYPE_FP32 dims: [1] } ]"#;
-        assert!(!spec_from_config(parse_text(none).unwrap(), "m").unwrap().batching.combine);
+        assert!(
+            !spec_from_config(parse_text(none).unwrap(), "m")
+                .unwrap()
+                .batching
+                .combine
+        );
         let too_big = text.replace("[ 8, 4 ]", "[ 32 ]");
-        assert!(spec_from_config(parse_text(&too_big).unwrap(), "m").unwrap_err().contains("32"));
+        assert!(spec_from_config(parse_text(&too_big).unwrap(), "m")
+            .unwrap_err()
+            .contains("32"));
     }
 
     #[test]
@@ -702,10 +822,17 @@ mod tests {
 
     #[test]
     fn rejections_say_why() {
-        let bad = |text: &str, dir: &str| spec_from_config(parse_text(text).unwrap(), dir).unwrap_err();
+        let bad =
+            |text: &str, dir: &str| spec_from_config(parse_text(text).unwrap(), dir).unwrap_err();
         let io = r#"input [ { name: "x" data_type: TYPE_FP32 dims: [1] } ] output [ { name: "y" data_type: TYPE_FP32 dims: [1] } ]"#;
-        assert!(bad(&format!("platform: \"onnxruntime_onnx\" {io}"), "m").contains("onnxruntime_onnx"));
-        assert!(bad(&format!("name: \"other\" platform: \"pytorch_libtorch\" {io}"), "m").contains("does not match"));
+        assert!(
+            bad(&format!("platform: \"onnxruntime_onnx\" {io}"), "m").contains("onnxruntime_onnx")
+        );
+        assert!(bad(
+            &format!("name: \"other\" platform: \"pytorch_libtorch\" {io}"),
+            "m"
+        )
+        .contains("does not match"));
         let strings = r#"platform: "pytorch_libtorch" input [ { name: "x" data_type: TYPE_STRING dims: [1] } ] output [ { name: "y" data_type: TYPE_FP32 dims: [1] } ]"#;
         assert!(bad(strings, "m").contains("TYPE_STRING"));
         let no_input = r#"platform: "pytorch_libtorch" output [ { name: "y" data_type: TYPE_FP32 dims: [1] } ]"#;
@@ -727,6 +854,8 @@ mod tests {
     fn syntax_errors_are_reported() {
         let err = parse_text("max_batch_size: 8\ninput [ { name: \"x\" ").unwrap_err();
         assert!(!err.is_empty());
-        assert!(parse_text("no_such_field: 1").unwrap_err().contains("no_such_field"));
+        assert!(parse_text("no_such_field: 1")
+            .unwrap_err()
+            .contains("no_such_field"));
     }
 }

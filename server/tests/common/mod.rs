@@ -32,7 +32,10 @@ pub fn test_weights(file: &str) -> PathBuf {
 /// The bundled repository (`models/`), with exported weights.
 pub fn bundled_models() -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models");
-    assert!(dir.join("mlp/1/model.pt").is_file(), "bundled weights are missing: run `make test`");
+    assert!(
+        dir.join("mlp/1/model.pt").is_file(),
+        "bundled weights are missing: run `make test`"
+    );
     dir
 }
 
@@ -43,7 +46,9 @@ pub struct TestRepo {
 
 impl TestRepo {
     pub fn new() -> TestRepo {
-        TestRepo { dir: tempfile::tempdir().expect("temp dir") }
+        TestRepo {
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -69,10 +74,18 @@ impl TestRepo {
     }
 
     /// A synthetic identity model with one FP32 input and output of `dims`.
-    pub fn synthetic(&self, name: &str, dims: &str, max_batch_size: u32, parameters: &[(&str, &str)]) -> &TestRepo {
+    pub fn synthetic(
+        &self,
+        name: &str,
+        dims: &str,
+        max_batch_size: u32,
+        parameters: &[(&str, &str)],
+    ) -> &TestRepo {
         let params: String = parameters
             .iter()
-            .map(|(k, v)| format!("parameters {{ key: \"{k}\" value: {{ string_value: \"{v}\" }} }}\n"))
+            .map(|(k, v)| {
+                format!("parameters {{ key: \"{k}\" value: {{ string_value: \"{v}\" }} }}\n")
+            })
             .collect();
         let config = format!(
             "backend: \"sluice_synthetic\"\nmax_batch_size: {max_batch_size}\n\
@@ -101,19 +114,34 @@ impl TestServer {
 
     pub async fn start_with(config: Config) -> TestServer {
         let server = Server::bind(config).await.expect("server binds");
-        let (grpc, http, metrics) = (server.grpc_addr(), server.http_addr(), server.metrics_addr());
+        let (grpc, http, metrics) = (
+            server.grpc_addr(),
+            server.http_addr(),
+            server.metrics_addr(),
+        );
         let gateway = server.gateway();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(server.serve(shutdown.clone()));
         let client = GrpcInferenceServiceClient::connect(format!("http://{grpc}"))
             .await
             .expect("client connects");
-        TestServer { client, gateway, grpc, http, metrics, shutdown, task }
+        TestServer {
+            client,
+            gateway,
+            grpc,
+            http,
+            metrics,
+            shutdown,
+            task,
+        }
     }
 
     pub async fn stop(self) {
         self.shutdown.cancel();
-        self.task.await.expect("server task").expect("server stops cleanly");
+        self.task
+            .await
+            .expect("server task")
+            .expect("server stops cleanly");
     }
 }
 
@@ -123,7 +151,13 @@ pub fn fp32_request(model: &str, input: &str, shape: &[i64], values: &[f32]) -> 
     raw_request(model, input, "FP32", shape, raw)
 }
 
-pub fn raw_request(model: &str, input: &str, datatype: &str, shape: &[i64], raw: Vec<u8>) -> ModelInferRequest {
+pub fn raw_request(
+    model: &str,
+    input: &str,
+    datatype: &str,
+    shape: &[i64],
+    raw: Vec<u8>,
+) -> ModelInferRequest {
     ModelInferRequest {
         model_name: model.into(),
         inputs: vec![InferInputTensor {
@@ -138,7 +172,10 @@ pub fn raw_request(model: &str, input: &str, datatype: &str, shape: &[i64], raw:
 }
 
 pub fn f32s(bytes: &[u8]) -> Vec<f32> {
-    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }
 
 /// Minimal HTTP/1.1 GET: status code and body.
@@ -148,8 +185,15 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     stream.write_all(request.as_bytes()).await.expect("send");
     let mut response = String::new();
     stream.read_to_string(&mut response).await.expect("read");
-    let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).expect("status line");
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status line");
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     (status, body)
 }
 
@@ -157,7 +201,10 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
 pub async fn eventually(limit: std::time::Duration, what: &str, mut check: impl FnMut() -> bool) {
     let start = std::time::Instant::now();
     while !check() {
-        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for: {what}");
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for: {what}"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
 }
