@@ -570,7 +570,7 @@ fn scheduling(
     }
     preferred.sort_unstable();
     preferred.dedup();
-    let policy = dynamic.default_queue_policy.clone().unwrap_or_default();
+    let policy = dynamic.default_queue_policy.unwrap_or_default();
     let batching = BatchPolicy {
         combine: enabled && max_batch_size > 0,
         max_batch_size: max,
