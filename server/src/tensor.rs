@@ -156,7 +156,7 @@ pub fn split_batch(t: &Tensor, sizes: &[usize]) -> Result<Vec<Tensor>, String> {
             shape_string(&t.shape)
         ));
     }
-    let row_bytes = if total == 0 { 0 } else { t.data.len() / total };
+    let row_bytes = t.data.len().checked_div(total).unwrap_or(0);
     let mut offset = 0;
     Ok(sizes
         .iter()

@@ -32,12 +32,14 @@ pub fn infer_request(
             Some(Duration::from_micros(*us as u64))
         }
         Some(ParameterChoice::Uint64Param(us)) => Some(Duration::from_micros(*us)),
-        Some(other) => return Err(Error::InvalidRequest {
-            model,
-            message: format!(
+        Some(other) => {
+            return Err(Error::InvalidRequest {
+                model,
+                message: format!(
                 "parameter 'timeout' must be a non-negative integer of microseconds, got {other:?}"
             ),
-        }),
+            })
+        }
     };
     let invalid = |message: String| Error::InvalidRequest {
         model: model.clone(),
