@@ -27,16 +27,6 @@ impl Drop for Running {
     }
 }
 
-/// Scrape one sample's value from /metrics, 0 if absent.
-async fn metric(addr: std::net::SocketAddr, prefix: &str) -> f64 {
-    let (_, body) = http_get(addr, "/metrics").await;
-    body.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
 #[tokio::test]
 async fn sigterm_drains_in_flight_work_and_refuses_new_work() {
     let repo = TestRepo::new();
@@ -91,7 +81,11 @@ async fn sigterm_drains_in_flight_work_and_refuses_new_work() {
     });
     let dispatched = "sluice_queue_duration_seconds_count{model=\"slow\"}";
     let start = Instant::now();
-    while metric(metrics_addr, dispatched).await < 1.0 {
+    while common::metric_value(metrics_addr, dispatched)
+        .await
+        .unwrap_or(0.0)
+        < 1.0
+    {
         assert!(
             start.elapsed() < Duration::from_secs(10),
             "request never reached the model"

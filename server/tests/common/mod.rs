@@ -208,3 +208,12 @@ pub async fn eventually(limit: std::time::Duration, what: &str, mut check: impl 
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
 }
+
+/// One sample's value from `/metrics` (the line starting with `prefix`), if present.
+pub async fn metric_value(addr: SocketAddr, prefix: &str) -> Option<f64> {
+    let (_, body) = http_get(addr, "/metrics").await;
+    body.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
