@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::config::{parse_stages, LoadPlan, Outputs, RunSpec, Timing};
 use crate::inputs::{DataKind, InputConfig, ShapeOverride};
+use crate::priority::PriorityMix;
 use crate::schedule::{Arrival, Profile};
 use crate::target::TargetConfig;
 
@@ -33,6 +34,7 @@ pub enum Command {
     ///   sluice-bench run -m mlp -u 127.0.0.1:8001 --concurrency 1,2,4,8
     ///   sluice-bench run -m mlp --rate 500,1000,2000 --deadline 50ms --json out.json --plots out/mlp
     ///   sluice-bench run -m mlp --profile 200@5s,2000@2s,200@5s --warmup 0s --plots out/spike
+    ///   sluice-bench run -m mlp --rate 2000 --priority-mix 1:1,2:3 --deadline 50ms
     #[command(verbatim_doc_comment)]
     Run(Box<RunArgs>),
     /// Run scenario files (TOML, see bench/scenarios/), writing NAME.json and plots to --out-dir.
@@ -89,6 +91,11 @@ pub struct RunArgs {
     /// Open loop: how arrivals are spread.
     #[arg(long, value_enum, default_value_t = Arrival::Poisson)]
     pub arrival: Arrival,
+    /// Give each request Triton's `priority` parameter (uint64; 1 is the highest), the
+    /// levels interleaved deterministically by weight (1:1,2:3: one request in four at
+    /// priority 1), and break the results down per level. Without it no priority is sent.
+    #[arg(long, value_name = "LEVEL:WEIGHT,..")]
+    pub priority_mix: Option<PriorityMix>,
     #[command(flatten)]
     pub timing: Timing,
     /// Name of the run in reports and plots.
@@ -174,6 +181,7 @@ impl RunArgs {
             },
             plan,
             timing: self.timing.clone(),
+            priorities: self.priority_mix.clone(),
         };
         spec.validate()?;
         Ok(spec)
@@ -242,6 +250,22 @@ mod tests {
         assert_eq!(profile.plan.mode(), "profile");
         let shaped = run_args(&["--shape", "INPUT__0:3,8,8", "--shape", "B:1"]).unwrap();
         assert_eq!(shaped.inputs.shapes.len(), 2);
+        assert_eq!(run_args(&[]).unwrap().priorities, None);
+    }
+
+    #[test]
+    fn priority_mix_flag() {
+        let mixed = run_args(&["--rate", "100", "--priority-mix", "1:1,2:3"]).unwrap();
+        let mix = mixed.priorities.expect("a mix was given");
+        assert_eq!(mix.levels().collect::<Vec<_>>(), [1, 2]);
+        let e = run_args(&["--priority-mix", "1:1,0:1"]).unwrap_err();
+        assert!(e.to_string().contains("priority levels start at 1"), "{e}");
+        let e = run_args(&["--priority-mix", "high"]).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("expected LEVEL:WEIGHT in the priority mix"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 use crate::inputs::InputConfig;
 use crate::load::{Load, PointConfig};
+use crate::priority::PriorityMix;
 use crate::schedule::{Arrival, Profile, Stage};
 use crate::target::TargetConfig;
 
@@ -111,6 +112,8 @@ pub struct RunSpec {
     pub inputs: InputConfig,
     pub plan: LoadPlan,
     pub timing: Timing,
+    /// Priority levels given to the requests, results broken down per level.
+    pub priorities: Option<PriorityMix>,
 }
 
 /// Where results go and how the run talks to the user.
@@ -195,6 +198,7 @@ impl RunSpec {
             drain: t.drain.0,
             workers: t.workers.unwrap_or(self.target.connections).max(1),
             seed: t.seed,
+            priorities: self.priorities.clone(),
         };
         match &self.plan {
             LoadPlan::Closed { concurrency } => concurrency
@@ -276,6 +280,7 @@ mod tests {
             },
             plan,
             timing: Timing::default(),
+            priorities: None,
         }
     }
 
@@ -299,6 +304,21 @@ mod tests {
             points[1].config.workers, 2,
             "one worker per connection by default"
         );
+        assert_eq!(points[1].config.priorities, None);
+    }
+
+    #[test]
+    fn every_point_carries_the_priority_mix() {
+        let mut s = spec(LoadPlan::Open {
+            rates: vec![10.0, 20.0],
+            arrival: Arrival::Poisson,
+        });
+        let mix: PriorityMix = "1:1,2:3".parse().unwrap();
+        s.priorities = Some(mix.clone());
+        assert!(s
+            .points()
+            .iter()
+            .all(|p| p.config.priorities == Some(mix.clone())));
     }
 
     #[test]

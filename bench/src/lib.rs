@@ -3,7 +3,8 @@
 //! The path of a run, one module per step:
 //!
 //! * [`cli`] and [`scenario`] turn flags or a TOML file into one [`config::RunSpec`];
-//! * [`target`] opens the connections, [`inputs`] builds the request once;
+//! * [`target`] opens the connections, [`inputs`] builds the request once, and
+//!   [`priority`] its copies for each priority level of a mix;
 //! * [`schedule`] says when open-loop requests are meant to be sent;
 //! * [`load`] runs the workers of each point, which record into [`stats`];
 //! * [`progress`] draws the live bar; [`report`] makes the table and JSON,
@@ -14,6 +15,7 @@ pub mod config;
 pub mod inputs;
 pub mod load;
 pub mod plot;
+pub mod priority;
 pub mod progress;
 pub mod report;
 pub mod runner;

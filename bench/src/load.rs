@@ -2,7 +2,7 @@
 //! when the previous one is answered) and open loop (requests sent at scheduled
 //! times, whether or not earlier ones were answered).
 //!
-//! Each worker owns its [`Stats`]; [`run_point`] merges them. In open loop every
+//! Each worker owns its [`PointStats`]; [`run_point`] merges them. In open loop every
 //! request is its own task, so a slow answer never delays the next send; the
 //! dispatcher only waits for its next intended time or, when `max_in_flight`
 //! requests are outstanding, for a free slot. Either way a late send is measured
@@ -16,7 +16,12 @@
 //!
 //! Every request task ends by the point's hard end (run length + drain period), so
 //! a point is bounded in time whatever the server does.
+//!
+//! With a priority mix every request is numbered (open loop: its place in the
+//! schedule, so the levels do not depend on timing; closed loop: a counter shared by
+//! the clients) and sent as the copy of the request for its number's level.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,9 +30,10 @@ use tokio::task::JoinSet;
 use tokio::time::{sleep_until, timeout, timeout_at, Instant};
 use tonic::Code;
 
+use crate::priority::{with_priority, PriorityMix};
 use crate::progress::Live;
 use crate::schedule::{Arrival, Profile, Schedule};
-use crate::stats::{Outcome, Stats, StatsConfig};
+use crate::stats::{Outcome, PointStats, StatsConfig};
 use crate::target::{Client, Target};
 
 /// The shape of the load at one point of a run.
@@ -70,6 +76,8 @@ pub struct PointConfig {
     pub workers: usize,
     /// Seed of the Poisson schedule.
     pub seed: u64,
+    /// Priority levels to give the requests (None: requests carry no priority).
+    pub priorities: Option<PriorityMix>,
 }
 
 impl PointConfig {
@@ -81,6 +89,54 @@ impl PointConfig {
             late_threshold: self.late_threshold,
         }
     }
+
+    fn new_stats(&self) -> PointStats {
+        let levels = self.priorities.iter().flat_map(PriorityMix::levels);
+        PointStats::new(self.stats_config(), levels)
+    }
+}
+
+/// The requests of a point: one per priority level of the mix, or the one request.
+struct Requests {
+    mix: Option<PriorityMix>,
+    /// Without a mix, just the request; with one, its copy for each level in order.
+    variants: Vec<Arc<ModelInferRequest>>,
+}
+
+/// A request to send: its priority slot (an index into the mix's levels), if any.
+struct Picked {
+    slot: Option<usize>,
+    request: Arc<ModelInferRequest>,
+}
+
+impl Requests {
+    fn new(request: Arc<ModelInferRequest>, mix: Option<&PriorityMix>) -> Requests {
+        let variants = match mix {
+            None => vec![request],
+            Some(mix) => mix
+                .levels()
+                .map(|level| Arc::new(with_priority(&request, level)))
+                .collect(),
+        };
+        Requests {
+            mix: mix.cloned(),
+            variants,
+        }
+    }
+
+    /// The slot of the n-th request of the point (from 0).
+    fn slot(&self, n: u64) -> Option<usize> {
+        self.mix.as_ref().map(|mix| mix.slot(n))
+    }
+
+    /// The n-th request of the point (from 0).
+    fn pick(&self, n: u64) -> Picked {
+        let slot = self.slot(n);
+        Picked {
+            slot,
+            request: Arc::clone(&self.variants[slot.unwrap_or(0)]),
+        }
+    }
 }
 
 /// Runs one point and returns what all its workers measured.
@@ -89,16 +145,17 @@ pub async fn run_point(
     request: Arc<ModelInferRequest>,
     config: &PointConfig,
     live: &Arc<Live>,
-) -> Stats {
+) -> PointStats {
+    let requests = Arc::new(Requests::new(request, config.priorities.as_ref()));
     let start = Instant::now();
     let hard_end = start + config.load.length() + config.drain;
     let worker = |i: usize| Worker {
         client: target.client(i),
-        request: Arc::clone(&request),
+        requests: Arc::clone(&requests),
         start,
         hard_end,
         deadline: config.deadline,
-        stats: Stats::new(config.stats_config()),
+        stats: config.new_stats(),
         live: Arc::clone(live),
     };
     let mut workers = JoinSet::new();
@@ -107,8 +164,9 @@ pub async fn run_point(
             concurrency,
             length,
         } => {
+            let numbers = Arc::new(AtomicU64::new(0));
             for i in 0..(*concurrency).max(1) {
-                workers.spawn(worker(i).closed_loop(start + *length));
+                workers.spawn(worker(i).closed_loop(start + *length, Arc::clone(&numbers)));
             }
         }
         Load::Open { profile, arrival } => {
@@ -121,15 +179,17 @@ pub async fn run_point(
             };
             for k in 0..n {
                 // Worker k takes every n-th time of the one schedule: together they send
-                // exactly the schedule, whatever the arrival process.
+                // exactly the schedule, whatever the arrival process. Each time keeps its
+                // place in the schedule, the request's number.
                 let share = Schedule::new(profile, *arrival, config.seed)
+                    .zip(0_u64..)
                     .skip(k)
                     .step_by(n);
                 workers.spawn(worker(k).open_loop(share, open));
             }
         }
     }
-    let mut total = Stats::new(config.stats_config());
+    let mut total = config.new_stats();
     while let Some(stats) = workers.join_next().await {
         total.merge(&stats.expect("load workers do not panic"));
     }
@@ -154,26 +214,28 @@ enum Reply {
 
 struct Worker {
     client: Client,
-    request: Arc<ModelInferRequest>,
+    requests: Arc<Requests>,
     start: Instant,
     hard_end: Instant,
     deadline: Option<Duration>,
-    stats: Stats,
+    stats: PointStats,
     live: Arc<Live>,
 }
 
 impl Worker {
-    async fn closed_loop(mut self, end: Instant) -> Stats {
+    /// Sends until `end`, numbering requests from `numbers`, shared by the clients.
+    async fn closed_loop(mut self, end: Instant, numbers: Arc<AtomicU64>) -> PointStats {
         while Instant::now() < end {
+            let picked = self.requests.pick(numbers.fetch_add(1, Ordering::Relaxed));
             let sent = self.start.elapsed();
             let reply = send(
                 self.client.clone(),
-                Arc::clone(&self.request),
+                Arc::clone(&picked.request),
                 self.request_times(sent),
             )
             .await;
             let unanswered = matches!(reply, Reply::Unanswered { .. });
-            self.record(reply);
+            self.record(picked.slot, reply);
             if unanswered {
                 break;
             }
@@ -181,36 +243,41 @@ impl Worker {
         self.stats
     }
 
+    /// Sends at the intended times of `schedule`, each with its request number.
     async fn open_loop(
         mut self,
-        mut schedule: impl Iterator<Item = Duration>,
+        mut schedule: impl Iterator<Item = (Duration, u64)>,
         limits: OpenLimits,
-    ) -> Stats {
+    ) -> PointStats {
         let mut in_flight = JoinSet::new();
-        for intended in schedule.by_ref() {
+        for (intended, number) in schedule.by_ref() {
             let at = self.start + intended;
             // Wait for the send time and a free slot, recording answers meanwhile.
             loop {
                 tokio::select! {
                     biased;
                     Some(reply) = in_flight.join_next(), if !in_flight.is_empty() => {
-                        self.record(reply.expect("request tasks do not panic"));
+                        let (slot, reply) = reply.expect("request tasks do not panic");
+                        self.record(slot, reply);
                     }
                     () = sleep_until(at), if in_flight.len() < limits.max_in_flight => break,
                 }
             }
+            let Picked { slot, request } = self.requests.pick(number);
             if self.start.elapsed() > limits.stop_sending {
-                self.stats.record_unsent(intended);
+                self.stats.record_unsent(slot, intended);
                 break;
             }
-            let times = self.request_times(intended);
-            in_flight.spawn(send(self.client.clone(), Arc::clone(&self.request), times));
+            let reply = send(self.client.clone(), request, self.request_times(intended));
+            in_flight.spawn(async move { (slot, reply.await) });
         }
-        for intended in schedule {
-            self.stats.record_unsent(intended);
+        for (intended, number) in schedule {
+            self.stats
+                .record_unsent(self.requests.slot(number), intended);
         }
         while let Some(reply) = in_flight.join_next().await {
-            self.record(reply.expect("request tasks do not panic"));
+            let (slot, reply) = reply.expect("request tasks do not panic");
+            self.record(slot, reply);
         }
         self.stats
     }
@@ -224,15 +291,17 @@ impl Worker {
         }
     }
 
-    fn record(&mut self, reply: Reply) {
+    /// Records the reply of a request with priority slot `slot`.
+    fn record(&mut self, slot: Option<usize>, reply: Reply) {
         match reply {
             Reply::Answered(outcome) => {
-                self.stats.record(&outcome);
+                self.stats.record(slot, &outcome);
                 self.live.observe(&outcome);
             }
-            Reply::Unanswered { intended, sent } => self
-                .stats
-                .record_unfinished(intended, sent.saturating_sub(intended)),
+            Reply::Unanswered { intended, sent } => {
+                self.stats
+                    .record_unfinished(slot, intended, sent.saturating_sub(intended));
+            }
         }
     }
 }

@@ -5,6 +5,7 @@
 //! successes; goodput counts successes that arrived within the deadline (all
 //! successes when there is none). In open loop a schedule section says whether the
 //! generator kept to its schedule; when it did not, the point carries a warning.
+//! A run with a priority mix also has each point's results per priority level.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -14,9 +15,10 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
+use tonic::Code;
 
 use crate::schedule::Profile;
-use crate::stats::{code_at, code_name, Stats};
+use crate::stats::{code_at, code_name, LevelStats, PointStats, Stats};
 
 /// More than this fraction of sends late means the generator fell behind.
 pub const LATE_FRACTION_LIMIT: f64 = 0.01;
@@ -71,6 +73,53 @@ pub struct PointReport {
     /// Per second of the run, warm-up included.
     pub series: Vec<SeriesPoint>,
     pub warnings: Vec<String>,
+    /// With a priority mix: the same counts per level, in the order of the mix.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub by_priority: Vec<PriorityReport>,
+}
+
+impl PointReport {
+    /// Successful answers in the window.
+    pub fn successes(&self) -> u64 {
+        self.codes.get(code_name(Code::Ok)).copied().unwrap_or(0)
+    }
+}
+
+/// The results of one priority level's requests at a point.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PriorityReport {
+    pub priority: u64,
+    pub sent: u64,
+    /// Successful answers.
+    pub ok: u64,
+    /// Successful requests per second.
+    pub ok_rps: f64,
+    /// Successes within the deadline per second.
+    pub goodput_rps: f64,
+    /// `ok / sent`; None when no request of this level was sent.
+    pub success_ratio: Option<f64>,
+    /// Non-OK answers: rejections, expired deadlines, errors.
+    pub rejected: u64,
+    pub latency_ms: Latencies,
+    /// Answers per gRPC status code, by canonical name.
+    pub codes: BTreeMap<String, u64>,
+}
+
+impl PriorityReport {
+    pub fn of(level: &LevelStats) -> PriorityReport {
+        let stats = &level.stats;
+        PriorityReport {
+            priority: level.priority,
+            sent: stats.sent,
+            ok: stats.successes(),
+            ok_rps: per_second(stats, stats.successes()),
+            goodput_rps: per_second(stats, stats.good),
+            success_ratio: success_ratio(stats.successes(), stats.sent),
+            rejected: stats.answered() - stats.successes(),
+            latency_ms: Latencies::of(stats),
+            codes: codes(stats),
+        }
+    }
 }
 
 /// Latency from the intended send time to the answer, by outcome.
@@ -79,6 +128,15 @@ pub struct Latencies {
     pub ok: Option<Summary>,
     /// Every non-OK answer: rejections, expired deadlines, errors.
     pub rejected: Option<Summary>,
+}
+
+impl Latencies {
+    pub fn of(stats: &Stats) -> Latencies {
+        Latencies {
+            ok: Summary::of(&stats.ok),
+            rejected: Summary::of(&stats.rejected),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -145,20 +203,11 @@ pub struct PointMeta<'a> {
 }
 
 /// Summarizes one point's merged measurements.
-pub fn point(stats: &Stats, meta: &PointMeta<'_>) -> PointReport {
+pub fn point(point_stats: &PointStats, meta: &PointMeta<'_>) -> PointReport {
+    let stats = &point_stats.total;
     let cfg = *stats.config();
-    let window = cfg.window_end.saturating_sub(cfg.window_start);
-    let per_s = |n: u64| {
-        if window.is_zero() {
-            0.0
-        } else {
-            n as f64 / window.as_secs_f64()
-        }
-    };
-    let codes = (0..stats.codes.len())
-        .filter(|i| stats.codes[*i] > 0)
-        .map(|i| (code_name(code_at(i)).to_owned(), stats.codes[i]))
-        .collect();
+    let window = window(stats);
+    let per_s = |n: u64| per_second(stats, n);
     let schedule = meta.profile.map(|_| schedule_health(stats));
     let series = stats
         .series
@@ -190,21 +239,51 @@ pub fn point(stats: &Stats, meta: &PointMeta<'_>) -> PointReport {
         answered: stats.answered(),
         unsent: stats.unsent,
         unfinished: stats.unfinished,
-        codes,
+        codes: codes(stats),
         throughput_rps: per_s(stats.successes()),
         inferences_per_s: per_s(stats.successes()) * meta.batch_size as f64,
         goodput_rps: per_s(stats.good),
         deadline_ms: cfg.deadline.map(|d| d.as_secs_f64() * 1000.0),
-        latency_ms: Latencies {
-            ok: Summary::of(&stats.ok),
-            rejected: Summary::of(&stats.rejected),
-        },
+        latency_ms: Latencies::of(stats),
         schedule,
         series,
         warnings: Vec::new(),
+        by_priority: point_stats
+            .by_priority
+            .iter()
+            .map(PriorityReport::of)
+            .collect(),
     };
     report.warnings = warnings(&report);
     report
+}
+
+/// The measurement window.
+fn window(stats: &Stats) -> Duration {
+    let cfg = stats.config();
+    cfg.window_end.saturating_sub(cfg.window_start)
+}
+
+/// `n` requests in the measurement window, per second.
+fn per_second(stats: &Stats, n: u64) -> f64 {
+    let window = window(stats);
+    if window.is_zero() {
+        0.0
+    } else {
+        n as f64 / window.as_secs_f64()
+    }
+}
+
+/// The answers per gRPC status, by canonical name, leaving out codes never seen.
+fn codes(stats: &Stats) -> BTreeMap<String, u64> {
+    (0..stats.codes.len())
+        .filter(|i| stats.codes[*i] > 0)
+        .map(|i| (code_name(code_at(i)).to_owned(), stats.codes[i]))
+        .collect()
+}
+
+fn success_ratio(ok: u64, sent: u64) -> Option<f64> {
+    (sent > 0).then(|| ok as f64 / sent as f64)
 }
 
 fn schedule_health(stats: &Stats) -> ScheduleHealth {
@@ -262,7 +341,52 @@ pub fn warnings(p: &PointReport) -> Vec<String> {
     out
 }
 
-/// The final table: one row per point.
+/// One row of the table: a point, or one priority level of a point.
+struct Row<'a> {
+    label: String,
+    sent: u64,
+    ok_rps: f64,
+    goodput_rps: f64,
+    latency: &'a Latencies,
+    late: Option<u64>,
+    success_ratio: Option<f64>,
+    codes: &'a BTreeMap<String, u64>,
+}
+
+impl Row<'_> {
+    /// Writes the row; `ratio`: with the success ratio column.
+    fn write(&self, out: &mut String, ratio: bool) {
+        let ms = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.2}"));
+        let ok = self.latency.ok.as_ref();
+        let rej = self.latency.rejected.as_ref();
+        let _ = write!(
+            out,
+            "{:<14} {:>8} {:>9.1} {:>9.1} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6}",
+            self.label,
+            self.sent,
+            self.ok_rps,
+            self.goodput_rps,
+            ms(ok.map(|s| s.p50)),
+            ms(ok.map(|s| s.p90)),
+            ms(ok.map(|s| s.p99)),
+            ms(ok.map(|s| s.p999)),
+            rej.map_or(0, |s| s.count),
+            ms(rej.map(|s| s.p99)),
+            self.late.map_or_else(|| "-".to_owned(), |n| n.to_string()),
+        );
+        if ratio {
+            let percent = self
+                .success_ratio
+                .map_or_else(|| "-".to_owned(), |r| format!("{:.1}", r * 100.0));
+            let _ = write!(out, " {percent:>6}");
+        }
+        let codes: Vec<String> = self.codes.iter().map(|(c, n)| format!("{c} {n}")).collect();
+        let _ = writeln!(out, "  {}", codes.join(", "));
+    }
+}
+
+/// The final table: one row per point and, with a priority mix, one more per level
+/// (`  prio N`) and a column with the fraction of requests that succeeded.
 pub fn table(report: &RunReport) -> String {
     let mut out = String::new();
     let t = &report.target;
@@ -280,9 +404,10 @@ pub fn table(report: &RunReport) -> String {
             _ => "open loop, rate profile",
         }
     );
-    let _ = writeln!(
+    let ratio = report.points.iter().any(|p| !p.by_priority.is_empty());
+    let _ = write!(
         out,
-        "{:<14} {:>8} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6}  codes",
+        "{:<14} {:>8} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6}",
         "point",
         "sent",
         "ok/s",
@@ -295,29 +420,35 @@ pub fn table(report: &RunReport) -> String {
         "rej p99",
         "late"
     );
+    if ratio {
+        let _ = write!(out, " {:>6}", "ok %");
+    }
+    let _ = writeln!(out, "  codes");
     for p in &report.points {
-        let ms = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.2}"));
-        let ok = p.latency_ms.ok.as_ref();
-        let rej = p.latency_ms.rejected.as_ref();
-        let codes: Vec<String> = p.codes.iter().map(|(c, n)| format!("{c} {n}")).collect();
-        let _ = writeln!(
-            out,
-            "{:<14} {:>8} {:>9.1} {:>9.1} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6}  {}",
-            p.label,
-            p.sent,
-            p.throughput_rps,
-            p.goodput_rps,
-            ms(ok.map(|s| s.p50)),
-            ms(ok.map(|s| s.p90)),
-            ms(ok.map(|s| s.p99)),
-            ms(ok.map(|s| s.p999)),
-            rej.map_or(0, |s| s.count),
-            ms(rej.map(|s| s.p99)),
-            p.schedule
-                .as_ref()
-                .map_or_else(|| "-".to_owned(), |s| s.late.to_string()),
-            codes.join(", ")
-        );
+        Row {
+            label: p.label.clone(),
+            sent: p.sent,
+            ok_rps: p.throughput_rps,
+            goodput_rps: p.goodput_rps,
+            latency: &p.latency_ms,
+            late: p.schedule.as_ref().map(|s| s.late),
+            success_ratio: success_ratio(p.successes(), p.sent),
+            codes: &p.codes,
+        }
+        .write(&mut out, ratio);
+        for level in &p.by_priority {
+            Row {
+                label: format!("  prio {}", level.priority),
+                sent: level.sent,
+                ok_rps: level.ok_rps,
+                goodput_rps: level.goodput_rps,
+                latency: &level.latency_ms,
+                late: None,
+                success_ratio: level.success_ratio,
+                codes: &level.codes,
+            }
+            .write(&mut out, ratio);
+        }
     }
     for w in report.points.iter().flat_map(|p| &p.warnings) {
         let _ = writeln!(out, "WARNING: {w}");
@@ -338,20 +469,28 @@ pub fn write_json(report: &RunReport, path: &Path) -> Result<()> {
 mod tests {
     use super::*;
     use crate::stats::{Outcome, StatsConfig};
-    use tonic::Code;
 
     fn ms(v: u64) -> Duration {
         Duration::from_millis(v)
     }
 
-    fn stats(late_every: u64) -> Stats {
-        let mut s = Stats::new(StatsConfig {
+    fn stats(late_every: u64) -> PointStats {
+        stats_with_levels(late_every, &[])
+    }
+
+    /// 200 requests over 2 s: every 10th UNAVAILABLE, every 4th 30 ms (past the 10 ms
+    /// deadline), every `late_every`-th sent 20 ms late; with levels, request i has the
+    /// (i mod levels)-th.
+    fn stats_with_levels(late_every: u64, levels: &[u64]) -> PointStats {
+        let config = StatsConfig {
             window_start: ms(0),
             window_end: ms(2000),
             deadline: Some(ms(10)),
             late_threshold: ms(5),
-        });
-        for i in 0..200 {
+        };
+        let mut s = PointStats::new(config, levels.iter().copied());
+        for i in 0..200_u64 {
+            let slot = (!levels.is_empty()).then(|| usize::try_from(i).unwrap() % levels.len());
             let code = if i % 10 == 0 {
                 Code::Unavailable
             } else {
@@ -359,12 +498,13 @@ mod tests {
             };
             let lag = if i % late_every == 0 { 20 } else { 0 };
             let latency = if i % 4 == 0 { 30 } else { 2 };
-            s.record(&Outcome {
+            let outcome = Outcome {
                 intended: ms(i * 10),
                 sent: ms(i * 10 + lag),
                 done: ms(i * 10 + latency),
                 code,
-            });
+            };
+            s.record(slot, &outcome);
         }
         s
     }
@@ -468,8 +608,136 @@ mod tests {
         }
         assert_eq!(p["latency_ms"]["rejected"]["count"], 20);
         assert_eq!(p["series"][0]["sent"], 100);
+        assert!(p.get("by_priority").is_none(), "no mix, no breakdown");
         let back: RunReport = serde_json::from_value(v).unwrap();
         assert_eq!(back, report);
+    }
+
+    fn closed_meta() -> PointMeta<'static> {
+        PointMeta {
+            label: "c=4",
+            concurrency: Some(4),
+            profile: None,
+            batch_size: 1,
+        }
+    }
+
+    #[test]
+    fn priorities_are_summarized_per_level() {
+        let p = point(&stats_with_levels(1000, &[1, 2]), &closed_meta());
+        // The totals do not change with a breakdown.
+        assert_eq!(
+            PointReport {
+                by_priority: Vec::new(),
+                ..p.clone()
+            },
+            point(&stats(1000), &closed_meta())
+        );
+        let [one, two] = &p.by_priority[..] else {
+            panic!("two levels: {:?}", p.by_priority)
+        };
+        // Level 1 has the even requests: the 20 UNAVAILABLE ones, and 40 of its 80
+        // successes take 30 ms, past the deadline. Level 2 has the odd ones: all 2 ms OKs.
+        assert_eq!(
+            (one.priority, one.sent, one.ok, one.rejected),
+            (1, 100, 80, 20)
+        );
+        assert_eq!((one.ok_rps, one.goodput_rps), (40.0, 20.0));
+        assert_eq!(one.success_ratio, Some(0.8));
+        assert_eq!(one.codes["UNAVAILABLE"], 20);
+        assert_eq!(one.latency_ms.rejected.unwrap().count, 20);
+        let ok = one.latency_ms.ok.unwrap();
+        assert!(
+            (ok.p50 - 2.0).abs() < 0.01 && (ok.p99 - 30.0).abs() < 0.05,
+            "{ok:?}"
+        );
+        assert_eq!(
+            (two.priority, two.sent, two.ok, two.rejected),
+            (2, 100, 100, 0)
+        );
+        assert_eq!((two.ok_rps, two.goodput_rps), (50.0, 50.0));
+        assert_eq!(two.success_ratio, Some(1.0));
+        assert_eq!(two.codes.len(), 1);
+        assert_eq!(two.latency_ms.rejected, None);
+        assert!((two.latency_ms.ok.unwrap().p99 - 2.0).abs() < 0.01);
+
+        let thirds = point(&stats_with_levels(1000, &[1, 2, 3]), &closed_meta());
+        let three = &thirds.by_priority[2];
+        assert_eq!(
+            (three.sent, three.success_ratio),
+            (66, Some(60.0 / 66.0)),
+            "requests 2, 5, 8, ..."
+        );
+        let idle = PointStats::new(*stats(1000).total.config(), [7]);
+        let unsent = &point(&idle, &closed_meta()).by_priority[0];
+        assert_eq!(
+            (unsent.priority, unsent.sent, unsent.success_ratio),
+            (7, 0, None)
+        );
+    }
+
+    #[test]
+    fn json_has_a_breakdown_per_priority() {
+        let report = run(vec![point(
+            &stats_with_levels(1000, &[1, 2]),
+            &closed_meta(),
+        )]);
+        let v = serde_json::to_value(&report).unwrap();
+        let levels = v["points"][0]["by_priority"].as_array().unwrap();
+        assert_eq!(levels.len(), 2);
+        let one = &levels[0];
+        assert_eq!(one["priority"], 1);
+        assert_eq!(
+            (one["sent"].as_u64(), one["ok"].as_u64()),
+            (Some(100), Some(80))
+        );
+        assert_eq!(one["ok_rps"], 40.0);
+        assert_eq!(one["goodput_rps"], 20.0);
+        assert_eq!(one["success_ratio"], 0.8);
+        assert_eq!(one["rejected"], 20);
+        assert_eq!(one["codes"]["OK"], 80);
+        for key in ["p50", "p99"] {
+            assert!(
+                one["latency_ms"]["ok"][key].is_number(),
+                "latency_ms.ok.{key}"
+            );
+        }
+        assert!(levels[1]["latency_ms"]["rejected"].is_null());
+        let back: RunReport = serde_json::from_value(v).unwrap();
+        assert_eq!(back, report);
+    }
+
+    #[test]
+    fn table_has_a_row_per_priority_and_the_success_ratio() {
+        let text = table(&run(vec![point(
+            &stats_with_levels(1000, &[1, 2]),
+            &closed_meta(),
+        )]));
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[1].ends_with("  late   ok %  codes"), "{}", lines[1]);
+        assert!(
+            lines[2].starts_with("c=4                 200      90.0      70.0")
+                && lines[2].ends_with("     -   90.0  OK 180, UNAVAILABLE 20"),
+            "{}",
+            lines[2]
+        );
+        assert!(
+            lines[3].starts_with("  prio 1            100      40.0      20.0")
+                && lines[3].ends_with("     -   80.0  OK 80, UNAVAILABLE 20"),
+            "{}",
+            lines[3]
+        );
+        assert!(
+            lines[4].starts_with("  prio 2            100      50.0      50.0")
+                && lines[4].ends_with("     -  100.0  OK 100"),
+            "{}",
+            lines[4]
+        );
+        assert_eq!(lines.len(), 5);
+        let codes_at = lines[1].find("  codes").unwrap();
+        for row in &lines[2..] {
+            assert_eq!(&row[codes_at..codes_at + 4], "  OK", "{row}");
+        }
     }
 
     #[test]

@@ -94,7 +94,7 @@ fn one_line(p: &PointReport) -> String {
         .ok
         .as_ref()
         .map_or_else(|| "-".to_owned(), |s| format!("{:.2} ms", s.p99));
-    let errors = p.answered - p.codes.get("OK").copied().unwrap_or(0);
+    let errors = p.answered - p.successes();
     format!(
         "{:>14}: {:.1} ok/s, p99 {p99}, {errors} errors, {} sent",
         p.label, p.throughput_rps, p.sent

@@ -9,6 +9,7 @@
 //! data = "random"                  # optional: random | zero
 //! shapes = { INPUT__0 = [64] }     # optional: variable dims, batch dim excluded
 //! # input_file = "inputs.json"     # optional, relative to this file
+//! # priority_mix = "1:1,2:3"       # optional: as `run --priority-mix`
 //! # url = "127.0.0.1:8001"         # optional; --url overrides it
 //!
 //! [timing]                         # optional; the same settings as `run`'s flags
@@ -33,6 +34,7 @@ use serde::Deserialize;
 
 use crate::config::{Human, LoadPlan, RunSpec, Timing};
 use crate::inputs::{DataKind, InputConfig, ShapeOverride};
+use crate::priority::PriorityMix;
 use crate::schedule::{Arrival, Profile, Spike, Stage};
 use crate::target::TargetConfig;
 
@@ -55,6 +57,7 @@ struct Scenario {
     #[serde(default)]
     shapes: BTreeMap<String, Vec<i64>>,
     input_file: Option<PathBuf>,
+    priority_mix: Option<PriorityMix>,
     #[serde(default)]
     timing: Timing,
     load: LoadSection,
@@ -165,6 +168,7 @@ impl Scenario {
             },
             plan,
             timing: self.timing,
+            priorities: self.priority_mix,
         })
     }
 }
@@ -224,6 +228,23 @@ mod tests {
             LoadPlan::Closed {
                 concurrency: vec![1, 2]
             }
+        );
+        assert_eq!(s.priorities, None);
+    }
+
+    #[test]
+    fn priority_mix_in_a_scenario() {
+        let load = "[load]\nmode = \"open\"\nrates = [100]\n";
+        let s = parse(&format!(
+            "model = \"m\"\npriority_mix = \"1:3, 2:1\"\n{load}"
+        ))
+        .unwrap();
+        let mix = s.priorities.expect("the scenario gives a mix");
+        assert_eq!(mix.levels().collect::<Vec<_>>(), [1, 2]);
+        let bad = parse(&format!("model = \"m\"\npriority_mix = \"1:0\"\n{load}")).unwrap_err();
+        assert!(
+            format!("{bad:#}").contains("the weight of priority 1 must be above 0"),
+            "{bad:#}"
         );
     }
 

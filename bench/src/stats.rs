@@ -1,8 +1,9 @@
 //! What a run measured: latency histograms per outcome, counts per gRPC status,
 //! schedule lag, and a per-second time series.
 //!
-//! Every worker records into its own [`Stats`] without locks; the run merges them
-//! at the end with [`Stats::merge`]. Latencies are recorded in microseconds in
+//! Every worker records into its own [`PointStats`] (a [`Stats`] for the totals and
+//! one per priority level) without locks; the run merges them at the end with
+//! [`PointStats::merge`]. Latencies are recorded in microseconds in
 //! auto-resizing HDR histograms (3 significant digits for the summary, 2 for the
 //! per-second series, which only feeds plots).
 
@@ -225,6 +226,86 @@ impl Stats {
     }
 }
 
+/// One point's measurements: the totals and, when requests carry priorities, the
+/// same measurements per priority level.
+///
+/// Requests are recorded with their level's slot (an index into the levels given to
+/// [`PointStats::new`]), or `None` when the run sends no priorities.
+#[derive(Clone, Debug)]
+pub struct PointStats {
+    pub total: Stats,
+    /// One entry per level, in the order of the mix; empty without priorities.
+    pub by_priority: Vec<LevelStats>,
+}
+
+/// What the requests of one priority level measured.
+#[derive(Clone, Debug)]
+pub struct LevelStats {
+    pub priority: u64,
+    pub stats: Stats,
+}
+
+impl PointStats {
+    pub fn new(config: StatsConfig, levels: impl IntoIterator<Item = u64>) -> PointStats {
+        PointStats {
+            total: Stats::new(config),
+            by_priority: levels
+                .into_iter()
+                .map(|priority| LevelStats {
+                    priority,
+                    stats: Stats::new(config),
+                })
+                .collect(),
+        }
+    }
+
+    /// See [`Stats::record`].
+    pub fn record(&mut self, slot: Option<usize>, outcome: &Outcome) {
+        self.each(slot, |s| s.record(outcome));
+    }
+
+    /// See [`Stats::record_unfinished`].
+    pub fn record_unfinished(&mut self, slot: Option<usize>, intended: Duration, lag: Duration) {
+        self.each(slot, |s| s.record_unfinished(intended, lag));
+    }
+
+    /// See [`Stats::record_unsent`].
+    pub fn record_unsent(&mut self, slot: Option<usize>, intended: Duration) {
+        self.each(slot, |s| s.record_unsent(intended));
+    }
+
+    /// Adds another worker's measurements (with the same levels) to these.
+    pub fn merge(&mut self, other: &PointStats) {
+        self.total.merge(&other.total);
+        assert_eq!(
+            self.by_priority.len(),
+            other.by_priority.len(),
+            "merged point stats have the same levels"
+        );
+        for (a, b) in self.by_priority.iter_mut().zip(&other.by_priority) {
+            a.stats.merge(&b.stats);
+        }
+    }
+
+    /// Applies a recording to the totals and to the slot's level.
+    fn each(&mut self, slot: Option<usize>, mut f: impl FnMut(&mut Stats)) {
+        f(&mut self.total);
+        if let Some(i) = slot {
+            f(&mut self.by_priority[i].stats);
+        }
+    }
+}
+
+impl From<Stats> for PointStats {
+    /// Measurements of a run without priorities.
+    fn from(total: Stats) -> PointStats {
+        PointStats {
+            total,
+            by_priority: Vec::new(),
+        }
+    }
+}
+
 /// Records a value, growing the histogram as needed.
 pub fn record(h: &mut Histogram<u64>, micros: u64) {
     // Auto-resizing histograms take any u64; `saturating_record` would clamp instead.
@@ -387,6 +468,32 @@ mod tests {
         short.merge(&long);
         assert_eq!(short.series.len(), 6);
         assert_eq!((short.series[0].ok, short.series[5].ok), (1, 1));
+    }
+
+    #[test]
+    fn point_stats_record_totals_and_each_level() {
+        let mut a = PointStats::new(config(), [1, 2]);
+        let mut b = PointStats::new(config(), [1, 2]);
+        a.record(Some(0), &outcome(1000, 0, 5, Code::Ok));
+        a.record(Some(1), &outcome(1001, 0, 7, Code::Unavailable));
+        b.record(Some(1), &outcome(1002, 0, 9, Code::Ok));
+        b.record_unfinished(Some(0), ms(1003), ms(0));
+        b.record_unsent(Some(1), ms(1004));
+        a.merge(&b);
+
+        let (p1, p2) = (&a.by_priority[0], &a.by_priority[1]);
+        assert_eq!((p1.priority, p2.priority), (1, 2));
+        assert_eq!((a.total.sent, p1.stats.sent, p2.stats.sent), (4, 2, 2));
+        assert_eq!((p1.stats.successes(), p2.stats.successes()), (1, 1));
+        assert_eq!(p2.stats.codes[code_index(Code::Unavailable)], 1);
+        assert_eq!((p1.stats.unfinished, p2.stats.unsent), (1, 1));
+        assert_eq!(a.total.answered(), 3);
+        assert!(p2.stats.ok.equivalent(p2.stats.ok.max(), 9000));
+
+        let mut plain = PointStats::from(Stats::new(config()));
+        plain.record(None, &outcome(1000, 0, 5, Code::Ok));
+        assert_eq!(plain.total.successes(), 1);
+        assert!(plain.by_priority.is_empty());
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The generator against a fake KServe v2 server with scripted delays: open-loop
 //! latency includes server stalls (no coordinated omission), falling behind the
-//! schedule is reported, and deadlines are counted as DEADLINE_EXCEEDED.
+//! schedule is reported, and deadlines are counted as DEADLINE_EXCEEDED. Also:
+//! priorities are sent as the mix says and results are broken down per level.
 //!
 //! Every assertion leans on delays the fake server enforces (a request held for
 //! 300 ms cannot be answered sooner however fast the machine), with wide margins in
@@ -34,6 +35,7 @@ fn point_config(load: Load) -> PointConfig {
         drain: Duration::from_secs(5),
         workers: 1,
         seed: 1,
+        priorities: None,
     }
 }
 
@@ -202,4 +204,68 @@ async fn expired_deadlines_are_deadline_exceeded_and_not_goodput() {
         .expect("expired requests are recorded");
     // The client gives up at the deadline instead of waiting for the 400 ms answer.
     assert!(rejected.p50 >= 49.0 && rejected.max < 350.0, "{rejected:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_loop_clients_share_the_priority_interleaving() {
+    let (addr, seen) = support::start(Behavior::RejectPriority(2)).await;
+    let mut config = point_config(Load::Closed {
+        concurrency: 4,
+        length: ms(300),
+    });
+    config.priorities = Some("1:1,2:1".parse().unwrap());
+    let p = run(addr, &config).await;
+
+    // The four clients number their requests from one counter: the server saw the
+    // levels alternate, whichever client sent what.
+    let by_level = seen.priorities();
+    assert_eq!(
+        by_level.keys().copied().collect::<Vec<_>>(),
+        [Some(1), Some(2)],
+        "{by_level:?}"
+    );
+    assert!(
+        by_level[&Some(1)].abs_diff(by_level[&Some(2)]) <= 1,
+        "{by_level:?}"
+    );
+    let [one, two] = &p.by_priority[..] else {
+        panic!("two levels: {:?}", p.by_priority)
+    };
+    assert_eq!((one.priority, two.priority), (1, 2));
+    assert!(
+        one.sent > 10 && two.sent > 10,
+        "{} and {} sent",
+        one.sent,
+        two.sent
+    );
+    assert_eq!(one.sent + two.sent, p.sent);
+    assert_eq!(
+        (one.ok, one.rejected, one.success_ratio),
+        (one.sent, 0, Some(1.0))
+    );
+    assert_eq!(
+        (two.ok, two.rejected, two.success_ratio),
+        (0, two.sent, Some(0.0))
+    );
+    assert_eq!(two.codes.get("UNAVAILABLE"), Some(&two.sent));
+    assert_eq!(p.codes.get("OK"), Some(&one.ok));
+    assert_eq!(p.codes.get("UNAVAILABLE"), Some(&two.rejected));
+    assert!(one.latency_ms.ok.is_some() && two.latency_ms.ok.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_mix_no_priority_is_sent() {
+    let (addr, seen) = support::start(Behavior::RejectPriority(1)).await;
+    let p = run(
+        addr,
+        &point_config(Load::Closed {
+            concurrency: 2,
+            length: ms(100),
+        }),
+    )
+    .await;
+    let by_level = seen.priorities();
+    assert_eq!(by_level.keys().collect::<Vec<_>>(), [&None], "{by_level:?}");
+    assert!(p.by_priority.is_empty());
+    assert_eq!(p.codes.keys().collect::<Vec<_>>(), ["OK"]);
 }

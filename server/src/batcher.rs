@@ -16,7 +16,7 @@
 //! - when the channel closes (model unloaded), what is queued is still served.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::error::Error;
-use crate::metrics::{self, DropReason};
+use crate::metrics::{self, DropReason, RejectReason};
 use crate::pool::{Event, InstancePool, Job};
 use crate::tensor::{DataType, Tensor};
 
@@ -52,6 +52,11 @@ pub struct Queued {
     pub arrival: Instant,
     /// When the request stops being worth running (deadline or queue timeout).
     pub expires: Option<Instant>,
+    /// When its answer must be out: it is not dispatched unless an execution of the
+    /// batch, as measured so far, ends before then.
+    pub deadline: Option<Instant>,
+    /// Priority level, 1 the highest: higher levels are dispatched first.
+    pub priority: u32,
     pub reply: oneshot::Sender<Result<Done, Error>>,
 }
 
@@ -159,8 +164,133 @@ pub struct Batcher {
     pub instances: Arc<(AtomicUsize, AtomicUsize)>,
     model: String,
     tx: mpsc::Sender<Queued>,
-    queued: Arc<AtomicUsize>,
-    max_queue_size: usize,
+    counts: Arc<QueueCounts>,
+    limits: QueueLimits,
+    policy: BatchPolicy,
+    estimate: Arc<ComputeEstimate>,
+}
+
+/// Bounds on what a model's queue accepts (from its queue policy and the server's
+/// admission settings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueLimits {
+    /// Requests waiting in total.
+    pub max_queue_size: usize,
+    /// Priority levels (1 the highest); at least 1.
+    pub priority_levels: u32,
+    /// Refuse a request at once when its predicted wait already exceeds its deadline.
+    pub predict_wait: bool,
+}
+
+/// What waits in the queue: requests in total, samples per priority level.
+struct QueueCounts {
+    requests: AtomicUsize,
+    /// Index: priority level (0 unused).
+    samples: Box<[AtomicUsize]>,
+}
+
+impl QueueCounts {
+    fn new(levels: u32) -> QueueCounts {
+        QueueCounts {
+            requests: AtomicUsize::new(0),
+            samples: (0..=levels.max(1)).map(|_| AtomicUsize::new(0)).collect(),
+        }
+    }
+
+    /// Samples that would be dispatched before a new request of `level`.
+    fn ahead_of(&self, level: u32) -> usize {
+        self.samples
+            .iter()
+            .take(level as usize + 1)
+            .map(|n| n.load(Ordering::Acquire))
+            .sum()
+    }
+
+    fn add(&self, q: &Queued) {
+        self.samples[q.priority as usize].fetch_add(q.samples, Ordering::AcqRel);
+    }
+
+    fn remove(&self, q: &Queued) {
+        self.samples[q.priority as usize].fetch_sub(q.samples, Ordering::AcqRel);
+    }
+}
+
+/// Measured execution time per batch size (a running average per size), written by the
+/// instances, read by admission and dispatch.
+#[derive(Debug)]
+pub struct ComputeEstimate {
+    /// Index: batch size; nanoseconds, 0 = never measured.
+    by_size: Box<[AtomicU64]>,
+}
+
+/// Weight of a new measurement in a size's running average.
+const ESTIMATE_SMOOTHING: f64 = 0.2;
+
+impl ComputeEstimate {
+    pub fn new(max_batch_size: usize) -> ComputeEstimate {
+        ComputeEstimate {
+            by_size: (0..=max_batch_size).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    pub fn record(&self, samples: usize, took: Duration) {
+        let Some(slot) = self.by_size.get(samples) else {
+            return;
+        };
+        let took = took.as_nanos().min(u128::from(u64::MAX)) as u64;
+        let old = slot.load(Ordering::Relaxed);
+        let new = if old == 0 {
+            took
+        } else {
+            (old as f64 * (1.0 - ESTIMATE_SMOOTHING) + took as f64 * ESTIMATE_SMOOTHING) as u64
+        };
+        slot.store(new.max(1), Ordering::Relaxed);
+    }
+
+    /// Time one execution of `samples` takes: measured at that size, else scaled
+    /// linearly from the nearest larger measured size (an upper bound for the usual
+    /// sub-linear cost), else from the nearest smaller one. `None` before any execution.
+    pub fn estimate(&self, samples: usize) -> Option<Duration> {
+        let samples = samples.clamp(1, self.by_size.len().saturating_sub(1).max(1));
+        let at = |n: usize| {
+            self.by_size
+                .get(n)
+                .map(|a| a.load(Ordering::Relaxed))
+                .filter(|&ns| ns > 0)
+        };
+        let (size, ns) = (samples..self.by_size.len())
+            .find_map(|n| at(n).map(|ns| (n, ns)))
+            .or_else(|| (1..samples).rev().find_map(|n| at(n).map(|ns| (n, ns))))?;
+        let scaled = if size > samples {
+            ns as f64 // a larger batch bounds a smaller one
+        } else {
+            ns as f64 * samples as f64 / size as f64
+        };
+        Some(Duration::from_nanos(scaled as u64))
+    }
+}
+
+/// How long a request would wait and run: `ahead` samples queued before it (its own
+/// included) go out in rounds of one batch per instance.
+pub fn predicted_wait(
+    policy: &BatchPolicy,
+    estimate: &ComputeEstimate,
+    ahead_samples: usize,
+    ahead_requests: usize,
+    own_samples: usize,
+    instances: usize,
+) -> Option<Duration> {
+    let instances = instances.max(1);
+    if !policy.combine {
+        // One request per execution.
+        let rounds = ahead_requests.div_ceil(instances).max(1);
+        return estimate.estimate(own_samples).map(|t| t * rounds as u32);
+    }
+    let total = ahead_samples.max(own_samples);
+    let per_round = instances * policy.max_batch_size.max(1);
+    let rounds = total.div_ceil(per_round).max(1);
+    let batch = total.div_ceil(instances).min(policy.max_batch_size.max(1));
+    estimate.estimate(batch).map(|t| t * rounds as u32)
 }
 
 /// How many instances a model keeps (from its config `parameters` and server defaults).
@@ -175,26 +305,28 @@ pub struct Scaling {
 }
 
 impl Batcher {
-    /// Start the actor for `pool`. `max_queue_size` bounds the requests waiting in total.
+    /// Start the actor for `pool`.
     pub fn spawn(
         model: String,
         policy: BatchPolicy,
         scaling: Scaling,
-        max_queue_size: usize,
+        limits: QueueLimits,
         pool: InstancePool,
     ) -> Batcher {
-        let queued = Arc::new(AtomicUsize::new(0));
+        let counts = Arc::new(QueueCounts::new(limits.priority_levels));
         let instances = Arc::new((AtomicUsize::new(pool.live()), AtomicUsize::new(0)));
+        let estimate = pool.estimate.clone();
         // The channel never holds more than the queue may: admission counts first.
-        let (tx, rx) = mpsc::channel(max_queue_size.max(1));
+        let (tx, rx) = mpsc::channel(limits.max_queue_size.max(1));
         let actor = Actor {
             instances: instances.clone(),
             model: model.clone(),
-            policy,
+            policy: policy.clone(),
             scaling,
             rx,
             queue: VecDeque::new(),
-            queued: queued.clone(),
+            counts: counts.clone(),
+            estimate: estimate.clone(),
             pool,
             cold_since: None,
         };
@@ -203,30 +335,78 @@ impl Batcher {
             instances,
             model,
             tx,
-            queued,
-            max_queue_size,
+            counts,
+            limits,
+            policy,
+            estimate,
         }
     }
 
-    /// Enqueue at once or refuse at once: a full queue answers UNAVAILABLE without waiting.
+    /// Enqueue at once or refuse at once: a full queue, or (with `predict_wait`) a wait
+    /// predicted past the request's deadline, answers UNAVAILABLE without waiting.
     pub fn submit(&self, request: Queued) -> Result<(), Error> {
-        let depth = self.queued.fetch_add(1, Ordering::AcqRel);
-        if depth >= self.max_queue_size {
-            self.queued.fetch_sub(1, Ordering::AcqRel);
-            metrics::rejected(&self.model, metrics::RejectReason::QueueFull);
+        let level = request
+            .priority
+            .clamp(1, self.limits.priority_levels.max(1));
+        let request = Queued {
+            priority: level,
+            ..request
+        };
+        if self.limits.predict_wait {
+            if let Some(deadline) = request.deadline {
+                let live = self.instances.0.load(Ordering::Acquire);
+                let wait = (live > 0)
+                    .then(|| {
+                        predicted_wait(
+                            &self.policy,
+                            &self.estimate,
+                            self.counts.ahead_of(level) + request.samples,
+                            self.counts.requests.load(Ordering::Acquire) + 1,
+                            request.samples,
+                            live,
+                        )
+                    })
+                    .flatten();
+                let now = Instant::now();
+                if let Some(wait) = wait.filter(|w| now + *w > deadline) {
+                    metrics::rejected(&self.model, RejectReason::PredictedWait, Some(level));
+                    return Err(Error::Overloaded {
+                        model: self.model.clone(),
+                        reason: format!(
+                            "predicted wait {:.1} ms exceeds the remaining deadline {:.1} ms",
+                            wait.as_secs_f64() * 1e3,
+                            deadline.saturating_duration_since(now).as_secs_f64() * 1e3
+                        ),
+                        retry_after: wait,
+                    });
+                }
+            }
+        }
+        let depth = self.counts.requests.fetch_add(1, Ordering::AcqRel);
+        if depth >= self.limits.max_queue_size {
+            self.counts.requests.fetch_sub(1, Ordering::AcqRel);
+            metrics::rejected(&self.model, RejectReason::QueueFull, Some(level));
             return Err(Error::Overloaded {
                 model: self.model.clone(),
-                reason: format!("queue full ({} requests waiting)", self.max_queue_size),
+                reason: format!(
+                    "queue full ({} requests waiting)",
+                    self.limits.max_queue_size
+                ),
                 retry_after: Duration::from_millis(10),
             });
         }
+        self.counts.add(&request);
         metrics::queue_depth(&self.model, depth + 1);
         self.tx.try_send(request).map_err(|e| {
-            self.queued.fetch_sub(1, Ordering::AcqRel);
+            self.counts.requests.fetch_sub(1, Ordering::AcqRel);
+            let q = match &e {
+                mpsc::error::TrySendError::Closed(q) | mpsc::error::TrySendError::Full(q) => q,
+            };
+            self.counts.remove(q);
             match e {
-                mpsc::error::TrySendError::Closed(_) => Error::ModelUnavailable {
+                mpsc::error::TrySendError::Closed(_) => Error::Restarting {
                     model: self.model.clone(),
-                    reason: "the model is unloading".into(),
+                    reason: "this model version is unloading".into(),
                 },
                 // Unreachable while the counter bounds the channel; refuse rather than wait.
                 mpsc::error::TrySendError::Full(_) => Error::Overloaded {
@@ -240,7 +420,7 @@ impl Batcher {
 
     /// Requests waiting now (queued, not yet dispatched).
     pub fn depth(&self) -> usize {
-        self.queued.load(Ordering::Acquire)
+        self.counts.requests.load(Ordering::Acquire)
     }
 }
 
@@ -251,7 +431,8 @@ struct Actor {
     scaling: Scaling,
     rx: mpsc::Receiver<Queued>,
     queue: VecDeque<Queued>,
-    queued: Arc<AtomicUsize>,
+    counts: Arc<QueueCounts>,
+    estimate: Arc<ComputeEstimate>,
     pool: InstancePool,
     /// Set while the model has no instance and one is loading for waiting requests.
     cold_since: Option<Instant>,
@@ -289,7 +470,11 @@ impl Actor {
                 .flatten();
             let wake = [
                 plan.as_ref().and_then(|p| p.ready_at),
-                self.queue.iter().filter_map(|q| q.expires).min(),
+                self.queue
+                    .iter()
+                    .flat_map(|q| [q.expires, q.deadline])
+                    .flatten()
+                    .min(),
                 retire_at,
             ]
             .into_iter()
@@ -303,7 +488,7 @@ impl Actor {
                 // New requests first: a batch grows with everything already sent.
                 biased;
                 received = self.rx.recv(), if open => match received {
-                    Some(q) => self.queue.push_back(q),
+                    Some(q) => self.enqueue(q),
                     None => open = false,
                 },
                 Some(event) = self.pool.events.recv() => self.on_event(event),
@@ -360,36 +545,63 @@ impl Actor {
         }
     }
 
-    /// Answer and remove requests that expired or whose client left.
+    /// Queue in priority order: after every request of the same or a higher level
+    /// (lower number), so within a level the oldest goes first.
+    fn enqueue(&mut self, q: Queued) {
+        let at = self
+            .queue
+            .iter()
+            .rposition(|other| other.priority <= q.priority)
+            .map_or(0, |i| i + 1);
+        self.queue.insert(at, q);
+    }
+
+    /// Answer and remove requests that expired, that cannot finish before their
+    /// deadline even if dispatched now, or whose client left.
     fn drop_dead(&mut self, now: Instant) {
-        let dead = |q: &Queued| q.expires.is_some_and(|e| e <= now) || q.reply.is_closed();
+        // One execution of what is queued (at most a full batch), as measured so far.
+        let queued: usize = self.queue.iter().map(|q| q.samples).sum();
+        let run = self
+            .estimate
+            .estimate(queued.min(self.policy.max_batch_size.max(1)))
+            .unwrap_or_default();
+        let expired = |q: &Queued| {
+            q.expires.is_some_and(|e| e <= now) || q.deadline.is_some_and(|d| d <= now + run)
+        };
+        let dead = |q: &Queued| expired(q) || q.reply.is_closed();
         if !self.queue.iter().any(dead) {
             return;
         }
         let mut kept = VecDeque::with_capacity(self.queue.len());
-        let mut removed = 0;
         for q in self.queue.drain(..) {
-            if q.expires.is_some_and(|e| e <= now) {
+            if expired(&q) {
                 metrics::dropped(&self.model, DropReason::Expired);
+                self.counts.remove(&q);
+                self.counts.requests.fetch_sub(1, Ordering::AcqRel);
                 let _ = q.reply.send(Err(Error::DeadlineExceeded {
                     model: self.model.clone(),
                     stage: "waiting in the queue",
                 }));
-                removed += 1;
             } else if q.reply.is_closed() {
                 metrics::dropped(&self.model, DropReason::Cancelled);
-                removed += 1;
+                self.counts.remove(&q);
+                self.counts.requests.fetch_sub(1, Ordering::AcqRel);
             } else {
                 kept.push_back(q);
             }
         }
         self.queue = kept;
-        self.release(removed);
+        metrics::queue_depth(&self.model, self.counts.requests.load(Ordering::Acquire));
     }
 
-    fn release(&self, n: usize) {
-        let left = self.queued.fetch_sub(n, Ordering::AcqRel) - n;
-        metrics::queue_depth(&self.model, left);
+    /// Account for requests leaving the queue.
+    fn release(&self, left: &[Queued]) {
+        for q in left {
+            self.counts.remove(q);
+        }
+        let n = left.len();
+        let remaining = self.counts.requests.fetch_sub(n, Ordering::AcqRel) - n;
+        metrics::queue_depth(&self.model, remaining);
     }
 
     fn dispatch(&mut self, instance: usize, take: &[usize], now: Instant) {
@@ -402,7 +614,7 @@ impl Actor {
             );
         }
         batch.reverse();
-        self.release(batch.len());
+        self.release(&batch);
         let queue_times: Vec<Duration> = batch.iter().map(|q| now - q.arrival).collect();
         for t in &queue_times {
             metrics::queue_wait(&self.model, *t);
@@ -415,7 +627,7 @@ impl Actor {
             },
         ) {
             for q in job.requests {
-                let _ = q.reply.send(Err(Error::ModelUnavailable {
+                let _ = q.reply.send(Err(Error::Restarting {
                     model: self.model.clone(),
                     reason: "the model instance stopped".into(),
                 }));
@@ -425,15 +637,13 @@ impl Actor {
 
     /// Answer every queued request UNAVAILABLE with `reason`.
     fn fail_queued(&mut self, reason: &str) {
-        let n = self.queue.len();
-        for q in self.queue.drain(..) {
+        let failed: Vec<Queued> = self.queue.drain(..).collect();
+        self.release(&failed);
+        for q in failed {
             let _ = q.reply.send(Err(Error::ModelUnavailable {
                 model: self.model.clone(),
                 reason: reason.into(),
             }));
-        }
-        if n > 0 {
-            self.release(n);
         }
     }
 }
@@ -664,7 +874,11 @@ mod tests {
             "m".into(),
             spec.batching.clone(),
             scaling,
-            max_queue_size,
+            QueueLimits {
+                max_queue_size,
+                priority_levels: 2,
+                predict_wait: true,
+            },
             pool,
         );
         Harness {
@@ -703,6 +917,8 @@ mod tests {
             key: key(&[width]),
             arrival: Instant::now(),
             expires,
+            deadline: None,
+            priority: 1,
             reply,
         };
         (q, rx)

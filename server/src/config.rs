@@ -9,6 +9,11 @@ use std::time::Duration;
 use clap::Parser;
 use serde::Deserialize;
 
+use crate::admission::deadline::DeadlinePolicy;
+use crate::admission::limit::{LimitConfig, LimitMode};
+use crate::admission::retry::RetryBudget;
+use crate::admission::AdmissionConfig;
+
 /// Every setting, as given by one source. `None` means "not set here".
 ///
 /// The same struct is the command line (with `--help`) and the TOML file schema, so the
@@ -98,6 +103,53 @@ pub struct Settings {
         hide_env_values = true
     )]
     pub model_control_token: Option<String>,
+
+    /// Deadline of inference requests that set none (no `grpc-timeout`, no `timeout`
+    /// parameter), in milliseconds; a shorter client timeout still wins. [default: none]
+    #[arg(long, env = "SLUICE_DEFAULT_TIMEOUT_MS", value_name = "MS")]
+    pub default_timeout_ms: Option<u64>,
+
+    /// Longest deadline any inference request gets, in milliseconds, whatever it asks
+    /// for. [default: none]
+    #[arg(long, env = "SLUICE_MAX_TIMEOUT_MS", value_name = "MS")]
+    pub max_timeout_ms: Option<u64>,
+
+    /// Refuse excess load at once: the in-flight and concurrency limits, and refusing
+    /// requests whose predicted queue wait exceeds their deadline. `false`: only each
+    /// model's max_queue_size bounds waiting requests. [default: true]
+    #[arg(long, env = "SLUICE_LOAD_SHEDDING", value_name = "BOOL")]
+    pub load_shedding: Option<bool>,
+
+    /// Inference requests in flight in the whole server; more are refused UNAVAILABLE. [default: 2048]
+    #[arg(long, env = "SLUICE_MAX_IN_FLIGHT", value_name = "N")]
+    pub max_in_flight: Option<usize>,
+
+    /// Per-model concurrency limit: `adaptive` (follows the model's queue delay between
+    /// the min and max) or `static` (always the max). [default: adaptive]
+    #[arg(long, env = "SLUICE_CONCURRENCY_LIMIT_MODE", value_name = "MODE")]
+    pub concurrency_limit_mode: Option<LimitMode>,
+
+    /// Lowest per-model concurrency limit. [default: 2]
+    #[arg(long, env = "SLUICE_MIN_CONCURRENCY_LIMIT", value_name = "N")]
+    pub min_concurrency_limit: Option<usize>,
+
+    /// Highest per-model concurrency limit (and its start value). [default: 256]
+    #[arg(long, env = "SLUICE_MAX_CONCURRENCY_LIMIT", value_name = "N")]
+    pub max_concurrency_limit: Option<usize>,
+
+    /// Queue delay the adaptive limit aims at, in milliseconds. [default: the model's
+    /// measured time for one execution, at least 1 ms]
+    #[arg(long, env = "SLUICE_TARGET_QUEUE_DELAY_MS", value_name = "MS")]
+    pub target_queue_delay_ms: Option<f64>,
+
+    /// Retries of transient failures allowed, as a percentage of recent requests (on
+    /// top of the minimum per second). [default: 20]
+    #[arg(long, env = "SLUICE_RETRY_BUDGET_PERCENT", value_name = "PERCENT")]
+    pub retry_budget_percent: Option<f32>,
+
+    /// Retries of transient failures always allowed per second. [default: 10]
+    #[arg(long, env = "SLUICE_RETRY_MIN_PER_SEC", value_name = "N")]
+    pub retry_min_per_sec: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -129,6 +181,7 @@ pub struct Config {
     pub max_message_bytes: usize,
     pub models: ModelDefaults,
     pub control: ModelControl,
+    pub admission: AdmissionConfig,
 }
 
 /// Server-wide defaults for per-model settings a config.pbtxt leaves unset.
@@ -219,12 +272,24 @@ impl Settings {
             model_control_mode: self.model_control_mode.or(lower.model_control_mode),
             load_model: self.load_model.or(lower.load_model),
             model_control_token: self.model_control_token.or(lower.model_control_token),
+            default_timeout_ms: self.default_timeout_ms.or(lower.default_timeout_ms),
+            max_timeout_ms: self.max_timeout_ms.or(lower.max_timeout_ms),
+            load_shedding: self.load_shedding.or(lower.load_shedding),
+            max_in_flight: self.max_in_flight.or(lower.max_in_flight),
+            concurrency_limit_mode: self.concurrency_limit_mode.or(lower.concurrency_limit_mode),
+            min_concurrency_limit: self.min_concurrency_limit.or(lower.min_concurrency_limit),
+            max_concurrency_limit: self.max_concurrency_limit.or(lower.max_concurrency_limit),
+            target_queue_delay_ms: self.target_queue_delay_ms.or(lower.target_queue_delay_ms),
+            retry_budget_percent: self.retry_budget_percent.or(lower.retry_budget_percent),
+            retry_min_per_sec: self.retry_min_per_sec.or(lower.retry_min_per_sec),
         }
     }
 
     /// Fill in defaults and check every value once.
     pub fn validate(self) -> Result<Config, ConfigError> {
+        let admission = self.admission()?;
         let config = Config {
+            admission,
             model_repository: self
                 .model_repository
                 .unwrap_or_else(|| PathBuf::from("models")),
@@ -261,6 +326,80 @@ impl Settings {
         };
         config.check()?;
         Ok(config)
+    }
+}
+
+impl Settings {
+    fn admission(&self) -> Result<AdmissionConfig, ConfigError> {
+        let defaults = AdmissionConfig::default();
+        let invalid = |setting, message: String| ConfigError::Invalid { setting, message };
+        let millis = |ms: Option<u64>, setting| match ms {
+            Some(0) => Err(invalid(setting, "must be above 0 ms".to_owned())),
+            ms => Ok(ms.map(Duration::from_millis)),
+        };
+        let model_limit = LimitConfig {
+            mode: self
+                .concurrency_limit_mode
+                .unwrap_or(defaults.model_limit.mode),
+            min: self
+                .min_concurrency_limit
+                .unwrap_or(defaults.model_limit.min),
+            max: self
+                .max_concurrency_limit
+                .unwrap_or(defaults.model_limit.max),
+            target: match self.target_queue_delay_ms {
+                None => None,
+                Some(ms) if ms.is_finite() && ms > 0.0 => Some(Duration::from_secs_f64(ms / 1e3)),
+                Some(ms) => {
+                    return Err(invalid(
+                        "target_queue_delay_ms",
+                        format!("{ms} is not a positive number of milliseconds"),
+                    ))
+                }
+            },
+        };
+        if model_limit.min == 0 {
+            return Err(invalid(
+                "min_concurrency_limit",
+                "must be at least 1".to_owned(),
+            ));
+        }
+        if model_limit.max < model_limit.min {
+            return Err(invalid(
+                "max_concurrency_limit",
+                format!(
+                    "{} is below min_concurrency_limit {}",
+                    model_limit.max, model_limit.min
+                ),
+            ));
+        }
+        let max_in_flight = self.max_in_flight.unwrap_or(defaults.max_in_flight);
+        if max_in_flight == 0 {
+            return Err(invalid("max_in_flight", "must be at least 1".to_owned()));
+        }
+        let percent = self
+            .retry_budget_percent
+            .unwrap_or(defaults.retry.percent * 100.0);
+        if !(0.0..=1000.0).contains(&percent) {
+            return Err(invalid(
+                "retry_budget_percent",
+                format!("{percent} is not within 0..=1000"),
+            ));
+        }
+        Ok(AdmissionConfig {
+            deadline: DeadlinePolicy {
+                default: millis(self.default_timeout_ms, "default_timeout_ms")?,
+                max: millis(self.max_timeout_ms, "max_timeout_ms")?,
+            },
+            shedding: self.load_shedding.unwrap_or(defaults.shedding),
+            max_in_flight,
+            model_limit,
+            retry: RetryBudget {
+                percent: percent / 100.0,
+                min_per_sec: self.retry_min_per_sec.unwrap_or(defaults.retry.min_per_sec),
+                ..defaults.retry
+            },
+        })
     }
 }
 

@@ -26,6 +26,11 @@ pub enum Error {
     #[error("model '{model}' is not available: {reason}")]
     ModelUnavailable { model: String, reason: String },
 
+    /// A passing state: an instance stopped and restarts, or the model version is being
+    /// replaced. The same request may succeed a moment later.
+    #[error("model '{model}' is restarting: {reason}")]
+    Restarting { model: String, reason: String },
+
     #[error("model '{model}': unexpected input '{input}' (expected one of: {expected})")]
     UnknownInput {
         model: String,
@@ -110,7 +115,7 @@ impl Error {
     pub fn kind(&self) -> &'static str {
         match self {
             Error::ModelNotFound { .. } | Error::VersionNotFound { .. } => "not_found",
-            Error::ModelUnavailable { .. } => "unavailable",
+            Error::ModelUnavailable { .. } | Error::Restarting { .. } => "unavailable",
             Error::UnknownInput { .. }
             | Error::MissingInput { .. }
             | Error::DuplicateInput { .. }
@@ -127,7 +132,16 @@ impl Error {
         }
     }
 
-    fn code(&self) -> Code {
+    /// Whether the failure is a passing state of the gateway (an instance restarting, a
+    /// model version being replaced) that the same request may not meet a moment later.
+    /// Bad requests, missing models, expiry and overload are not: retrying them would
+    /// give the same answer or add load where there is too much.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Error::Restarting { .. })
+    }
+
+    /// The gRPC status code this error is answered with.
+    pub fn code(&self) -> Code {
         match self {
             Error::ModelNotFound { .. } | Error::VersionNotFound { .. } => Code::NotFound,
             Error::UnknownInput { .. }
@@ -139,9 +153,10 @@ impl Error {
             | Error::BatchTooLarge { .. }
             | Error::WrongByteSize { .. }
             | Error::InvalidRequest { .. } => Code::InvalidArgument,
-            Error::ModelUnavailable { .. } | Error::Overloaded { .. } | Error::ShuttingDown => {
-                Code::Unavailable
-            }
+            Error::ModelUnavailable { .. }
+            | Error::Restarting { .. }
+            | Error::Overloaded { .. }
+            | Error::ShuttingDown => Code::Unavailable,
             Error::ModelFailed { .. } => Code::Internal,
             Error::DeadlineExceeded { .. } => Code::DeadlineExceeded,
         }

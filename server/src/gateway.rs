@@ -24,7 +24,9 @@ struct InFlight<'a>(&'a Gateway);
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+        let before = self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        metrics::in_flight(before - 1);
+        if before == 1 {
             self.0.idle.notify_waiters();
         }
     }
@@ -108,7 +110,8 @@ impl Gateway {
         version: &str,
         request: InferRequest,
     ) -> Result<InferResponse, Error> {
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        let before = self.in_flight.fetch_add(1, Ordering::AcqRel);
+        metrics::in_flight(before + 1);
         let _counted = InFlight(self);
         // Checked after counting: a drain that saw zero cannot miss this request.
         if self.shutting_down.load(Ordering::Acquire) {

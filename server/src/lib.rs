@@ -5,6 +5,8 @@
 //!
 //! ```text
 //! api (tonic service, HTTP health, /metrics)
+//!   -> admission (tower stack: deadline, global in-flight limit, per-model adaptive
+//!                 concurrency limit with priorities, retry of transient failures)
 //!   -> gateway (domain facade: lifecycle, per-request metrics)
 //!     -> repository (models by name and version, loaded from a Triton-layout directory)
 //!       -> model (validate against config.pbtxt, check outputs, statistics)
@@ -15,6 +17,7 @@
 //! Cross-cutting: `config` (one validated value), `error` (one enum -> gRPC status),
 //! `metrics` (every metric), `tensor` (host tensors), `server` (start-up, shutdown).
 
+pub mod admission;
 pub mod api;
 pub mod backend;
 pub mod batcher;

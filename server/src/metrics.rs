@@ -30,7 +30,14 @@ pub const COLD_START_WAIT_SECONDS: &str = "sluice_cold_start_wait_seconds";
 
 /// Label value for requests naming a model the repository does not have, so unknown
 /// names cannot grow the label set.
+pub const ADMITTED_REQUESTS_TOTAL: &str = "sluice_admitted_requests_total";
+pub const CONCURRENCY_LIMIT: &str = "sluice_concurrency_limit";
+pub const IN_FLIGHT_REQUESTS: &str = "sluice_in_flight_requests";
+pub const RETRIES_TOTAL: &str = "sluice_retries_total";
+
 pub const UNKNOWN_MODEL: &str = "_unknown";
+/// The `model` label of server-wide events (the global in-flight limit).
+pub const ALL_MODELS: &str = "_all";
 
 /// Latency buckets from 50 µs to 10 s: the gateway's own overhead sits at the bottom,
 /// cold starts and deadline-bound waits at the top.
@@ -47,14 +54,28 @@ const BATCH_SIZE_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0
 pub enum RejectReason {
     /// The model's queue held `max_queue_size` requests.
     QueueFull,
+    /// The server's in-flight limit is reached.
+    InFlightLimit,
+    /// The model's (adaptive) concurrency limit, or its priority level's share of it.
+    ConcurrencyLimit,
+    /// The predicted wait exceeds the request's remaining deadline.
+    PredictedWait,
 }
 
 impl RejectReason {
     fn label(self) -> &'static str {
         match self {
             RejectReason::QueueFull => "queue_full",
+            RejectReason::InFlightLimit => "in_flight_limit",
+            RejectReason::ConcurrencyLimit => "concurrency_limit",
+            RejectReason::PredictedWait => "predicted_wait",
         }
     }
+}
+
+/// Label value of a priority level ("" when unknown, e.g. before the model is resolved).
+fn priority_label(level: Option<u32>) -> String {
+    level.map(|l| l.to_string()).unwrap_or_default()
 }
 
 /// Why accepted work was dropped before it reached the model.
@@ -175,7 +196,27 @@ fn describe() {
     describe_counter!(
         REJECTED_REQUESTS_TOTAL,
         Unit::Count,
-        "Requests refused at once at admission, by model and reason."
+        "Requests refused at once at admission, by model, reason and priority level."
+    );
+    describe_counter!(
+        ADMITTED_REQUESTS_TOTAL,
+        Unit::Count,
+        "Requests admitted past the concurrency limits, by model and priority level."
+    );
+    describe_gauge!(
+        CONCURRENCY_LIMIT,
+        Unit::Count,
+        "The model's current concurrency limit (requests in flight it admits), by model."
+    );
+    describe_gauge!(
+        IN_FLIGHT_REQUESTS,
+        Unit::Count,
+        "Inference requests admitted and not yet answered, in the whole server."
+    );
+    describe_counter!(
+        RETRIES_TOTAL,
+        Unit::Count,
+        "Transient failures retried inside the gateway (outcome retried) or answered because the retry budget was spent (budget_exhausted), by model."
     );
     describe_counter!(
         DROPPED_REQUESTS_TOTAL,
@@ -206,9 +247,27 @@ pub fn queue_depth(model: &str, depth: usize) {
     gauge!(QUEUE_DEPTH, "model" => model.to_owned()).set(depth as f64);
 }
 
-pub fn rejected(model: &str, reason: RejectReason) {
-    counter!(REJECTED_REQUESTS_TOTAL, "model" => model.to_owned(), "reason" => reason.label())
+pub fn rejected(model: &str, reason: RejectReason, priority: Option<u32>) {
+    counter!(REJECTED_REQUESTS_TOTAL, "model" => model.to_owned(), "reason" => reason.label(),
+        "priority" => priority_label(priority))
+    .increment(1);
+}
+
+pub fn admitted(model: &str, priority: u32) {
+    counter!(ADMITTED_REQUESTS_TOTAL, "model" => model.to_owned(), "priority" => priority_label(Some(priority)))
         .increment(1);
+}
+
+pub fn concurrency_limit(model: &str, limit: usize) {
+    gauge!(CONCURRENCY_LIMIT, "model" => model.to_owned()).set(limit as f64);
+}
+
+pub fn in_flight(n: usize) {
+    gauge!(IN_FLIGHT_REQUESTS).set(n as f64);
+}
+
+pub fn retry(model: &str, outcome: &'static str) {
+    counter!(RETRIES_TOTAL, "model" => model.to_owned(), "outcome" => outcome).increment(1);
 }
 
 pub fn dropped(model: &str, reason: DropReason) {

@@ -9,9 +9,12 @@ use bytes::Bytes;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::batcher::{BatchKey, Batcher, Queued, Scaling};
+use crate::admission::limit::AdaptiveLimit;
+use crate::admission::AdmissionConfig;
+use crate::batcher::{BatchKey, Batcher, QueueLimits, Queued, Scaling};
 use crate::config::{BackendOptions, ModelDefaults};
 use crate::error::Error;
+use crate::metrics;
 use crate::pool::InstancePool;
 use crate::repository::{ModelSpec, TensorSpec};
 use crate::tensor::{element_count, shape_string, DataType, Tensor};
@@ -26,8 +29,12 @@ pub struct InferRequest {
     /// Past this instant the answer is DEADLINE_EXCEEDED (from grpc-timeout).
     pub deadline: Option<Instant>,
     /// Triton's `timeout` request parameter: the request's own queue timeout, honoured
-    /// when the model's queue policy allows overriding its default.
+    /// when the model's queue policy allows overriding its default (and a bound on its
+    /// deadline).
     pub queue_timeout: Option<Duration>,
+    /// Triton's `priority` request parameter (1 the highest; 0 or absent: the model's
+    /// default level).
+    pub priority: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -46,6 +53,10 @@ pub struct InferResponse {
     pub version: i64,
     pub id: String,
     pub outputs: Vec<(String, Tensor)>,
+    /// Time the request waited in the model's queue.
+    pub queue: Duration,
+    /// Time of the execution the request was part of.
+    pub compute: Duration,
 }
 
 /// A request that fits the model: inputs in the model's argument order.
@@ -63,6 +74,7 @@ pub struct Validated {
 pub struct LoadOptions {
     pub backend: BackendOptions,
     pub defaults: ModelDefaults,
+    pub admission: AdmissionConfig,
 }
 
 impl LoadOptions {
@@ -89,6 +101,8 @@ impl LoadOptions {
 pub struct LoadedModel {
     pub spec: Arc<ModelSpec>,
     pub version: i64,
+    /// The model's concurrency limit (the admission stack takes its slots).
+    pub limit: Arc<AdaptiveLimit>,
     batcher: Batcher,
     stats: Arc<Mutex<ModelStats>>,
 }
@@ -111,12 +125,19 @@ impl LoadedModel {
             spec.name.clone(),
             spec.batching.clone(),
             scaling,
-            spec.queue.max_queue_size,
+            QueueLimits {
+                max_queue_size: spec.queue.max_queue_size,
+                priority_levels: spec.queue.priority_levels,
+                predict_wait: options.admission.shedding,
+            },
             pool,
         );
+        let limit = Arc::new(AdaptiveLimit::new(options.admission.model_limit));
+        metrics::concurrency_limit(&spec.name, limit.limit());
         Ok(LoadedModel {
             spec,
             version,
+            limit,
             batcher,
             stats,
         })
@@ -145,6 +166,13 @@ impl LoadedModel {
     ) -> Result<(InferResponse, usize, Duration, Duration), Error> {
         let spec = &self.spec;
         let validated = validate(spec, &request)?;
+        let priority = spec
+            .queue
+            .priority_level(request.priority)
+            .map_err(|message| Error::InvalidRequest {
+                model: spec.name.clone(),
+                message,
+            })?;
         let queue_timeout = match request.queue_timeout {
             Some(t) if spec.queue.allow_timeout_override => Some(t),
             _ => spec.queue.default_timeout,
@@ -161,9 +189,11 @@ impl LoadedModel {
             samples: validated.batch,
             arrival,
             expires,
+            deadline: request.deadline,
+            priority,
             reply,
         })?;
-        let gone = || Error::ModelUnavailable {
+        let gone = || Error::Restarting {
             model: spec.name.clone(),
             reason: "the model stopped".into(),
         };
@@ -202,6 +232,8 @@ impl LoadedModel {
             version: self.version,
             id: request.id,
             outputs,
+            queue: done.queue,
+            compute: done.compute,
         };
         Ok((response, validated.batch, done.queue, done.compute))
     }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use crate::backend::{self, Backend, BackendError};
-use crate::batcher::{Done, Queued};
+use crate::batcher::{ComputeEstimate, Done, Queued};
 use crate::config::BackendOptions;
 use crate::error::Error;
 use crate::metrics::{self, DropReason};
@@ -78,6 +78,8 @@ pub struct InstancePool {
     loader: Loader,
     warmup: Arc<[WarmupSample]>,
     stats: Arc<Mutex<ModelStats>>,
+    /// Measured execution times by batch size, shared with the batcher's admission.
+    pub estimate: Arc<ComputeEstimate>,
     events_tx: mpsc::Sender<Event>,
     /// Instance events; owned by whoever drives the pool (the batcher).
     pub events: mpsc::Receiver<Event>,
@@ -109,6 +111,7 @@ impl InstancePool {
         // then Done per batch, or Stopped), so this never blocks an instance for long.
         let (events_tx, events) = mpsc::channel(spec.instance_count.max(1) * 2);
         InstancePool {
+            estimate: Arc::new(ComputeEstimate::new(spec.batching.max_batch_size.max(1))),
             spec,
             loader,
             warmup,
@@ -157,6 +160,7 @@ impl InstancePool {
             jobs: jobs_rx,
             events: self.events_tx.clone(),
             stats: self.stats.clone(),
+            estimate: self.estimate.clone(),
         };
         let thread = std::thread::Builder::new()
             .name(format!("model-{}-{id}", self.spec.name))
@@ -339,6 +343,7 @@ struct Worker {
     jobs: std::sync::mpsc::Receiver<Job>,
     events: mpsc::Sender<Event>,
     stats: Arc<Mutex<ModelStats>>,
+    estimate: Arc<ComputeEstimate>,
 }
 
 impl Worker {
@@ -451,6 +456,9 @@ impl Worker {
         let result = catch_unwind(AssertUnwindSafe(|| backend.forward(&inputs)));
         let compute = start.elapsed();
         metrics::execution(model, total, compute);
+        if matches!(result, Ok(Ok(_))) {
+            self.estimate.record(total, compute);
+        }
         self.stats
             .lock()
             .expect("stats lock is never poisoned")

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use sluice_proto::grpc_inference_service_server::GrpcInferenceServiceServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -35,6 +36,7 @@ impl Server {
         let options = LoadOptions {
             backend: config.backend,
             defaults: config.models,
+            admission: config.admission,
         };
         let control = config.control.clone();
         let repository =
@@ -119,6 +121,7 @@ impl Server {
         let inference = GrpcInferenceServiceServer::new(InferenceService::new(
             gateway.clone(),
             config.control.clone(),
+            &config.admission,
         ))
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
@@ -143,22 +146,11 @@ impl Server {
         ));
 
         let drain_start = CancellationToken::new();
-        let grpc_shutdown = {
-            let drain_start = drain_start.clone();
-            async move { drain_start.cancelled().await }
-        };
-        let grpc_task = tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(health_service)
-                .add_service(reflection)
-                .add_service(inference)
-                // No Nagle delay: small responses go out at once (with Nagle and delayed ACKs
-                // a reply can sit 40 ms in the socket).
-                .serve_with_incoming_shutdown(
-                    tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
-                    grpc_shutdown,
-                ),
-        );
+        let routes = tonic::service::Routes::new(health_service)
+            .add_service(reflection)
+            .add_service(inference)
+            .prepare();
+        let grpc_task = tokio::spawn(serve_grpc(grpc, routes, drain_start.clone()));
         gateway.set_ready();
         tracing::info!(
             grpc = %config.host, grpc_port = config.grpc_port, http_port = config.http_port,
@@ -191,8 +183,7 @@ impl Server {
         }
         drain_start.cancel();
         match tokio::time::timeout_at(deadline, grpc_task).await {
-            Ok(Ok(Ok(()))) => tracing::info!("drained"),
-            Ok(Ok(Err(e))) => tracing::error!(error = %e, "gRPC server failed"),
+            Ok(Ok(())) => tracing::info!("drained"),
             Ok(Err(e)) => tracing::error!(error = %e, "gRPC server task failed"),
             Err(_) => tracing::warn!("grace period over with connections still open; exiting"),
         }
@@ -201,6 +192,56 @@ impl Server {
         Ok(())
     }
 }
+
+/// Serve gRPC (HTTP/2) connections on `listener` until `stop`, then close them
+/// gracefully (in-flight calls finish, then GOAWAY). Connections are served here rather
+/// than by tonic's transport server so that the `grpc-timeout` header is enforced only
+/// by the admission stack, which answers DEADLINE_EXCEEDED (tonic's transport answers
+/// an expired call CANCELLED).
+async fn serve_grpc(
+    listener: TcpListener,
+    routes: tonic::service::Routes,
+    stop: CancellationToken,
+) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut builder =
+        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).http2_only();
+    // No per-connection stream cap: admission limits what runs, over every connection.
+    builder.http2().max_concurrent_streams(None::<u32>);
+    loop {
+        let stream = tokio::select! {
+            _ = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of descriptors and the like: pause instead of spinning.
+                    tracing::warn!(error = %e, "cannot accept a gRPC connection");
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                    continue;
+                }
+            },
+        };
+        // No Nagle delay: small responses go out at once (with Nagle and delayed ACKs a
+        // reply can sit 40 ms in the socket).
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+        let service = hyper_util::service::TowerToHyperService::new(routes.clone());
+        let connection = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "gRPC connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).
 pub async fn termination_signal() {

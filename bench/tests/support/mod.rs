@@ -1,17 +1,20 @@
 //! A minimal KServe v2 server for the bench's tests: one model, `fake`, with input
-//! `INPUT__0` FP32 [-1, 4], whose ModelInfer echoes its input after a scripted delay.
+//! `INPUT__0` FP32 [-1, 4], whose ModelInfer echoes its input after a scripted delay
+//! or rejects requests of a scripted priority.
 
 // Each test binary uses only part of this module.
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use sluice_proto::grpc_inference_service_server::{
     GrpcInferenceService, GrpcInferenceServiceServer,
 };
+use sluice_proto::inference::infer_parameter::ParameterChoice;
 use sluice_proto::inference::model_infer_response::InferOutputTensor;
 use sluice_proto::inference::model_metadata_response::TensorMetadata;
 use sluice_proto::inference::*;
@@ -29,6 +32,9 @@ pub enum Behavior {
     Stall { after: Duration, length: Duration },
     /// Every request is answered after this long.
     Sleep(Duration),
+    /// Requests whose `priority` parameter is this level are answered UNAVAILABLE, all
+    /// others at once.
+    RejectPriority(u64),
 }
 
 /// What the server saw, for the tests to check.
@@ -38,11 +44,25 @@ pub struct Seen {
     pub infers: AtomicU64,
     /// Requests that arrived inside the stall window.
     pub stalled: AtomicU64,
+    /// ModelInfer requests per uint64 `priority` parameter (None: without one).
+    priorities: Mutex<BTreeMap<Option<u64>, u64>>,
 }
 
 impl Seen {
     pub fn stalled(&self) -> u64 {
         self.stalled.load(Ordering::Relaxed)
+    }
+
+    pub fn priorities(&self) -> BTreeMap<Option<u64>, u64> {
+        self.priorities.lock().expect("not poisoned").clone()
+    }
+}
+
+/// The request's `priority` parameter, if it is a uint64 one as Triton's protocol has it.
+fn priority(req: &ModelInferRequest) -> Option<u64> {
+    match req.parameters.get("priority")?.parameter_choice {
+        Some(ParameterChoice::Uint64Param(level)) => Some(level),
+        _ => None,
     }
 }
 
@@ -100,6 +120,14 @@ impl GrpcInferenceService for Fake {
         let now = Instant::now();
         let first = *self.seen.first.get_or_init(|| now);
         self.seen.infers.fetch_add(1, Ordering::Relaxed);
+        let level = priority(req.get_ref());
+        *self
+            .seen
+            .priorities
+            .lock()
+            .expect("not poisoned")
+            .entry(level)
+            .or_default() += 1;
         match self.behavior {
             Behavior::Stall { after, length } => {
                 let (from, until) = (first + after, first + after + length);
@@ -109,6 +137,12 @@ impl GrpcInferenceService for Fake {
                 }
             }
             Behavior::Sleep(d) => tokio::time::sleep(d).await,
+            Behavior::RejectPriority(rejected) if level == Some(rejected) => {
+                return Err(Status::unavailable(format!(
+                    "priority {rejected} is not served"
+                )));
+            }
+            Behavior::RejectPriority(_) => {}
         }
         let req = req.into_inner();
         let outputs = req

@@ -2,45 +2,24 @@
 
 use std::time::Duration;
 
+use crate::error::Error;
+use crate::model::{InferRequest, InferResponse, LoadedModel, RequestInput, Tally};
+use crate::tensor::{element_count, shape_string, DataType};
 use bytes::{BufMut, Bytes, BytesMut};
 use sluice_proto::inference::infer_parameter::ParameterChoice;
 use sluice_proto::inference::{
     model_infer_request::InferInputTensor, model_infer_response::InferOutputTensor,
-    InferBatchStatistics, InferStatistics, InferTensorContents, ModelInferRequest,
+    InferBatchStatistics, InferParameter, InferStatistics, InferTensorContents, ModelInferRequest,
     ModelInferResponse, ModelStatistics, StatisticDuration,
 };
-use tokio::time::Instant;
-
-use crate::error::Error;
-use crate::model::{InferRequest, InferResponse, LoadedModel, RequestInput, Tally};
-use crate::tensor::{element_count, shape_string, DataType};
 
 /// Decode a ModelInferRequest: tensor bytes from `raw_input_contents` (one entry per
 /// input, in order) or from each input's typed `contents`.
-pub fn infer_request(
-    req: ModelInferRequest,
-    deadline: Option<Instant>,
-) -> Result<InferRequest, Error> {
+pub fn infer_request(req: ModelInferRequest) -> Result<InferRequest, Error> {
     let model = req.model_name;
-    let queue_timeout = match req
-        .parameters
-        .get("timeout")
-        .and_then(|p| p.parameter_choice.as_ref())
-    {
-        None => None,
-        Some(ParameterChoice::Int64Param(us)) if *us >= 0 => {
-            Some(Duration::from_micros(*us as u64))
-        }
-        Some(ParameterChoice::Uint64Param(us)) => Some(Duration::from_micros(*us)),
-        Some(other) => {
-            return Err(Error::InvalidRequest {
-                model,
-                message: format!(
-                "parameter 'timeout' must be a non-negative integer of microseconds, got {other:?}"
-            ),
-            })
-        }
-    };
+    let queue_timeout =
+        uint_parameter(&model, &req.parameters, "timeout")?.map(Duration::from_micros);
+    let priority = uint_parameter(&model, &req.parameters, "priority")?;
     let invalid = |message: String| Error::InvalidRequest {
         model: model.clone(),
         message,
@@ -79,9 +58,31 @@ pub fn infer_request(
         id: req.id,
         inputs,
         outputs: req.outputs.into_iter().map(|o| o.name).collect(),
-        deadline,
+        deadline: None,
         queue_timeout,
+        priority,
     })
+}
+
+/// A request parameter that must be a non-negative integer (Triton's `timeout` in
+/// microseconds, `priority`), sent as int64 or uint64.
+fn uint_parameter(
+    model: &str,
+    parameters: &std::collections::HashMap<String, InferParameter>,
+    key: &str,
+) -> Result<Option<u64>, Error> {
+    match parameters
+        .get(key)
+        .and_then(|p| p.parameter_choice.as_ref())
+    {
+        None => Ok(None),
+        Some(ParameterChoice::Int64Param(v)) if *v >= 0 => Ok(Some(*v as u64)),
+        Some(ParameterChoice::Uint64Param(v)) => Ok(Some(*v)),
+        Some(other) => Err(Error::InvalidRequest {
+            model: model.to_owned(),
+            message: format!("parameter '{key}' must be a non-negative integer, got {other:?}"),
+        }),
+    }
 }
 
 /// Typed `contents` to little-endian bytes. An unknown datatype yields no bytes; the

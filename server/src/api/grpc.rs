@@ -8,19 +8,56 @@ use sluice_proto::inference::*;
 use tokio_stream::{wrappers::ReceiverStream, Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tower::ServiceExt;
+
 use super::convert;
+use crate::admission::{self, AdmissionConfig, InferCall, InferService};
 use crate::config::{ModelControl, ModelControlMode};
 use crate::error::Error;
 use crate::gateway::Gateway;
+use crate::model::InferResponse;
 
 pub struct InferenceService {
     gateway: Arc<Gateway>,
     control: ModelControl,
+    /// The admission stack every inference request goes through.
+    admission: InferService,
 }
 
 impl InferenceService {
-    pub fn new(gateway: Arc<Gateway>, control: ModelControl) -> InferenceService {
-        InferenceService { gateway, control }
+    pub fn new(
+        gateway: Arc<Gateway>,
+        control: ModelControl,
+        admission: &AdmissionConfig,
+    ) -> InferenceService {
+        InferenceService {
+            admission: admission::stack(gateway.clone(), admission),
+            gateway,
+            control,
+        }
+    }
+
+    /// Run one decoded request through the admission stack.
+    async fn infer(
+        admission: InferService,
+        req: ModelInferRequest,
+        header_timeout: Option<Duration>,
+        received: Instant,
+    ) -> Result<InferResponse, Error> {
+        let (model, version) = (req.model_name.clone(), req.model_version.clone());
+        let request = convert::infer_request(req)?;
+        admission
+            .oneshot(InferCall {
+                model,
+                version,
+                request,
+                header_timeout,
+                received,
+            })
+            .await
     }
 
     /// RepositoryModelLoad/Unload: the bearer token first (when one is configured), then
@@ -145,11 +182,15 @@ impl GrpcInferenceService for InferenceService {
         &self,
         req: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
-        let deadline = grpc_deadline(req.metadata())?;
-        let req = req.into_inner();
-        let (name, version) = (req.model_name.clone(), req.model_version.clone());
-        let request = convert::infer_request(req, deadline)?;
-        let response = self.gateway.infer(&name, &version, request).await?;
+        let received = Instant::now();
+        let header_timeout = grpc_timeout(req.metadata())?;
+        let response = Self::infer(
+            self.admission.clone(),
+            req.into_inner(),
+            header_timeout,
+            received,
+        )
+        .await?;
         Ok(Response::new(convert::infer_response(response)))
     }
 
@@ -161,9 +202,11 @@ impl GrpcInferenceService for InferenceService {
         &self,
         req: Request<Streaming<ModelInferRequest>>,
     ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
+        // A stream's `grpc-timeout` is the whole stream's; each request on it is bounded
+        // by its `timeout` parameter and the server's default.
         let mut inbound = req.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(STREAM_WINDOW);
-        let gateway = self.gateway.clone();
+        let admission = self.admission.clone();
         tokio::spawn(async move {
             while let Some(next) = inbound.next().await {
                 let Ok(req) = next else { break };
@@ -171,17 +214,15 @@ impl GrpcInferenceService for InferenceService {
                 let Ok(permit) = tx.clone().reserve_owned().await else {
                     break;
                 };
-                let gateway = gateway.clone();
+                let admission = admission.clone();
+                let received = Instant::now();
                 tokio::spawn(async move {
                     let (name, version, id) = (
                         req.model_name.clone(),
                         req.model_version.clone(),
                         req.id.clone(),
                     );
-                    let answer = match convert::infer_request(req, None) {
-                        Ok(request) => gateway.infer(&name, &version, request).await,
-                        Err(e) => Err(e),
-                    };
+                    let answer = Self::infer(admission, req, None, received).await;
                     let message = match answer {
                         Ok(resp) => ModelStreamInferResponse {
                             error_message: String::new(),
@@ -347,11 +388,9 @@ impl GrpcInferenceService for InferenceService {
     }
 }
 
-/// The call's absolute deadline from its `grpc-timeout` header (gRPC over HTTP/2:
+/// The call's timeout from its `grpc-timeout` header (gRPC over HTTP/2:
 /// up to 8 digits and a unit, H M S m u n).
-fn grpc_deadline(
-    metadata: &tonic::metadata::MetadataMap,
-) -> Result<Option<tokio::time::Instant>, Status> {
+fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Result<Option<Duration>, Status> {
     let Some(value) = metadata.get("grpc-timeout") else {
         return Ok(None);
     };
@@ -359,7 +398,7 @@ fn grpc_deadline(
     let timeout = parse_grpc_timeout(text).ok_or_else(|| {
         Status::invalid_argument(format!("malformed grpc-timeout header '{text}'"))
     })?;
-    Ok(Some(tokio::time::Instant::now() + timeout))
+    Ok(Some(timeout))
 }
 
 pub fn parse_grpc_timeout(text: &str) -> Option<std::time::Duration> {

@@ -22,6 +22,9 @@ use crate::tensor::{element_count, shape_string, DataType, Tensor};
 /// Queue bound for models whose config sets no `max_queue_size` (Triton's 0, unbounded):
 /// every queue is bounded so that overload is answered, not buffered.
 pub const DEFAULT_MAX_QUEUE_SIZE: usize = 1024;
+/// Most priority levels a model may declare (each level has its own share of the model's
+/// concurrency limit and its own queue counters).
+pub const MAX_PRIORITY_LEVELS: u32 = 16;
 
 /// The queue policy (`dynamic_batching.default_queue_policy`), applied to every request.
 #[derive(Debug, Clone, PartialEq)]
@@ -34,6 +37,25 @@ pub struct QueueSettings {
     /// `timeout_action: REJECT` (the default): a request past its queue timeout is
     /// answered DEADLINE_EXCEEDED. `DELAY`: the timeout is ignored, the request stays.
     pub reject_on_timeout: bool,
+    /// `priority_levels`: requests carry a level 1 (highest) ..= this; at least 1.
+    pub priority_levels: u32,
+    /// `default_priority_level`: the level of a request that sends no `priority` (or 0).
+    pub default_priority_level: u32,
+}
+
+impl QueueSettings {
+    /// The level a request runs at for its `priority` parameter (0 or absent: the
+    /// default level). Levels beyond the configured ones are refused.
+    pub fn priority_level(&self, requested: Option<u64>) -> Result<u32, String> {
+        match requested {
+            None | Some(0) => Ok(self.default_priority_level),
+            Some(p) if p <= u64::from(self.priority_levels) => Ok(p as u32),
+            Some(p) => Err(format!(
+                "priority {p} is out of range: the model has {} priority level(s) (1 is the highest, 0 the default)",
+                self.priority_levels
+            )),
+        }
+    }
 }
 
 /// How an instance of the model executes.
@@ -586,6 +608,41 @@ fn scheduling(
             .then(|| Duration::from_micros(policy.default_timeout_microseconds)),
         allow_timeout_override: policy.allow_timeout_override,
         reject_on_timeout: policy.timeout_action != model_queue_policy::TimeoutAction::Delay as i32,
+        priority_levels: 1,
+        default_priority_level: 1,
+    };
+    let queue = match dynamic.priority_levels {
+        0 if dynamic.default_priority_level == 0 => queue,
+        0 => {
+            return Err(format!(
+                "dynamic_batching.default_priority_level {} needs priority_levels",
+                dynamic.default_priority_level
+            ))
+        }
+        levels => {
+            let levels = u32::try_from(levels)
+                .ok()
+                .filter(|&l| l <= MAX_PRIORITY_LEVELS)
+                .ok_or_else(|| {
+                    format!(
+                        "dynamic_batching.priority_levels {levels} is above {MAX_PRIORITY_LEVELS}"
+                    )
+                })?;
+            let default = match dynamic.default_priority_level {
+                0 => levels,
+                d if d <= u64::from(levels) => d as u32,
+                d => {
+                    return Err(format!(
+                        "dynamic_batching.default_priority_level {d} is not within 1..={levels}"
+                    ))
+                }
+            };
+            QueueSettings {
+                priority_levels: levels,
+                default_priority_level: default,
+                ..queue
+            }
+        }
     };
     Ok((batching, queue))
 }

@@ -1,0 +1,242 @@
+//! Admission control: the tower stack every ModelInfer request passes through before it
+//! reaches a model (health, metadata and metrics never do). Declared in one place,
+//! [`stack`], outermost first:
+//!
+//! 1. [`deadline`]: one absolute deadline per request; DEADLINE_EXCEEDED when it passes.
+//! 2. Global in-flight limit (tower's load shed over a concurrency limit shared by every
+//!    connection): over it, UNAVAILABLE at once with `grpc-retry-pushback-ms`.
+//! 3. [`ModelLimit`]: the model's own, adaptive concurrency limit ([`limit`]), with a
+//!    smaller share for lower priorities; over it, UNAVAILABLE at once with pushback.
+//! 4. [`retry`]: transient failures (an instance restarting or loading) are retried
+//!    within the deadline and a retry budget.
+//! 5. The gateway: validation, the model's queue (which refuses a request whose
+//!    predicted wait exceeds its remaining deadline) and the instances.
+
+pub mod deadline;
+pub mod limit;
+pub mod retry;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tower::util::BoxCloneSyncService;
+use tower::{Layer, Service, ServiceBuilder, ServiceExt};
+
+use self::deadline::{DeadlineLayer, DeadlinePolicy};
+use self::limit::LimitConfig;
+use self::retry::{RetryBudget, RetryTransient};
+use crate::error::Error;
+use crate::gateway::Gateway;
+use crate::metrics::{self, RejectReason};
+use crate::model::{InferRequest, InferResponse};
+
+/// One inference request on its way through the stack.
+#[derive(Debug, Clone)]
+pub struct InferCall {
+    pub model: String,
+    pub version: String,
+    /// `request.deadline` is set by the deadline layer.
+    pub request: InferRequest,
+    /// From the call's `grpc-timeout` header.
+    pub header_timeout: Option<Duration>,
+    /// When the server received the call: timeouts count from here.
+    pub received: Instant,
+}
+
+/// Every admission setting (see the README's configuration table).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdmissionConfig {
+    pub deadline: DeadlinePolicy,
+    /// `false`: no concurrency limits and no predicted-wait refusals; only each model's
+    /// `max_queue_size` bounds what waits (as in Triton).
+    pub shedding: bool,
+    /// Requests in flight in the whole server.
+    pub max_in_flight: usize,
+    pub model_limit: LimitConfig,
+    pub retry: RetryBudget,
+}
+
+impl Default for AdmissionConfig {
+    fn default() -> Self {
+        AdmissionConfig {
+            deadline: DeadlinePolicy::default(),
+            shedding: true,
+            max_in_flight: 2048,
+            model_limit: LimitConfig::default(),
+            retry: RetryBudget::default(),
+        }
+    }
+}
+
+/// How long a client refused for being over a limit is asked to wait before retrying.
+pub const LIMIT_PUSHBACK: Duration = Duration::from_millis(20);
+
+pub type InferService = BoxCloneSyncService<InferCall, InferResponse, Error>;
+
+/// The admission stack in front of `gateway`, outermost first.
+pub fn stack(gateway: Arc<Gateway>, config: &AdmissionConfig) -> InferService {
+    let global = config.shedding.then(|| {
+        let semaphore = Arc::new(tokio::sync::Semaphore::new(config.max_in_flight));
+        ServiceBuilder::new()
+            .map_err(global_overload)
+            .load_shed()
+            .layer(tower::limit::GlobalConcurrencyLimitLayer::with_semaphore(
+                semaphore,
+            ))
+    });
+    let service = ServiceBuilder::new()
+        .layer(DeadlineLayer::new(config.deadline))
+        .option_layer(global)
+        .layer(ModelLimitLayer {
+            gateway: gateway.clone(),
+            shedding: config.shedding,
+        })
+        .layer(tower::retry::RetryLayer::new(RetryTransient::new(
+            config.retry,
+        )))
+        .service(GatewayService { gateway });
+    BoxCloneSyncService::new(service.map_err(Error::from))
+}
+
+/// Errors of the global limit: tower's `Overloaded` (no slot free) becomes ours; our own
+/// errors from the layers inside pass through.
+fn global_overload(err: tower::BoxError) -> Error {
+    match err.downcast::<Error>() {
+        Ok(ours) => *ours,
+        Err(other) if other.is::<tower::load_shed::error::Overloaded>() => {
+            metrics::rejected(metrics::ALL_MODELS, RejectReason::InFlightLimit, None);
+            Error::Overloaded {
+                model: metrics::ALL_MODELS.to_owned(),
+                reason: "the server's in-flight request limit is reached".into(),
+                retry_after: LIMIT_PUSHBACK,
+            }
+        }
+        Err(other) => Error::ModelFailed {
+            model: metrics::ALL_MODELS.to_owned(),
+            message: other.to_string(),
+        },
+    }
+}
+
+/// The innermost service: the gateway runs the request.
+#[derive(Clone)]
+pub struct GatewayService {
+    gateway: Arc<Gateway>,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = Result<T, Error>> + Send>>;
+
+impl Service<InferCall> for GatewayService {
+    type Response = InferResponse;
+    type Error = Error;
+    type Future = BoxFuture<InferResponse>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, call: InferCall) -> Self::Future {
+        let gateway = self.gateway.clone();
+        Box::pin(async move {
+            gateway
+                .infer(&call.model, &call.version, call.request)
+                .await
+        })
+    }
+}
+
+/// Per model: the adaptive concurrency limit, by priority level. Resolves the model (so
+/// an unknown model is NOT_FOUND here) and its request's priority level (INVALID_ARGUMENT
+/// when out of range).
+#[derive(Clone)]
+pub struct ModelLimitLayer {
+    gateway: Arc<Gateway>,
+    shedding: bool,
+}
+
+impl<S> Layer<S> for ModelLimitLayer {
+    type Service = ModelLimit<S>;
+    fn layer(&self, inner: S) -> ModelLimit<S> {
+        ModelLimit {
+            inner,
+            gateway: self.gateway.clone(),
+            shedding: self.shedding,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct ModelLimit<S> {
+    inner: S,
+    gateway: Arc<Gateway>,
+    shedding: bool,
+}
+
+impl<S> Service<InferCall> for ModelLimit<S>
+where
+    S: Service<InferCall, Response = InferResponse, Error = Error> + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = InferResponse;
+    type Error = Error;
+    type Future = BoxFuture<InferResponse>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, call: InferCall) -> Self::Future {
+        let model = match self.gateway.model(&call.model, &call.version) {
+            Ok(m) => m,
+            // Answered by the gateway with the precise reason (and counted there).
+            Err(_) => return Box::pin(self.inner.call(call)),
+        };
+        let queue = &model.spec.queue;
+        let level = match queue.priority_level(call.request.priority) {
+            Ok(level) => level,
+            Err(message) => {
+                let err = Error::InvalidRequest {
+                    model: call.model.clone(),
+                    message,
+                };
+                return Box::pin(async move { Err(err) });
+            }
+        };
+        let levels = queue.priority_levels;
+        if !self.shedding {
+            metrics::admitted(&call.model, level);
+            return Box::pin(self.inner.call(call));
+        }
+        let limit = model.limit.clone();
+        let Some(permit) = limit.try_acquire(level, levels) else {
+            metrics::rejected(&call.model, RejectReason::ConcurrencyLimit, Some(level));
+            let err = Error::Overloaded {
+                model: call.model.clone(),
+                reason: format!(
+                    "concurrency limit reached ({} in flight, limit {}, priority level {level} of {levels})",
+                    limit.in_flight(),
+                    limit.limit()
+                ),
+                retry_after: LIMIT_PUSHBACK,
+            };
+            return Box::pin(async move { Err(err) });
+        };
+        metrics::admitted(&call.model, level);
+        let name = call.model.clone();
+        let answer = self.inner.call(call);
+        Box::pin(async move {
+            let result = answer.await;
+            drop(permit);
+            if let Ok(response) = &result {
+                let now = Instant::now();
+                let after = limit.on_sample(response.queue, response.compute, now);
+                metrics::concurrency_limit(&name, after);
+            }
+            result
+        })
+    }
+}
