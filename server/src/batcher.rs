@@ -65,6 +65,8 @@ pub struct Queued {
 pub struct Done {
     pub outputs: Vec<Tensor>,
     pub queue: Duration,
+    /// Longest wait of any request in the same execution (its oldest request's).
+    pub batch_wait: Duration,
     pub compute: Duration,
     /// Samples in the execution this request was part of.
     pub batch_size: usize,
@@ -247,26 +249,29 @@ impl ComputeEstimate {
         slot.store(new.max(1), Ordering::Relaxed);
     }
 
-    /// Time one execution of `samples` takes: measured at that size, else scaled
-    /// linearly from the nearest larger measured size (an upper bound for the usual
-    /// sub-linear cost), else from the nearest smaller one. `None` before any execution.
+    /// Time one execution of `samples` takes: measured at that size, else interpolated
+    /// linearly between the nearest measured sizes below and above, else scaled in
+    /// proportion from the one nearest measured size. `None` before any execution.
     pub fn estimate(&self, samples: usize) -> Option<Duration> {
-        let samples = samples.clamp(1, self.by_size.len().saturating_sub(1).max(1));
+        let top = self.by_size.len().saturating_sub(1).max(1);
+        let samples = samples.clamp(1, top);
         let at = |n: usize| {
             self.by_size
                 .get(n)
                 .map(|a| a.load(Ordering::Relaxed))
                 .filter(|&ns| ns > 0)
+                .map(|ns| (n as f64, ns as f64))
         };
-        let (size, ns) = (samples..self.by_size.len())
-            .find_map(|n| at(n).map(|ns| (n, ns)))
-            .or_else(|| (1..samples).rev().find_map(|n| at(n).map(|ns| (n, ns))))?;
-        let scaled = if size > samples {
-            ns as f64 // a larger batch bounds a smaller one
-        } else {
-            ns as f64 * samples as f64 / size as f64
+        let above = (samples..=top).find_map(at);
+        let below = (1..samples).rev().find_map(at);
+        let x = samples as f64;
+        let ns = match (below, above) {
+            (_, Some((n, t))) if n == x => t,
+            (Some((n0, t0)), Some((n1, t1))) => t0 + (t1 - t0) * (x - n0) / (n1 - n0),
+            (Some((n, t)), None) | (None, Some((n, t))) => t * x / n,
+            (None, None) => return None,
         };
-        Some(Duration::from_nanos(scaled as u64))
+        Some(Duration::from_nanos(ns.max(1.0) as u64))
     }
 }
 
@@ -422,6 +427,11 @@ impl Batcher {
     pub fn depth(&self) -> usize {
         self.counts.requests.load(Ordering::Acquire)
     }
+
+    /// Measured execution times of the model, by batch size.
+    pub fn estimate(&self) -> &ComputeEstimate {
+        &self.estimate
+    }
 }
 
 struct Actor {
@@ -450,7 +460,7 @@ impl Actor {
                 let plan = plan(&self.policy, self.queue.make_contiguous(), now);
                 match (plan.as_ref().filter(|p| ready(p)), self.pool.idle()) {
                     (Some(p), Some(id)) => {
-                        let take = p.take.clone();
+                        let take = self.fit_deadlines(&p.take, now);
                         self.dispatch(id, &take, now);
                     }
                     _ => break plan,
@@ -556,17 +566,41 @@ impl Actor {
         self.queue.insert(at, q);
     }
 
+    /// The longest prefix of the planned batch whose execution, as measured so far,
+    /// ends before the earliest deadline in it (at least its first request, which fits
+    /// alone: `drop_dead` has removed those that do not). A batch too large for its
+    /// deadlines would fail every request in it; the rest waits for the next instance.
+    fn fit_deadlines(&self, take: &[usize], now: Instant) -> Vec<usize> {
+        let mut samples = 0;
+        let mut earliest: Option<Instant> = None;
+        let mut fits = 0;
+        for (n, &i) in take.iter().enumerate() {
+            let q = &self.queue[i];
+            samples += q.samples;
+            earliest = match (earliest, q.deadline) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let late = match (earliest, self.estimate.estimate(samples)) {
+                (Some(deadline), Some(run)) => now + run > deadline,
+                _ => false,
+            };
+            if late && n > 0 {
+                break;
+            }
+            fits = n + 1;
+        }
+        take[..fits].to_vec()
+    }
+
     /// Answer and remove requests that expired, that cannot finish before their
-    /// deadline even if dispatched now, or whose client left.
+    /// deadline even if dispatched alone now, or whose client left.
     fn drop_dead(&mut self, now: Instant) {
-        // One execution of what is queued (at most a full batch), as measured so far.
-        let queued: usize = self.queue.iter().map(|q| q.samples).sum();
-        let run = self
-            .estimate
-            .estimate(queued.min(self.policy.max_batch_size.max(1)))
-            .unwrap_or_default();
+        let estimate = &self.estimate;
         let expired = |q: &Queued| {
-            q.expires.is_some_and(|e| e <= now) || q.deadline.is_some_and(|d| d <= now + run)
+            q.expires.is_some_and(|e| e <= now)
+                || q.deadline
+                    .is_some_and(|d| d <= now + estimate.estimate(q.samples).unwrap_or_default())
         };
         let dead = |q: &Queued| expired(q) || q.reply.is_closed();
         if !self.queue.iter().any(dead) {
@@ -1246,5 +1280,359 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         until(&h.alive, 1).await; // back down to the minimum
+    }
+
+    // ---- priorities, predicted wait and the dispatch-time deadline check --------------
+
+    const MS: Duration = Duration::from_millis(1);
+
+    fn at_priority(
+        (q, rx): (Queued, oneshot::Receiver<Result<Done, Error>>),
+        priority: u32,
+    ) -> (Queued, oneshot::Receiver<Result<Done, Error>>) {
+        (Queued { priority, ..q }, rx)
+    }
+
+    fn with_deadline(
+        (q, rx): (Queued, oneshot::Receiver<Result<Done, Error>>),
+        deadline: Instant,
+    ) -> (Queued, oneshot::Receiver<Result<Done, Error>>) {
+        (
+            Queued {
+                deadline: Some(deadline),
+                ..q
+            },
+            rx,
+        )
+    }
+
+    /// Wait (real time, bounded) for a request's answer without ever parking the runtime:
+    /// a parked runtime with paused time would jump the clock to the next timer (a
+    /// request's deadline) while an instance thread is still finishing.
+    async fn answer(rx: &mut oneshot::Receiver<Result<Done, Error>>) -> Result<Done, Error> {
+        for _ in 0..2000 {
+            match rx.try_recv() {
+                Ok(answer) => return answer,
+                Err(oneshot::error::TryRecvError::Empty) => {
+                    std::thread::sleep(MS);
+                    tokio::task::yield_now().await;
+                }
+                Err(oneshot::error::TryRecvError::Closed) => {
+                    panic!("the request was dropped without an answer")
+                }
+            }
+        }
+        panic!("no answer within 2 s");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_higher_priority_is_dispatched_first_and_each_level_in_arrival_order() {
+        // No dynamic batching: one request per execution, so the executions the backend
+        // sees (by their sample counts) are the dispatch order.
+        let h = harness("", 16).await;
+        let (busy, rbusy) = request(1, 2, None);
+        h.batcher.submit(busy).unwrap();
+        assert_eq!(forwards(&h, 1).await, vec![1]);
+        let (low, rlow) = at_priority(request(2, 2, None), 2);
+        let (high_a, rhigh_a) = at_priority(request(3, 2, None), 1);
+        let (high_b, rhigh_b) = at_priority(request(4, 2, None), 1);
+        for q in [low, high_a, high_b] {
+            h.batcher.submit(q).unwrap();
+        }
+        settle().await;
+        for _ in 0..4 {
+            h.permits.send(()).unwrap();
+        }
+        for r in [rbusy, rlow, rhigh_a, rhigh_b] {
+            r.await.unwrap().unwrap();
+        }
+        assert_eq!(
+            *h.seen.lock().unwrap(),
+            vec![1, 3, 4, 2],
+            "level 1 before level 2, each level oldest first"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_is_filled_from_the_highest_priority_first() {
+        let h = harness("dynamic_batching { }", 16).await;
+        let (busy, rbusy) = request(1, 2, None);
+        h.batcher.submit(busy).unwrap();
+        assert_eq!(forwards(&h, 1).await, vec![1]);
+        // In arrival order the 6 would go first (4 does not fit beside it); by priority
+        // the two 4s fill a batch of 8 and the 6 waits for the next one.
+        let (low, rlow) = at_priority(request(6, 2, None), 2);
+        let (high_a, rhigh_a) = at_priority(request(4, 2, None), 1);
+        let (high_b, rhigh_b) = at_priority(request(4, 2, None), 1);
+        for q in [low, high_a, high_b] {
+            h.batcher.submit(q).unwrap();
+        }
+        settle().await;
+        for _ in 0..3 {
+            h.permits.send(()).unwrap();
+        }
+        rbusy.await.unwrap().unwrap();
+        assert_eq!(rhigh_a.await.unwrap().unwrap().batch_size, 8);
+        assert_eq!(rhigh_b.await.unwrap().unwrap().batch_size, 8);
+        assert_eq!(rlow.await.unwrap().unwrap().batch_size, 6);
+        assert_eq!(*h.seen.lock().unwrap(), vec![1, 8, 6]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deadline_nearer_than_the_measured_wait_is_refused_at_submit() {
+        let h = harness("dynamic_batching { }", 16).await;
+        // Before any execution nothing is predicted: a near deadline is not refused.
+        assert_eq!(h.batcher.estimate.estimate(1), None);
+        // One execution, held by the gate for at least 20 ms of real time.
+        let (q, mut r) = with_deadline(request(1, 2, None), Instant::now() + MS);
+        h.batcher.submit(q).unwrap();
+        forwards(&h, 1).await;
+        std::thread::sleep(MS * 20);
+        h.permits.send(()).unwrap();
+        let done = answer(&mut r).await.unwrap();
+        assert!(done.compute >= MS * 20, "{:?}", done.compute);
+        // The pool recorded what it measured.
+        let measured = done.compute;
+        assert_eq!(h.batcher.estimate.estimate(1), Some(measured));
+
+        // A deadline nearer than one execution: refused at once, never queued.
+        let now = Instant::now();
+        let (near, mut rnear) = with_deadline(request(1, 2, None), now + measured / 2);
+        let err = h.batcher.submit(near).unwrap_err();
+        let Error::Overloaded {
+            reason,
+            retry_after,
+            ..
+        } = &err
+        else {
+            panic!("expected Overloaded, got {err:?}");
+        };
+        assert!(reason.contains("predicted wait"), "{reason}");
+        assert_eq!(*retry_after, measured, "pushback is the predicted wait");
+        let status = tonic::Status::from(err);
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert_eq!(
+            status
+                .metadata()
+                .get(crate::error::RETRY_PUSHBACK_HEADER)
+                .unwrap(),
+            measured.as_millis().to_string().as_str()
+        );
+        assert!(rnear.try_recv().is_err(), "the request was handed back");
+        assert_eq!(h.batcher.depth(), 0);
+
+        // A far deadline: accepted and served.
+        let (far, mut rfar) = with_deadline(request(1, 2, None), now + Duration::from_secs(10));
+        h.batcher.submit(far).unwrap();
+        h.permits.send(()).unwrap();
+        answer(&mut rfar).await.unwrap();
+        assert_eq!(
+            *h.seen.lock().unwrap(),
+            vec![1, 1],
+            "the refused one never ran"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_predicted_wait_counts_only_what_goes_first() {
+        let h = harness("dynamic_batching { }", 16).await;
+        h.batcher.estimate.record(8, MS * 80);
+        h.batcher.estimate.record(1, MS * 10);
+        let (busy, _rbusy) = request(1, 2, None);
+        h.batcher.submit(busy).unwrap();
+        forwards(&h, 1).await;
+        // Two full batches of level 2 wait.
+        let mut waiting = Vec::new();
+        for _ in 0..2 {
+            let (q, r) = at_priority(request(8, 2, None), 2);
+            h.batcher.submit(q).unwrap();
+            waiting.push(r);
+        }
+        let deadline = Instant::now() + MS * 100;
+        // Another level-2 request would wait for both (3 rounds of 80 ms).
+        let (low, _rlow) = with_deadline(at_priority(request(1, 2, None), 2), deadline);
+        let err = h.batcher.submit(low).unwrap_err();
+        let Error::Overloaded { retry_after, .. } = err else {
+            panic!("expected Overloaded, got {err:?}");
+        };
+        assert_eq!(retry_after, MS * 240);
+        // A level-1 request goes before them: only its own execution counts.
+        let (high, mut rhigh) = with_deadline(at_priority(request(1, 2, None), 1), deadline);
+        h.batcher.submit(high).unwrap();
+        assert_eq!(h.batcher.depth(), 3);
+        settle().await;
+        for _ in 0..4 {
+            h.permits.send(()).unwrap();
+        }
+        assert_eq!(answer(&mut rhigh).await.unwrap().batch_size, 1);
+        for mut r in waiting {
+            answer(&mut r).await.unwrap();
+        }
+        assert_eq!(*h.seen.lock().unwrap(), vec![1, 1, 8, 8]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_that_cannot_finish_before_its_deadline_is_not_dispatched() {
+        let h = harness("dynamic_batching { }", 16).await;
+        // One sample takes 100 ms (the busy request below has 2 samples, so its own
+        // execution does not change this figure).
+        h.batcher.estimate.record(1, MS * 100);
+        let (busy, rbusy) = request(2, 2, None);
+        h.batcher.submit(busy).unwrap();
+        assert_eq!(forwards(&h, 1).await, vec![2]);
+        let t0 = Instant::now();
+        let deadline = t0 + MS * 150;
+        let (doomed, mut rdoomed) = with_deadline(request(1, 2, None), deadline);
+        h.batcher
+            .submit(doomed)
+            .expect("100 ms predicted, 150 ms left: accepted");
+        settle().await;
+        // 60 ms later the instance frees up: 90 ms left, less than one execution.
+        tokio::time::advance(MS * 60).await;
+        h.permits.send(()).unwrap();
+        let err = answer(&mut rdoomed).await.unwrap_err();
+        assert!(matches!(err, Error::DeadlineExceeded { .. }), "{err}");
+        assert_eq!(
+            tonic::Status::from(err).code(),
+            tonic::Code::DeadlineExceeded
+        );
+        assert!(
+            Instant::now() < deadline,
+            "answered before its deadline, not when it expired"
+        );
+        rbusy.await.unwrap().unwrap();
+        assert_eq!(
+            *h.seen.lock().unwrap(),
+            vec![2],
+            "it never reached the model"
+        );
+        assert_eq!(h.batcher.depth(), 0);
+        // The model goes on serving.
+        let (next, rnext) = request(1, 2, None);
+        h.batcher.submit(next).unwrap();
+        h.permits.send(()).unwrap();
+        rnext.await.unwrap().unwrap();
+        assert_eq!(*h.seen.lock().unwrap(), vec![2, 1]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_batching_the_dispatch_check_uses_each_requests_own_execution() {
+        // No dynamic batching: each request runs alone, in 100 ms.
+        let h = harness("", 16).await;
+        h.batcher.estimate.record(1, MS * 100);
+        let (busy, mut rbusy) = request(2, 2, None);
+        h.batcher.submit(busy).unwrap();
+        assert_eq!(forwards(&h, 1).await, vec![2]);
+        // First in line, with 150 ms left: it can run in time, whatever waits behind it.
+        let (first, mut rfirst) = with_deadline(request(1, 2, None), Instant::now() + MS * 150);
+        h.batcher.submit(first).unwrap();
+        let mut behind = Vec::new();
+        for _ in 0..3 {
+            let (q, r) = request(1, 2, None);
+            h.batcher.submit(q).unwrap();
+            behind.push(r);
+        }
+        settle().await;
+        for _ in 0..5 {
+            h.permits.send(()).unwrap();
+        }
+        // Never `.await` an answer here: a parked runtime would jump the paused clock to
+        // the deadline while the instance thread is still finishing the busy request.
+        answer(&mut rbusy).await.unwrap();
+        answer(&mut rfirst)
+            .await
+            .expect("dispatched: one execution of its own fits its deadline");
+        for r in behind {
+            r.await.unwrap().unwrap();
+        }
+        assert_eq!(*h.seen.lock().unwrap(), vec![2, 1, 1, 1, 1]);
+    }
+
+    // ---- the pure estimates -----------------------------------------------------------
+
+    #[test]
+    fn no_estimate_before_any_execution() {
+        let e = ComputeEstimate::new(8);
+        for n in [0, 1, 4, 8, 100] {
+            assert_eq!(e.estimate(n), None);
+        }
+        let batched = policy(8, &[], 0);
+        assert_eq!(predicted_wait(&batched, &e, 4, 2, 1, 1), None);
+        let alone = BatchPolicy {
+            combine: false,
+            ..batched
+        };
+        assert_eq!(predicted_wait(&alone, &e, 4, 2, 1, 1), None);
+    }
+
+    #[test]
+    fn the_estimate_is_the_measured_size_or_derived_from_the_nearest() {
+        let e = ComputeEstimate::new(8);
+        e.record(4, MS * 40);
+        assert_eq!(e.estimate(4), Some(MS * 40));
+        // One measured size: other sizes in proportion to it, smaller and larger.
+        assert_eq!(e.estimate(1), Some(MS * 10));
+        assert_eq!(e.estimate(3), Some(MS * 30));
+        assert_eq!(e.estimate(6), Some(MS * 60));
+        assert_eq!(e.estimate(8), Some(MS * 80));
+        // Between two measured sizes: interpolated between them.
+        e.record(2, MS * 16);
+        assert_eq!(e.estimate(2), Some(MS * 16));
+        assert_eq!(e.estimate(3), Some(MS * 28));
+        // Below the smallest measured size: in proportion to it.
+        assert_eq!(e.estimate(1), Some(MS * 8));
+        // Above the largest: in proportion to it.
+        assert_eq!(e.estimate(6), Some(MS * 60));
+        // Sizes outside 1..=max_batch_size are clamped into it.
+        assert_eq!(e.estimate(0), e.estimate(1));
+        assert_eq!(e.estimate(100), e.estimate(8));
+        // Measurements above max_batch_size are ignored.
+        e.record(9, MS);
+        assert_eq!(e.estimate(8), Some(MS * 80));
+        // A size's figure is a running average: a new measurement moves it a fifth.
+        e.record(4, MS * 90);
+        let avg = e.estimate(4).unwrap();
+        assert!(avg.abs_diff(MS * 50) <= Duration::from_nanos(1), "{avg:?}");
+    }
+
+    #[test]
+    fn predicted_wait_with_batching_counts_rounds_of_full_batches() {
+        let e = ComputeEstimate::new(8);
+        e.record(2, MS * 20);
+        e.record(8, MS * 80);
+        let p = policy(8, &[], 0);
+        // Alone in the queue: its own execution.
+        assert_eq!(predicted_wait(&p, &e, 2, 1, 2, 1), Some(MS * 20));
+        // A full batch with it: one round of 8.
+        assert_eq!(predicted_wait(&p, &e, 8, 3, 2, 1), Some(MS * 80));
+        // 20 samples, one instance: three rounds of full batches.
+        assert_eq!(predicted_wait(&p, &e, 20, 5, 1, 1), Some(MS * 240));
+        // Two instances: 16 per round, two rounds.
+        assert_eq!(predicted_wait(&p, &e, 20, 5, 1, 2), Some(MS * 160));
+        // Four samples over two instances: one round of batches of 2.
+        assert_eq!(predicted_wait(&p, &e, 4, 2, 2, 2), Some(MS * 20));
+        // No instance counted: as if one.
+        assert_eq!(
+            predicted_wait(&p, &e, 20, 5, 1, 0),
+            predicted_wait(&p, &e, 20, 5, 1, 1)
+        );
+        // At least its own samples, whatever is counted ahead.
+        assert_eq!(predicted_wait(&p, &e, 0, 0, 8, 1), Some(MS * 80));
+    }
+
+    #[test]
+    fn predicted_wait_without_batching_counts_one_execution_per_request() {
+        let e = ComputeEstimate::new(8);
+        e.record(2, MS * 20);
+        let alone = BatchPolicy {
+            combine: false,
+            ..policy(8, &[], 0)
+        };
+        assert_eq!(predicted_wait(&alone, &e, 2, 1, 2, 1), Some(MS * 20));
+        // Five requests over two instances: three rounds, samples ahead do not matter.
+        assert_eq!(predicted_wait(&alone, &e, 2, 5, 2, 2), Some(MS * 60));
+        assert_eq!(predicted_wait(&alone, &e, 40, 5, 2, 2), Some(MS * 60));
+        // Its own size sets each execution's time (4 samples: scaled from 2).
+        assert_eq!(predicted_wait(&alone, &e, 4, 1, 4, 1), Some(MS * 40));
     }
 }

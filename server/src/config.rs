@@ -612,4 +612,129 @@ mod tests {
         .to_string();
         assert!(err.contains("/nonexistent/repo"), "{err}");
     }
+
+    #[test]
+    fn invalid_admission_settings_are_named() {
+        let dir = repo();
+        let base = || Settings {
+            model_repository: Some(dir.path().into()),
+            ..Default::default()
+        };
+        let refused = |settings: Settings, setting: &str| {
+            let err = settings.validate().unwrap_err();
+            let ConfigError::Invalid { setting: named, .. } = &err else {
+                panic!("expected an invalid {setting}, got {err}");
+            };
+            assert_eq!(*named, setting, "{err}");
+            assert!(err.to_string().contains(setting), "{err}");
+            err.to_string()
+        };
+        refused(
+            Settings {
+                min_concurrency_limit: Some(0),
+                ..base()
+            },
+            "min_concurrency_limit",
+        );
+        let err = refused(
+            Settings {
+                min_concurrency_limit: Some(8),
+                max_concurrency_limit: Some(4),
+                ..base()
+            },
+            "max_concurrency_limit",
+        );
+        assert!(err.contains("min_concurrency_limit 8"), "{err}");
+        refused(
+            Settings {
+                max_in_flight: Some(0),
+                ..base()
+            },
+            "max_in_flight",
+        );
+        refused(
+            Settings {
+                default_timeout_ms: Some(0),
+                ..base()
+            },
+            "default_timeout_ms",
+        );
+        refused(
+            Settings {
+                max_timeout_ms: Some(0),
+                ..base()
+            },
+            "max_timeout_ms",
+        );
+        let err = refused(
+            Settings {
+                retry_budget_percent: Some(2000.0),
+                ..base()
+            },
+            "retry_budget_percent",
+        );
+        assert!(err.contains("2000"), "{err}");
+        refused(
+            Settings {
+                retry_budget_percent: Some(-1.0),
+                ..base()
+            },
+            "retry_budget_percent",
+        );
+        refused(
+            Settings {
+                target_queue_delay_ms: Some(0.0),
+                ..base()
+            },
+            "target_queue_delay_ms",
+        );
+        // The bounds themselves are accepted.
+        let c = Settings {
+            min_concurrency_limit: Some(4),
+            max_concurrency_limit: Some(4),
+            max_in_flight: Some(1),
+            default_timeout_ms: Some(1),
+            retry_budget_percent: Some(1000.0),
+            ..base()
+        }
+        .validate()
+        .unwrap();
+        assert_eq!(
+            (c.admission.model_limit.min, c.admission.model_limit.max),
+            (4, 4)
+        );
+        assert_eq!(c.admission.max_in_flight, 1);
+        assert_eq!(c.admission.deadline.default, Some(Duration::from_millis(1)));
+        assert_eq!(c.admission.retry.percent, 10.0);
+    }
+
+    #[test]
+    fn admission_settings_from_the_command_line() {
+        let dir = repo();
+        let cli = Settings::try_parse_from([
+            "sluice",
+            "--concurrency-limit-mode",
+            "static",
+            "--max-concurrency-limit",
+            "16",
+            "--default-timeout-ms",
+            "250",
+            "--load-shedding",
+            "false",
+        ])
+        .unwrap();
+        let c = Settings {
+            model_repository: Some(dir.path().into()),
+            ..cli
+        }
+        .validate()
+        .unwrap();
+        assert_eq!(c.admission.model_limit.mode, LimitMode::Static);
+        assert_eq!(c.admission.model_limit.max, 16);
+        assert_eq!(
+            c.admission.deadline.default,
+            Some(Duration::from_millis(250))
+        );
+        assert!(!c.admission.shedding);
+    }
 }

@@ -55,6 +55,10 @@ pub struct InferResponse {
     pub outputs: Vec<(String, Tensor)>,
     /// Time the request waited in the model's queue.
     pub queue: Duration,
+    /// Time the oldest request of its execution waited: how long work stood in the
+    /// queue (with batching the whole queue leaves at once, so the newest request's
+    /// wait says nothing about it).
+    pub batch_wait: Duration,
     /// Time of the execution the request was part of.
     pub compute: Duration,
 }
@@ -233,6 +237,7 @@ impl LoadedModel {
             id: request.id,
             outputs,
             queue: done.queue,
+            batch_wait: done.batch_wait,
             compute: done.compute,
         };
         Ok((response, validated.batch, done.queue, done.compute))
@@ -258,6 +263,12 @@ impl LoadedModel {
     /// Requests waiting in the model's queue.
     pub fn queue_depth(&self) -> usize {
         self.batcher.depth()
+    }
+
+    /// Measured time of one execution of a single sample (scaled from other batch
+    /// sizes when that size has not run); `None` before the first execution.
+    pub fn unit_execution(&self) -> Option<Duration> {
+        self.batcher.estimate().estimate(1)
     }
 }
 

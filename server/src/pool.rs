@@ -502,10 +502,12 @@ impl Worker {
                 .map(|r| split.iter().map(|parts| parts[r].clone()).collect())
                 .collect()
         };
+        let batch_wait = queue_times.iter().copied().max().unwrap_or_default();
         for ((q, outputs), queue) in requests.into_iter().zip(per_request).zip(queue_times) {
             let _ = q.reply.send(Ok(Done {
                 outputs,
                 queue,
+                batch_wait,
                 compute,
                 batch_size: total,
             }));

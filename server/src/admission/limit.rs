@@ -2,28 +2,34 @@
 //! or running) at once. Over it a request is refused at once (UNAVAILABLE with pushback)
 //! instead of joining a queue it would only time out in.
 //!
-//! In adaptive mode the limit follows the model's measured queue delay with AIMD
-//! (additive increase, multiplicative decrease; Chiu & Jain, 1989) driven by CoDel's
-//! standing-queue signal (Nichols & Jacobson, "Controlling Queue Delay", 2012): over a
-//! window `W`, the *smallest* queue delay seen says whether a queue persisted through
-//! the whole window (a burst that drains does not count). At the end of each window:
+//! In adaptive mode the limit follows the model's measured waiting time with AIMD
+//! (additive increase, multiplicative decrease; Chiu & Jain, 1989), judged once per
+//! window `W` on the mean wait `d` of the requests that finished in it. A request's wait
+//! is what its execution's oldest request waited in the model's queue (with batching a
+//! dispatch takes the whole queue, so the newest request's own wait says nothing about
+//! how long work stands) plus its own time in the server outside the queue and the
+//! execution (runtime scheduling on a saturated machine is waiting too); a request that
+//! expired waited its whole time. At the end of each window:
 //!
 //! ```text
-//! peak < u * L:                     L unchanged
-//! d_min > target:                   L <- max(L_min, L * max(beta, target / d_min))
-//! d_min <= target:                  L <- min(L_max, L + alpha)
+//! d > target, peak > L_min:     L <- max(L_min, min(L, peak) * max(beta, target / d))
+//! d <= target, peak >= u * L:   L <- min(L_max, L + alpha)
+//! otherwise:                    L unchanged
 //! ```
 //!
 //! with `beta = 0.5` (at most halve per window), `alpha = 1`, `u = 0.8` and `peak` the
-//! most requests in flight during the window. Only a limit that was (nearly) reached
-//! moves: it is then what shapes the load, so an idle model's limit does not drift up,
-//! and a queue delay that comes from elsewhere (a slow machine, a closed-loop client
-//! below the limit) does not shrink it. The decrease is proportional
-//! to the overshoot (a queue twice the target halves the limit), which brings a limit
-//! that started high down to the model's capacity within a few windows after a step in
-//! load. `target` is configured, or by default the model's measured time for one
-//! execution (a queue longer than one batch is a standing queue), at least
-//! [`MIN_TARGET`]. `W` is ten targets, within [`MIN_WINDOW`, `MAX_WINDOW`].
+//! most requests in flight during the window. The decrease starts from what was in
+//! flight (a limit far above the load would otherwise take many windows to matter) and
+//! is proportional to the overshoot (a wait twice the target halves it); it needs more
+//! than `L_min` in flight, so the fixed cost of a lone request's trip through the
+//! server never reads as a queue. Only a limit that was (nearly) reached grows, so an
+//! idle model's limit does not drift up.
+//!
+//! `target` is configured, or by default [`TARGET_EXECUTIONS`] times the model's
+//! fastest measured execution time for one sample (a fixed yardstick per model: tied to
+//! the current batch size, or to a time inflated by CPU contention, it would grow with
+//! the queue it is meant to bound), at least [`MIN_TARGET`]. `W` is ten targets, within
+//! [`MIN_WINDOW`, `MAX_WINDOW`].
 //!
 //! In static mode the limit is fixed at `max`.
 //!
@@ -43,8 +49,8 @@ pub const MAX_WINDOW: Duration = Duration::from_millis(200);
 const BETA: f64 = 0.5;
 const ALPHA: f64 = 1.0;
 const UTILIZATION: f64 = 0.8;
-/// Weight of a new execution time in the running average (exponential smoothing).
-const COMPUTE_SMOOTHING: f64 = 0.1;
+/// The automatic target: this many single-sample executions of queue delay.
+pub const TARGET_EXECUTIONS: u32 = 4;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -80,10 +86,11 @@ struct State {
     limit: f64,
     in_flight: usize,
     window_start: Option<Instant>,
-    window_min_delay: Option<Duration>,
+    window_sum: Duration,
+    window_count: u32,
     window_peak: usize,
-    /// Running average of one execution's time, from completed requests.
-    compute: Option<Duration>,
+    /// The model's fastest reported execution time for one sample.
+    unit: Option<Duration>,
 }
 
 /// One model's limit and its in-flight count.
@@ -119,9 +126,10 @@ impl AdaptiveLimit {
                 limit: config.max as f64,
                 in_flight: 0,
                 window_start: None,
-                window_min_delay: None,
+                window_sum: Duration::ZERO,
+                window_count: 0,
                 window_peak: 0,
-                compute: None,
+                unit: None,
             }),
         }
     }
@@ -164,41 +172,51 @@ impl AdaptiveLimit {
     }
 
     fn target_of(&self, s: &State) -> Duration {
-        self.config
-            .target
-            .unwrap_or_else(|| s.compute.unwrap_or(MIN_TARGET).max(MIN_TARGET))
+        self.config.target.unwrap_or_else(|| {
+            s.unit
+                .map_or(MIN_TARGET, |u| (u * TARGET_EXECUTIONS).max(MIN_TARGET))
+        })
     }
 
-    /// Feed one completed request: how long it waited in the queue and how long its
-    /// execution took. Returns the limit after any adjustment.
-    pub fn on_sample(&self, queue_delay: Duration, compute: Duration, now: Instant) -> usize {
+    /// Feed one request that left the queue: how long it waited (for one that expired
+    /// there, its whole wait), and the model's current execution time for one sample
+    /// when known. Returns the limit after any adjustment.
+    pub fn on_sample(&self, queue_delay: Duration, unit: Option<Duration>, now: Instant) -> usize {
         let mut s = self.lock();
-        s.compute = Some(match s.compute {
-            None => compute,
-            Some(avg) => avg.mul_f64(1.0 - COMPUTE_SMOOTHING) + compute.mul_f64(COMPUTE_SMOOTHING),
-        });
+        // The fastest seen: contention only ever slows an execution down, and a
+        // yardstick that rose with the load would loosen the limit as it tightens.
+        s.unit = match (s.unit, unit) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         if self.config.mode == LimitMode::Static {
             return s.limit as usize;
         }
-        s.window_min_delay = Some(
-            s.window_min_delay
-                .map_or(queue_delay, |d| d.min(queue_delay)),
-        );
+        s.window_sum += queue_delay;
+        s.window_count += 1;
         let target = self.target_of(&s);
         let window = (target * 10).clamp(MIN_WINDOW, MAX_WINDOW);
         let start = *s.window_start.get_or_insert(now);
         if now.duration_since(start) >= window {
-            let d_min = s.window_min_delay.unwrap_or_default();
+            let d_mean = s.window_sum / s.window_count.max(1);
             let (min, max) = (self.config.min as f64, self.config.max as f64);
-            let binding = s.window_peak as f64 >= UTILIZATION * s.limit.floor();
-            if binding && d_min > target {
-                let factor = (target.as_secs_f64() / d_min.as_secs_f64()).max(BETA);
-                s.limit = (s.limit * factor).max(min);
-            } else if binding {
+            let peak = s.window_peak as f64;
+            if d_mean > target && peak > min {
+                let factor = (target.as_secs_f64() / d_mean.as_secs_f64()).max(BETA);
+                s.limit = (s.limit.min(peak) * factor).max(min);
+            } else if d_mean <= target && peak >= UTILIZATION * s.limit.floor() {
                 s.limit = (s.limit + ALPHA).min(max);
             }
+            tracing::debug!(
+                limit = s.limit,
+                peak,
+                d_mean_ms = d_mean.as_secs_f64() * 1e3,
+                target_ms = target.as_secs_f64() * 1e3,
+                "concurrency limit window"
+            );
             s.window_start = Some(now);
-            s.window_min_delay = None;
+            s.window_sum = Duration::ZERO;
+            s.window_count = 0;
             s.window_peak = s.in_flight;
         }
         s.limit as usize
@@ -227,12 +245,12 @@ mod tests {
     /// sample of `delay` at its end (the first call on a fresh limit opens the first
     /// window at `*now`).
     fn windows(limit: &Arc<AdaptiveLimit>, now: &mut Instant, delay: Duration, n: usize) {
-        limit.on_sample(delay, MS, *now);
+        limit.on_sample(delay, None, *now);
         for _ in 0..n {
             // Every slot taken (and given back) within the window.
             drop(std::iter::from_fn(|| limit.try_acquire(1, 1)).collect::<Vec<_>>());
             *now += WINDOW;
-            limit.on_sample(delay, MS, *now);
+            limit.on_sample(delay, None, *now);
         }
     }
 
@@ -268,18 +286,19 @@ mod tests {
     }
 
     #[test]
-    fn a_burst_that_drains_within_the_window_does_not_shrink_it() {
+    fn each_window_is_judged_on_its_own_mean_wait() {
         let limit = adaptive(1, 100, 5);
         let t0 = Instant::now();
         let _full: Vec<_> = std::iter::from_fn(|| limit.try_acquire(1, 1)).collect();
-        limit.on_sample(MS * 40, MS, t0);
-        // One request in the window found no queue: no standing queue.
-        limit.on_sample(Duration::ZERO, MS, t0 + MS * 10);
-        limit.on_sample(MS * 40, MS, t0 + WINDOW);
+        // Mean 4 ms (one long wait among short ones): within the 5 ms target.
+        limit.on_sample(MS * 10, None, t0);
+        limit.on_sample(MS, None, t0 + MS * 10);
+        limit.on_sample(MS, None, t0 + WINDOW);
         assert_eq!(limit.limit(), 100);
-        // The next window is judged on its own samples.
-        limit.on_sample(MS * 40, MS, t0 + WINDOW * 2);
-        assert_eq!(limit.limit(), 50);
+        // The next window: mean 8 ms, so x 5/8.
+        limit.on_sample(MS * 6, None, t0 + WINDOW + MS);
+        limit.on_sample(MS * 10, None, t0 + WINDOW * 2);
+        assert_eq!(limit.limit(), 62);
     }
 
     #[test]
@@ -309,7 +328,7 @@ mod tests {
         for delay in [Duration::ZERO, MS * 50] {
             for _ in 0..20 {
                 now += WINDOW;
-                limit.on_sample(delay, MS, now);
+                limit.on_sample(delay, None, now);
             }
             assert_eq!(limit.limit(), 6);
         }
@@ -339,13 +358,44 @@ mod tests {
     }
 
     #[test]
-    fn automatic_target_is_one_execution() {
+    fn automatic_target_is_a_few_single_sample_executions() {
         let limit = AdaptiveLimit::new(LimitConfig::default());
         assert_eq!(limit.target(), MIN_TARGET);
-        limit.on_sample(Duration::ZERO, MS * 8, Instant::now());
-        assert_eq!(limit.target(), MS * 8);
-        // Smoothed: one fast execution moves it a tenth of the way.
-        limit.on_sample(Duration::ZERO, MS * 2, Instant::now());
-        assert_eq!(limit.target(), Duration::from_micros(7400));
+        limit.on_sample(Duration::ZERO, Some(MS * 3), Instant::now());
+        assert_eq!(limit.target(), MS * 3 * TARGET_EXECUTIONS);
+        // A fast model keeps the floor.
+        limit.on_sample(
+            Duration::ZERO,
+            Some(Duration::from_micros(30)),
+            Instant::now(),
+        );
+        assert_eq!(limit.target(), MIN_TARGET);
+        // No news keeps the last value.
+        limit.on_sample(Duration::ZERO, None, Instant::now());
+        assert_eq!(limit.target(), MIN_TARGET);
+    }
+
+    #[test]
+    fn a_limit_far_above_the_load_drops_to_what_was_in_flight() {
+        let limit = adaptive(2, 256, 5);
+        let t0 = Instant::now();
+        let held: Vec<_> = (0..40).map(|_| limit.try_acquire(1, 1).unwrap()).collect();
+        limit.on_sample(MS * 10, None, t0);
+        limit.on_sample(MS * 10, None, t0 + WINDOW);
+        // 40 in flight, a standing queue of twice the target: 40 * 0.5.
+        assert_eq!(limit.limit(), 20);
+        drop(held);
+    }
+
+    #[test]
+    fn a_lone_request_never_shrinks_the_limit() {
+        let limit = adaptive(2, 64, 5);
+        let mut now = Instant::now();
+        for _ in 0..20 {
+            let _one = limit.try_acquire(1, 1).unwrap();
+            limit.on_sample(MS * 30, None, now);
+            now += WINDOW;
+        }
+        assert_eq!(limit.limit(), 64);
     }
 }

@@ -23,6 +23,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::time::Instant;
+use tower::layer::util::{Identity, Stack};
 use tower::util::BoxCloneSyncService;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 
@@ -79,15 +80,9 @@ pub type InferService = BoxCloneSyncService<InferCall, InferResponse, Error>;
 
 /// The admission stack in front of `gateway`, outermost first.
 pub fn stack(gateway: Arc<Gateway>, config: &AdmissionConfig) -> InferService {
-    let global = config.shedding.then(|| {
-        let semaphore = Arc::new(tokio::sync::Semaphore::new(config.max_in_flight));
-        ServiceBuilder::new()
-            .map_err(global_overload)
-            .load_shed()
-            .layer(tower::limit::GlobalConcurrencyLimitLayer::with_semaphore(
-                semaphore,
-            ))
-    });
+    let global = config
+        .shedding
+        .then(|| global_limit_layer(config.max_in_flight));
     let service = ServiceBuilder::new()
         .layer(DeadlineLayer::new(config.deadline))
         .option_layer(global)
@@ -100,6 +95,30 @@ pub fn stack(gateway: Arc<Gateway>, config: &AdmissionConfig) -> InferService {
         )))
         .service(GatewayService { gateway });
     BoxCloneSyncService::new(service.map_err(Error::from))
+}
+
+/// The global limit's layers: tower's load shed over a concurrency limit whose one
+/// semaphore is shared by every clone of the service (every connection).
+pub(crate) type GlobalLimitLayer = ServiceBuilder<
+    Stack<
+        tower::limit::GlobalConcurrencyLimitLayer,
+        Stack<
+            tower::load_shed::LoadShedLayer,
+            Stack<tower::util::MapErrLayer<fn(tower::BoxError) -> Error>, Identity>,
+        >,
+    >,
+>;
+
+/// At most `max_in_flight` calls at once; one more is refused at once (UNAVAILABLE with
+/// pushback), never queued.
+pub(crate) fn global_limit_layer(max_in_flight: usize) -> GlobalLimitLayer {
+    let semaphore = Arc::new(tokio::sync::Semaphore::new(max_in_flight));
+    ServiceBuilder::new()
+        .map_err(global_overload as fn(tower::BoxError) -> Error)
+        .load_shed()
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::with_semaphore(
+            semaphore,
+        ))
 }
 
 /// Errors of the global limit: tower's `Overloaded` (no slot free) becomes ours; our own
@@ -226,17 +245,159 @@ where
             return Box::pin(async move { Err(err) });
         };
         metrics::admitted(&call.model, level);
-        let name = call.model.clone();
+        let (name, received) = (call.model.clone(), call.received);
         let answer = self.inner.call(call);
         Box::pin(async move {
             let result = answer.await;
             drop(permit);
-            if let Ok(response) = &result {
-                let now = Instant::now();
-                let after = limit.on_sample(response.queue, response.compute, now);
+            let now = Instant::now();
+            // How long work stood waiting: the oldest wait in the request's execution,
+            // plus the time the request spent here outside the queue and the execution
+            // (runtime scheduling on a busy machine). A request that expired waited
+            // its whole time here.
+            let total = now.duration_since(received);
+            let waited = match &result {
+                Ok(r) => Some(r.batch_wait + total.saturating_sub(r.queue + r.compute)),
+                Err(Error::DeadlineExceeded { .. }) => Some(total),
+                Err(_) => None,
+            };
+            if let Some(waited) = waited {
+                let after = limit.on_sample(waited, model.unit_execution(), now);
                 metrics::concurrency_limit(&name, after);
             }
             result
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio_test::{assert_pending, assert_ready_err, assert_ready_ok, task};
+    use tonic::Code;
+    use tower_test::mock;
+
+    use super::*;
+    use crate::error::RETRY_PUSHBACK_HEADER;
+    use crate::model::InferRequest;
+
+    fn call() -> InferCall {
+        InferCall {
+            model: "m".into(),
+            version: String::new(),
+            request: InferRequest::default(),
+            header_timeout: None,
+            received: Instant::now(),
+        }
+    }
+
+    fn ok() -> InferResponse {
+        InferResponse {
+            model: "m".into(),
+            version: 1,
+            id: String::new(),
+            outputs: Vec::new(),
+            queue: Duration::ZERO,
+            batch_wait: Duration::ZERO,
+            compute: Duration::ZERO,
+        }
+    }
+
+    type Handle = mock::Handle<InferCall, InferResponse>;
+
+    /// The global limit of `max` calls in front of a mock the test answers.
+    fn limited(
+        max: usize,
+    ) -> (
+        mock::Spawn<impl Service<InferCall, Response = InferResponse, Error = Error>>,
+        Handle,
+    ) {
+        let (service, handle) = mock::pair::<InferCall, InferResponse>();
+        (
+            mock::Spawn::new(global_limit_layer(max).service(service)),
+            handle,
+        )
+    }
+
+    /// A refusal of the global limit: UNAVAILABLE, naming the limit, with pushback.
+    fn assert_shed(err: Error) {
+        let Error::Overloaded {
+            reason,
+            retry_after,
+            ..
+        } = &err
+        else {
+            panic!("expected Overloaded, got {err:?}");
+        };
+        assert!(reason.contains("in-flight request limit"), "{reason}");
+        assert_eq!(*retry_after, LIMIT_PUSHBACK);
+        let status = tonic::Status::from(err);
+        assert_eq!(status.code(), Code::Unavailable);
+        assert_eq!(
+            status.metadata().get(RETRY_PUSHBACK_HEADER).unwrap(),
+            LIMIT_PUSHBACK.as_millis().to_string().as_str()
+        );
+    }
+
+    #[tokio::test]
+    async fn over_the_global_limit_a_call_is_shed_at_once_with_pushback() {
+        let (mut service, mut handle) = limited(1);
+        assert_ready_ok!(service.poll_ready());
+        let mut first = task::spawn(service.call(call()));
+        let (_, reply) = handle.next_request().await.expect("the first call passes");
+        assert_pending!(first.poll());
+
+        // The one slot is held: the next call is answered without waiting for it.
+        assert_ready_ok!(service.poll_ready(), "load shed never makes a caller wait");
+        assert_shed(assert_ready_err!(task::spawn(service.call(call())).poll()));
+        assert_pending!(
+            task::spawn(handle.next_request()).poll(),
+            "the shed call never reached the service"
+        );
+
+        // The first call completes and its slot is free again: a new call passes.
+        reply.send_response(ok());
+        assert_ready_ok!(first.poll());
+        drop(first);
+        assert_ready_ok!(service.poll_ready());
+        let mut third = task::spawn(service.call(call()));
+        let (_, reply) = handle
+            .next_request()
+            .await
+            .expect("the slot was given back");
+        reply.send_response(ok());
+        assert_ready_ok!(third.poll());
+    }
+
+    #[tokio::test]
+    async fn a_call_that_fails_also_gives_its_slot_back() {
+        let (mut service, mut handle) = limited(1);
+        assert_ready_ok!(service.poll_ready());
+        let mut first = task::spawn(service.call(call()));
+        let (_, reply) = handle.next_request().await.unwrap();
+        // Our own errors from the layers inside pass through unchanged.
+        reply.send_error(Error::ModelNotFound { model: "m".into() });
+        let err = assert_ready_err!(first.poll());
+        assert!(matches!(err, Error::ModelNotFound { .. }), "{err}");
+        drop(first);
+        assert_ready_ok!(service.poll_ready());
+        let mut next = task::spawn(service.call(call()));
+        let (_, reply) = handle.next_request().await.expect("slot given back");
+        reply.send_response(ok());
+        assert_ready_ok!(next.poll());
+    }
+
+    #[tokio::test]
+    async fn an_inner_service_that_is_not_ready_sheds_at_once() {
+        let (mut service, mut handle) = limited(8);
+        handle.allow(0);
+        assert_ready_ok!(service.poll_ready(), "load shed never makes a caller wait");
+        assert_shed(assert_ready_err!(task::spawn(service.call(call())).poll()));
+        // Ready again: calls pass.
+        handle.allow(1);
+        assert_ready_ok!(service.poll_ready());
+        let mut next = task::spawn(service.call(call()));
+        let (_, reply) = handle.next_request().await.expect("forwarded once ready");
+        reply.send_response(ok());
+        assert_ready_ok!(next.poll());
     }
 }

@@ -150,6 +150,7 @@ mod tests {
             id: String::new(),
             outputs: Vec::new(),
             queue: Duration::ZERO,
+            batch_wait: Duration::ZERO,
             compute: Duration::ZERO,
         }
     }

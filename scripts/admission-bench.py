@@ -1,0 +1,230 @@
+#!/usr/bin/env python3
+"""Load shedding on vs off under overload, open loop, in one run.
+
+    scripts/admission-bench.py [--model cnn] [--deadline 100ms] [--rates 400,...]
+
+Serves the bundled repository twice from the release binary, with load shedding on (the
+default) and off (`--load-shedding false`: only max_queue_size bounds the queue), and
+drives both with sluice-bench in open loop (Poisson arrivals, every request with the
+same deadline):
+
+1. capacity C: a sweep of rates against the shedding server; C is the highest goodput
+   (successes within the deadline per second);
+2. 0.8C, 2C and 5C against each server, alternating, `--rounds` times (medians);
+3. a step 0.8C -> 2C -> 0.8C against each (timeline plots), and how long after each
+   step the per-second p99 of successes stays within 1.5x the 0.8C p99;
+4. two priority levels (half each) at 2C against the shedding server;
+5. the shedding server's RSS, sampled every second over `--rss-seconds` at 5C.
+
+Prints Markdown; plots go to `--plots` (default docs/admission). Needs `make build`.
+"""
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = ROOT / "target/release/sluice"
+BENCH = ROOT / "target/release/sluice-bench"
+
+
+def start_server(port, extra, log):
+    proc = subprocess.Popen(
+        [str(BIN), "--model-repository", str(ROOT / "models"), "--grpc-port", str(port),
+         "--http-port", str(port + 1), "--metrics-port", str(port + 2), "--log-level", "warn",
+         *extra],
+        stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port + 1}/v2/health/ready", timeout=1):
+                return proc
+        except OSError:
+            if proc.poll() is not None:
+                break
+            time.sleep(0.2)
+    proc.kill()
+    sys.exit(f"server on port {port} did not become ready (log: {log.name})")
+
+
+def bench(port, args, work, *load, plots=None, extra=()):
+    out = work / "run.json"
+    cmd = [str(BENCH), "run", "-m", args.model, "-u", f"127.0.0.1:{port}",
+           "--connections", str(args.connections), "--deadline", args.deadline,
+           "--arrival", "poisson", "--warmup", args.warmup, "-q", "--json", str(out),
+           *load, *extra]
+    if plots:
+        cmd += ["--plots", str(plots)]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return json.loads(out.read_text())
+
+
+def summary(point):
+    ok = point["latency_ms"]["ok"] or {}
+    rej = point["latency_ms"]["rejected"] or {}
+    sent = max(point["sent"], 1)
+    return {
+        "offered": point["offered_rps"],
+        "goodput": point["goodput_rps"],
+        "ok_p50": ok.get("p50", float("nan")),
+        "ok_p99": ok.get("p99", float("nan")),
+        "rejected": sum(v for k, v in point["codes"].items() if k == "UNAVAILABLE") / sent,
+        "rej_p99": rej.get("p99", float("nan")),
+        "codes": point["codes"],
+    }
+
+
+def fmt_codes(codes):
+    return ", ".join(f"{k} {v}" for k, v in sorted(codes.items()))
+
+
+def recovery(series, bound_ms, step_at, step_end):
+    """Seconds after `step_at` until every later second (up to `step_end`) has its p99 of
+    successes within `bound_ms`; None if it never settles."""
+    seconds = [s for s in series if step_at <= s["t_s"] < step_end]
+    for i, s in enumerate(seconds):
+        if all((x["ok_p99_ms"] or 0) <= bound_ms for x in seconds[i:]):
+            return s["t_s"] - step_at
+    return None
+
+
+def rss_sampler(pid, stop, samples):
+    while not stop.is_set():
+        try:
+            for line in open(f"/proc/{pid}/status"):
+                if line.startswith("VmRSS:"):
+                    samples.append(int(line.split()[1]) / 1024)
+        except OSError:
+            return
+        stop.wait(1.0)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="cnn")
+    ap.add_argument("--deadline", default="100ms")
+    ap.add_argument("--rates", default="400,500,600,700,800,900,1000")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--duration", default="8s")
+    ap.add_argument("--warmup", default="2s")
+    ap.add_argument("--connections", type=int, default=2)
+    ap.add_argument("--step-seconds", type=int, default=5)
+    ap.add_argument("--rss-seconds", type=int, default=60)
+    ap.add_argument("--plots", default=str(ROOT / "docs/admission"))
+    args = ap.parse_args()
+    if not (BIN.exists() and BENCH.exists()):
+        sys.exit("build first: make build && cargo build --release -p sluice-bench")
+    plots = Path(args.plots)
+    plots.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="sluice-admission-"))
+    procs = []
+    log = lambda *a: print(*a, file=sys.stderr, flush=True)
+    try:
+        on = start_server(39101, [], open(work / "on.log", "w"))
+        off = start_server(39111, ["--load-shedding", "false"], open(work / "off.log", "w"))
+        procs += [on, off]
+        ports = {"on": 39101, "off": 39111}
+
+        log("capacity sweep (shedding on)...")
+        sweep = bench(ports["on"], args, work, "--rate", args.rates, "--duration", args.duration,
+                      plots=plots / f"{args.model}-capacity")
+        points = [summary(p) for p in sweep["points"]]
+        capacity = max(p["goodput"] for p in points)
+        print(f"Model `{args.model}`, open loop (Poisson), deadline {args.deadline} on every "
+              f"request, {args.connections} connections.\n")
+        print("Capacity sweep, shedding on:\n")
+        print("| offered/s | goodput/s | p50 ms | p99 ms | codes |")
+        print("| ---: | ---: | ---: | ---: | --- |")
+        for p in points:
+            print(f"| {p['offered']:.0f} | {p['goodput']:.0f} | {p['ok_p50']:.1f} | {p['ok_p99']:.1f} | {fmt_codes(p['codes'])} |")
+        print(f"\nC = {capacity:.0f} goodput/s.\n")
+
+        levels = [("0.8C", 0.8), ("2C", 2.0), ("5C", 5.0)]
+        results = {}
+        for r in range(args.rounds):
+            for name, factor in levels:
+                for mode in ("on", "off"):
+                    rate = f"{capacity * factor:.0f}"
+                    log(f"round {r + 1}: {name} ({rate}/s) shedding {mode}...")
+                    run = bench(ports[mode], args, work, "--rate", rate, "--duration", args.duration)
+                    results.setdefault((name, mode), []).append(summary(run["points"][0]))
+        med = lambda rs, k: statistics.median(x[k] for x in rs)
+        base_p99 = {m: med(results[("0.8C", m)], "ok_p99") for m in ("on", "off")}
+        print(f"Overload, medians of {args.rounds} rounds (alternating on/off):\n")
+        print("| load | shedding | offered/s | goodput/s | of C | p99 ok ms | p99 vs 0.8C | refused | p99 refusal ms | codes (last round) |")
+        print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+        for name, _ in levels:
+            for mode in ("on", "off"):
+                rs = results[(name, mode)]
+                g = med(rs, "goodput")
+                p99 = med(rs, "ok_p99")
+                print(f"| {name} | {mode} | {med(rs, 'offered'):.0f} | {g:.0f} | {100 * g / capacity:.0f}% "
+                      f"| {p99:.1f} | {p99 / base_p99[mode]:.2f}x | {100 * med(rs, 'rejected'):.1f}% "
+                      f"| {med(rs, 'rej_p99'):.2f} | {fmt_codes(rs[-1]['codes'])} |")
+
+        step = args.step_seconds
+        profile = (f"{capacity * 0.8:.0f}@{step}s,{capacity * 2:.0f}@{step}s,"
+                   f"{capacity * 0.8:.0f}@{step}s")
+        print(f"\nStep {profile} (per-second p99 of successes; settled = every later second of "
+              f"the stage within 1.5x the 0.8C p99):\n")
+        print("| shedding | goodput/s | p99 ok ms | settled after step up s | settled after step down s | codes |")
+        print("| --- | ---: | ---: | ---: | ---: | --- |")
+        for mode in ("on", "off"):
+            log(f"step profile, shedding {mode}...")
+            run = bench(ports[mode], args, work, "--profile", profile, "--warmup", "0s",
+                        plots=plots / f"{args.model}-step-{mode}")
+            point = run["points"][0]
+            bound = 1.5 * base_p99[mode]
+            up = recovery(point["series"], bound, step, 2 * step)
+            down = recovery(point["series"], bound, 2 * step, 3 * step)
+            s = summary(point)
+            show = lambda v: "never" if v is None else f"{v:.0f}"
+            print(f"| {mode} | {s['goodput']:.0f} | {s['ok_p99']:.1f} | {show(up)} | {show(down)} | {fmt_codes(s['codes'])} |")
+
+        log("priorities at 2C...")
+        run = bench(ports["on"], args, work, "--rate", f"{capacity * 2:.0f}", "--duration",
+                    args.duration, extra=["--priority-mix", "1:1,2:1"])
+        print("\nTwo priority levels, half the requests each, 2C in total, shedding on:\n")
+        print("| priority | sent | ok | success | goodput/s | p99 ok ms |")
+        print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+        for level in run["points"][0].get("by_priority", []):
+            ok = (level["latency_ms"]["ok"] or {}).get("p99", float("nan"))
+            ratio = level["success_ratio"]
+            print(f"| {level['priority']} | {level['sent']} | {level['ok']} | "
+                  f"{'-' if ratio is None else f'{100 * ratio:.1f}%'} | {level['goodput_rps']:.0f} | {ok:.1f} |")
+
+        log(f"RSS over {args.rss_seconds} s at 5C...")
+        samples, stop = [], threading.Event()
+        sampler = threading.Thread(target=rss_sampler, args=(on.pid, stop, samples))
+        sampler.start()
+        run = bench(ports["on"], args, work, "--rate", f"{capacity * 5:.0f}", "--warmup", "0s",
+                    "--duration", f"{args.rss_seconds}s")
+        stop.set()
+        sampler.join()
+        if samples:
+            tail = samples[len(samples) // 10:]  # after the first tenth (start-up of the load)
+            print(f"\nRSS of the shedding server over {args.rss_seconds} s at 5C "
+                  f"({len(samples)} samples, 1/s): first {samples[0]:.0f} MiB, min {min(samples):.0f}, "
+                  f"max {max(samples):.0f}, last {samples[-1]:.0f}; after the first tenth "
+                  f"max/min = {max(tail) / min(tail):.3f}. Goodput {summary(run['points'][0])['goodput']:.0f}/s.")
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,268 @@
+//! Admission control seen from a client: deadlines answer DEADLINE_EXCEEDED, a wait
+//! predicted past the deadline and a full concurrency limit answer UNAVAILABLE at once
+//! with pushback, and bad `priority` parameters are INVALID_ARGUMENT. The server keeps
+//! serving after each.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::{eventually, f32s, fp32_request, http_get, TestRepo, TestServer};
+use sluice::admission::limit::LimitMode;
+use sluice::Config;
+use sluice_proto::grpc_inference_service_client::GrpcInferenceServiceClient;
+use sluice_proto::inference::infer_parameter::ParameterChoice;
+use sluice_proto::inference::{InferParameter, ModelInferRequest};
+use tonic::Code;
+
+const MS: Duration = Duration::from_millis(1);
+
+type HttpClient = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    tonic::body::Body,
+>;
+
+/// A client that sends `grpc-timeout` but does not enforce it itself. tonic's `Channel`
+/// ends such a call locally as CANCELLED at the same instant the server's deadline
+/// passes (it starts its timer first, so it usually wins); with this client what the
+/// test sees is the server's own answer.
+fn lenient_client(grpc: SocketAddr) -> GrpcInferenceServiceClient<HttpClient> {
+    let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    GrpcInferenceServiceClient::with_origin(http, format!("http://{grpc}").parse().unwrap())
+}
+
+/// A synthetic identity model over `[ 2 ]` (no batch dimension) whose every execution
+/// takes `sleep_ms`.
+fn slow_model(repo: &TestRepo, name: &str, sleep_ms: u32) {
+    repo.synthetic(name, "[ 2 ]", 0, &[("sleep_ms", &sleep_ms.to_string())]);
+}
+
+fn with_timeout(req: ModelInferRequest, timeout: Duration) -> tonic::Request<ModelInferRequest> {
+    let mut req = tonic::Request::new(req);
+    req.set_timeout(timeout);
+    req
+}
+
+fn pushback_ms(status: &tonic::Status) -> u64 {
+    status
+        .metadata()
+        .get("grpc-retry-pushback-ms")
+        .unwrap_or_else(|| panic!("no pushback on {status:?}"))
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_deadline_shorter_than_the_execution_is_deadline_exceeded_then_refused_up_front() {
+    const SLEEP: u32 = 250;
+    let repo = TestRepo::new();
+    slow_model(&repo, "slow", SLEEP);
+    let s = TestServer::start(repo.path()).await;
+    let mut client = lenient_client(s.grpc);
+
+    // Nothing measured yet (warm-up does not count): the request is queued, and its
+    // deadline passes while the model runs.
+    let start = Instant::now();
+    let err = client
+        .model_infer(with_timeout(
+            fp32_request("slow", "INPUT__0", &[2], &[1.0, 2.0]),
+            MS * 50,
+        ))
+        .await
+        .unwrap_err();
+    let took = start.elapsed();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    assert!(err.message().contains("deadline exceeded"), "{err:?}");
+    assert!(
+        took >= MS * 50 && took < MS * (SLEEP - 50),
+        "answered at its deadline, not when the model finished: {took:?}"
+    );
+
+    // The server goes on serving.
+    let ok = client
+        .model_infer(fp32_request("slow", "INPUT__0", &[2], &[3.0, 4.0]))
+        .await
+        .expect("the next request is served");
+    assert_eq!(
+        f32s(&ok.into_inner().raw_output_contents[0]),
+        vec![3.0, 4.0]
+    );
+
+    // Now one execution has been measured (at least SLEEP): a deadline shorter than that
+    // is refused at once instead of being queued to expire.
+    let start = Instant::now();
+    let err = client
+        .model_infer(with_timeout(
+            fp32_request("slow", "INPUT__0", &[2], &[1.0, 2.0]),
+            MS * 100,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("predicted wait"), "{err:?}");
+    assert!(pushback_ms(&err) >= u64::from(SLEEP), "{err:?}");
+    assert!(start.elapsed() < MS * 100, "refused at once");
+
+    // A deadline the execution fits in is served.
+    let ok = client
+        .model_infer(with_timeout(
+            fp32_request("slow", "INPUT__0", &[2], &[5.0, 6.0]),
+            Duration::from_secs(5),
+        ))
+        .await
+        .expect("a long enough deadline is served");
+    assert_eq!(
+        f32s(&ok.into_inner().raw_output_contents[0]),
+        vec![5.0, 6.0]
+    );
+    s.stop().await;
+}
+
+const PRIORITIES: &str = r#"
+backend: "sluice_synthetic"
+max_batch_size: 4
+input [ { name: "INPUT__0" data_type: TYPE_FP32 dims: [ 2 ] } ]
+output [ { name: "OUTPUT__0" data_type: TYPE_FP32 dims: [ 2 ] } ]
+dynamic_batching { priority_levels: 2 default_priority_level: 2 }
+"#;
+
+fn with_priority(choice: Option<ParameterChoice>) -> ModelInferRequest {
+    let mut req = fp32_request("ranked", "INPUT__0", &[1, 2], &[1.0, 2.0]);
+    if let Some(choice) = choice {
+        req.parameters.insert(
+            "priority".into(),
+            InferParameter {
+                parameter_choice: Some(choice),
+            },
+        );
+    }
+    req
+}
+
+#[tokio::test]
+async fn priority_parameters_are_checked_against_the_models_levels() {
+    let repo = TestRepo::new();
+    repo.model("ranked", PRIORITIES, None);
+    let mut s = TestServer::start(repo.path()).await;
+
+    let refused = [
+        (ParameterChoice::Int64Param(3), "priority 3 is out of range"),
+        (
+            ParameterChoice::Uint64Param(7),
+            "priority 7 is out of range",
+        ),
+        (ParameterChoice::StringParam("1".into()), "'priority'"),
+        (ParameterChoice::Int64Param(-1), "'priority'"),
+        (ParameterChoice::BoolParam(true), "'priority'"),
+    ];
+    for (choice, part) in refused {
+        let err = s
+            .client
+            .model_infer(with_priority(Some(choice.clone())))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{choice:?}: {err:?}");
+        assert!(err.message().contains("'ranked'"), "{err:?}");
+        assert!(err.message().contains(part), "{choice:?}: {err:?}");
+    }
+    let err = s
+        .client
+        .model_infer(with_priority(Some(ParameterChoice::Int64Param(3))))
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("2 priority level(s)"), "{err:?}");
+
+    // Every level, 0 (the default level) and none at all are served.
+    let accepted = [
+        None,
+        Some(ParameterChoice::Int64Param(0)),
+        Some(ParameterChoice::Int64Param(1)),
+        Some(ParameterChoice::Uint64Param(2)),
+    ];
+    for choice in accepted {
+        let ok = s
+            .client
+            .model_infer(with_priority(choice.clone()))
+            .await
+            .unwrap_or_else(|e| panic!("{choice:?} refused: {e:?}"));
+        assert_eq!(
+            f32s(&ok.into_inner().raw_output_contents[0]),
+            vec![1.0, 2.0]
+        );
+    }
+    s.stop().await;
+}
+
+/// Requests of `model` refused for `reason`, summed over priority levels.
+async fn rejected(metrics: SocketAddr, model: &str, reason: &str) -> f64 {
+    let (_, body) = http_get(metrics, "/metrics").await;
+    let (model, reason) = (format!("model=\"{model}\""), format!("reason=\"{reason}\""));
+    body.lines()
+        .filter(|l| l.starts_with("sluice_rejected_requests_total{"))
+        .filter(|l| l.contains(&model) && l.contains(&reason))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn over_the_models_concurrency_limit_a_request_is_refused_at_once() {
+    const SLEEP: u32 = 300;
+    let repo = TestRepo::new();
+    slow_model(&repo, "held", SLEEP);
+    let mut config = Config::for_repository(repo.path());
+    config.admission.model_limit.mode = LimitMode::Static;
+    config.admission.model_limit.max = 2;
+    let mut s = TestServer::start_with(config).await;
+    let before = rejected(s.metrics, "held", "concurrency_limit").await;
+
+    // Two requests in flight: one running, one queued behind it.
+    let mut held = Vec::new();
+    for i in 0..2 {
+        let mut client = s.client.clone();
+        held.push(tokio::spawn(async move {
+            client
+                .model_infer(fp32_request("held", "INPUT__0", &[2], &[i as f32, 0.0]))
+                .await
+        }));
+    }
+    let model = s.gateway.model("held", "").unwrap();
+    eventually(Duration::from_secs(2), "two requests in flight", || {
+        model.limit.in_flight() == 2
+    })
+    .await;
+
+    let start = Instant::now();
+    let err = s
+        .client
+        .model_infer(fp32_request("held", "INPUT__0", &[2], &[9.0, 9.0]))
+        .await
+        .unwrap_err();
+    assert!(start.elapsed() < MS * (SLEEP / 2), "refused at once");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("concurrency limit"), "{err:?}");
+    assert!(pushback_ms(&err) > 0, "{err:?}");
+    assert_eq!(
+        rejected(s.metrics, "held", "concurrency_limit").await,
+        before + 1.0
+    );
+
+    // Both held requests are served; then the limit has room again.
+    for (i, h) in held.into_iter().enumerate() {
+        let out = h.await.unwrap().expect("held requests are served");
+        assert_eq!(
+            f32s(&out.into_inner().raw_output_contents[0]),
+            vec![i as f32, 0.0]
+        );
+    }
+    assert_eq!(model.limit.in_flight(), 0);
+    s.client
+        .model_infer(fp32_request("held", "INPUT__0", &[2], &[1.0, 1.0]))
+        .await
+        .expect("served once the limit has room");
+    s.stop().await;
+}
