@@ -55,11 +55,11 @@ def start_server(port, extra, log):
     sys.exit(f"server on port {port} did not become ready (log: {log.name})")
 
 
-def bench(port, args, work, *load, plots=None, extra=()):
+def bench(port, args, work, *load, plots=None, extra=(), warmup=None):
     out = work / "run.json"
     cmd = [str(BENCH), "run", "-m", args.model, "-u", f"127.0.0.1:{port}",
            "--connections", str(args.connections), "--deadline", args.deadline,
-           "--arrival", "poisson", "--warmup", args.warmup, "-q", "--json", str(out),
+           "--arrival", "poisson", "--warmup", warmup or args.warmup, "-q", "--json", str(out),
            *load, *extra]
     if plots:
         cmd += ["--plots", str(plots)]
@@ -179,7 +179,7 @@ def main():
         print("| --- | ---: | ---: | ---: | ---: | --- |")
         for mode in ("on", "off"):
             log(f"step profile, shedding {mode}...")
-            run = bench(ports[mode], args, work, "--profile", profile, "--warmup", "0s",
+            run = bench(ports[mode], args, work, "--profile", profile, warmup="0s",
                         plots=plots / f"{args.model}-step-{mode}")
             point = run["points"][0]
             bound = 1.5 * base_p99[mode]
@@ -205,8 +205,8 @@ def main():
         samples, stop = [], threading.Event()
         sampler = threading.Thread(target=rss_sampler, args=(on.pid, stop, samples))
         sampler.start()
-        run = bench(ports["on"], args, work, "--rate", f"{capacity * 5:.0f}", "--warmup", "0s",
-                    "--duration", f"{args.rss_seconds}s")
+        run = bench(ports["on"], args, work, "--rate", f"{capacity * 5:.0f}", warmup="0s",
+                    extra=["--duration", f"{args.rss_seconds}s"])
         stop.set()
         sampler.join()
         if samples:

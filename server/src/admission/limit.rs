@@ -13,17 +13,19 @@
 //!
 //! ```text
 //! d > target, peak > L_min:     L <- max(L_min, min(L, peak) * max(beta, target / d))
-//! d <= target, peak >= u * L:   L <- min(L_max, L + alpha)
+//! d <= target, peak >= u * L:   L <- min(L_max, L + sqrt(L))
 //! otherwise:                    L unchanged
 //! ```
 //!
-//! with `beta = 0.5` (at most halve per window), `alpha = 1`, `u = 0.8` and `peak` the
+//! with `beta = 0.5` (at most halve per window), `u = 0.8` and `peak` the
 //! most requests in flight during the window. The decrease starts from what was in
 //! flight (a limit far above the load would otherwise take many windows to matter) and
 //! is proportional to the overshoot (a wait twice the target halves it); it needs more
 //! than `L_min` in flight, so the fixed cost of a lone request's trip through the
 //! server never reads as a queue. Only a limit that was (nearly) reached grows, so an
-//! idle model's limit does not drift up.
+//! idle model's limit does not drift up. The increase of `sqrt(L)` per window (the
+//! headroom Gradient2 adds, Netflix concurrency-limits) recovers from a burst's
+//! decrease within a few windows instead of tens.
 //!
 //! `target` is configured, or by default [`TARGET_EXECUTIONS`] times the model's
 //! fastest measured execution time for one sample (a fixed yardstick per model: tied to
@@ -47,10 +49,9 @@ pub const MIN_TARGET: Duration = Duration::from_millis(1);
 pub const MIN_WINDOW: Duration = Duration::from_millis(10);
 pub const MAX_WINDOW: Duration = Duration::from_millis(200);
 const BETA: f64 = 0.5;
-const ALPHA: f64 = 1.0;
 const UTILIZATION: f64 = 0.8;
 /// The automatic target: this many single-sample executions of queue delay.
-pub const TARGET_EXECUTIONS: u32 = 4;
+pub const TARGET_EXECUTIONS: u32 = 6;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -205,7 +206,7 @@ impl AdaptiveLimit {
                 let factor = (target.as_secs_f64() / d_mean.as_secs_f64()).max(BETA);
                 s.limit = (s.limit.min(peak) * factor).max(min);
             } else if d_mean <= target && peak >= UTILIZATION * s.limit.floor() {
-                s.limit = (s.limit + ALPHA).min(max);
+                s.limit = (s.limit + s.limit.sqrt().max(1.0)).min(max);
             }
             tracing::debug!(
                 limit = s.limit,
@@ -307,10 +308,12 @@ mod tests {
         let mut now = Instant::now();
         windows(&limit, &mut now, MS * 50, 10);
         assert_eq!(limit.limit(), 1);
-        // Load that keeps the limit full, with short queues: +1 per window.
-        for expected in 2..=20 {
+        // Load that keeps the limit full, with short waits: + sqrt(L) per window.
+        let mut expected = 1.0_f64;
+        while expected < 20.0 {
+            expected = (expected + expected.sqrt().max(1.0)).min(20.0);
             windows(&limit, &mut now, MS, 1);
-            assert_eq!(limit.limit(), expected);
+            assert_eq!(limit.limit(), expected as usize);
         }
         windows(&limit, &mut now, MS, 3);
         assert_eq!(limit.limit(), 20, "never above max");
