@@ -27,32 +27,12 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
-import urllib.request
 from pathlib import Path
 
+from sluice_serve import BIN, start_server
+
 ROOT = Path(__file__).resolve().parent.parent
-BIN = ROOT / "target/release/sluice"
 BENCH = ROOT / "target/release/sluice-bench"
-
-
-def start_server(port, extra, log):
-    proc = subprocess.Popen(
-        [str(BIN), "--model-repository", str(ROOT / "models"), "--grpc-port", str(port),
-         "--http-port", str(port + 1), "--metrics-port", str(port + 2), "--log-level", "warn",
-         *extra],
-        stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port + 1}/v2/health/ready", timeout=1):
-                return proc
-        except OSError:
-            if proc.poll() is not None:
-                break
-            time.sleep(0.2)
-    proc.kill()
-    sys.exit(f"server on port {port} did not become ready (log: {log.name})")
 
 
 def bench(port, args, work, *load, plots=None, extra=(), warmup=None):
@@ -128,8 +108,9 @@ def main():
     procs = []
     log = lambda *a: print(*a, file=sys.stderr, flush=True)
     try:
-        on = start_server(39101, [], open(work / "on.log", "w"))
-        off = start_server(39111, ["--load-shedding", "false"], open(work / "off.log", "w"))
+        on = start_server(ROOT / "models", 39101, open(work / "on.log", "w"))
+        off = start_server(ROOT / "models", 39111, open(work / "off.log", "w"),
+                           ["--load-shedding", "false"])
         procs += [on, off]
         ports = {"on": 39101, "off": 39111}
 

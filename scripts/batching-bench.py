@@ -22,12 +22,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
+from sluice_serve import BIN, start_server
+
 ROOT = Path(__file__).resolve().parent.parent
-BIN = ROOT / "target/release/sluice"
 BENCH = ROOT / "target/release/sluice-bench"
 FORWARD = ROOT / "target/release/examples/forward"
 
@@ -52,24 +51,6 @@ def unbatched_copy(models, work):
         text = (ROOT / "models" / m / "config.pbtxt").read_text()
         (repo / m / "config.pbtxt").write_text(without_dynamic_batching(text))
     return repo
-
-
-def start_server(repo, port, log):
-    proc = subprocess.Popen(
-        [str(BIN), "--model-repository", str(repo), "--grpc-port", str(port),
-         "--http-port", str(port + 1), "--metrics-port", str(port + 2), "--log-level", "warn"],
-        stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port + 1}/v2/health/ready", timeout=1):
-                return proc
-        except OSError:
-            if proc.poll() is not None:
-                break
-            time.sleep(0.2)
-    proc.kill()
-    sys.exit(f"server on port {port} did not become ready (log: {log.name})")
 
 
 def bench_point(port, model, concurrency, args, out):

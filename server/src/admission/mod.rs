@@ -290,7 +290,8 @@ mod tests {
         }
     }
 
-    fn ok() -> InferResponse {
+    /// An empty successful answer, for the layer tests of this module and its children.
+    pub(super) fn ok() -> InferResponse {
         InferResponse {
             model: "m".into(),
             version: 1,

@@ -119,6 +119,7 @@ mod tests {
     use tower_test::mock;
 
     use super::*;
+    use crate::admission::tests::ok;
     use crate::model::InferRequest;
 
     const MS: Duration = Duration::from_millis(1);
@@ -140,18 +141,6 @@ mod tests {
         Error::Restarting {
             model: "m".into(),
             reason: "the model instance stopped".into(),
-        }
-    }
-
-    fn ok() -> InferResponse {
-        InferResponse {
-            model: "m".into(),
-            version: 1,
-            id: String::new(),
-            outputs: Vec::new(),
-            queue: Duration::ZERO,
-            batch_wait: Duration::ZERO,
-            compute: Duration::ZERO,
         }
     }
 
