@@ -104,8 +104,8 @@ pub struct Settings {
     )]
     pub model_control_token: Option<String>,
 
-    /// Deadline of inference requests that set none (no `grpc-timeout`, no `timeout`
-    /// parameter), in milliseconds; a shorter client timeout still wins. [default: none]
+    /// Server-side deadline of every inference request, in milliseconds: a request gets
+    /// the smallest of this, its `grpc-timeout` and its `timeout` parameter. [default: none]
     #[arg(long, env = "SLUICE_DEFAULT_TIMEOUT_MS", value_name = "MS")]
     pub default_timeout_ms: Option<u64>,
 
