@@ -602,30 +602,38 @@ impl Actor {
                 || q.deadline
                     .is_some_and(|d| d <= now + estimate.estimate(q.samples).unwrap_or_default())
         };
-        let dead = |q: &Queued| expired(q) || q.reply.is_closed();
-        if !self.queue.iter().any(dead) {
+        let dead = |q: &Queued| {
+            if expired(q) {
+                Some(DropReason::Expired)
+            } else if q.reply.is_closed() {
+                Some(DropReason::Cancelled)
+            } else {
+                None
+            }
+        };
+        if !self.queue.iter().any(|q| dead(q).is_some()) {
             return;
         }
         let mut kept = VecDeque::with_capacity(self.queue.len());
+        let mut gone = Vec::new();
         for q in self.queue.drain(..) {
-            if expired(&q) {
-                metrics::dropped(&self.model, DropReason::Expired);
-                self.counts.remove(&q);
-                self.counts.requests.fetch_sub(1, Ordering::AcqRel);
+            match dead(&q) {
+                Some(reason) => gone.push((q, reason)),
+                None => kept.push_back(q),
+            }
+        }
+        self.queue = kept;
+        let (gone, reasons): (Vec<Queued>, Vec<DropReason>) = gone.into_iter().unzip();
+        self.release(&gone);
+        for (q, reason) in gone.into_iter().zip(reasons) {
+            metrics::dropped(&self.model, reason);
+            if reason == DropReason::Expired {
                 let _ = q.reply.send(Err(Error::DeadlineExceeded {
                     model: self.model.clone(),
                     stage: "waiting in the queue",
                 }));
-            } else if q.reply.is_closed() {
-                metrics::dropped(&self.model, DropReason::Cancelled);
-                self.counts.remove(&q);
-                self.counts.requests.fetch_sub(1, Ordering::AcqRel);
-            } else {
-                kept.push_back(q);
             }
         }
-        self.queue = kept;
-        metrics::queue_depth(&self.model, self.counts.requests.load(Ordering::Acquire));
     }
 
     /// Account for requests leaving the queue.

@@ -476,6 +476,18 @@ mod tests {
         tempfile::tempdir().expect("temp dir")
     }
 
+    /// The configuration from these flags alone, serving `dir`.
+    fn from_command_line(dir: &Path, flags: &[&str]) -> Config {
+        let cli = Settings::try_parse_from(std::iter::once("sluice").chain(flags.iter().copied()))
+            .unwrap();
+        Settings {
+            model_repository: Some(dir.into()),
+            ..cli
+        }
+        .validate()
+        .unwrap()
+    }
+
     #[test]
     fn defaults_are_tritons_ports_on_loopback() {
         let dir = repo();
@@ -513,26 +525,21 @@ mod tests {
     #[test]
     fn model_control_settings() {
         let dir = repo();
-        let cli = Settings::try_parse_from([
-            "sluice",
-            "--model-control-mode",
-            "explicit",
-            "--load-model",
-            "a,b",
-            "--load-model",
-            "c",
-            "--min-instances",
-            "0",
-            "--idle-timeout-secs",
-            "2.5",
-        ])
-        .unwrap();
-        let c = Settings {
-            model_repository: Some(dir.path().into()),
-            ..cli
-        }
-        .validate()
-        .unwrap();
+        let c = from_command_line(
+            dir.path(),
+            &[
+                "--model-control-mode",
+                "explicit",
+                "--load-model",
+                "a,b",
+                "--load-model",
+                "c",
+                "--min-instances",
+                "0",
+                "--idle-timeout-secs",
+                "2.5",
+            ],
+        );
         assert_eq!(c.control.mode, ModelControlMode::Explicit);
         assert_eq!(c.control.load_models, vec!["a", "b", "c"]);
         assert_eq!(c.models.min_instances, Some(0));
@@ -711,24 +718,19 @@ mod tests {
     #[test]
     fn admission_settings_from_the_command_line() {
         let dir = repo();
-        let cli = Settings::try_parse_from([
-            "sluice",
-            "--concurrency-limit-mode",
-            "static",
-            "--max-concurrency-limit",
-            "16",
-            "--default-timeout-ms",
-            "250",
-            "--load-shedding",
-            "false",
-        ])
-        .unwrap();
-        let c = Settings {
-            model_repository: Some(dir.path().into()),
-            ..cli
-        }
-        .validate()
-        .unwrap();
+        let c = from_command_line(
+            dir.path(),
+            &[
+                "--concurrency-limit-mode",
+                "static",
+                "--max-concurrency-limit",
+                "16",
+                "--default-timeout-ms",
+                "250",
+                "--load-shedding",
+                "false",
+            ],
+        );
         assert_eq!(c.admission.model_limit.mode, LimitMode::Static);
         assert_eq!(c.admission.model_limit.max, 16);
         assert_eq!(

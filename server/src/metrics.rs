@@ -73,9 +73,22 @@ impl RejectReason {
     }
 }
 
+/// Label values of priority levels 1..=MAX_PRIORITY_LEVELS (index 0: unknown), static
+/// so that counting a request allocates no label.
+const PRIORITY_LABELS: [&str; 17] = [
+    "", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
+];
+
+const _: () = assert!(
+    PRIORITY_LABELS.len() == crate::repository::model_config::MAX_PRIORITY_LEVELS as usize + 1
+);
+
 /// Label value of a priority level ("" when unknown, e.g. before the model is resolved).
-fn priority_label(level: Option<u32>) -> String {
-    level.map(|l| l.to_string()).unwrap_or_default()
+fn priority_label(level: Option<u32>) -> &'static str {
+    level
+        .and_then(|l| PRIORITY_LABELS.get(l as usize))
+        .copied()
+        .unwrap_or_default()
 }
 
 /// Why accepted work was dropped before it reached the model.

@@ -181,8 +181,14 @@ impl AdaptiveLimit {
 
     /// Feed one request that left the queue: how long it waited (for one that expired
     /// there, its whole wait), and the model's current execution time for one sample
-    /// when known. Returns the limit after any adjustment.
-    pub fn on_sample(&self, queue_delay: Duration, unit: Option<Duration>, now: Instant) -> usize {
+    /// when known. Returns the limit when this sample closed a window (the only time it
+    /// can change), `None` otherwise.
+    pub fn on_sample(
+        &self,
+        queue_delay: Duration,
+        unit: Option<Duration>,
+        now: Instant,
+    ) -> Option<usize> {
         let mut s = self.lock();
         // The fastest seen: contention only ever slows an execution down, and a
         // yardstick that rose with the load would loosen the limit as it tightens.
@@ -191,36 +197,37 @@ impl AdaptiveLimit {
             (a, b) => a.or(b),
         };
         if self.config.mode == LimitMode::Static {
-            return s.limit as usize;
+            return None;
         }
         s.window_sum += queue_delay;
         s.window_count += 1;
         let target = self.target_of(&s);
         let window = (target * 10).clamp(MIN_WINDOW, MAX_WINDOW);
         let start = *s.window_start.get_or_insert(now);
-        if now.duration_since(start) >= window {
-            let d_mean = s.window_sum / s.window_count.max(1);
-            let (min, max) = (self.config.min as f64, self.config.max as f64);
-            let peak = s.window_peak as f64;
-            if d_mean > target && peak > min {
-                let factor = (target.as_secs_f64() / d_mean.as_secs_f64()).max(BETA);
-                s.limit = (s.limit.min(peak) * factor).max(min);
-            } else if d_mean <= target && peak >= UTILIZATION * s.limit.floor() {
-                s.limit = (s.limit + s.limit.sqrt().max(1.0)).min(max);
-            }
-            tracing::debug!(
-                limit = s.limit,
-                peak,
-                d_mean_ms = d_mean.as_secs_f64() * 1e3,
-                target_ms = target.as_secs_f64() * 1e3,
-                "concurrency limit window"
-            );
-            s.window_start = Some(now);
-            s.window_sum = Duration::ZERO;
-            s.window_count = 0;
-            s.window_peak = s.in_flight;
+        if now.duration_since(start) < window {
+            return None;
         }
-        s.limit as usize
+        let d_mean = s.window_sum / s.window_count.max(1);
+        let (min, max) = (self.config.min as f64, self.config.max as f64);
+        let peak = s.window_peak as f64;
+        if d_mean > target && peak > min {
+            let factor = (target.as_secs_f64() / d_mean.as_secs_f64()).max(BETA);
+            s.limit = (s.limit.min(peak) * factor).max(min);
+        } else if d_mean <= target && peak >= UTILIZATION * s.limit.floor() {
+            s.limit = (s.limit + s.limit.sqrt().max(1.0)).min(max);
+        }
+        tracing::debug!(
+            limit = s.limit,
+            peak,
+            d_mean_ms = d_mean.as_secs_f64() * 1e3,
+            target_ms = target.as_secs_f64() * 1e3,
+            "concurrency limit window"
+        );
+        s.window_start = Some(now);
+        s.window_sum = Duration::ZERO;
+        s.window_count = 0;
+        s.window_peak = s.in_flight;
+        Some(s.limit as usize)
     }
 }
 

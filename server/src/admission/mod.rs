@@ -262,8 +262,9 @@ where
                 Err(_) => None,
             };
             if let Some(waited) = waited {
-                let after = limit.on_sample(waited, model.unit_execution(), now);
-                metrics::concurrency_limit(&name, after);
+                if let Some(after) = limit.on_sample(waited, model.unit_execution(), now) {
+                    metrics::concurrency_limit(&name, after);
+                }
             }
             result
         })
