@@ -193,6 +193,9 @@ impl Server {
     }
 }
 
+/// Largest HTTP/2 DATA frame a client may send (the protocol allows up to 16 MiB - 1).
+const MAX_FRAME_BYTES: u32 = 1 << 20;
+
 /// Serve gRPC (HTTP/2) connections on `listener` until `stop`, then close them
 /// gracefully (in-flight calls finish, then GOAWAY). Connections are served here rather
 /// than by tonic's transport server so that the `grpc-timeout` header is enforced only
@@ -207,7 +210,12 @@ async fn serve_grpc(
     let mut builder =
         hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).http2_only();
     // No per-connection stream cap: admission limits what runs, over every connection.
-    builder.http2().max_concurrent_streams(None::<u32>);
+    // Large DATA frames: a client may send a whole tensor in one frame (one write and
+    // one read instead of one per 16 KiB, the HTTP/2 default).
+    builder
+        .http2()
+        .max_concurrent_streams(None::<u32>)
+        .max_frame_size(MAX_FRAME_BYTES);
     loop {
         let stream = tokio::select! {
             _ = stop.cancelled() => break,

@@ -7,9 +7,11 @@
 //! window `W` on the mean wait `d` of the requests that finished in it. A request's wait
 //! is what its execution's oldest request waited in the model's queue (with batching a
 //! dispatch takes the whole queue, so the newest request's own wait says nothing about
-//! how long work stands) plus its own time in the server outside the queue and the
-//! execution (runtime scheduling on a saturated machine is waiting too); a request that
-//! expired waited its whole time. At the end of each window:
+//! how long work stands); a request that expired waited its whole time. Time spent
+//! outside the queue (network, decoding, runtime scheduling) is left out: on a machine
+//! whose cores are saturated by refusing excess traffic it grows with the refusals, and
+//! a lower limit would only idle the model without removing that cost. At the end of
+//! each window:
 //!
 //! ```text
 //! d > target, peak > L_min:     L <- max(L_min, min(L, peak) * max(beta, target / d))
@@ -50,8 +52,10 @@ pub const MIN_WINDOW: Duration = Duration::from_millis(10);
 pub const MAX_WINDOW: Duration = Duration::from_millis(200);
 const BETA: f64 = 0.5;
 const UTILIZATION: f64 = 0.8;
-/// The automatic target: this many single-sample executions of queue delay.
-pub const TARGET_EXECUTIONS: u32 = 6;
+/// The automatic target: this many single-sample executions of queue delay. Two keep
+/// the batches small (a batch of a few samples costs little more per sample than a large
+/// one, and waits far less) while an instance finishing a batch finds the next one ready.
+pub const TARGET_EXECUTIONS: u32 = 2;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]

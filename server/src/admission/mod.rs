@@ -251,13 +251,11 @@ where
             let result = answer.await;
             drop(permit);
             let now = Instant::now();
-            // How long work stood waiting: the oldest wait in the request's execution,
-            // plus the time the request spent here outside the queue and the execution
-            // (runtime scheduling on a busy machine). A request that expired waited
-            // its whole time here.
+            // How long work stood waiting: the oldest wait in the request's execution.
+            // A request that expired waited its whole time here.
             let total = now.duration_since(received);
             let waited = match &result {
-                Ok(r) => Some(r.batch_wait + total.saturating_sub(r.queue + r.compute)),
+                Ok(r) => Some(r.batch_wait),
                 Err(Error::DeadlineExceeded { .. }) => Some(total),
                 Err(_) => None,
             };
