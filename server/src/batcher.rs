@@ -57,6 +57,9 @@ pub struct Queued {
     pub deadline: Option<Instant>,
     /// Priority level, 1 the highest: higher levels are dispatched first.
     pub priority: u32,
+    /// Joining the queue sheds the newest queued request of a lower level (admission
+    /// let this one in over the full limit on that condition).
+    pub preempt: bool,
     pub reply: oneshot::Sender<Result<Done, Error>>,
 }
 
@@ -558,12 +561,36 @@ impl Actor {
     /// Queue in priority order: after every request of the same or a higher level
     /// (lower number), so within a level the oldest goes first.
     fn enqueue(&mut self, q: Queued) {
+        let (level, preempt) = (q.priority, q.preempt);
         let at = self
             .queue
             .iter()
             .rposition(|other| other.priority <= q.priority)
             .map_or(0, |i| i + 1);
         self.queue.insert(at, q);
+        if preempt {
+            self.shed_below(level);
+        }
+    }
+
+    /// Make room for a request of `level`: answer the newest queued request of the
+    /// lowest level below it UNAVAILABLE (the queue's tail, as it is kept in priority
+    /// order). Nothing is shed when every lower-level request is already running.
+    fn shed_below(&mut self, level: u32) {
+        if self.queue.back().is_none_or(|q| q.priority <= level) {
+            return;
+        }
+        let shed = self.queue.pop_back().expect("checked above");
+        self.release(std::slice::from_ref(&shed));
+        metrics::rejected(&self.model, RejectReason::Preempted, Some(shed.priority));
+        let _ = shed.reply.send(Err(Error::Overloaded {
+            model: self.model.clone(),
+            reason: format!(
+                "shed for a priority level {level} request (this one is level {})",
+                shed.priority
+            ),
+            retry_after: Duration::from_millis(20),
+        }));
     }
 
     /// The longest prefix of the planned batch whose execution, as measured so far,
@@ -961,6 +988,7 @@ mod tests {
             expires,
             deadline: None,
             priority: 1,
+            preempt: false,
             reply,
         };
         (q, rx)
@@ -1359,6 +1387,44 @@ mod tests {
             vec![1, 3, 4, 2],
             "level 1 before level 2, each level oldest first"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_preempting_request_sheds_the_newest_lower_level_request_at_once() {
+        let h = harness("", 16).await;
+        let (busy, rbusy) = request(1, 2, None);
+        h.batcher.submit(busy).unwrap();
+        assert_eq!(forwards(&h, 1).await, vec![1]);
+        let preempting = |(q, rx): (Queued, oneshot::Receiver<Result<Done, Error>>)| {
+            (Queued { preempt: true, ..q }, rx)
+        };
+        // Nothing of a lower level is queued: nothing is shed.
+        let (first, rfirst) = preempting(at_priority(request(5, 2, None), 1));
+        h.batcher.submit(first).unwrap();
+        settle().await;
+        assert_eq!(h.batcher.depth(), 1);
+        let (low_old, rlow_old) = at_priority(request(2, 2, None), 2);
+        let (low_new, mut rlow_new) = at_priority(request(3, 2, None), 2);
+        let (high, rhigh) = preempting(at_priority(request(4, 2, None), 1));
+        for q in [low_old, low_new, high] {
+            h.batcher.submit(q).unwrap();
+        }
+        settle().await;
+        // Answered before any instance frees up.
+        match rlow_new.try_recv() {
+            Ok(Err(Error::Overloaded { reason, .. })) => {
+                assert!(reason.contains("priority level 1"), "{reason}")
+            }
+            other => panic!("the newest level-2 request should be shed, got {other:?}"),
+        }
+        assert_eq!(h.batcher.depth(), 3);
+        for _ in 0..4 {
+            h.permits.send(()).unwrap();
+        }
+        for r in [rbusy, rfirst, rhigh, rlow_old] {
+            r.await.unwrap().unwrap();
+        }
+        assert_eq!(*h.seen.lock().unwrap(), vec![1, 5, 4, 2]);
     }
 
     #[tokio::test(start_paused = true)]

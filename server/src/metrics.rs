@@ -60,6 +60,8 @@ pub enum RejectReason {
     ConcurrencyLimit,
     /// The predicted wait exceeds the request's remaining deadline.
     PredictedWait,
+    /// Shed from the queue to make room for a higher-priority request.
+    Preempted,
 }
 
 impl RejectReason {
@@ -69,6 +71,7 @@ impl RejectReason {
             RejectReason::InFlightLimit => "in_flight_limit",
             RejectReason::ConcurrencyLimit => "concurrency_limit",
             RejectReason::PredictedWait => "predicted_wait",
+            RejectReason::Preempted => "preempted",
         }
     }
 }

@@ -35,6 +35,10 @@ pub struct InferRequest {
     /// Triton's `priority` request parameter (1 the highest; 0 or absent: the model's
     /// default level).
     pub priority: Option<u64>,
+    /// Set by admission: the request was admitted over the model's full limit by
+    /// displacing lower-priority work, so joining the queue sheds the newest queued
+    /// request of a lower level.
+    pub preempt: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -195,6 +199,7 @@ impl LoadedModel {
             expires,
             deadline: request.deadline,
             priority,
+            preempt: request.preempt,
             reply,
         })?;
         let gone = || Error::Restarting {

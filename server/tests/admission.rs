@@ -266,3 +266,81 @@ async fn over_the_models_concurrency_limit_a_request_is_refused_at_once() {
         .expect("served once the limit has room");
     s.stop().await;
 }
+
+#[tokio::test]
+async fn a_higher_priority_request_over_the_limit_sheds_a_queued_lower_one_at_once() {
+    const SLEEP: u32 = 200;
+    let repo = TestRepo::new();
+    repo.model(
+        "ranked_slow",
+        &format!(
+            "backend: \"sluice_synthetic\"\nmax_batch_size: 1\n\
+             input [ {{ name: \"INPUT__0\" data_type: TYPE_FP32 dims: [ 2 ] }} ]\n\
+             output [ {{ name: \"OUTPUT__0\" data_type: TYPE_FP32 dims: [ 2 ] }} ]\n\
+             dynamic_batching {{ priority_levels: 2 default_priority_level: 2 }}\n\
+             parameters {{ key: \"sleep_ms\" value: {{ string_value: \"{SLEEP}\" }} }}\n"
+        ),
+        None,
+    );
+    let mut config = Config::for_repository(repo.path());
+    config.admission.model_limit.mode = LimitMode::Static;
+    // Level 1 may use all 4 slots, level 2 (the default) half of them.
+    config.admission.model_limit.max = 4;
+    let s = TestServer::start_with(config).await;
+    let model = s.gateway.model("ranked_slow", "").unwrap();
+    let send = |value: f32, priority: Option<i64>| {
+        let mut client = s.client.clone();
+        let mut req = fp32_request("ranked_slow", "INPUT__0", &[1, 2], &[value, value]);
+        if let Some(p) = priority {
+            req.parameters.insert(
+                "priority".into(),
+                InferParameter {
+                    parameter_choice: Some(ParameterChoice::Int64Param(p)),
+                },
+            );
+        }
+        tokio::spawn(async move { client.model_infer(req).await })
+    };
+    let in_flight = |n: usize| {
+        let model = model.clone();
+        async move {
+            eventually(Duration::from_secs(2), &format!("{n} in flight"), || {
+                model.limit.in_flight() == n
+            })
+            .await
+        }
+    };
+
+    // Level 2 fills its share: one running, one queued.
+    let running = send(1.0, None);
+    in_flight(1).await;
+    let queued = send(2.0, None);
+    in_flight(2).await;
+    // Level 1 takes the rest of the limit without shedding anything.
+    let high: Vec<_> = (3..5).map(|v| send(v as f32, Some(1))).collect();
+    in_flight(4).await;
+    // The limit is full, but half of it is level 2: one more level-1 request gets in and
+    // the queued level-2 request is shed for it, at once.
+    let start = Instant::now();
+    let preempting = send(5.0, Some(1));
+    let err = queued.await.unwrap().unwrap_err();
+    assert!(start.elapsed() < MS * (SLEEP / 2), "shed at once");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("priority level 1"), "{err:?}");
+    assert!(pushback_ms(&err) > 0, "{err:?}");
+    assert_eq!(rejected(s.metrics, "ranked_slow", "preempted").await, 1.0);
+
+    // Everything else is served, each with its own values.
+    let served = [1.0, 3.0, 4.0].into_iter().zip(std::iter::once(running).chain(high));
+    for (value, h) in served {
+        let out = h.await.unwrap().expect("served");
+        assert_eq!(f32s(&out.into_inner().raw_output_contents[0]), vec![value, value]);
+    }
+    let out = preempting.await.unwrap().expect("the preempting request is served");
+    assert_eq!(f32s(&out.into_inner().raw_output_contents[0]), vec![5.0, 5.0]);
+    eventually(Duration::from_secs(2), "every slot given back", || {
+        model.limit.in_flight() == 0
+    })
+    .await;
+    s.stop().await;
+}

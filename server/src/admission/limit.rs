@@ -38,8 +38,12 @@
 //! In static mode the limit is fixed at `max`.
 //!
 //! Priorities: of `N` levels (1 the highest), level `p` may use the share
-//! `(N - p + 1) / N` of the limit, so under pressure the lowest level is refused first
-//! while the highest can still use all of it.
+//! `(N - p + 1) / N` of the limit, so under pressure the lowest level is refused first.
+//! When the limit is full but part of it is held by lower levels, a request is still
+//! admitted as long as its own and the higher levels stay within its share; its permit
+//! then [preempts](Permit::preempts): the batcher sheds the newest queued request of a
+//! lower level to make room. So the highest level can always use the whole limit, and a
+//! lower level's traffic never takes capacity from a higher one.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -96,6 +100,8 @@ struct State {
     window_peak: usize,
     /// The model's fastest reported execution time for one sample.
     unit: Option<Duration>,
+    /// In flight per priority level (index `level - 1`).
+    by_level: Vec<usize>,
 }
 
 /// One model's limit and its in-flight count.
@@ -109,11 +115,23 @@ pub struct AdaptiveLimit {
 #[derive(Debug)]
 pub struct Permit {
     limit: Arc<AdaptiveLimit>,
+    level: usize,
+    preempts: bool,
+}
+
+impl Permit {
+    /// Admitted over the full limit by displacing lower-priority work: the request
+    /// should shed a queued request of a lower level when it joins the queue.
+    pub fn preempts(&self) -> bool {
+        self.preempts
+    }
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        self.limit.lock().in_flight -= 1;
+        let mut s = self.limit.lock();
+        s.in_flight -= 1;
+        s.by_level[self.level] -= 1;
     }
 }
 
@@ -135,6 +153,7 @@ impl AdaptiveLimit {
                 window_count: 0,
                 window_peak: 0,
                 unit: None,
+                by_level: Vec::new(),
             }),
         }
     }
@@ -160,13 +179,26 @@ impl AdaptiveLimit {
         let level = level.clamp(1, levels);
         let share = f64::from(levels - level + 1) / f64::from(levels);
         let allowed = (s.limit * share).floor().max(1.0) as usize;
-        if s.in_flight >= allowed {
-            return None;
+        let index = level as usize - 1;
+        if s.by_level.len() <= index {
+            s.by_level.resize(index + 1, 0);
         }
+        // This level and the higher ones.
+        let own: usize = s.by_level[..=index].iter().sum();
+        let preempts = if s.in_flight < allowed {
+            false
+        } else if own < allowed && s.in_flight > own {
+            true
+        } else {
+            return None;
+        };
         s.in_flight += 1;
+        s.by_level[index] += 1;
         s.window_peak = s.window_peak.max(s.in_flight);
         Some(Permit {
             limit: self.clone(),
+            level: index,
+            preempts,
         })
     }
 
@@ -366,9 +398,35 @@ mod tests {
         // Two levels: level 2 may use half the limit, level 1 all of it.
         let low: Vec<_> = std::iter::from_fn(|| limit.try_acquire(2, 2)).collect();
         assert_eq!(low.len(), 5);
+        assert!(low.iter().all(|p| !p.preempts()));
         let high: Vec<_> = std::iter::from_fn(|| limit.try_acquire(1, 2)).collect();
-        assert_eq!(high.len(), 5);
+        // The first five fit under the limit; five more displace the lower level.
+        assert_eq!(high.len(), 10);
+        assert_eq!(high.iter().filter(|p| p.preempts()).count(), 5);
+        assert!(high[..5].iter().all(|p| !p.preempts()));
         assert!(limit.try_acquire(2, 2).is_none());
+        assert!(limit.try_acquire(1, 2).is_none(), "level 1 alone fills the limit");
+        // As the displaced requests leave, the higher level holds the whole limit.
+        drop(low);
+        assert_eq!(limit.in_flight(), 10);
+        assert!(limit.try_acquire(1, 2).is_none());
+        drop(high);
+        assert_eq!(limit.in_flight(), 0);
+    }
+
+    #[test]
+    fn a_level_preempts_only_lower_levels_and_only_up_to_its_share() {
+        let limit = adaptive(1, 10, 5);
+        // Three levels: shares 10, 6 and 3 of a limit of 10.
+        let third: Vec<_> = std::iter::from_fn(|| limit.try_acquire(3, 3)).collect();
+        assert_eq!(third.len(), 3);
+        assert!(third.iter().all(|p| !p.preempts()), "the lowest level never preempts");
+        let second: Vec<_> = std::iter::from_fn(|| limit.try_acquire(2, 3)).collect();
+        assert_eq!(second.len(), 6, "its share, three of them displacing level 3");
+        assert_eq!(second.iter().filter(|p| p.preempts()).count(), 3);
+        let first: Vec<_> = std::iter::from_fn(|| limit.try_acquire(1, 3)).collect();
+        assert_eq!(first.len(), 10);
+        assert_eq!(first.iter().filter(|p| p.preempts()).count(), 9);
     }
 
     #[test]

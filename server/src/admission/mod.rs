@@ -245,6 +245,8 @@ where
             return Box::pin(async move { Err(err) });
         };
         metrics::admitted(&call.model, level);
+        let mut call = call;
+        call.request.preempt = permit.preempts();
         let (name, received) = (call.model.clone(), call.received);
         let answer = self.inner.call(call);
         Box::pin(async move {

@@ -61,6 +61,7 @@ pub fn infer_request(req: ModelInferRequest) -> Result<InferRequest, Error> {
         deadline: None,
         queue_timeout,
         priority,
+        preempt: false,
     })
 }
 
