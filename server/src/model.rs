@@ -174,13 +174,7 @@ impl LoadedModel {
     ) -> Result<(InferResponse, usize, Duration, Duration), Error> {
         let spec = &self.spec;
         let validated = validate(spec, &request)?;
-        let priority = spec
-            .queue
-            .priority_level(request.priority)
-            .map_err(|message| Error::InvalidRequest {
-                model: spec.name.clone(),
-                message,
-            })?;
+        let priority = spec.queue.priority_level(request.priority);
         let queue_timeout = match request.queue_timeout {
             Some(t) if spec.queue.allow_timeout_override => Some(t),
             _ => spec.queue.default_timeout,

@@ -1,7 +1,8 @@
 //! Admission control seen from a client: deadlines answer DEADLINE_EXCEEDED, a wait
 //! predicted past the deadline and a full concurrency limit answer UNAVAILABLE at once
-//! with pushback, and bad `priority` parameters are INVALID_ARGUMENT. The server keeps
-//! serving after each.
+//! with pushback, `priority` parameters that are not non-negative integers are
+//! INVALID_ARGUMENT (levels beyond the model's mean its default, as in Triton), and a
+//! higher priority sheds queued lower-priority work. The server keeps serving after each.
 
 mod common;
 
@@ -145,17 +146,12 @@ fn with_priority(choice: Option<ParameterChoice>) -> ModelInferRequest {
 }
 
 #[tokio::test]
-async fn priority_parameters_are_checked_against_the_models_levels() {
+async fn priority_parameters_are_checked_and_levels_beyond_the_models_mean_the_default() {
     let repo = TestRepo::new();
     repo.model("ranked", PRIORITIES, None);
     let mut s = TestServer::start(repo.path()).await;
 
     let refused = [
-        (ParameterChoice::Int64Param(3), "priority 3 is out of range"),
-        (
-            ParameterChoice::Uint64Param(7),
-            "priority 7 is out of range",
-        ),
         (ParameterChoice::StringParam("1".into()), "'priority'"),
         (ParameterChoice::Int64Param(-1), "'priority'"),
         (ParameterChoice::BoolParam(true), "'priority'"),
@@ -170,19 +166,27 @@ async fn priority_parameters_are_checked_against_the_models_levels() {
         assert!(err.message().contains("'ranked'"), "{err:?}");
         assert!(err.message().contains(part), "{choice:?}: {err:?}");
     }
-    let err = s
-        .client
-        .model_infer(with_priority(Some(ParameterChoice::Int64Param(3))))
-        .await
-        .unwrap_err();
-    assert!(err.message().contains("2 priority level(s)"), "{err:?}");
+    let admitted = || async {
+        let (_, body) = http_get(s.metrics, "/metrics").await;
+        [1, 2].map(|level| {
+            let label = format!("model=\"ranked\",priority=\"{level}\"");
+            body.lines()
+                .filter(|l| l.starts_with("sluice_admitted_requests_total{") && l.contains(&label))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>()
+        })
+    };
+    let before = admitted().await;
 
-    // Every level, 0 (the default level) and none at all are served.
+    // Every level is served; 0, none at all and levels beyond the model's two (as in
+    // Triton) run at the default level, 2.
     let accepted = [
         None,
         Some(ParameterChoice::Int64Param(0)),
         Some(ParameterChoice::Int64Param(1)),
         Some(ParameterChoice::Uint64Param(2)),
+        Some(ParameterChoice::Int64Param(3)),
+        Some(ParameterChoice::Uint64Param(7)),
     ];
     for choice in accepted {
         let ok = s
@@ -195,6 +199,9 @@ async fn priority_parameters_are_checked_against_the_models_levels() {
             vec![1.0, 2.0]
         );
     }
+    let after = admitted().await;
+    assert_eq!(after[0] - before[0], 1.0, "only priority 1 runs at level 1");
+    assert_eq!(after[1] - before[1], 5.0, "the rest runs at the default level");
     s.stop().await;
 }
 

@@ -168,9 +168,9 @@ impl Service<InferCall> for GatewayService {
     }
 }
 
-/// Per model: the adaptive concurrency limit, by priority level. Resolves the model (so
-/// an unknown model is NOT_FOUND here) and its request's priority level (INVALID_ARGUMENT
-/// when out of range).
+/// Per model: the adaptive concurrency limit, by priority level. Resolves the model (an
+/// unknown model goes on to the gateway, which answers NOT_FOUND) and its request's
+/// priority level.
 #[derive(Clone)]
 pub struct ModelLimitLayer {
     gateway: Arc<Gateway>,
@@ -215,16 +215,7 @@ where
             Err(_) => return Box::pin(self.inner.call(call)),
         };
         let queue = &model.spec.queue;
-        let level = match queue.priority_level(call.request.priority) {
-            Ok(level) => level,
-            Err(message) => {
-                let err = Error::InvalidRequest {
-                    model: call.model.clone(),
-                    message,
-                };
-                return Box::pin(async move { Err(err) });
-            }
-        };
+        let level = queue.priority_level(call.request.priority);
         let levels = queue.priority_levels;
         if !self.shedding {
             metrics::admitted(&call.model, level);

@@ -44,16 +44,14 @@ pub struct QueueSettings {
 }
 
 impl QueueSettings {
-    /// The level a request runs at for its `priority` parameter (0 or absent: the
-    /// default level). Levels beyond the configured ones are refused.
-    pub fn priority_level(&self, requested: Option<u64>) -> Result<u32, String> {
+    /// The level a request runs at for its `priority` parameter. As in Triton, 0, an
+    /// absent parameter and a level beyond the configured ones all mean the default
+    /// level (a client that sends priorities works unchanged against a model without
+    /// them).
+    pub fn priority_level(&self, requested: Option<u64>) -> u32 {
         match requested {
-            None | Some(0) => Ok(self.default_priority_level),
-            Some(p) if p <= u64::from(self.priority_levels) => Ok(p as u32),
-            Some(p) => Err(format!(
-                "priority {p} is out of range: the model has {} priority level(s) (1 is the highest, 0 the default)",
-                self.priority_levels
-            )),
+            Some(p) if p >= 1 && p <= u64::from(self.priority_levels) => p as u32,
+            _ => self.default_priority_level,
         }
     }
 }
