@@ -10,10 +10,15 @@ same deadline):
 
 1. capacity C: a sweep of rates against the shedding server; C is the highest goodput
    (successes within the deadline per second);
-2. 0.8C, 2C and 5C against each server, alternating, `--rounds` times (medians);
+2. 0.8C, 2C and 5C against each server, alternating, `--rounds` times (medians). The
+   speed of a shared machine drifts over minutes, so each round first measures its own
+   capacity C_r (the best goodput at the sweep's best rate and 1.25 times it) and
+   judges its goodputs against C_r and its p99s against its own 0.8C p99;
 3. a step 0.8C -> 2C -> 0.8C against each (timeline plots), and how long after each
    step the per-second p99 of successes stays within 1.5x the 0.8C p99;
-4. two priority levels (half each) at 2C against the shedding server;
+4. two priority levels (half each) at 2C against a third server whose copy of the
+   model declares `priority_levels: 2` (the bundled configs have one level), after
+   measuring that server's capacity the same way;
 5. the shedding server's RSS, sampled every second over `--rss-seconds` at 5C.
 
 Prints Markdown; plots go to `--plots` (default docs/admission). Needs `make build`.
@@ -76,6 +81,27 @@ def recovery(series, bound_ms, step_at, step_end):
     return None
 
 
+def priority_repository(work, model):
+    """A copy of `model` whose config declares two priority levels."""
+    src = ROOT / "models" / model
+    dst = work / "priority-models" / model
+    shutil.copytree(src, dst)
+    config = (dst / "config.pbtxt").read_text()
+    if "dynamic_batching {" not in config:
+        sys.exit(f"{model}: the priority run needs dynamic_batching in its config")
+    config = config.replace("dynamic_batching {",
+                            "dynamic_batching {\n  priority_levels: 2\n  default_priority_level: 1", 1)
+    (dst / "config.pbtxt").write_text(config)
+    return dst.parent
+
+
+def capacity_now(port, args, work, rates):
+    """Best goodput over `rates`, measured now."""
+    run = bench(port, args, work, "--rate", ",".join(f"{r:.0f}" for r in rates),
+                "--duration", args.duration)
+    return max(p["goodput_rps"] for p in run["points"])
+
+
 def rss_sampler(pid, stop, samples):
     while not stop.is_set():
         try:
@@ -111,7 +137,9 @@ def main():
         on = start_server(ROOT / "models", 39101, open(work / "on.log", "w"))
         off = start_server(ROOT / "models", 39111, open(work / "off.log", "w"),
                            ["--load-shedding", "false"])
-        procs += [on, off]
+        prio = start_server(priority_repository(work, args.model), 39121,
+                            open(work / "priority.log", "w"))
+        procs += [on, off, prio]
         ports = {"on": 39101, "off": 39111}
 
         log("capacity sweep (shedding on)...")
@@ -119,6 +147,8 @@ def main():
                       plots=plots / f"{args.model}-capacity")
         points = [summary(p) for p in sweep["points"]]
         capacity = max(p["goodput"] for p in points)
+        best_rate = max(points, key=lambda p: p["goodput"])["offered"]
+        probe = [best_rate, 1.25 * best_rate]
         print(f"Model `{args.model}`, open loop (Poisson), deadline {args.deadline} on every "
               f"request, {args.connections} connections.\n")
         print("Capacity sweep, shedding on:\n")
@@ -130,25 +160,37 @@ def main():
 
         levels = [("0.8C", 0.8), ("2C", 2.0), ("5C", 5.0)]
         results = {}
+        round_capacity = []
         for r in range(args.rounds):
+            log(f"round {r + 1}: capacity now...")
+            round_capacity.append(capacity_now(ports["on"], args, work, probe))
             for name, factor in levels:
                 for mode in ("on", "off"):
                     rate = f"{capacity * factor:.0f}"
                     log(f"round {r + 1}: {name} ({rate}/s) shedding {mode}...")
                     run = bench(ports[mode], args, work, "--rate", rate, "--duration", args.duration)
-                    results.setdefault((name, mode), []).append(summary(run["points"][0]))
+                    s = summary(run["points"][0])
+                    s["of_c"] = s["goodput"] / round_capacity[r]
+                    results.setdefault((name, mode), []).append(s)
+            for mode in ("on", "off"):
+                base = results[("0.8C", mode)][r]["ok_p99"]
+                for name, _ in levels:
+                    x = results[(name, mode)][r]
+                    x["p99_ratio"] = x["ok_p99"] / base
         med = lambda rs, k: statistics.median(x[k] for x in rs)
         base_p99 = {m: med(results[("0.8C", m)], "ok_p99") for m in ("on", "off")}
-        print(f"Overload, medians of {args.rounds} rounds (alternating on/off):\n")
-        print("| load | shedding | offered/s | goodput/s | of C | p99 ok ms | p99 vs 0.8C | refused | p99 refusal ms | codes (last round) |")
+        print(f"Overload, medians of {args.rounds} rounds (alternating on/off). Capacity "
+              f"measured at the start of each round (C_r, shedding on): "
+              f"{', '.join(f'{c:.0f}' for c in round_capacity)}/s; \"of C_r\" and \"p99 vs "
+              f"0.8C\" are per round, then the median:\n")
+        print("| load | shedding | offered/s | goodput/s | of C_r | p99 ok ms | p99 vs 0.8C | refused | p99 refusal ms | codes (last round) |")
         print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
         for name, _ in levels:
             for mode in ("on", "off"):
                 rs = results[(name, mode)]
-                g = med(rs, "goodput")
-                p99 = med(rs, "ok_p99")
-                print(f"| {name} | {mode} | {med(rs, 'offered'):.0f} | {g:.0f} | {100 * g / capacity:.0f}% "
-                      f"| {p99:.1f} | {p99 / base_p99[mode]:.2f}x | {100 * med(rs, 'rejected'):.1f}% "
+                print(f"| {name} | {mode} | {med(rs, 'offered'):.0f} | {med(rs, 'goodput'):.0f} "
+                      f"| {100 * med(rs, 'of_c'):.0f}% | {med(rs, 'ok_p99'):.1f} "
+                      f"| {med(rs, 'p99_ratio'):.2f}x | {100 * med(rs, 'rejected'):.1f}% "
                       f"| {med(rs, 'rej_p99'):.2f} | {fmt_codes(rs[-1]['codes'])} |")
 
         step = args.step_seconds
@@ -171,9 +213,13 @@ def main():
             print(f"| {mode} | {s['goodput']:.0f} | {s['ok_p99']:.1f} | {show(up)} | {show(down)} | {fmt_codes(s['codes'])} |")
 
         log("priorities at 2C...")
-        run = bench(ports["on"], args, work, "--rate", f"{capacity * 2:.0f}", "--duration",
+        prio_capacity = capacity_now(39121, args, work, probe)
+        run = bench(39121, args, work, "--rate", f"{capacity * 2:.0f}", "--duration",
                     args.duration, extra=["--priority-mix", "1:1,2:1"])
-        print("\nTwo priority levels, half the requests each, 2C in total, shedding on:\n")
+        print(f"\nTwo priority levels (a copy of `{args.model}` with `priority_levels: 2`), "
+              f"half the requests each, 2C = {capacity * 2:.0f}/s in total, shedding on; that "
+              f"server's capacity measured just before: {prio_capacity:.0f}/s, so level 1 "
+              f"alone offers {100 * capacity / prio_capacity:.0f}% of it:\n")
         print("| priority | sent | ok | success | goodput/s | p99 ok ms |")
         print("| ---: | ---: | ---: | ---: | ---: | ---: |")
         for level in run["points"][0].get("by_priority", []):
