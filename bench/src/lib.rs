@@ -6,7 +6,8 @@
 //! * [`target`] opens the connections, [`inputs`] builds the request once, and
 //!   [`priority`] its copies for each priority level of a mix;
 //! * [`schedule`] says when open-loop requests are meant to be sent;
-//! * [`load`] runs the workers of each point, which record into [`stats`];
+//! * [`load`] runs the workers of each point, which record into [`stats`], sending
+//!   through [`wire`] (ModelInfer over HTTP/2 with the request encoded once);
 //! * [`progress`] draws the live bar; [`report`] makes the table and JSON,
 //!   [`plot`] the SVG/PNG plots; [`runner`] strings them together.
 
@@ -23,3 +24,4 @@ pub mod scenario;
 pub mod schedule;
 pub mod stats;
 pub mod target;
+pub mod wire;

@@ -34,7 +34,8 @@ use crate::priority::{with_priority, PriorityMix};
 use crate::progress::Live;
 use crate::schedule::{Arrival, Profile, Schedule};
 use crate::stats::{Outcome, PointStats, StatsConfig};
-use crate::target::{Client, Target};
+use crate::target::Target;
+use crate::wire::{Encoded, InferConnection};
 
 /// The shape of the load at one point of a run.
 #[derive(Clone, Debug, PartialEq)]
@@ -96,26 +97,27 @@ impl PointConfig {
     }
 }
 
-/// The requests of a point: one per priority level of the mix, or the one request.
+/// The requests of a point, encoded once: one per priority level of the mix, or the
+/// one request.
 struct Requests {
     mix: Option<PriorityMix>,
     /// Without a mix, just the request; with one, its copy for each level in order.
-    variants: Vec<Arc<ModelInferRequest>>,
+    variants: Vec<Encoded>,
 }
 
 /// A request to send: its priority slot (an index into the mix's levels), if any.
 struct Picked {
     slot: Option<usize>,
-    request: Arc<ModelInferRequest>,
+    request: Encoded,
 }
 
 impl Requests {
-    fn new(request: Arc<ModelInferRequest>, mix: Option<&PriorityMix>) -> Requests {
+    fn new(request: &ModelInferRequest, mix: Option<&PriorityMix>) -> Requests {
         let variants = match mix {
-            None => vec![request],
+            None => vec![Encoded::new(request)],
             Some(mix) => mix
                 .levels()
-                .map(|level| Arc::new(with_priority(&request, level)))
+                .map(|level| Encoded::new(&with_priority(request, level)))
                 .collect(),
         };
         Requests {
@@ -134,7 +136,7 @@ impl Requests {
         let slot = self.slot(n);
         Picked {
             slot,
-            request: Arc::clone(&self.variants[slot.unwrap_or(0)]),
+            request: self.variants[slot.unwrap_or(0)].clone(),
         }
     }
 }
@@ -146,11 +148,11 @@ pub async fn run_point(
     config: &PointConfig,
     live: &Arc<Live>,
 ) -> PointStats {
-    let requests = Arc::new(Requests::new(request, config.priorities.as_ref()));
+    let requests = Arc::new(Requests::new(&request, config.priorities.as_ref()));
     let start = Instant::now();
     let hard_end = start + config.load.length() + config.drain;
     let worker = |i: usize| Worker {
-        client: target.client(i),
+        connection: target.infer(i),
         requests: Arc::clone(&requests),
         start,
         hard_end,
@@ -213,7 +215,7 @@ enum Reply {
 }
 
 struct Worker {
-    client: Client,
+    connection: InferConnection,
     requests: Arc<Requests>,
     start: Instant,
     hard_end: Instant,
@@ -229,8 +231,8 @@ impl Worker {
             let picked = self.requests.pick(numbers.fetch_add(1, Ordering::Relaxed));
             let sent = self.start.elapsed();
             let reply = send(
-                self.client.clone(),
-                Arc::clone(&picked.request),
+                self.connection.clone(),
+                picked.request,
                 self.request_times(sent),
             )
             .await;
@@ -268,7 +270,7 @@ impl Worker {
                 self.stats.record_unsent(slot, intended);
                 break;
             }
-            let reply = send(self.client.clone(), request, self.request_times(intended));
+            let reply = send(self.connection.clone(), request, self.request_times(intended));
             in_flight.spawn(async move { (slot, reply.await) });
         }
         for (intended, number) in schedule {
@@ -316,9 +318,9 @@ struct RequestTimes {
 }
 
 /// Sends one request now and waits for its answer, at most until the hard end.
-async fn send(mut client: Client, request: Arc<ModelInferRequest>, times: RequestTimes) -> Reply {
+async fn send(connection: InferConnection, request: Encoded, times: RequestTimes) -> Reply {
     let sent = times.start.elapsed();
-    match timeout_at(times.hard_end, call(&mut client, &request, times.deadline)).await {
+    match timeout_at(times.hard_end, call(&connection, &request, times.deadline)).await {
         Ok(code) => Reply::Answered(Outcome {
             intended: times.intended,
             sent,
@@ -335,31 +337,17 @@ async fn send(mut client: Client, request: Arc<ModelInferRequest>, times: Reques
 /// One ModelInfer call, reduced to its status code.
 ///
 /// With a deadline the request carries `grpc-timeout`, and the client gives up at the
-/// deadline as gRPC clients do; a deadline that expires at the client counts as
-/// DEADLINE_EXCEEDED (tonic itself reports its own expired timer as CANCELLED).
-async fn call(
-    client: &mut Client,
-    request: &ModelInferRequest,
-    deadline: Option<Duration>,
-) -> Code {
-    let mut message = tonic::Request::new(request.clone());
+/// deadline as gRPC clients do (resetting the stream); a deadline that expires at the
+/// client counts as DEADLINE_EXCEEDED, and so does CANCELLED once the deadline has
+/// passed (servers built on tonic answer an expired `grpc-timeout` that way).
+async fn call(connection: &InferConnection, request: &Encoded, deadline: Option<Duration>) -> Code {
     let Some(deadline) = deadline else {
-        return code_of(client.model_infer(message).await);
+        return connection.infer(request, None).await;
     };
-    message.set_timeout(deadline);
     let begun = Instant::now();
-    match timeout(deadline, client.model_infer(message)).await {
-        Ok(Err(status)) if status.code() == Code::Cancelled && begun.elapsed() >= deadline => {
-            Code::DeadlineExceeded
-        }
-        Ok(result) => code_of(result),
+    match timeout(deadline, connection.infer(request, Some(deadline))).await {
+        Ok(Code::Cancelled) if begun.elapsed() >= deadline => Code::DeadlineExceeded,
+        Ok(code) => code,
         Err(_) => Code::DeadlineExceeded,
-    }
-}
-
-fn code_of<T>(result: Result<T, tonic::Status>) -> Code {
-    match result {
-        Ok(_) => Code::Ok,
-        Err(status) => status.code(),
     }
 }

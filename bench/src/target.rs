@@ -12,6 +12,8 @@ use sluice_proto::grpc_inference_service_client::GrpcInferenceServiceClient;
 use sluice_proto::inference::{ModelConfigRequest, ModelMetadataRequest, ModelMetadataResponse};
 use tonic::transport::{Channel, Endpoint};
 
+use crate::wire::InferConnection;
+
 /// A client of `inference.GRPCInferenceService` on one connection.
 pub type Client = GrpcInferenceServiceClient<Channel>;
 
@@ -33,6 +35,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Target {
     url: String,
     clients: Vec<Client>,
+    /// The load's connections, `connections` of them (the tonic clients above carry
+    /// only metadata and the check request).
+    infer: Vec<InferConnection>,
 }
 
 impl Target {
@@ -56,7 +61,15 @@ impl Target {
                     .max_encoding_message_size(MAX_MESSAGE_BYTES),
             );
         }
-        Ok(Target { url, clients })
+        let mut infer = Vec::with_capacity(clients.len());
+        for _ in 0..clients.len() {
+            infer.push(InferConnection::connect(&url).await?);
+        }
+        Ok(Target {
+            url,
+            clients,
+            infer,
+        })
     }
 
     pub fn url(&self) -> &str {
@@ -70,6 +83,11 @@ impl Target {
     /// The client on connection `i` modulo the pool size (cheap: a handle clone).
     pub fn client(&self, i: usize) -> Client {
         self.clients[i % self.clients.len()].clone()
+    }
+
+    /// The load connection `i` modulo the pool size (cheap: a handle clone).
+    pub fn infer(&self, i: usize) -> InferConnection {
+        self.infer[i % self.infer.len()].clone()
     }
 
     /// The model's inputs and outputs (ModelMetadata).
