@@ -270,7 +270,11 @@ impl Worker {
                 self.stats.record_unsent(slot, intended);
                 break;
             }
-            let reply = send(self.connection.clone(), request, self.request_times(intended));
+            let reply = send(
+                self.connection.clone(),
+                request,
+                self.request_times(intended),
+            );
             in_flight.spawn(async move { (slot, reply.await) });
         }
         for (intended, number) in schedule {

@@ -64,7 +64,9 @@ pub struct InferConnection {
 impl InferConnection {
     /// Connects to `url` (`http://host:port`).
     pub async fn connect(url: &str) -> Result<InferConnection> {
-        let base: Uri = url.parse().with_context(|| format!("invalid URL {url:?}"))?;
+        let base: Uri = url
+            .parse()
+            .with_context(|| format!("invalid URL {url:?}"))?;
         let authority = base
             .authority()
             .with_context(|| format!("no host:port in {url:?}"))?
@@ -223,7 +225,10 @@ mod tests {
         assert_eq!(grpc_status(&headers), None);
         headers.insert("grpc-status", HeaderValue::from_static("14"));
         assert_eq!(grpc_status(&headers), Some(Code::Unavailable));
-        assert_eq!(http_code(StatusCode::SERVICE_UNAVAILABLE), Code::Unavailable);
+        assert_eq!(
+            http_code(StatusCode::SERVICE_UNAVAILABLE),
+            Code::Unavailable
+        );
         assert_eq!(http_code(StatusCode::NOT_FOUND), Code::Unimplemented);
     }
 }

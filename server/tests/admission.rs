@@ -201,7 +201,11 @@ async fn priority_parameters_are_checked_and_levels_beyond_the_models_mean_the_d
     }
     let after = admitted().await;
     assert_eq!(after[0] - before[0], 1.0, "only priority 1 runs at level 1");
-    assert_eq!(after[1] - before[1], 5.0, "the rest runs at the default level");
+    assert_eq!(
+        after[1] - before[1],
+        5.0,
+        "the rest runs at the default level"
+    );
     s.stop().await;
 }
 
@@ -338,13 +342,24 @@ async fn a_higher_priority_request_over_the_limit_sheds_a_queued_lower_one_at_on
     assert_eq!(rejected(s.metrics, "ranked_slow", "preempted").await, 1.0);
 
     // Everything else is served, each with its own values.
-    let served = [1.0, 3.0, 4.0].into_iter().zip(std::iter::once(running).chain(high));
+    let served = [1.0, 3.0, 4.0]
+        .into_iter()
+        .zip(std::iter::once(running).chain(high));
     for (value, h) in served {
         let out = h.await.unwrap().expect("served");
-        assert_eq!(f32s(&out.into_inner().raw_output_contents[0]), vec![value, value]);
+        assert_eq!(
+            f32s(&out.into_inner().raw_output_contents[0]),
+            vec![value, value]
+        );
     }
-    let out = preempting.await.unwrap().expect("the preempting request is served");
-    assert_eq!(f32s(&out.into_inner().raw_output_contents[0]), vec![5.0, 5.0]);
+    let out = preempting
+        .await
+        .unwrap()
+        .expect("the preempting request is served");
+    assert_eq!(
+        f32s(&out.into_inner().raw_output_contents[0]),
+        vec![5.0, 5.0]
+    );
     eventually(Duration::from_secs(2), "every slot given back", || {
         model.limit.in_flight() == 0
     })

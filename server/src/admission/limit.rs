@@ -405,7 +405,10 @@ mod tests {
         assert_eq!(high.iter().filter(|p| p.preempts()).count(), 5);
         assert!(high[..5].iter().all(|p| !p.preempts()));
         assert!(limit.try_acquire(2, 2).is_none());
-        assert!(limit.try_acquire(1, 2).is_none(), "level 1 alone fills the limit");
+        assert!(
+            limit.try_acquire(1, 2).is_none(),
+            "level 1 alone fills the limit"
+        );
         // As the displaced requests leave, the higher level holds the whole limit.
         drop(low);
         assert_eq!(limit.in_flight(), 10);
@@ -420,9 +423,16 @@ mod tests {
         // Three levels: shares 10, 6 and 3 of a limit of 10.
         let third: Vec<_> = std::iter::from_fn(|| limit.try_acquire(3, 3)).collect();
         assert_eq!(third.len(), 3);
-        assert!(third.iter().all(|p| !p.preempts()), "the lowest level never preempts");
+        assert!(
+            third.iter().all(|p| !p.preempts()),
+            "the lowest level never preempts"
+        );
         let second: Vec<_> = std::iter::from_fn(|| limit.try_acquire(2, 3)).collect();
-        assert_eq!(second.len(), 6, "its share, three of them displacing level 3");
+        assert_eq!(
+            second.len(),
+            6,
+            "its share, three of them displacing level 3"
+        );
         assert_eq!(second.iter().filter(|p| p.preempts()).count(), 3);
         let first: Vec<_> = std::iter::from_fn(|| limit.try_acquire(1, 3)).collect();
         assert_eq!(first.len(), 10);
