@@ -11,6 +11,11 @@ the `forward` example (forward only, no gateway) for every instance/thread split
 fills the machine's cores and every batch size, and reports each model's best as its
 compute limit. Prints Markdown tables. Needs `make build` and
 `cargo build --release -p sluice --example forward` first.
+
+Both servers fix the per-model concurrency limit at its maximum (256, above every
+concurrency here), so that what is compared is batching alone: with the adaptive limit a
+fixed set of clients that resend at once when refused is partly refused whenever its own
+queue outgrows the limit's target (see the admission section of BENCHMARKS.md).
 """
 
 import argparse
@@ -25,6 +30,8 @@ import tempfile
 from pathlib import Path
 
 from sluice_serve import BIN, start_server
+
+STATIC_LIMIT = ["--concurrency-limit-mode", "static"]
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "target/release/sluice-bench"
@@ -109,8 +116,8 @@ def main():
     procs = []
     try:
         logs = [open(work / "on.log", "w"), open(work / "off.log", "w")]
-        procs.append(start_server(ROOT / "models", 39001, logs[0]))
-        procs.append(start_server(unbatched_copy(models, work), 39011, logs[1]))
+        procs.append(start_server(ROOT / "models", 39001, logs[0], STATIC_LIMIT))
+        procs.append(start_server(unbatched_copy(models, work), 39011, logs[1], STATIC_LIMIT))
         ports = {"on": 39001, "off": 39011}
         results = {}
         total = len(models) * len(concurrencies) * args.rounds * 2
