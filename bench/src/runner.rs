@@ -64,7 +64,7 @@ pub async fn run(spec: &RunSpec, outputs: &Outputs) -> Result<RunReport> {
 async fn probe(target: &Target, request: &ModelInferRequest) -> Result<()> {
     let mut message = tonic::Request::new(request.clone());
     message.set_timeout(PROBE_TIMEOUT);
-    let Err(status) = target.client(0).model_infer(message).await else {
+    let Err(status) = target.client().model_infer(message).await else {
         return Ok(());
     };
     let overloaded = [

@@ -1,9 +1,11 @@
-//! The server under test: a pool of gRPC connections and the metadata calls that
+//! The server under test: a pool of load connections and the metadata calls that
 //! describe a model.
 //!
 //! One HTTP/2 connection multiplexes every request, but its single socket and the
 //! client's single connection task can become the bottleneck at high rates, so the
-//! pool opens `connections` independent ones and workers take them round-robin.
+//! pool opens `connections` independent ones ([`InferConnection`]) and workers take them
+//! round-robin. Metadata and the check request go over one more connection, through the
+//! generated gRPC client.
 
 use std::time::Duration;
 
@@ -34,42 +36,32 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Open connections to the server.
 pub struct Target {
     url: String,
-    clients: Vec<Client>,
-    /// The load's connections, `connections` of them (the tonic clients above carry
-    /// only metadata and the check request).
+    /// Metadata and the check request.
+    client: Client,
+    /// The load's connections.
     infer: Vec<InferConnection>,
 }
 
 impl Target {
-    /// Opens `config.connections` connections (at least one) and fails if any cannot be made.
+    /// Opens `config.connections` load connections (at least one) and the metadata
+    /// connection, and fails if any cannot be made.
     pub async fn connect(config: &TargetConfig) -> Result<Target> {
         let url = normalize_url(&config.url);
-        let endpoint = Endpoint::from_shared(url.clone())
+        let channel = Endpoint::from_shared(url.clone())
             .with_context(|| format!("invalid server address {:?}", config.url))?
             .tcp_nodelay(true)
-            .connect_timeout(CONNECT_TIMEOUT);
-        let mut clients = Vec::with_capacity(config.connections.max(1));
+            .connect_timeout(CONNECT_TIMEOUT)
+            .connect()
+            .await
+            .with_context(|| format!("cannot connect to {url}"))?;
+        let client = GrpcInferenceServiceClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let mut infer = Vec::with_capacity(config.connections.max(1));
         for _ in 0..config.connections.max(1) {
-            // Each `connect` opens its own TCP connection; clones of one Channel would share it.
-            let channel = endpoint
-                .connect()
-                .await
-                .with_context(|| format!("cannot connect to {url}"))?;
-            clients.push(
-                GrpcInferenceServiceClient::new(channel)
-                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
-            );
-        }
-        let mut infer = Vec::with_capacity(clients.len());
-        for _ in 0..clients.len() {
             infer.push(InferConnection::connect(&url).await?);
         }
-        Ok(Target {
-            url,
-            clients,
-            infer,
-        })
+        Ok(Target { url, client, infer })
     }
 
     pub fn url(&self) -> &str {
@@ -77,12 +69,12 @@ impl Target {
     }
 
     pub fn connections(&self) -> usize {
-        self.clients.len()
+        self.infer.len()
     }
 
-    /// The client on connection `i` modulo the pool size (cheap: a handle clone).
-    pub fn client(&self, i: usize) -> Client {
-        self.clients[i % self.clients.len()].clone()
+    /// The generated gRPC client, for metadata and the check request (a handle clone).
+    pub fn client(&self) -> Client {
+        self.client.clone()
     }
 
     /// The load connection `i` modulo the pool size (cheap: a handle clone).
@@ -101,7 +93,7 @@ impl Target {
             version: version.to_owned(),
         };
         let response = self
-            .client(0)
+            .client()
             .model_metadata(request)
             .await
             .with_context(|| format!("ModelMetadata for model {model:?} failed"))?;
@@ -115,7 +107,7 @@ impl Target {
             name: model.to_owned(),
             version: version.to_owned(),
         };
-        let response = self.client(0).model_config(request).await.ok()?;
+        let response = self.client().model_config(request).await.ok()?;
         response.into_inner().config.map(|c| c.max_batch_size)
     }
 }

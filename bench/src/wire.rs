@@ -44,14 +44,6 @@ impl Encoded {
             .expect("the buffer was sized for the message");
         Encoded(buf.freeze())
     }
-
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
 }
 
 /// One HTTP/2 connection for ModelInfer calls; clones share it.
@@ -141,7 +133,7 @@ impl InferConnection {
 }
 
 /// `grpc-timeout`: at most eight digits and a unit, as precise as fits.
-pub fn grpc_timeout(t: Duration) -> HeaderValue {
+fn grpc_timeout(t: Duration) -> HeaderValue {
     const MAX: u128 = 99_999_999;
     let value = [
         (t.as_nanos(), "n"),

@@ -589,7 +589,7 @@ impl Actor {
                 "shed for a priority level {level} request (this one is level {})",
                 shed.priority
             ),
-            retry_after: Duration::from_millis(20),
+            retry_after: crate::admission::LIMIT_PUSHBACK,
         }));
     }
 

@@ -101,7 +101,6 @@ impl Default for LimitConfig {
 #[derive(Debug)]
 struct State {
     limit: f64,
-    in_flight: usize,
     window_start: Option<Instant>,
     window_sum: Duration,
     window_count: u32,
@@ -112,6 +111,12 @@ struct State {
     by_level: Vec<usize>,
     /// The last window's mean wait was over the target.
     over_before: bool,
+}
+
+impl State {
+    fn in_flight(&self) -> usize {
+        self.by_level.iter().sum()
+    }
 }
 
 /// One model's limit and its in-flight count.
@@ -139,9 +144,7 @@ impl Permit {
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        let mut s = self.limit.lock();
-        s.in_flight -= 1;
-        s.by_level[self.level] -= 1;
+        self.limit.lock().by_level[self.level] -= 1;
     }
 }
 
@@ -157,7 +160,6 @@ impl AdaptiveLimit {
             config,
             state: Mutex::new(State {
                 limit: config.max as f64,
-                in_flight: 0,
                 window_start: None,
                 window_sum: Duration::ZERO,
                 window_count: 0,
@@ -179,7 +181,7 @@ impl AdaptiveLimit {
     }
 
     pub fn in_flight(&self) -> usize {
-        self.lock().in_flight
+        self.lock().in_flight()
     }
 
     /// Take a slot for a request of `level` (1 the highest) of `levels`, or `None` when
@@ -194,18 +196,18 @@ impl AdaptiveLimit {
         if s.by_level.len() <= index {
             s.by_level.resize(index + 1, 0);
         }
+        let in_flight = s.in_flight();
         // This level and the higher ones.
         let own: usize = s.by_level[..=index].iter().sum();
-        let preempts = if s.in_flight < allowed {
+        let preempts = if in_flight < allowed {
             false
-        } else if own < allowed && s.in_flight > own {
+        } else if own < allowed && in_flight > own {
             true
         } else {
             return None;
         };
-        s.in_flight += 1;
         s.by_level[index] += 1;
-        s.window_peak = s.window_peak.max(s.in_flight);
+        s.window_peak = s.window_peak.max(in_flight + 1);
         Some(Permit {
             limit: self.clone(),
             level: index,
@@ -279,7 +281,7 @@ impl AdaptiveLimit {
         s.window_start = Some(now);
         s.window_sum = Duration::ZERO;
         s.window_count = 0;
-        s.window_peak = s.in_flight;
+        s.window_peak = s.in_flight();
         Some(s.limit as usize)
     }
 }

@@ -208,7 +208,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, call: InferCall) -> Self::Future {
+    fn call(&mut self, mut call: InferCall) -> Self::Future {
         let model = match self.gateway.model(&call.model, &call.version) {
             Ok(m) => m,
             // Answered by the gateway with the precise reason (and counted there).
@@ -236,7 +236,6 @@ where
             return Box::pin(async move { Err(err) });
         };
         metrics::admitted(&call.model, level);
-        let mut call = call;
         call.request.preempt = permit.preempts();
         let (name, received) = (call.model.clone(), call.received);
         let answer = self.inner.call(call);
