@@ -5,7 +5,8 @@
 //! * [`cli`] and [`scenario`] turn flags or a TOML file into one [`config::RunSpec`];
 //! * [`target`] opens the connections, [`inputs`] builds the request once, and
 //!   [`priority`] its copies for each priority level of a mix;
-//! * [`schedule`] says when open-loop requests are meant to be sent;
+//! * [`schedule`] says when open-loop requests are meant to be sent, and [`pacer`]
+//!   waits for those times;
 //! * [`load`] runs the workers of each point, which record into [`stats`], sending
 //!   through [`wire`] (ModelInfer over HTTP/2 with the request encoded once);
 //! * [`progress`] draws the live bar; [`report`] makes the table and JSON,
@@ -15,6 +16,7 @@ pub mod cli;
 pub mod config;
 pub mod inputs;
 pub mod load;
+pub mod pacer;
 pub mod plot;
 pub mod priority;
 pub mod progress;

@@ -10,9 +10,10 @@
 //!
 //! The dispatcher runs on the same runtime as its requests: a dispatcher on a thread
 //! of its own, spawning onto the runtime, was measured to fall behind more, not less
-//! (cross-thread spawns and wake-ups). tokio's timer has 1 ms resolution, so sends
-//! are normally up to 1-2 ms behind their intended time; that lag is part of the
-//! measured latency and is reported (p50, p99 and max lag).
+//! (cross-thread spawns and wake-ups). It waits for each send time on a [`Pacer`]
+//! (a kernel timer on the runtime's reactor) rather than tokio's timer, whose 1 ms
+//! ticks would send every request up to a millisecond late; what lag remains is part
+//! of the measured latency and is reported (p50, p99 and max lag).
 //!
 //! Every request task ends by the point's hard end (run length + drain period), so
 //! a point is bounded in time whatever the server does.
@@ -27,10 +28,11 @@ use std::time::Duration;
 
 use sluice_proto::inference::ModelInferRequest;
 use tokio::task::JoinSet;
-use tokio::time::{sleep_until, timeout, timeout_at, Instant};
+use tokio::time::{timeout, timeout_at, Instant};
 use tonic::Code;
 
 use crate::priority::{with_priority, PriorityMix};
+use crate::pacer::Pacer;
 use crate::progress::Live;
 use crate::schedule::{Arrival, Profile, Schedule};
 use crate::stats::{Outcome, PointStats, StatsConfig};
@@ -252,6 +254,7 @@ impl Worker {
         limits: OpenLimits,
     ) -> PointStats {
         let mut in_flight = JoinSet::new();
+        let pacer = Pacer::new();
         for (intended, number) in schedule.by_ref() {
             let at = self.start + intended;
             // Wait for the send time and a free slot, recording answers meanwhile.
@@ -262,7 +265,7 @@ impl Worker {
                         let (slot, reply) = reply.expect("request tasks do not panic");
                         self.record(slot, reply);
                     }
-                    () = sleep_until(at), if in_flight.len() < limits.max_in_flight => break,
+                    () = pacer.sleep_until(at), if in_flight.len() < limits.max_in_flight => break,
                 }
             }
             let Picked { slot, request } = self.requests.pick(number);

@@ -128,6 +128,9 @@ pub struct Latencies {
     pub ok: Option<Summary>,
     /// Every non-OK answer: rejections, expired deadlines, errors.
     pub rejected: Option<Summary>,
+    /// The refusals among them: UNAVAILABLE and RESOURCE_EXHAUSTED.
+    #[serde(default)]
+    pub refused: Option<Summary>,
 }
 
 impl Latencies {
@@ -135,6 +138,7 @@ impl Latencies {
         Latencies {
             ok: Summary::of(&stats.ok),
             rejected: Summary::of(&stats.rejected),
+            refused: Summary::of(&stats.refused),
         }
     }
 }
@@ -549,6 +553,7 @@ mod tests {
             "{ok:?}"
         );
         assert_eq!(p.latency_ms.rejected.unwrap().count, 20);
+        assert_eq!(p.latency_ms.refused.unwrap().count, 20);
         let s = p.schedule.unwrap();
         assert_eq!(s.late, 1);
         assert!(!s.fell_behind, "1 late send of 200 is within the limit");

@@ -91,6 +91,9 @@ pub struct Stats {
     pub ok: Histogram<u64>,
     /// Latency of every non-OK answer (rejections, deadlines, errors), microseconds.
     pub rejected: Histogram<u64>,
+    /// Latency of the refusals among them (UNAVAILABLE, RESOURCE_EXHAUSTED: the server
+    /// turned the request away), microseconds.
+    pub refused: Histogram<u64>,
     /// Answers per gRPC status code, indexed by the code's number.
     pub codes: [u64; CODES],
     /// Successes within the deadline.
@@ -115,6 +118,7 @@ impl Stats {
             config,
             ok: histogram(3),
             rejected: histogram(3),
+            refused: histogram(3),
             codes: [0; CODES],
             good: 0,
             sent: 0,
@@ -159,6 +163,9 @@ impl Stats {
             }
         } else {
             record(&mut self.rejected, latency);
+            if is_refusal(outcome.code) {
+                record(&mut self.refused, latency);
+            }
         }
     }
 
@@ -198,6 +205,7 @@ impl Stats {
         let merged = "auto-resizing histograms always merge";
         self.ok.add(&other.ok).expect(merged);
         self.rejected.add(&other.rejected).expect(merged);
+        self.refused.add(&other.refused).expect(merged);
         self.lag.add(&other.lag).expect(merged);
         for (a, b) in self.codes.iter_mut().zip(other.codes) {
             *a += b;
@@ -323,6 +331,12 @@ pub fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1)
 }
 
+/// Whether a code says the server turned the request away (overload or quota), as
+/// opposed to failing it or running out of time.
+pub fn is_refusal(code: Code) -> bool {
+    matches!(code, Code::Unavailable | Code::ResourceExhausted)
+}
+
 /// The position of a code in [`Stats::codes`].
 pub fn code_index(code: Code) -> usize {
     usize::try_from(i32::from(code)).expect("gRPC codes are 0..=16")
@@ -389,6 +403,7 @@ mod tests {
         s.record(&outcome(1000, 0, 20, Code::Ok));
         s.record(&outcome(1500, 30, 80, Code::Ok)); // late, and past the deadline
         s.record(&outcome(2000, 0, 2, Code::Unavailable));
+        s.record(&outcome(2100, 0, 50, Code::DeadlineExceeded));
         s.record(&outcome(3000, 0, 5, Code::Ok)); // after the window
         s.record_unfinished(ms(2500), ms(0));
         s.record_unsent(ms(2600));
@@ -396,19 +411,22 @@ mod tests {
 
         assert_eq!(s.successes(), 2);
         assert_eq!(s.good, 1);
-        assert_eq!(s.answered(), 3);
+        assert_eq!(s.answered(), 4);
         assert_eq!(s.codes[code_index(Code::Unavailable)], 1);
-        assert_eq!(s.sent, 4);
+        assert_eq!(s.sent, 5);
         assert_eq!((s.unsent, s.unfinished, s.late), (1, 1, 1));
         assert_eq!(s.ok.len(), 2);
-        assert_eq!(s.rejected.len(), 1);
-        assert!(s.rejected.equivalent(s.rejected.max(), 2000));
+        // Both failures are rejected; only the UNAVAILABLE one was refused.
+        assert_eq!(s.rejected.len(), 2);
+        assert!(s.rejected.equivalent(s.rejected.max(), 50_000));
+        assert_eq!(s.refused.len(), 1);
+        assert!(s.refused.equivalent(s.refused.max(), 2000));
         assert!(s.ok.equivalent(s.ok.max(), 80_000));
         assert!(s.ok.equivalent(s.ok.min(), 20_000));
         assert!(s.lag.equivalent(s.lag.max(), 30_000));
         assert_eq!(s.series.len(), 4);
-        assert_eq!(s.series.iter().map(|b| b.sent).sum::<u64>(), 5);
-        assert_eq!((s.series[0].ok, s.series[2].rejected), (1, 1));
+        assert_eq!(s.series.iter().map(|b| b.sent).sum::<u64>(), 6);
+        assert_eq!((s.series[0].ok, s.series[2].rejected), (1, 2));
     }
 
     #[test]
