@@ -54,7 +54,8 @@ def bench(port, args, work, *load, plots=None, extra=(), warmup=None):
 
 def summary(point):
     ok = point["latency_ms"]["ok"] or {}
-    rej = point["latency_ms"]["rejected"] or {}
+    # Refusals only (UNAVAILABLE, RESOURCE_EXHAUSTED), from their intended send time.
+    refused = point["latency_ms"].get("refused") or {}
     sent = max(point["sent"], 1)
     return {
         "offered": point["offered_rps"],
@@ -62,7 +63,9 @@ def summary(point):
         "ok_p50": ok.get("p50", float("nan")),
         "ok_p99": ok.get("p99", float("nan")),
         "rejected": sum(v for k, v in point["codes"].items() if k == "UNAVAILABLE") / sent,
-        "rej_p99": rej.get("p99", float("nan")),
+        "rej_p50": refused.get("p50", float("nan")),
+        "rej_p99": refused.get("p99", float("nan")),
+        "lag_p99": (point.get("schedule") or {}).get("p99_lag_ms", float("nan")),
         "codes": point["codes"],
     }
 
@@ -183,15 +186,17 @@ def main():
               f"measured at the start of each round (C_r, shedding on): "
               f"{', '.join(f'{c:.0f}' for c in round_capacity)}/s; \"of C_r\" and \"p99 vs "
               f"0.8C\" are per round, then the median:\n")
-        print("| load | shedding | offered/s | goodput/s | of C_r | p99 ok ms | p99 vs 0.8C | refused | p99 refusal ms | codes (last round) |")
-        print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+        print("| load | shedding | offered/s | goodput/s | of C_r | p99 ok ms | p99 vs 0.8C | refused "
+              "| p50 / p99 refusal ms | p99 send lag ms | codes (last round) |")
+        print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
         for name, _ in levels:
             for mode in ("on", "off"):
                 rs = results[(name, mode)]
                 print(f"| {name} | {mode} | {med(rs, 'offered'):.0f} | {med(rs, 'goodput'):.0f} "
                       f"| {100 * med(rs, 'of_c'):.0f}% | {med(rs, 'ok_p99'):.1f} "
                       f"| {med(rs, 'p99_ratio'):.2f}x | {100 * med(rs, 'rejected'):.1f}% "
-                      f"| {med(rs, 'rej_p99'):.2f} | {fmt_codes(rs[-1]['codes'])} |")
+                      f"| {med(rs, 'rej_p50'):.2f} / {med(rs, 'rej_p99'):.2f} "
+                      f"| {med(rs, 'lag_p99'):.2f} | {fmt_codes(rs[-1]['codes'])} |")
 
         step = args.step_seconds
         profile = (f"{capacity * 0.8:.0f}@{step}s,{capacity * 2:.0f}@{step}s,"

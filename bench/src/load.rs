@@ -31,8 +31,8 @@ use tokio::task::JoinSet;
 use tokio::time::{timeout, timeout_at, Instant};
 use tonic::Code;
 
-use crate::priority::{with_priority, PriorityMix};
 use crate::pacer::Pacer;
+use crate::priority::{with_priority, PriorityMix};
 use crate::progress::Live;
 use crate::schedule::{Arrival, Profile, Schedule};
 use crate::stats::{Outcome, PointStats, StatsConfig};

@@ -58,8 +58,8 @@ impl Default for Pacer {
 #[allow(unsafe_code)]
 mod linux {
     use std::io;
-    use std::time::Duration;
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::time::Duration;
 
     use tokio::io::unix::AsyncFd;
     use tokio::io::Interest;
@@ -123,7 +123,12 @@ mod linux {
             // SAFETY: the descriptor is a valid timerfd owned by `self`, `spec` a valid
             // itimerspec, and the old-value pointer may be null.
             let armed = unsafe {
-                libc::timerfd_settime(self.fd.get_ref().as_raw_fd(), 0, &spec, std::ptr::null_mut())
+                libc::timerfd_settime(
+                    self.fd.get_ref().as_raw_fd(),
+                    0,
+                    &spec,
+                    std::ptr::null_mut(),
+                )
             };
             if armed < 0 {
                 return Err(io::Error::last_os_error());
@@ -169,7 +174,10 @@ mod tests {
         for wait_us in [0_u64, 150, 700, 2_300] {
             let at = Instant::now() + Duration::from_micros(wait_us);
             pacer.sleep_until(at).await;
-            assert!(Instant::now() >= at, "woke before the instant ({wait_us} us)");
+            assert!(
+                Instant::now() >= at,
+                "woke before the instant ({wait_us} us)"
+            );
         }
     }
 

@@ -1473,25 +1473,9 @@ mod tests {
         let now = Instant::now();
         let (near, mut rnear) = with_deadline(request(1, 2, None), now + measured / 2);
         let err = h.batcher.submit(near).unwrap_err();
-        let Error::Overloaded {
-            reason,
-            retry_after,
-            ..
-        } = &err
-        else {
-            panic!("expected Overloaded, got {err:?}");
-        };
+        let (reason, retry_after) = crate::error::expect_overloaded(err);
         assert!(reason.contains("predicted wait"), "{reason}");
-        assert_eq!(*retry_after, measured, "pushback is the predicted wait");
-        let status = tonic::Status::from(err);
-        assert_eq!(status.code(), tonic::Code::Unavailable);
-        assert_eq!(
-            status
-                .metadata()
-                .get(crate::error::RETRY_PUSHBACK_HEADER)
-                .unwrap(),
-            measured.as_millis().to_string().as_str()
-        );
+        assert_eq!(retry_after, measured, "pushback is the predicted wait");
         assert!(rnear.try_recv().is_err(), "the request was handed back");
         assert_eq!(h.batcher.depth(), 0);
 
@@ -1526,10 +1510,7 @@ mod tests {
         // Another level-2 request would wait for both (3 rounds of 80 ms).
         let (low, _rlow) = with_deadline(at_priority(request(1, 2, None), 2), deadline);
         let err = h.batcher.submit(low).unwrap_err();
-        let Error::Overloaded { retry_after, .. } = err else {
-            panic!("expected Overloaded, got {err:?}");
-        };
-        assert_eq!(retry_after, MS * 240);
+        assert_eq!(crate::error::expect_overloaded(err).1, MS * 240);
         // A level-1 request goes before them: only its own execution counts.
         let (high, mut rhigh) = with_deadline(at_priority(request(1, 2, None), 1), deadline);
         h.batcher.submit(high).unwrap();

@@ -137,8 +137,8 @@ pub struct Settings {
     #[arg(long, env = "SLUICE_MAX_CONCURRENCY_LIMIT", value_name = "N")]
     pub max_concurrency_limit: Option<usize>,
 
-    /// Queue delay the adaptive limit aims at, in milliseconds. [default: the model's
-    /// measured time for one execution, at least 1 ms]
+    /// Queue delay the adaptive limit aims at, in milliseconds. [default: four of the
+    /// model's fastest measured single-sample executions, at least 1 ms]
     #[arg(long, env = "SLUICE_TARGET_QUEUE_DELAY_MS", value_name = "MS")]
     pub target_queue_delay_ms: Option<f64>,
 

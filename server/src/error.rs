@@ -179,6 +179,29 @@ impl From<Error> for Status {
     }
 }
 
+/// Test helper: `err` must be a refusal for overload; checks that it reaches the client
+/// as UNAVAILABLE with its pushback in `grpc-retry-pushback-ms`, and returns its reason
+/// and pushback for the caller's own checks.
+#[cfg(test)]
+pub(crate) fn expect_overloaded(err: Error) -> (String, Duration) {
+    let Error::Overloaded {
+        reason,
+        retry_after,
+        ..
+    } = &err
+    else {
+        panic!("expected Overloaded, got {err:?}");
+    };
+    let (reason, retry_after) = (reason.clone(), *retry_after);
+    let status = Status::from(err);
+    assert_eq!(status.code(), Code::Unavailable);
+    assert_eq!(
+        status.metadata().get(RETRY_PUSHBACK_HEADER).unwrap(),
+        retry_after.as_millis().to_string().as_str()
+    );
+    (reason, retry_after)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -235,13 +258,18 @@ mod tests {
 
     #[test]
     fn overload_carries_retry_pushback() {
-        let status = Status::from(Error::Overloaded {
+        let err = || Error::Overloaded {
             model: "m".into(),
             reason: "queue full".into(),
             retry_after: Duration::from_millis(25),
-        });
+        };
+        let status = Status::from(err());
         assert_eq!(status.code(), Code::Unavailable);
         assert_eq!(status.metadata().get(RETRY_PUSHBACK_HEADER).unwrap(), "25");
+        assert_eq!(
+            expect_overloaded(err()),
+            ("queue full".to_owned(), Duration::from_millis(25))
+        );
     }
 
     #[test]

@@ -21,7 +21,11 @@
 //!
 //! where the queue is `standing` when `d > 2 * target`, or `d > target` in this window
 //! and the one before (the persistence test of CoDel, Nichols & Jacobson, 2012: a
-//! burst that drains within a window is not a queue to shed for).
+//! burst that drains within a window is not a queue to shed for). In a window where
+//! nothing was refused the queue was built by the arrivals alone, and the test is
+//! stricter: `d > 3 * target`, or over the target three windows in a row. So Poisson
+//! bursts below capacity, which can stand for a window or two, shrink nothing, while
+//! under overload (the limit refusing) the limit reacts as quickly as before.
 //!
 //! with `beta = 0.5` (at most halve per window), `u = 0.8` and `peak` the
 //! most requests in flight during the window. The decrease starts from what was in
@@ -59,8 +63,15 @@ pub const MIN_TARGET: Duration = Duration::from_millis(1);
 pub const MIN_WINDOW: Duration = Duration::from_millis(10);
 pub const MAX_WINDOW: Duration = Duration::from_millis(200);
 const BETA: f64 = 0.5;
-/// A window this many times over the target needs no second one to confirm it.
+/// While refusing: a window this many times over the target needs no second one to
+/// confirm it,
 const CLEAR_OVERSHOOT: u32 = 2;
+/// and this many windows in a row over the target make a standing queue.
+const PERSISTENCE: u32 = 2;
+/// The same two while nothing was refused in the window: a queue built by the arrivals
+/// alone, with the limit not in the way, must last longer before it counts.
+const CLEAR_OVERSHOOT_UNREFUSED: u32 = 3;
+const PERSISTENCE_UNREFUSED: u32 = 3;
 const UTILIZATION: f64 = 0.8;
 /// The automatic target: this many single-sample executions of queue delay. Four keep
 /// the batches moderate (a batch of a few samples costs little more per sample than a
@@ -83,7 +94,8 @@ pub struct LimitConfig {
     pub mode: LimitMode,
     pub min: usize,
     pub max: usize,
-    /// Queue delay the adaptive limit aims at; `None`: one execution time.
+    /// Queue delay the adaptive limit aims at; `None`: [`TARGET_EXECUTIONS`] of the
+    /// model's fastest single-sample executions.
     pub target: Option<Duration>,
 }
 
@@ -109,8 +121,10 @@ struct State {
     unit: Option<Duration>,
     /// In flight per priority level (index `level - 1`).
     by_level: Vec<usize>,
-    /// The last window's mean wait was over the target.
-    over_before: bool,
+    /// Windows in a row whose mean wait was over the target.
+    over_streak: u32,
+    /// A request was refused in the window.
+    window_refused: bool,
 }
 
 impl State {
@@ -166,7 +180,8 @@ impl AdaptiveLimit {
                 window_peak: 0,
                 unit: None,
                 by_level: Vec::new(),
-                over_before: false,
+                over_streak: 0,
+                window_refused: false,
             }),
         }
     }
@@ -204,6 +219,7 @@ impl AdaptiveLimit {
         } else if own < allowed && in_flight > own {
             true
         } else {
+            s.window_refused = true;
             return None;
         };
         s.by_level[index] += 1;
@@ -259,12 +275,17 @@ impl AdaptiveLimit {
         let d_mean = s.window_sum / s.window_count.max(1);
         let (min, max) = (self.config.min as f64, self.config.max as f64);
         let peak = s.window_peak as f64;
-        // A window over the target is a standing queue when the one before it was over
-        // too, or when it is far over: a single burst (Poisson arrivals at 80% load
-        // make them) shrinks nothing.
+        // A window over the target is a standing queue when the ones before it were
+        // over too, or when it is far over: a single burst (Poisson arrivals at 80% load
+        // make them) shrinks nothing. Without refusals it takes more to convince.
         let over = d_mean > target;
-        let standing = over && (s.over_before || d_mean > target * CLEAR_OVERSHOOT);
-        s.over_before = over;
+        s.over_streak = if over { s.over_streak + 1 } else { 0 };
+        let (persistence, clear) = if s.window_refused {
+            (PERSISTENCE, CLEAR_OVERSHOOT)
+        } else {
+            (PERSISTENCE_UNREFUSED, CLEAR_OVERSHOOT_UNREFUSED)
+        };
+        let standing = over && (s.over_streak >= persistence || d_mean > target * clear);
         if standing && peak > min {
             let factor = (target.as_secs_f64() / d_mean.as_secs_f64()).max(BETA);
             s.limit = (s.limit.min(peak) * factor).max(min);
@@ -281,6 +302,7 @@ impl AdaptiveLimit {
         s.window_start = Some(now);
         s.window_sum = Duration::ZERO;
         s.window_count = 0;
+        s.window_refused = false;
         s.window_peak = s.in_flight();
         Some(s.limit as usize)
     }
@@ -367,16 +389,20 @@ mod tests {
     fn each_window_is_judged_on_its_own_mean_wait() {
         let limit = adaptive(1, 100, 5);
         let t0 = Instant::now();
+        // Every slot taken and one request refused.
         let _full: Vec<_> = std::iter::from_fn(|| limit.try_acquire(1, 1)).collect();
         // Mean 4 ms (one long wait among short ones): within the 5 ms target.
         limit.on_sample(MS * 10, None, t0);
         limit.on_sample(MS, None, t0 + MS * 10);
         limit.on_sample(MS, None, t0 + WINDOW);
         assert_eq!(limit.limit(), 100);
-        // The next two windows: mean 8 ms, a standing queue once confirmed, so x 5/8.
+        // The next two windows (refusing): mean 8 ms, a standing queue once confirmed,
+        // so x 5/8.
+        assert!(limit.try_acquire(1, 1).is_none());
         limit.on_sample(MS * 6, None, t0 + WINDOW + MS);
         limit.on_sample(MS * 10, None, t0 + WINDOW * 2);
         assert_eq!(limit.limit(), 100);
+        assert!(limit.try_acquire(1, 1).is_none());
         limit.on_sample(MS * 6, None, t0 + WINDOW * 2 + MS);
         limit.on_sample(MS * 10, None, t0 + WINDOW * 3);
         assert_eq!(limit.limit(), 62);
@@ -499,12 +525,39 @@ mod tests {
         let limit = adaptive(2, 256, 5);
         let t0 = Instant::now();
         let held: Vec<_> = (0..40).map(|_| limit.try_acquire(1, 1).unwrap()).collect();
-        limit.on_sample(MS * 11, None, t0);
-        limit.on_sample(MS * 11, None, t0 + WINDOW);
-        // 40 in flight, a queue of over twice the target (no second window needed):
-        // 40 * 0.5.
+        limit.on_sample(MS * 16, None, t0);
+        limit.on_sample(MS * 16, None, t0 + WINDOW);
+        // 40 in flight, nothing refused, a queue of over three times the target (no
+        // further window needed): 40 * 0.5.
         assert_eq!(limit.limit(), 20);
         drop(held);
+    }
+
+    #[test]
+    fn without_refusals_a_queue_must_last_longer_before_it_counts() {
+        for refusing in [false, true] {
+            let limit = adaptive(1, 100, 5);
+            let t0 = Instant::now();
+            // 50 of 100 in flight; a mean wait 2.4x the target in every window.
+            let _held: Vec<_> = (0..50).map(|_| limit.try_acquire(1, 1).unwrap()).collect();
+            limit.on_sample(MS * 12, None, t0);
+            let mut shrunk_after = None;
+            for w in 1..=3 {
+                if refusing {
+                    // The level-2 share (half the limit) is full: refused.
+                    assert!(limit.try_acquire(2, 2).is_none());
+                }
+                limit.on_sample(MS * 12, None, t0 + WINDOW * w);
+                if limit.limit() < 100 {
+                    shrunk_after = Some(w);
+                    break;
+                }
+            }
+            // Refusing: over twice the target is enough at once. Not refusing: three
+            // windows in a row. Either way from the 50 in flight, x max(0.5, 5/12).
+            assert_eq!(shrunk_after, Some(if refusing { 1 } else { 3 }));
+            assert_eq!(limit.limit(), 25);
+        }
     }
 
     #[test]
