@@ -25,7 +25,10 @@
 //! nothing was refused the queue was built by the arrivals alone, and the test is
 //! stricter: `d > 3 * target`, or over the target three windows in a row. So Poisson
 //! bursts below capacity, which can stand for a window or two, shrink nothing, while
-//! under overload (the limit refusing) the limit reacts as quickly as before.
+//! under overload (the limit refusing) the limit reacts as quickly as before. Only a
+//! refusal of the highest level in flight counts: a lower level refused while higher
+//! ones hold slots is precedence at work, and a higher level running near capacity
+//! beside a flood of lower-level work is judged like a model running alone near it.
 //!
 //! with `beta = 0.5` (at most halve per window), `u = 0.8` and `peak` the
 //! most requests in flight during the window. The decrease starts from what was in
@@ -219,7 +222,11 @@ impl AdaptiveLimit {
         } else if own < allowed && in_flight > own {
             true
         } else {
-            s.window_refused = true;
+            // Only a refusal of the highest level in flight says the limit binds: one of
+            // a lower level means higher levels are taking their precedence.
+            if s.by_level[..index].iter().all(|&n| n == 0) {
+                s.window_refused = true;
+            }
             return None;
         };
         s.by_level[index] += 1;
@@ -535,17 +542,33 @@ mod tests {
 
     #[test]
     fn without_refusals_a_queue_must_last_longer_before_it_counts() {
-        for refusing in [false, true] {
+        /// What is refused in each window.
+        #[derive(Clone, Copy, Debug)]
+        enum Refusing {
+            Nothing,
+            /// Level 1 of 1 with every slot taken: the limit binds.
+            TopLevel,
+            /// Level 2 of 2 while level 1 holds half the limit: precedence, not load.
+            LowerLevel,
+        }
+        for (refusing, held, after, to) in [
+            (Refusing::Nothing, 50, 3, 25),
+            (Refusing::TopLevel, 100, 1, 50),
+            (Refusing::LowerLevel, 50, 3, 25),
+        ] {
             let limit = adaptive(1, 100, 5);
             let t0 = Instant::now();
-            // 50 of 100 in flight; a mean wait 2.4x the target in every window.
-            let _held: Vec<_> = (0..50).map(|_| limit.try_acquire(1, 1).unwrap()).collect();
+            let _held: Vec<_> = (0..held)
+                .map(|_| limit.try_acquire(1, 1).unwrap())
+                .collect();
+            // A mean wait 2.4x the target in every window.
             limit.on_sample(MS * 12, None, t0);
             let mut shrunk_after = None;
             for w in 1..=3 {
-                if refusing {
-                    // The level-2 share (half the limit) is full: refused.
-                    assert!(limit.try_acquire(2, 2).is_none());
+                match refusing {
+                    Refusing::Nothing => {}
+                    Refusing::TopLevel => assert!(limit.try_acquire(1, 1).is_none()),
+                    Refusing::LowerLevel => assert!(limit.try_acquire(2, 2).is_none()),
                 }
                 limit.on_sample(MS * 12, None, t0 + WINDOW * w);
                 if limit.limit() < 100 {
@@ -553,10 +576,11 @@ mod tests {
                     break;
                 }
             }
-            // Refusing: over twice the target is enough at once. Not refusing: three
-            // windows in a row. Either way from the 50 in flight, x max(0.5, 5/12).
-            assert_eq!(shrunk_after, Some(if refusing { 1 } else { 3 }));
-            assert_eq!(limit.limit(), 25);
+            // Refused at the top: over twice the target is enough at once. Otherwise
+            // three windows in a row. Either way from what was in flight,
+            // x max(0.5, 5/12).
+            assert_eq!(shrunk_after, Some(after), "{refusing:?}");
+            assert_eq!(limit.limit(), to, "{refusing:?}");
         }
     }
 
