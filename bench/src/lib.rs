@@ -5,8 +5,7 @@
 //! * [`cli`] and [`scenario`] turn flags or a TOML file into one [`config::RunSpec`];
 //! * [`target`] opens the connections, [`inputs`] builds the request once, and
 //!   [`priority`] its copies for each priority level of a mix;
-//! * [`schedule`] says when open-loop requests are meant to be sent, and [`pacer`]
-//!   waits for those times;
+//! * [`schedule`] says when open-loop requests are meant to be sent;
 //! * [`load`] runs the workers of each point, which record into [`stats`], sending
 //!   through [`wire`] (ModelInfer over HTTP/2 with the request encoded once);
 //! * [`progress`] draws the live bar; [`report`] makes the table and JSON,
@@ -16,7 +15,6 @@ pub mod cli;
 pub mod config;
 pub mod inputs;
 pub mod load;
-pub mod pacer;
 pub mod plot;
 pub mod priority;
 pub mod progress;

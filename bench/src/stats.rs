@@ -29,9 +29,11 @@ pub struct Outcome {
 }
 
 impl Outcome {
-    /// Latency as the user sees it: from the intended send time to the answer.
+    /// Latency as the user sees it: from the intended send time to the answer, or from
+    /// the actual send if that was earlier (the generator may send a little ahead of
+    /// schedule; a late send still counts from the intended time).
     pub fn latency(&self) -> Duration {
-        self.done.saturating_sub(self.intended)
+        self.done.saturating_sub(self.intended.min(self.sent))
     }
 
     /// How late the generator sent the request.
@@ -394,6 +396,22 @@ mod tests {
             done: ms(intended + latency),
             code,
         }
+    }
+
+    #[test]
+    fn latency_counts_from_the_earlier_of_intended_and_sent() {
+        let at = |intended: u64, sent: u64, done: u64| Outcome {
+            intended: ms(intended),
+            sent: ms(sent),
+            done: ms(done),
+            code: Code::Ok,
+        };
+        // Sent late: the wait for the generator counts.
+        assert_eq!(at(100, 104, 110).latency(), ms(10));
+        assert_eq!(at(100, 104, 110).lag(), ms(4));
+        // Sent early: only what the server took counts, and it is not lag.
+        assert_eq!(at(100, 99, 110).latency(), ms(11));
+        assert_eq!(at(100, 99, 110).lag(), ms(0));
     }
 
     #[test]
