@@ -11,15 +11,18 @@ same deadline):
 1. capacity C: a sweep of rates against the shedding server; C is the highest goodput
    (successes within the deadline per second);
 2. 0.8C, 2C and 5C against each server, alternating, `--rounds` times (medians). The
-   speed of a shared machine drifts over minutes, so each round first measures its own
-   capacity C_r (the best goodput at the sweep's best rate and 1.25 times it) and
-   judges its goodputs against C_r and its p99s against its own 0.8C p99;
+   speed of a shared machine drifts by tens of percent over minutes, so each round
+   first measures its own capacity C_r (the best goodput at the sweep's best rate and
+   1.25 times it), offers 0.8, 2 and 5 times C_r, and judges its goodputs against C_r
+   and its p99s against its own 0.8C p99;
 3. a step 0.8C -> 2C -> 0.8C against each (timeline plots), and how long after each
-   step the per-second p99 of successes stays within 1.5x the 0.8C p99;
+   step the per-second p99 of successes stays within 1.5x the 0.8C p99 (the median
+   over the rounds), C measured again just before;
 4. two priority levels (half each) at 2C against a third server whose copy of the
-   model declares `priority_levels: 2` (the bundled configs have one level), after
-   measuring that server's capacity the same way;
-5. the shedding server's RSS, sampled every second over `--rss-seconds` at 5C.
+   model declares `priority_levels: 2` (the bundled configs have one level), C being
+   that server's capacity measured the same way just before;
+5. the shedding server's RSS, sampled every second over `--rss-seconds` at 5C (C
+   measured again just before).
 
 Prints Markdown; plots go to `--plots` (default docs/admission). Needs `make build`.
 """
@@ -169,7 +172,7 @@ def main():
             round_capacity.append(capacity_now(ports["on"], args, work, probe))
             for name, factor in levels:
                 for mode in ("on", "off"):
-                    rate = f"{capacity * factor:.0f}"
+                    rate = f"{round_capacity[r] * factor:.0f}"
                     log(f"round {r + 1}: {name} ({rate}/s) shedding {mode}...")
                     run = bench(ports[mode], args, work, "--rate", rate, "--duration", args.duration)
                     s = summary(run["points"][0])
@@ -183,7 +186,7 @@ def main():
         med = lambda rs, k: statistics.median(x[k] for x in rs)
         base_p99 = {m: med(results[("0.8C", m)], "ok_p99") for m in ("on", "off")}
         print(f"Overload, medians of {args.rounds} rounds (alternating on/off). Capacity "
-              f"measured at the start of each round (C_r, shedding on): "
+              f"measured at the start of each round (C_r, shedding on), which offers 0.8, 2 and 5 times it: "
               f"{', '.join(f'{c:.0f}' for c in round_capacity)}/s; \"of C_r\" and \"p99 vs "
               f"0.8C\" are per round, then the median:\n")
         print("| load | shedding | offered/s | goodput/s | of C_r | p99 ok ms | p99 vs 0.8C | refused "
@@ -199,8 +202,10 @@ def main():
                       f"| {med(rs, 'lag_p99'):.2f} | {fmt_codes(rs[-1]['codes'])} |")
 
         step = args.step_seconds
-        profile = (f"{capacity * 0.8:.0f}@{step}s,{capacity * 2:.0f}@{step}s,"
-                   f"{capacity * 0.8:.0f}@{step}s")
+        log("step profile: capacity now...")
+        step_c = capacity_now(ports["on"], args, work, probe)
+        profile = (f"{step_c * 0.8:.0f}@{step}s,{step_c * 2:.0f}@{step}s,"
+                   f"{step_c * 0.8:.0f}@{step}s")
         print(f"\nStep {profile} (per-second p99 of successes; settled = every later second of "
               f"the stage within 1.5x the 0.8C p99):\n")
         print("| shedding | goodput/s | p99 ok ms | settled after step up s | settled after step down s | codes |")
@@ -219,12 +224,12 @@ def main():
 
         log("priorities at 2C...")
         prio_capacity = capacity_now(39121, args, work, probe)
-        run = bench(39121, args, work, "--rate", f"{capacity * 2:.0f}", "--duration",
+        run = bench(39121, args, work, "--rate", f"{prio_capacity * 2:.0f}", "--duration",
                     args.duration, extra=["--priority-mix", "1:1,2:1"])
         print(f"\nTwo priority levels (a copy of `{args.model}` with `priority_levels: 2`), "
-              f"half the requests each, 2C = {capacity * 2:.0f}/s in total, shedding on; that "
-              f"server's capacity measured just before: {prio_capacity:.0f}/s, so level 1 "
-              f"alone offers {100 * capacity / prio_capacity:.0f}% of it:\n")
+              f"half the requests each, shedding on, at 2C = {prio_capacity * 2:.0f}/s in total "
+              f"(C = that server's capacity measured just before, {prio_capacity:.0f}/s; level "
+              f"1 alone offers C):\n")
         print("| priority | sent | ok | success | goodput/s | p99 ok ms |")
         print("| ---: | ---: | ---: | ---: | ---: | ---: |")
         for level in run["points"][0].get("by_priority", []):
@@ -233,17 +238,18 @@ def main():
             print(f"| {level['priority']} | {level['sent']} | {level['ok']} | "
                   f"{'-' if ratio is None else f'{100 * ratio:.1f}%'} | {level['goodput_rps']:.0f} | {ok:.1f} |")
 
-        log(f"RSS over {args.rss_seconds} s at 5C...")
+        log(f"RSS over {args.rss_seconds} s at 5C: capacity now...")
+        rss_c = capacity_now(ports["on"], args, work, probe)
         samples, stop = [], threading.Event()
         sampler = threading.Thread(target=rss_sampler, args=(on.pid, stop, samples))
         sampler.start()
-        run = bench(ports["on"], args, work, "--rate", f"{capacity * 5:.0f}", warmup="0s",
+        run = bench(ports["on"], args, work, "--rate", f"{rss_c * 5:.0f}", warmup="0s",
                     extra=["--duration", f"{args.rss_seconds}s"])
         stop.set()
         sampler.join()
         if samples:
             tail = samples[len(samples) // 10:]  # after the first tenth (start-up of the load)
-            print(f"\nRSS of the shedding server over {args.rss_seconds} s at 5C "
+            print(f"\nRSS of the shedding server over {args.rss_seconds} s at 5C = {rss_c * 5:.0f}/s "
                   f"({len(samples)} samples, 1/s): first {samples[0]:.0f} MiB, min {min(samples):.0f}, "
                   f"max {max(samples):.0f}, last {samples[-1]:.0f}; after the first tenth "
                   f"max/min = {max(tail) / min(tail):.3f}. Goodput {summary(run['points'][0])['goodput']:.0f}/s.")
