@@ -140,13 +140,13 @@ def main():
     procs = []
     log = lambda *a: print(*a, file=sys.stderr, flush=True)
     try:
-        on = start_server(ROOT / "models", 39101, open(work / "on.log", "w"))
-        off = start_server(ROOT / "models", 39111, open(work / "off.log", "w"),
+        ports = {"on": 39101, "off": 39111, "priority": 39121}
+        on = start_server(ROOT / "models", ports["on"], open(work / "on.log", "w"))
+        off = start_server(ROOT / "models", ports["off"], open(work / "off.log", "w"),
                            ["--load-shedding", "false"])
-        prio = start_server(priority_repository(work, args.model), 39121,
+        prio = start_server(priority_repository(work, args.model), ports["priority"],
                             open(work / "priority.log", "w"))
         procs += [on, off, prio]
-        ports = {"on": 39101, "off": 39111}
 
         log("capacity sweep (shedding on)...")
         sweep = bench(ports["on"], args, work, "--rate", args.rates, "--duration", args.duration,
@@ -223,8 +223,8 @@ def main():
             print(f"| {mode} | {s['goodput']:.0f} | {s['ok_p99']:.1f} | {show(up)} | {show(down)} | {fmt_codes(s['codes'])} |")
 
         log("priorities at 2C...")
-        prio_capacity = capacity_now(39121, args, work, probe)
-        run = bench(39121, args, work, "--rate", f"{prio_capacity * 2:.0f}", "--duration",
+        prio_capacity = capacity_now(ports["priority"], args, work, probe)
+        run = bench(ports["priority"], args, work, "--rate", f"{prio_capacity * 2:.0f}", "--duration",
                     args.duration, extra=["--priority-mix", "1:1,2:1"])
         print(f"\nTwo priority levels (a copy of `{args.model}` with `priority_levels: 2`), "
               f"half the requests each, shedding on, at 2C = {prio_capacity * 2:.0f}/s in total "

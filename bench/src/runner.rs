@@ -15,7 +15,7 @@ use crate::load;
 use crate::plot;
 use crate::progress::{self, Live, Progress};
 use crate::report::{self, PointMeta, PointReport, RunReport, TargetInfo};
-use crate::stats::code_name;
+use crate::stats::{code_name, is_refusal};
 use crate::target::Target;
 
 /// How long the single check request may take (a cold model may need to load).
@@ -67,12 +67,8 @@ async fn probe(target: &Target, request: &ModelInferRequest) -> Result<()> {
     let Err(status) = target.client().model_infer(message).await else {
         return Ok(());
     };
-    let overloaded = [
-        Code::Unavailable,
-        Code::ResourceExhausted,
-        Code::DeadlineExceeded,
-    ];
-    if overloaded.contains(&status.code()) {
+    // Refused or out of time: the server is busy, not the request wrong.
+    if is_refusal(status.code()) || status.code() == Code::DeadlineExceeded {
         eprintln!(
             "note: the check request got {}: {} (going on)",
             code_name(status.code()),
