@@ -68,6 +68,62 @@ pub struct Settings {
     #[arg(long, env = "SLUICE_MAX_MESSAGE_BYTES", value_name = "BYTES")]
     pub max_message_bytes: Option<usize>,
 
+    /// Request bytes being received and decoded in the whole server, from each message's
+    /// gRPC header until its call is answered; a message that does not fit is refused
+    /// UNAVAILABLE at once. At least max_message_bytes. [default: 268435456]
+    #[arg(long, env = "SLUICE_MAX_REQUEST_BYTES_IN_FLIGHT", value_name = "BYTES")]
+    pub max_request_bytes_in_flight: Option<usize>,
+
+    /// Open gRPC connections; more are closed as soon as they are accepted. [default: 1024]
+    #[arg(long, env = "SLUICE_MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<usize>,
+
+    /// Open connections on each HTTP/1 port (health, metrics); more are closed as soon as
+    /// they are accepted. [default: 128]
+    #[arg(long, env = "SLUICE_MAX_HTTP_CONNECTIONS", value_name = "N")]
+    pub max_http_connections: Option<usize>,
+
+    /// HTTP/2 streams (calls) open at once on one gRPC connection (SETTINGS_MAX_CONCURRENT_STREAMS);
+    /// clients queue beyond it. [default: 256]
+    #[arg(long, env = "SLUICE_MAX_CONCURRENT_STREAMS", value_name = "N")]
+    pub max_concurrent_streams: Option<u32>,
+
+    /// Largest header block (metadata) of one gRPC call, in bytes. [default: 16384]
+    #[arg(long, env = "SLUICE_MAX_HEADER_LIST_BYTES", value_name = "BYTES")]
+    pub max_header_list_bytes: Option<u32>,
+
+    /// Streams a gRPC client may reset before the server reads them, per connection;
+    /// past it the connection is closed (HTTP/2 rapid-reset protection). [default: 20]
+    #[arg(long, env = "SLUICE_HTTP2_MAX_PENDING_RESET_STREAMS", value_name = "N")]
+    pub http2_max_pending_reset_streams: Option<usize>,
+
+    /// Seconds between HTTP/2 keepalive pings on a gRPC connection. [default: 60]
+    #[arg(
+        long,
+        env = "SLUICE_HTTP2_KEEPALIVE_INTERVAL_SECS",
+        value_name = "SECS"
+    )]
+    pub http2_keepalive_interval_secs: Option<u64>,
+
+    /// Seconds to wait for a keepalive ping's answer before closing the connection. [default: 20]
+    #[arg(long, env = "SLUICE_HTTP2_KEEPALIVE_TIMEOUT_SECS", value_name = "SECS")]
+    pub http2_keepalive_timeout_secs: Option<u64>,
+
+    /// Seconds a connection (gRPC or HTTP/1) may stay open without a call in progress
+    /// before the server closes it. [default: 300]
+    #[arg(long, env = "SLUICE_IDLE_CONNECTION_TIMEOUT_SECS", value_name = "SECS")]
+    pub idle_connection_timeout_secs: Option<u64>,
+
+    /// Seconds within which a gRPC request message must arrive in full, counted from the
+    /// call's headers (unary) or the message's first bytes (streams); a slower body is
+    /// answered DEADLINE_EXCEEDED and its buffer freed. [default: 15]
+    #[arg(long, env = "SLUICE_BODY_READ_TIMEOUT_SECS", value_name = "SECS")]
+    pub body_read_timeout_secs: Option<u64>,
+
+    /// Seconds within which an HTTP/1 request's headers must arrive. [default: 10]
+    #[arg(long, env = "SLUICE_HEADER_READ_TIMEOUT_SECS", value_name = "SECS")]
+    pub header_read_timeout_secs: Option<u64>,
+
     /// Instances each model keeps loaded however idle, for models whose config has no
     /// `min_instances` parameter; 0 lets idle models scale to zero. [default: each model's
     /// instance_group count, i.e. no scaling]
@@ -179,10 +235,56 @@ pub struct Config {
     pub backend: BackendOptions,
     pub shutdown_grace_period: Duration,
     pub max_message_bytes: usize,
+    pub edge: EdgeLimits,
     pub models: ModelDefaults,
     pub control: ModelControl,
     pub admission: AdmissionConfig,
 }
+
+/// What the server accepts from the network before any request handler runs: the
+/// bounds on connections, HTTP/2 streams, headers and request bodies (see the README's
+/// "Security" section).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EdgeLimits {
+    pub max_request_bytes_in_flight: usize,
+    pub max_connections: usize,
+    pub max_http_connections: usize,
+    pub max_concurrent_streams: u32,
+    pub max_header_list_bytes: u32,
+    pub http2_max_pending_reset_streams: usize,
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+    pub idle_connection_timeout: Duration,
+    pub body_read_timeout: Duration,
+    pub header_read_timeout: Duration,
+}
+
+impl Default for EdgeLimits {
+    fn default() -> Self {
+        EdgeLimits {
+            max_request_bytes_in_flight: 256 * 1024 * 1024,
+            max_connections: 1024,
+            max_http_connections: 128,
+            max_concurrent_streams: 256,
+            max_header_list_bytes: 16 * 1024,
+            http2_max_pending_reset_streams: 20,
+            keepalive_interval: Duration::from_secs(60),
+            keepalive_timeout: Duration::from_secs(20),
+            idle_connection_timeout: Duration::from_secs(300),
+            body_read_timeout: Duration::from_secs(15),
+            header_read_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Longest time any edge timeout may be set to (also keeps `now + timeout` far from
+/// overflowing an `Instant`).
+const MAX_EDGE_SECS: u64 = 86_400;
+/// Longest idle timeout or target delay, in seconds (a year).
+const MAX_TIMEOUT_SECS_F64: f64 = 31_536_000.0;
+/// Largest gRPC message: its length travels in a 32-bit field, and a buffer of this size
+/// is reserved per message in flight.
+const MAX_MESSAGE_BYTES_LIMIT: usize = 1 << 30;
 
 /// Server-wide defaults for per-model settings a config.pbtxt leaves unset.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -267,6 +369,29 @@ impl Settings {
                 .shutdown_grace_period_secs
                 .or(lower.shutdown_grace_period_secs),
             max_message_bytes: self.max_message_bytes.or(lower.max_message_bytes),
+            max_request_bytes_in_flight: self
+                .max_request_bytes_in_flight
+                .or(lower.max_request_bytes_in_flight),
+            max_connections: self.max_connections.or(lower.max_connections),
+            max_http_connections: self.max_http_connections.or(lower.max_http_connections),
+            max_concurrent_streams: self.max_concurrent_streams.or(lower.max_concurrent_streams),
+            max_header_list_bytes: self.max_header_list_bytes.or(lower.max_header_list_bytes),
+            http2_max_pending_reset_streams: self
+                .http2_max_pending_reset_streams
+                .or(lower.http2_max_pending_reset_streams),
+            http2_keepalive_interval_secs: self
+                .http2_keepalive_interval_secs
+                .or(lower.http2_keepalive_interval_secs),
+            http2_keepalive_timeout_secs: self
+                .http2_keepalive_timeout_secs
+                .or(lower.http2_keepalive_timeout_secs),
+            idle_connection_timeout_secs: self
+                .idle_connection_timeout_secs
+                .or(lower.idle_connection_timeout_secs),
+            body_read_timeout_secs: self.body_read_timeout_secs.or(lower.body_read_timeout_secs),
+            header_read_timeout_secs: self
+                .header_read_timeout_secs
+                .or(lower.header_read_timeout_secs),
             min_instances: self.min_instances.or(lower.min_instances),
             idle_timeout_secs: self.idle_timeout_secs.or(lower.idle_timeout_secs),
             model_control_mode: self.model_control_mode.or(lower.model_control_mode),
@@ -288,8 +413,10 @@ impl Settings {
     /// Fill in defaults and check every value once.
     pub fn validate(self) -> Result<Config, ConfigError> {
         let admission = self.admission()?;
+        let edge = self.edge()?;
         let config = Config {
             admission,
+            edge,
             model_repository: self
                 .model_repository
                 .unwrap_or_else(|| PathBuf::from("models")),
@@ -308,12 +435,17 @@ impl Settings {
             max_message_bytes: self.max_message_bytes.unwrap_or(DEFAULT_MAX_MESSAGE_BYTES),
             models: ModelDefaults {
                 min_instances: self.min_instances,
+                // Bounded so that `Duration::from_secs_f64` and `now + timeout` cannot overflow.
                 idle_timeout: match self.idle_timeout_secs.unwrap_or(300.0) {
-                    secs if secs.is_finite() && secs > 0.0 => Duration::from_secs_f64(secs),
+                    secs if secs.is_finite() && secs > 0.0 && secs <= MAX_TIMEOUT_SECS_F64 => {
+                        Duration::from_secs_f64(secs)
+                    }
                     secs => {
                         return Err(ConfigError::Invalid {
                             setting: "idle_timeout_secs",
-                            message: format!("{secs} is not a positive number of seconds"),
+                            message: format!(
+                                "{secs} is not a number of seconds within 0 (excluded) and {MAX_TIMEOUT_SECS_F64}"
+                            ),
                         })
                     }
                 },
@@ -330,6 +462,88 @@ impl Settings {
 }
 
 impl Settings {
+    /// The edge limits, each checked on its own; how they relate to other settings is
+    /// checked in [`Config::check`].
+    fn edge(&self) -> Result<EdgeLimits, ConfigError> {
+        let d = EdgeLimits::default();
+        let invalid = |setting, message: String| ConfigError::Invalid { setting, message };
+        let count = |v: Option<usize>, default: usize, setting| match v {
+            Some(0) => Err(invalid(setting, "must be at least 1".to_owned())),
+            v => Ok(v.unwrap_or(default)),
+        };
+        let secs = |v: Option<u64>, default: Duration, setting| match v {
+            None => Ok(default),
+            Some(s) if (1..=MAX_EDGE_SECS).contains(&s) => Ok(Duration::from_secs(s)),
+            Some(s) => Err(invalid(
+                setting,
+                format!("{s} is not within 1..={MAX_EDGE_SECS} seconds"),
+            )),
+        };
+        let max_concurrent_streams = self
+            .max_concurrent_streams
+            .unwrap_or(d.max_concurrent_streams);
+        if !(1..=65_536).contains(&max_concurrent_streams) {
+            return Err(invalid(
+                "max_concurrent_streams",
+                format!("{max_concurrent_streams} is not within 1..=65536"),
+            ));
+        }
+        let max_header_list_bytes = self
+            .max_header_list_bytes
+            .unwrap_or(d.max_header_list_bytes);
+        if !(1024..=1 << 20).contains(&max_header_list_bytes) {
+            return Err(invalid(
+                "max_header_list_bytes",
+                format!("{max_header_list_bytes} is not within 1024..=1048576"),
+            ));
+        }
+        Ok(EdgeLimits {
+            max_request_bytes_in_flight: count(
+                self.max_request_bytes_in_flight,
+                d.max_request_bytes_in_flight,
+                "max_request_bytes_in_flight",
+            )?,
+            max_connections: count(self.max_connections, d.max_connections, "max_connections")?,
+            max_http_connections: count(
+                self.max_http_connections,
+                d.max_http_connections,
+                "max_http_connections",
+            )?,
+            max_concurrent_streams,
+            max_header_list_bytes,
+            http2_max_pending_reset_streams: count(
+                self.http2_max_pending_reset_streams,
+                d.http2_max_pending_reset_streams,
+                "http2_max_pending_reset_streams",
+            )?,
+            keepalive_interval: secs(
+                self.http2_keepalive_interval_secs,
+                d.keepalive_interval,
+                "http2_keepalive_interval_secs",
+            )?,
+            keepalive_timeout: secs(
+                self.http2_keepalive_timeout_secs,
+                d.keepalive_timeout,
+                "http2_keepalive_timeout_secs",
+            )?,
+            idle_connection_timeout: secs(
+                self.idle_connection_timeout_secs,
+                d.idle_connection_timeout,
+                "idle_connection_timeout_secs",
+            )?,
+            body_read_timeout: secs(
+                self.body_read_timeout_secs,
+                d.body_read_timeout,
+                "body_read_timeout_secs",
+            )?,
+            header_read_timeout: secs(
+                self.header_read_timeout_secs,
+                d.header_read_timeout,
+                "header_read_timeout_secs",
+            )?,
+        })
+    }
+
     fn admission(&self) -> Result<AdmissionConfig, ConfigError> {
         let defaults = AdmissionConfig::default();
         let invalid = |setting, message: String| ConfigError::Invalid { setting, message };
@@ -349,7 +563,9 @@ impl Settings {
                 .unwrap_or(defaults.model_limit.max),
             target: match self.target_queue_delay_ms {
                 None => None,
-                Some(ms) if ms.is_finite() && ms > 0.0 => Some(Duration::from_secs_f64(ms / 1e3)),
+                Some(ms) if ms.is_finite() && ms > 0.0 && ms / 1e3 <= MAX_TIMEOUT_SECS_F64 => {
+                    Some(Duration::from_secs_f64(ms / 1e3))
+                }
                 Some(ms) => {
                     return Err(invalid(
                         "target_queue_delay_ms",
@@ -436,13 +652,34 @@ impl Config {
                 }
             }
         }
+        if self.shutdown_grace_period > Duration::from_secs(MAX_EDGE_SECS) {
+            return invalid(
+                "shutdown_grace_period_secs",
+                format!(
+                    "{} is above {MAX_EDGE_SECS}",
+                    self.shutdown_grace_period.as_secs()
+                ),
+            );
+        }
         if self.backend.intra_op_threads == 0 {
             return invalid("intra_op_threads", "must be at least 1".to_owned());
         }
-        if self.max_message_bytes < 1024 {
+        if !(1024..=MAX_MESSAGE_BYTES_LIMIT).contains(&self.max_message_bytes) {
             return invalid(
                 "max_message_bytes",
-                format!("{} is below 1024", self.max_message_bytes),
+                format!(
+                    "{} is not within 1024..={MAX_MESSAGE_BYTES_LIMIT}",
+                    self.max_message_bytes
+                ),
+            );
+        }
+        if self.edge.max_request_bytes_in_flight < self.max_message_bytes {
+            return invalid(
+                "max_request_bytes_in_flight",
+                format!(
+                    "{} is below max_message_bytes {}: a message of the largest size could never be received",
+                    self.edge.max_request_bytes_in_flight, self.max_message_bytes
+                ),
             );
         }
         if self.control.mode == ModelControlMode::None && !self.control.load_models.is_empty() {

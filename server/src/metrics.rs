@@ -35,6 +35,10 @@ pub const CONCURRENCY_LIMIT: &str = "sluice_concurrency_limit";
 pub const IN_FLIGHT_REQUESTS: &str = "sluice_in_flight_requests";
 pub const RETRIES_TOTAL: &str = "sluice_retries_total";
 
+pub const TRANSPORT_REFUSALS_TOTAL: &str = "sluice_transport_refusals_total";
+pub const OPEN_CONNECTIONS: &str = "sluice_open_connections";
+pub const REQUEST_BYTES_IN_FLIGHT: &str = "sluice_request_bytes_in_flight";
+
 pub const UNKNOWN_MODEL: &str = "_unknown";
 /// The `model` label of server-wide events (the global in-flight limit).
 pub const ALL_MODELS: &str = "_all";
@@ -108,6 +112,33 @@ impl DropReason {
         match self {
             DropReason::Cancelled => "cancelled",
             DropReason::Expired => "expired",
+        }
+    }
+}
+
+/// Why the transport refused a connection or a request body before any handler ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransportRefusal {
+    /// The port's connection cap was reached: the connection was closed on accept.
+    ConnectionLimit,
+    /// The server-wide budget of request bytes in flight was full.
+    BytesInFlight,
+    /// A message announced more bytes than the largest message allowed.
+    MessageTooLarge,
+    /// A message did not arrive in full within the body-read timeout.
+    BodyTimeout,
+    /// The call's deadline passed while its request body was still arriving.
+    BodyDeadline,
+}
+
+impl TransportRefusal {
+    fn label(self) -> &'static str {
+        match self {
+            TransportRefusal::ConnectionLimit => "connection_limit",
+            TransportRefusal::BytesInFlight => "bytes_in_flight",
+            TransportRefusal::MessageTooLarge => "message_too_large",
+            TransportRefusal::BodyTimeout => "body_timeout",
+            TransportRefusal::BodyDeadline => "body_deadline",
         }
     }
 }
@@ -235,6 +266,21 @@ fn describe() {
         "Transient failures retried inside the gateway (outcome retried) or answered because the retry budget was spent (budget_exhausted), by model."
     );
     describe_counter!(
+        TRANSPORT_REFUSALS_TOTAL,
+        Unit::Count,
+        "Connections and request bodies refused by the transport before any handler ran, by port and reason."
+    );
+    describe_gauge!(
+        OPEN_CONNECTIONS,
+        Unit::Count,
+        "Connections open, by port (grpc, http, metrics)."
+    );
+    describe_gauge!(
+        REQUEST_BYTES_IN_FLIGHT,
+        Unit::Bytes,
+        "Request bytes reserved from the max_request_bytes_in_flight budget (received, being decoded or awaiting their answer)."
+    );
+    describe_counter!(
         DROPPED_REQUESTS_TOTAL,
         Unit::Count,
         "Accepted requests dropped before reaching the model, by model and reason."
@@ -311,4 +357,16 @@ pub fn cold_start(model: &str) {
 
 pub fn cold_start_wait(model: &str, waited: Duration) {
     histogram!(COLD_START_WAIT_SECONDS, "model" => model.to_owned()).record(waited.as_secs_f64());
+}
+
+pub fn transport_refusal(port: &'static str, reason: TransportRefusal) {
+    counter!(TRANSPORT_REFUSALS_TOTAL, "port" => port, "reason" => reason.label()).increment(1);
+}
+
+pub fn open_connections(port: &'static str, open: usize) {
+    gauge!(OPEN_CONNECTIONS, "port" => port).set(open as f64);
+}
+
+pub fn request_bytes_in_flight(bytes: usize) {
+    gauge!(REQUEST_BYTES_IN_FLIGHT).set(bytes as f64);
 }

@@ -6,13 +6,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use sluice_proto::grpc_inference_service_server::GrpcInferenceServiceServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{grpc::InferenceService, http};
-use crate::config::Config;
+use crate::api::{edge, grpc::InferenceService, http};
+use crate::config::{Config, EdgeLimits};
 use crate::gateway::Gateway;
 use crate::metrics;
 use crate::model::LoadOptions;
@@ -135,13 +135,15 @@ impl Server {
         // Plain HTTP endpoints stop only after the gRPC drain, so probes see NOT_SERVING.
         let http_stop = CancellationToken::new();
         let http_task = tokio::spawn(http::serve(
-            http,
+            edge::Acceptor::new(http, "http", config.edge.max_http_connections),
             http::health_router(gateway.clone()),
+            config.edge,
             http_stop.clone(),
         ));
         let metrics_task = tokio::spawn(http::serve(
-            metrics,
+            edge::Acceptor::new(metrics, "metrics", config.edge.max_http_connections),
             http::metrics_router(prometheus),
+            config.edge,
             http_stop.clone(),
         ));
 
@@ -150,7 +152,18 @@ impl Server {
             .add_service(reflection)
             .add_service(inference)
             .prepare();
-        let grpc_task = tokio::spawn(serve_grpc(grpc, routes, drain_start.clone()));
+        let grpc_edge = edge::GrpcEdge::new(
+            &config.edge,
+            config.max_message_bytes,
+            config.admission.deadline,
+        );
+        let grpc_task = tokio::spawn(serve_grpc(
+            grpc,
+            routes,
+            grpc_edge,
+            config.edge,
+            drain_start.clone(),
+        ));
         gateway.set_ready();
         tracing::info!(
             grpc = %config.host, grpc_port = config.grpc_port, http_port = config.http_port,
@@ -198,58 +211,79 @@ const MAX_FRAME_BYTES: u32 = 1 << 20;
 
 /// Serve gRPC (HTTP/2) connections on `listener` until `stop`, then close them
 /// gracefully (in-flight calls finish, then GOAWAY). Connections are served here rather
-/// than by tonic's transport server so that the `grpc-timeout` header is enforced only
-/// by the admission stack, which answers DEADLINE_EXCEEDED (tonic's transport answers
-/// an expired call CANCELLED).
+/// than by tonic's transport server so that the edge ([`edge`]) bounds connections,
+/// streams and request bodies, and so that the `grpc-timeout` header is enforced by the
+/// edge and the admission stack, which answer DEADLINE_EXCEEDED (tonic's transport
+/// answers an expired call CANCELLED).
 async fn serve_grpc(
     listener: TcpListener,
     routes: tonic::service::Routes,
+    edge_config: edge::GrpcEdge,
+    limits: EdgeLimits,
     stop: CancellationToken,
 ) {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut builder =
         hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).http2_only();
-    // No per-connection stream cap: admission limits what runs, over every connection.
     // Large DATA frames: a client may send a whole tensor in one frame (one write and
-    // one read instead of one per 16 KiB, the HTTP/2 default).
+    // one read instead of one per 16 KiB, the HTTP/2 default). Streams per connection,
+    // header size and resets a client may cause are bounded; keepalive pings find peers
+    // that vanished without closing.
     builder
         .http2()
-        .max_concurrent_streams(None::<u32>)
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .max_header_list_size(limits.max_header_list_bytes)
+        .max_pending_accept_reset_streams(limits.http2_max_pending_reset_streams)
+        .keep_alive_interval(limits.keepalive_interval)
+        .keep_alive_timeout(limits.keepalive_timeout)
         .max_frame_size(MAX_FRAME_BYTES);
+    let mut acceptor = edge::Acceptor::new(listener, "grpc", limits.max_connections);
+    let connections = tokio_util::task::TaskTracker::new();
     loop {
-        let stream = tokio::select! {
+        let (stream, _peer, slot) = tokio::select! {
             _ = stop.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    // Out of descriptors and the like: pause instead of spinning.
-                    tracing::warn!(error = %e, "cannot accept a gRPC connection");
-                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
-                    continue;
-                }
-            },
+            accepted = acceptor.next() => accepted,
         };
         // No Nagle delay: small responses go out at once (with Nagle and delayed ACKs a
         // reply can sit 40 ms in the socket).
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
-        let service = hyper_util::service::TowerToHyperService::new(routes.clone());
+        let activity = edge::Activity::new();
+        let service = hyper_util::service::TowerToHyperService::new(edge::GrpcEdgeService {
+            inner: routes.clone(),
+            edge: edge_config.clone(),
+            activity: activity.clone(),
+        });
         let connection = builder
             .serve_connection(TokioIo::new(stream), service)
             .into_owned();
-        let connection = graceful.watch(connection);
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
+        let stop = stop.clone();
+        let idle_timeout = limits.idle_connection_timeout;
+        connections.spawn(async move {
+            let _slot = slot;
+            tokio::pin!(connection);
+            let result = tokio::select! {
+                result = connection.as_mut() => result,
+                _ = stop.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+                _ = activity.idle_for(idle_timeout) => {
+                    tracing::debug!("closing an idle gRPC connection");
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!(error = %e, "gRPC connection ended with an error");
             }
         });
     }
-    drop(listener);
-    graceful.shutdown().await;
+    drop(acceptor);
+    connections.close();
+    connections.wait().await;
 }
-
-const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).
 pub async fn termination_signal() {

@@ -182,7 +182,11 @@ impl GrpcInferenceService for InferenceService {
         &self,
         req: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
-        let received = Instant::now();
+        // Timeouts count from the call's HEADERS frame, before its body arrived.
+        let received = req
+            .extensions()
+            .get::<super::edge::RequestStart>()
+            .map_or_else(Instant::now, |start| start.0);
         let header_timeout = grpc_timeout(req.metadata())?;
         let response = Self::infer(
             self.admission.clone(),

@@ -8,11 +8,12 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::PrometheusHandle;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use super::edge::{Acceptor, Activity};
+use crate::config::EdgeLimits;
 use crate::gateway::Gateway;
 
 /// What an endpoint answers: status, content type and body.
@@ -85,37 +86,54 @@ pub fn metrics_router(handle: PrometheusHandle) -> Router {
     })
 }
 
-/// Serve `router` on `listener` until `shutdown` is cancelled.
-pub async fn serve(listener: TcpListener, router: Router, shutdown: CancellationToken) {
+/// Serve `router` on the connections `acceptor` admits until `shutdown` is cancelled.
+/// A request's headers must arrive within the header-read timeout; a connection without
+/// a request in progress for the idle timeout is closed.
+pub async fn serve(
+    mut acceptor: Acceptor,
+    router: Router,
+    limits: EdgeLimits,
+    shutdown: CancellationToken,
+) {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, _peer, slot) = tokio::select! {
             _ = shutdown.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                Err(e) => {
-                    tracing::warn!(error = %e, "http accept failed");
-                    continue;
-                }
-            },
+            accepted = acceptor.next() => accepted,
         };
         let router = router.clone();
         let shutdown = shutdown.clone();
+        let activity = Activity::new();
+        let calls = activity.clone();
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let _call = calls.start();
+            let reply = router(req.method(), req.uri().path());
+            let response = Response::builder()
+                .status(reply.status)
+                .header(hyper::header::CONTENT_TYPE, reply.content_type)
+                .body(Full::new(Bytes::from(reply.body)))
+                .expect("status and header are valid");
+            async move { Ok::<_, Infallible>(response) }
+        });
+        let conn = builder.serve_connection(TokioIo::new(stream), service);
+        let idle_timeout = limits
+            .idle_connection_timeout
+            .min(limits.header_read_timeout);
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let reply = router(req.method(), req.uri().path());
-                let response = Response::builder()
-                    .status(reply.status)
-                    .header(hyper::header::CONTENT_TYPE, reply.content_type)
-                    .body(Full::new(Bytes::from(reply.body)))
-                    .expect("status and header are valid");
-                async move { Ok::<_, Infallible>(response) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service);
+            let _slot = slot;
             tokio::pin!(conn);
             tokio::select! {
                 _ = conn.as_mut() => {}
                 _ = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+                // Health probes and scrapers send a request at once; a connection that
+                // sends nothing is closed like one that sends half a request.
+                _ = activity.idle_for(idle_timeout) => {
                     conn.as_mut().graceful_shutdown();
                     let _ = conn.await;
                 }

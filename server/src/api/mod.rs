@@ -3,5 +3,6 @@
 //! domain values and call one `Gateway` method; nothing here knows about channels.
 
 pub mod convert;
+pub mod edge;
 pub mod grpc;
 pub mod http;
