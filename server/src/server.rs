@@ -260,6 +260,7 @@ async fn serve_grpc(
             .into_owned();
         let stop = stop.clone();
         let idle_timeout = limits.idle_connection_timeout;
+        let first_call_timeout = limits.header_read_timeout.min(idle_timeout);
         connections.spawn(async move {
             let _slot = slot;
             tokio::pin!(connection);
@@ -269,10 +270,13 @@ async fn serve_grpc(
                     connection.as_mut().graceful_shutdown();
                     connection.await
                 }
-                _ = activity.idle_for(idle_timeout) => {
+                _ = activity.idle_for(first_call_timeout, idle_timeout) => {
                     tracing::debug!("closing an idle gRPC connection");
                     connection.as_mut().graceful_shutdown();
-                    connection.await
+                    // A client that never finished its handshake never answers either.
+                    tokio::time::timeout(edge::CLOSE_GRACE, connection)
+                        .await
+                        .unwrap_or(Ok(()))
                 }
             };
             if let Err(e) = result {

@@ -179,6 +179,8 @@ impl Acceptor {
 
 /// Calls in progress on one connection, and since when it has had none.
 pub struct Activity {
+    /// Whether any call has started on the connection.
+    used: std::sync::atomic::AtomicBool,
     active: AtomicUsize,
     idle_since: Mutex<Instant>,
     changed: Notify,
@@ -187,6 +189,7 @@ pub struct Activity {
 impl Activity {
     pub fn new() -> Arc<Activity> {
         Arc::new(Activity {
+            used: std::sync::atomic::AtomicBool::new(false),
             active: AtomicUsize::new(0),
             idle_since: Mutex::new(Instant::now()),
             changed: Notify::new(),
@@ -195,12 +198,15 @@ impl Activity {
 
     /// A call starts; it ends when the returned guard drops.
     pub fn start(self: &Arc<Activity>) -> ActiveCall {
+        self.used.store(true, Ordering::Release);
         self.active.fetch_add(1, Ordering::AcqRel);
         ActiveCall(self.clone())
     }
 
-    /// Resolves once the connection has had no call in progress for `timeout`.
-    pub async fn idle_for(&self, timeout: Duration) {
+    /// Resolves once the connection has had no call in progress for `timeout`, or for
+    /// `first_call` when no call has ever started on it (a client that connects and
+    /// sends nothing, or half a handshake, holds a connection slot only that long).
+    pub async fn idle_for(&self, first_call: Duration, timeout: Duration) {
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
@@ -211,6 +217,11 @@ impl Activity {
                 continue;
             }
             let since = *self.idle_since.lock().expect("never poisoned");
+            let timeout = if self.used.load(Ordering::Acquire) {
+                timeout
+            } else {
+                first_call
+            };
             tokio::select! {
                 _ = tokio::time::sleep_until(since + timeout) => {
                     let still = self.active.load(Ordering::Acquire) == 0
@@ -224,6 +235,10 @@ impl Activity {
         }
     }
 }
+
+/// How long a connection closing for idleness may take to say goodbye (GOAWAY, or a
+/// handshake it never finished) before it is dropped.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// One call in progress on a connection.
 pub struct ActiveCall(Arc<Activity>);
@@ -891,7 +906,7 @@ mod tests {
         let activity = Activity::new();
         let timeout = Duration::from_secs(30);
         let call = activity.start();
-        let idle = activity.idle_for(timeout);
+        let idle = activity.idle_for(timeout, timeout);
         tokio::pin!(idle);
         tokio::select! {
             _ = &mut idle => panic!("a call is in progress"),
@@ -910,11 +925,23 @@ mod tests {
         let start = Instant::now();
         let watcher = {
             let activity = activity.clone();
-            tokio::spawn(async move { activity.idle_for(timeout).await })
+            tokio::spawn(async move { activity.idle_for(Duration::from_secs(5), timeout).await })
         };
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        drop(activity.start());
         tokio::time::sleep(Duration::from_secs(20)).await;
         drop(activity.start());
         watcher.await.unwrap();
-        assert_eq!(Instant::now() - start, Duration::from_secs(50));
+        assert_eq!(Instant::now() - start, Duration::from_secs(52));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_without_any_call_is_idle_after_the_first_call_timeout() {
+        let activity = Activity::new();
+        let start = Instant::now();
+        activity
+            .idle_for(Duration::from_secs(5), Duration::from_secs(300))
+            .await;
+        assert_eq!(Instant::now() - start, Duration::from_secs(5));
     }
 }

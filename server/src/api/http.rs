@@ -12,7 +12,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::edge::{Acceptor, Activity};
+use super::edge::{Acceptor, Activity, CLOSE_GRACE};
 use crate::config::EdgeLimits;
 use crate::gateway::Gateway;
 
@@ -133,9 +133,9 @@ pub async fn serve(
                 }
                 // Health probes and scrapers send a request at once; a connection that
                 // sends nothing is closed like one that sends half a request.
-                _ = activity.idle_for(idle_timeout) => {
+                _ = activity.idle_for(idle_timeout, idle_timeout) => {
                     conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
+                    let _ = tokio::time::timeout(CLOSE_GRACE, conn).await;
                 }
             }
         });
