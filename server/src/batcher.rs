@@ -1689,6 +1689,103 @@ mod tests {
         assert_eq!(*h.seen.lock().unwrap(), vec![2, 1, 1, 1, 1]);
     }
 
+    // ---- the stuck-instance watchdog ----------------------------------------------------
+
+    const WATCHED: Scaling = Scaling {
+        max_execution: Some(Duration::from_secs(1)),
+        ..ONE
+    };
+
+    #[tokio::test(start_paused = true)]
+    async fn an_execution_within_the_limit_is_left_alone() {
+        let h = harness_with("", 16, WATCHED, || Ok(())).await;
+        let (q, mut r) = request(1, 2, None);
+        h.batcher.submit(q).unwrap();
+        forwards(&h, 1).await;
+        tokio::time::advance(MS * 999).await;
+        settle().await;
+        assert!(
+            matches!(r.try_recv(), Err(oneshot::error::TryRecvError::Empty)),
+            "answered before the limit"
+        );
+        h.permits.send(()).unwrap();
+        answer(&mut r).await.unwrap();
+        // The same instance takes the next request: nothing was replaced.
+        let (q, mut r) = request(1, 2, None);
+        h.batcher.submit(q).unwrap();
+        h.permits.send(()).unwrap();
+        answer(&mut r).await.unwrap();
+        assert_eq!(h.loads.load(Ordering::SeqCst), 1);
+        assert!(!h.batcher.is_wedged());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stuck_instance_is_answered_for_replaced_once_then_the_model_is_wedged() {
+        let h = harness_with("", 16, WATCHED, || Ok(())).await;
+        // The gate opens for nobody: the first execution hangs.
+        let (q, mut r) = request(1, 2, None);
+        h.batcher.submit(q).unwrap();
+        forwards(&h, 1).await;
+        tokio::time::advance(MS * 999).await;
+        settle().await;
+        assert!(matches!(
+            r.try_recv(),
+            Err(oneshot::error::TryRecvError::Empty)
+        ));
+        tokio::time::advance(MS).await;
+        let err = answer(&mut r).await.unwrap_err();
+        assert!(
+            matches!(&err, Error::ModelFailed { message, .. } if message.contains("instance stuck")),
+            "{err}"
+        );
+        assert_eq!(tonic::Status::from(err).code(), tonic::Code::Internal);
+        // One instance, one stuck: a replacement loads and serves nothing yet.
+        until(&h.loads, 2).await;
+        assert!(!h.batcher.is_wedged());
+
+        // The replacement takes the next request, and hangs on it too.
+        let (q, mut r) = request(3, 2, None);
+        h.batcher.submit(q).unwrap();
+        assert_eq!(forwards(&h, 2).await, vec![1, 3]);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let err = answer(&mut r).await.unwrap_err();
+        assert!(err.to_string().contains("instance stuck"), "{err}");
+        // Two stuck threads for a one-instance model: no room for a third.
+        settle().await;
+        assert!(h.batcher.is_wedged());
+        assert_eq!(h.loads.load(Ordering::SeqCst), 2);
+        // New work is answered at once, not left until a deadline.
+        let (q, mut r) = request(1, 2, None);
+        h.batcher.submit(q).unwrap();
+        match answer(&mut r).await {
+            Err(Error::ModelUnavailable { reason, .. }) => {
+                assert!(reason.contains("every instance is stuck"), "{reason}")
+            }
+            other => panic!("expected UNAVAILABLE, got {other:?}"),
+        }
+        assert_eq!(h.seen.lock().unwrap().len(), 2, "stuck instances get no work");
+
+        // Both hung executions return: their threads are retired, not put back to work.
+        h.permits.send(()).unwrap();
+        h.permits.send(()).unwrap();
+        until(&h.alive, 0).await;
+        for _ in 0..2000 {
+            settle().await;
+            if !h.batcher.is_wedged() {
+                break;
+            }
+            std::thread::sleep(MS);
+        }
+        assert!(!h.batcher.is_wedged());
+        // With room again, the next request cold-starts a fresh instance.
+        let (q, mut r) = request(2, 2, None);
+        h.batcher.submit(q).unwrap();
+        h.permits.send(()).unwrap();
+        assert_eq!(answer(&mut r).await.unwrap().batch_size, 2);
+        assert_eq!(h.loads.load(Ordering::SeqCst), 3);
+        assert_eq!(*h.seen.lock().unwrap(), vec![1, 3, 2]);
+    }
+
     // ---- the pure estimates -----------------------------------------------------------
 
     #[test]
