@@ -498,7 +498,10 @@ impl Actor {
             if let Some(cutoff) = now.checked_sub(self.scaling.idle_timeout) {
                 self.pool.retire_idle(cutoff, self.scaling.min_instances);
             }
-            if !open && self.queue.is_empty() {
+            // With a watchdog, stay until no execution runs: once the actor is gone nobody
+            // would answer for an execution that hangs while its model unloads.
+            let watching = self.scaling.max_execution.is_some() && self.pool.busy_count() > 0;
+            if !open && self.queue.is_empty() && !watching {
                 break;
             }
             let retire_at = (self.pool.live() > self.scaling.min_instances)
@@ -514,7 +517,7 @@ impl Actor {
                 retire_at,
                 self.scaling
                     .max_execution
-                    .and_then(|limit| self.pool.next_stuck_check(limit)),
+                    .and_then(|limit| self.pool.next_stuck_check(limit, now)),
             ]
             .into_iter()
             .flatten()
@@ -1720,6 +1723,20 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn an_execution_that_hangs_while_its_model_unloads_is_still_answered() {
+        let h = harness_with("", 16, WATCHED, || Ok(())).await;
+        let (q, mut r) = request(1, 2, None);
+        h.batcher.submit(q).unwrap();
+        forwards(&h, 1).await;
+        let Harness { batcher, .. } = h;
+        drop(batcher); // the model unloads
+        settle().await;
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let err = answer(&mut r).await.unwrap_err();
+        assert!(err.to_string().contains("instance stuck"), "{err}");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_stuck_instance_is_answered_for_replaced_once_then_the_model_is_wedged() {
         let h = harness_with("", 16, WATCHED, || Ok(())).await;
         // The gate opens for nobody: the first execution hangs.
@@ -1763,7 +1780,11 @@ mod tests {
             }
             other => panic!("expected UNAVAILABLE, got {other:?}"),
         }
-        assert_eq!(h.seen.lock().unwrap().len(), 2, "stuck instances get no work");
+        assert_eq!(
+            h.seen.lock().unwrap().len(),
+            2,
+            "stuck instances get no work"
+        );
 
         // Both hung executions return: their threads are retired, not put back to work.
         h.permits.send(()).unwrap();

@@ -112,9 +112,13 @@ pub enum Event {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
     Loading,
-    Idle { since: tokio::time::Instant },
+    Idle {
+        since: tokio::time::Instant,
+    },
     /// Running the batch handed to it at `since`.
-    Busy { since: tokio::time::Instant },
+    Busy {
+        since: tokio::time::Instant,
+    },
 }
 
 struct Slot {
@@ -366,9 +370,20 @@ impl InstancePool {
         found.overdue.len()
     }
 
-    /// When the earliest running execution will have run `limit`, if any runs.
-    pub fn next_stuck_check(&self, limit: Duration) -> Option<tokio::time::Instant> {
-        watch(self.busy(), limit, tokio::time::Instant::now()).next
+    /// When the earliest running execution will have run `limit`, if any runs. Pass
+    /// the `now` of the last `detect_stuck`: an execution already overdue then has left
+    /// the busy set, and none can fall between the two calls unwatched.
+    pub fn next_stuck_check(
+        &self,
+        limit: Duration,
+        now: tokio::time::Instant,
+    ) -> Option<tokio::time::Instant> {
+        watch(self.busy(), limit, now).next
+    }
+
+    /// Instances running an execution now.
+    pub fn busy_count(&self) -> usize {
+        self.busy().count()
     }
 
     fn busy(&self) -> impl Iterator<Item = (usize, tokio::time::Instant)> + '_ {
@@ -786,7 +801,10 @@ mod tests {
     fn stuck_threads_count_toward_the_cap_on_new_instances() {
         // One instance: one replacement for a stuck one, none once that one is stuck too.
         assert!(room_for_instance(0, 0, 1));
-        assert!(!room_for_instance(1, 0, 1), "never more than the count in service");
+        assert!(
+            !room_for_instance(1, 0, 1),
+            "never more than the count in service"
+        );
         assert!(room_for_instance(0, 1, 1));
         assert!(!room_for_instance(0, 2, 1));
         assert!(!room_for_instance(1, 1, 1));

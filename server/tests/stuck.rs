@@ -145,9 +145,10 @@ async fn a_stuck_thread_that_returns_is_retired() {
     assert_eq!(metric(&s, &stuck_gauge("hang_then_return")).await, 1.0);
     serves(&mut s, "hang_then_return").await;
     let server = &s;
-    until("the stuck thread returns and is retired", move || async move {
-        metric(server, &stuck_gauge("hang_then_return")).await == 0.0
-    })
+    until(
+        "the stuck thread returns and is retired",
+        move || async move { metric(server, &stuck_gauge("hang_then_return")).await == 0.0 },
+    )
     .await;
     // Retired, not put back: one instance in service, one detection in all.
     assert_eq!(
