@@ -51,10 +51,13 @@ pub struct WarmupSample {
 /// first takes the sender, so a request is answered exactly once, and an instance that
 /// returns after the watchdog gave up on it finds nobody left to answer.
 #[derive(Clone)]
-pub struct Reply(Arc<Mutex<Option<oneshot::Sender<Result<Done, Error>>>>>);
+pub struct Reply(Arc<Mutex<Option<Answer>>>);
+
+/// Where a request's result or failure is sent.
+pub type Answer = oneshot::Sender<Result<Done, Error>>;
 
 impl Reply {
-    pub fn new(sender: oneshot::Sender<Result<Done, Error>>) -> Reply {
+    pub fn new(sender: Answer) -> Reply {
         Reply(Arc::new(Mutex::new(Some(sender))))
     }
 
