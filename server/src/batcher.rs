@@ -14,9 +14,16 @@
 //! - requests whose client has gone or whose deadline has passed are dropped before
 //!   dispatch, answered, and counted;
 //! - when the channel closes (model unloaded), what is queued is still served.
+//!
+//! The same loop is the model's watchdog: its timer is also armed for the moment the
+//! oldest running execution reaches `max_execution`. An instance found past it is taken
+//! out of service by the pool (its requests answered INTERNAL), and the actor loads a
+//! replacement when the pool has room for one. When every instance is stuck and none
+//! can be started, queued and new requests are answered UNAVAILABLE and the model
+//! reports itself wedged, which turns the server's liveness false.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,7 +32,7 @@ use tokio::time::Instant;
 
 use crate::error::Error;
 use crate::metrics::{self, DropReason, RejectReason};
-use crate::pool::{Event, InstancePool, Job};
+use crate::pool::{Event, InstancePool, Job, Reply, Task};
 use crate::tensor::{DataType, Tensor};
 
 /// What makes two requests batchable: per input, datatype and non-batch dimensions.
@@ -167,6 +174,8 @@ pub fn plan<P: Pending>(policy: &BatchPolicy, queue: &[P], now: Instant) -> Opti
 pub struct Batcher {
     /// Instances as the actor last saw them: (loaded or loading, idle).
     pub instances: Arc<(AtomicUsize, AtomicUsize)>,
+    /// Set while every instance is stuck and no replacement can start.
+    wedged: Arc<AtomicBool>,
     model: String,
     tx: mpsc::Sender<Queued>,
     counts: Arc<QueueCounts>,
@@ -301,7 +310,8 @@ pub fn predicted_wait(
     estimate.estimate(batch).map(|t| t * rounds as u32)
 }
 
-/// How many instances a model keeps (from its config `parameters` and server defaults).
+/// How many instances a model keeps, and how long one execution may run before its
+/// instance is given up on (from its config `parameters` and server defaults).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Scaling {
     /// Instances kept loaded however idle (0: the model scales to zero).
@@ -310,6 +320,8 @@ pub struct Scaling {
     pub max_instances: usize,
     /// An instance idle this long is unloaded, down to `min_instances`.
     pub idle_timeout: Duration,
+    /// An instance whose execution has run this long is stuck (`None`: never).
+    pub max_execution: Option<Duration>,
 }
 
 impl Batcher {
@@ -323,11 +335,13 @@ impl Batcher {
     ) -> Batcher {
         let counts = Arc::new(QueueCounts::new(limits.priority_levels));
         let instances = Arc::new((AtomicUsize::new(pool.live()), AtomicUsize::new(0)));
+        let wedged = Arc::new(AtomicBool::new(false));
         let estimate = pool.estimate.clone();
         // The channel never holds more than the queue may: admission counts first.
         let (tx, rx) = mpsc::channel(limits.max_queue_size.max(1));
         let actor = Actor {
             instances: instances.clone(),
+            wedged: wedged.clone(),
             model: model.clone(),
             policy: policy.clone(),
             scaling,
@@ -341,6 +355,7 @@ impl Batcher {
         tokio::spawn(actor.run());
         Batcher {
             instances,
+            wedged,
             model,
             tx,
             counts,
@@ -435,10 +450,17 @@ impl Batcher {
     pub fn estimate(&self) -> &ComputeEstimate {
         &self.estimate
     }
+
+    /// Whether every instance of the model is stuck and no replacement can start: the
+    /// model cannot serve again unless a stuck execution returns.
+    pub fn is_wedged(&self) -> bool {
+        self.wedged.load(Ordering::Acquire)
+    }
 }
 
 struct Actor {
     instances: Arc<(AtomicUsize, AtomicUsize)>,
+    wedged: Arc<AtomicBool>,
     model: String,
     policy: BatchPolicy,
     scaling: Scaling,
@@ -456,6 +478,7 @@ impl Actor {
         let mut open = true;
         loop {
             let now = Instant::now();
+            self.watch(now);
             self.drop_dead(now);
             // Once the channel has closed nothing more can join: flush what is there.
             let ready = |p: &Plan| p.ready || !open;
@@ -475,7 +498,10 @@ impl Actor {
             if let Some(cutoff) = now.checked_sub(self.scaling.idle_timeout) {
                 self.pool.retire_idle(cutoff, self.scaling.min_instances);
             }
-            if !open && self.queue.is_empty() {
+            // With a watchdog, stay until no execution runs: once the actor is gone nobody
+            // would answer for an execution that hangs while its model unloads.
+            let watching = self.scaling.max_execution.is_some() && self.pool.busy_count() > 0;
+            if !open && self.queue.is_empty() && !watching {
                 break;
             }
             let retire_at = (self.pool.live() > self.scaling.min_instances)
@@ -489,6 +515,9 @@ impl Actor {
                     .flatten()
                     .min(),
                 retire_at,
+                self.scaling
+                    .max_execution
+                    .and_then(|limit| self.pool.next_stuck_check(limit, now)),
             ]
             .into_iter()
             .flatten()
@@ -497,6 +526,7 @@ impl Actor {
             self.instances
                 .1
                 .store(self.pool.idle_count(), Ordering::Release);
+            self.wedged.store(self.is_wedged(), Ordering::Release);
             tokio::select! {
                 // New requests first: a batch grows with everything already sent.
                 biased;
@@ -513,7 +543,13 @@ impl Actor {
 
     /// Work is waiting and no instance is free: start one more, one load at a time.
     fn grow(&mut self, now: Instant) {
-        if self.pool.loading() > 0 || self.pool.live() >= self.scaling.max_instances {
+        if self.is_wedged() {
+            // Nothing will run this work: answer it now rather than at its deadline.
+            let reason = self.wedged_reason();
+            self.fail_queued(&reason);
+            return;
+        }
+        if self.pool.loading() > 0 || !self.pool.has_room(self.scaling.max_instances) {
             return;
         }
         let cold = self.pool.live() == 0;
@@ -528,6 +564,51 @@ impl Actor {
             }
             Err(reason) => self.fail_queued(&reason),
         }
+    }
+
+    /// Take instances whose execution has run past `max_execution` out of service and
+    /// load replacements up to the instances the model keeps (at least one), as far as
+    /// the pool has room: stuck threads count toward its cap, so a model that hangs
+    /// every time stops getting new instances.
+    fn watch(&mut self, now: Instant) {
+        let Some(limit) = self.scaling.max_execution else {
+            return;
+        };
+        if self.pool.detect_stuck(now, limit) == 0 {
+            return;
+        }
+        let keep = self.scaling.min_instances.max(1);
+        while self.pool.live() < keep && self.pool.has_room(self.scaling.max_instances) {
+            match self.pool.spawn() {
+                Ok(id) => {
+                    tracing::warn!(model = %self.model, instance = id, stuck = self.pool.stuck(), "loading an instance to replace a stuck one")
+                }
+                Err(reason) => {
+                    tracing::error!(model = %self.model, %reason, "cannot start an instance to replace a stuck one");
+                    break;
+                }
+            }
+        }
+        if self.is_wedged() {
+            tracing::error!(model = %self.model, stuck = self.pool.stuck(),
+                "every instance is stuck and no replacement can start: the server reports itself not live");
+            let reason = self.wedged_reason();
+            self.fail_queued(&reason);
+        }
+    }
+
+    /// No instance in service or loading, stuck ones only, and no room for another.
+    fn is_wedged(&self) -> bool {
+        self.pool.stuck() > 0
+            && self.pool.live() == 0
+            && !self.pool.has_room(self.scaling.max_instances)
+    }
+
+    fn wedged_reason(&self) -> String {
+        format!(
+            "every instance is stuck ({} running past max_execution_secs) and no replacement can start",
+            self.pool.stuck()
+        )
     }
 
     fn on_event(&mut self, event: Event) {
@@ -684,19 +765,22 @@ impl Actor {
         }
         batch.reverse();
         self.release(&batch);
-        let queue_times: Vec<Duration> = batch.iter().map(|q| now - q.arrival).collect();
-        for t in &queue_times {
-            metrics::queue_wait(&self.model, *t);
-        }
-        if let Err(job) = self.pool.run(
-            instance,
-            Job {
-                requests: batch,
-                queue_times,
-            },
-        ) {
-            for q in job.requests {
-                let _ = q.reply.send(Err(Error::Restarting {
+        let tasks: Vec<Task> = batch
+            .into_iter()
+            .map(|q| {
+                let queue_time = now - q.arrival;
+                metrics::queue_wait(&self.model, queue_time);
+                Task {
+                    inputs: q.inputs,
+                    samples: q.samples,
+                    queue_time,
+                    reply: Reply::new(q.reply),
+                }
+            })
+            .collect();
+        if let Err(job) = self.pool.run(instance, Job { tasks }, now) {
+            for t in job.tasks {
+                t.reply.send(Err(Error::Restarting {
                     model: self.model.clone(),
                     reason: "the model instance stopped".into(),
                 }));
@@ -963,6 +1047,9 @@ mod tests {
         min_instances: 1,
         max_instances: 1,
         idle_timeout: Duration::from_secs(3600),
+        // Off: with paused time a parked runtime jumps the clock to the next timer while
+        // a gated instance thread is still running; the watchdog has tests of its own.
+        max_execution: None,
     };
 
     async fn harness(dynamic: &str, max_queue_size: usize) -> Harness {
@@ -1167,6 +1254,7 @@ mod tests {
         min_instances: 0,
         max_instances: 1,
         idle_timeout: Duration::from_secs(60),
+        max_execution: None,
     };
 
     #[tokio::test(start_paused = true)]
@@ -1277,6 +1365,7 @@ mod tests {
             min_instances: 1,
             max_instances: 3,
             idle_timeout: Duration::from_secs(60),
+            max_execution: None,
         };
         let h = harness_with("dynamic_batching { }", 64, scaling, || Ok(())).await;
         let mut answers = Vec::new();
@@ -1601,6 +1690,121 @@ mod tests {
             r.await.unwrap().unwrap();
         }
         assert_eq!(*h.seen.lock().unwrap(), vec![2, 1, 1, 1, 1]);
+    }
+
+    // ---- the stuck-instance watchdog ----------------------------------------------------
+
+    const WATCHED: Scaling = Scaling {
+        max_execution: Some(Duration::from_secs(1)),
+        ..ONE
+    };
+
+    #[tokio::test(start_paused = true)]
+    async fn an_execution_within_the_limit_is_left_alone() {
+        let h = harness_with("", 16, WATCHED, || Ok(())).await;
+        let (q, mut r) = request(1, 2, None);
+        h.batcher.submit(q).unwrap();
+        forwards(&h, 1).await;
+        tokio::time::advance(MS * 999).await;
+        settle().await;
+        assert!(
+            matches!(r.try_recv(), Err(oneshot::error::TryRecvError::Empty)),
+            "answered before the limit"
+        );
+        h.permits.send(()).unwrap();
+        answer(&mut r).await.unwrap();
+        // The same instance takes the next request: nothing was replaced.
+        let (q, mut r) = request(1, 2, None);
+        h.batcher.submit(q).unwrap();
+        h.permits.send(()).unwrap();
+        answer(&mut r).await.unwrap();
+        assert_eq!(h.loads.load(Ordering::SeqCst), 1);
+        assert!(!h.batcher.is_wedged());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_execution_that_hangs_while_its_model_unloads_is_still_answered() {
+        let h = harness_with("", 16, WATCHED, || Ok(())).await;
+        let (q, mut r) = request(1, 2, None);
+        h.batcher.submit(q).unwrap();
+        forwards(&h, 1).await;
+        let Harness { batcher, .. } = h;
+        drop(batcher); // the model unloads
+        settle().await;
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let err = answer(&mut r).await.unwrap_err();
+        assert!(err.to_string().contains("instance stuck"), "{err}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stuck_instance_is_answered_for_replaced_once_then_the_model_is_wedged() {
+        let h = harness_with("", 16, WATCHED, || Ok(())).await;
+        // The gate opens for nobody: the first execution hangs.
+        let (q, mut r) = request(1, 2, None);
+        h.batcher.submit(q).unwrap();
+        forwards(&h, 1).await;
+        tokio::time::advance(MS * 999).await;
+        settle().await;
+        assert!(matches!(
+            r.try_recv(),
+            Err(oneshot::error::TryRecvError::Empty)
+        ));
+        tokio::time::advance(MS).await;
+        let err = answer(&mut r).await.unwrap_err();
+        assert!(
+            matches!(&err, Error::ModelFailed { message, .. } if message.contains("instance stuck")),
+            "{err}"
+        );
+        assert_eq!(tonic::Status::from(err).code(), tonic::Code::Internal);
+        // One instance, one stuck: a replacement loads and serves nothing yet.
+        until(&h.loads, 2).await;
+        assert!(!h.batcher.is_wedged());
+
+        // The replacement takes the next request, and hangs on it too.
+        let (q, mut r) = request(3, 2, None);
+        h.batcher.submit(q).unwrap();
+        assert_eq!(forwards(&h, 2).await, vec![1, 3]);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let err = answer(&mut r).await.unwrap_err();
+        assert!(err.to_string().contains("instance stuck"), "{err}");
+        // Two stuck threads for a one-instance model: no room for a third.
+        settle().await;
+        assert!(h.batcher.is_wedged());
+        assert_eq!(h.loads.load(Ordering::SeqCst), 2);
+        // New work is answered at once, not left until a deadline.
+        let (q, mut r) = request(1, 2, None);
+        h.batcher.submit(q).unwrap();
+        match answer(&mut r).await {
+            Err(Error::ModelUnavailable { reason, .. }) => {
+                assert!(reason.contains("every instance is stuck"), "{reason}")
+            }
+            other => panic!("expected UNAVAILABLE, got {other:?}"),
+        }
+        assert_eq!(
+            h.seen.lock().unwrap().len(),
+            2,
+            "stuck instances get no work"
+        );
+
+        // Both hung executions return: their threads are retired, not put back to work.
+        h.permits.send(()).unwrap();
+        h.permits.send(()).unwrap();
+        until(&h.alive, 0).await;
+        for _ in 0..2000 {
+            settle().await;
+            if !h.batcher.is_wedged() {
+                break;
+            }
+            std::thread::sleep(MS);
+        }
+        assert!(!h.batcher.is_wedged());
+        // With room again, the next request cold-starts a fresh instance.
+        let (q, mut r) = request(2, 2, None);
+        h.batcher.submit(q).unwrap();
+        h.permits.send(()).unwrap();
+        assert_eq!(answer(&mut r).await.unwrap().batch_size, 2);
+        assert_eq!(h.loads.load(Ordering::SeqCst), 3);
+        assert_eq!(*h.seen.lock().unwrap(), vec![1, 3, 2]);
     }
 
     // ---- the pure estimates -----------------------------------------------------------

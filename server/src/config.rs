@@ -135,6 +135,15 @@ pub struct Settings {
     #[arg(long, env = "SLUICE_IDLE_TIMEOUT_SECS", value_name = "SECS")]
     pub idle_timeout_secs: Option<f64>,
 
+    /// Longest one execution (one batch's forward) may run, in seconds. An instance still
+    /// running past it is stuck: its requests are answered INTERNAL, it gets no more work
+    /// and a replacement is loaded while the model has fewer than instance_group count
+    /// stuck threads; when every instance is stuck and none can be replaced, liveness
+    /// turns false. 0 turns the check off (a hung model then holds its requests until
+    /// their deadlines). At most 86400. [default: 60]
+    #[arg(long, env = "SLUICE_MAX_EXECUTION_SECS", value_name = "SECS")]
+    pub max_execution_secs: Option<f64>,
+
     /// `none`: load every model at start-up, no load/unload RPCs. `explicit`: load only
     /// `--load-model` models at start-up; RepositoryModelLoad/Unload manage the rest. [default: none]
     #[arg(long, env = "SLUICE_MODEL_CONTROL_MODE", value_name = "MODE")]
@@ -291,6 +300,8 @@ const MAX_MESSAGE_BYTES_LIMIT: usize = 1 << 30;
 pub struct ModelDefaults {
     pub min_instances: Option<usize>,
     pub idle_timeout: Duration,
+    /// An instance whose execution has run this long is stuck; `None`: never checked.
+    pub max_execution: Option<Duration>,
 }
 
 /// Who may load and unload models, and which load at start-up.
@@ -394,6 +405,7 @@ impl Settings {
                 .or(lower.header_read_timeout_secs),
             min_instances: self.min_instances.or(lower.min_instances),
             idle_timeout_secs: self.idle_timeout_secs.or(lower.idle_timeout_secs),
+            max_execution_secs: self.max_execution_secs.or(lower.max_execution_secs),
             model_control_mode: self.model_control_mode.or(lower.model_control_mode),
             load_model: self.load_model.or(lower.load_model),
             model_control_token: self.model_control_token.or(lower.model_control_token),
@@ -449,6 +461,7 @@ impl Settings {
                         })
                     }
                 },
+                max_execution: max_execution(self.max_execution_secs)?,
             },
             control: ModelControl {
                 mode: self.model_control_mode.unwrap_or(ModelControlMode::None),
@@ -458,6 +471,33 @@ impl Settings {
         };
         config.check()?;
         Ok(config)
+    }
+}
+
+/// Default of `max_execution_secs`: far above any sane model's batch, well below what a
+/// client would wait.
+const DEFAULT_MAX_EXECUTION_SECS: f64 = 60.0;
+/// Bounds of `max_execution_secs` when on: below a millisecond every execution would
+/// count as stuck; above a day the check means nothing (and instants could overflow).
+const MAX_EXECUTION_RANGE_SECS: std::ops::RangeInclusive<f64> = 0.001..=86_400.0;
+
+/// `max_execution_secs` checked: 0 turns the check off, otherwise within the range.
+fn max_execution(secs: Option<f64>) -> Result<Option<Duration>, ConfigError> {
+    let secs = secs.unwrap_or(DEFAULT_MAX_EXECUTION_SECS);
+    if secs == 0.0 {
+        return Ok(None);
+    }
+    // NaN and infinities fall outside the range too.
+    match secs {
+        secs if MAX_EXECUTION_RANGE_SECS.contains(&secs) => Ok(Some(Duration::from_secs_f64(secs))),
+        secs => Err(ConfigError::Invalid {
+            setting: "max_execution_secs",
+            message: format!(
+                "{secs} is not 0 (off) or a number of seconds from {} to {}",
+                MAX_EXECUTION_RANGE_SECS.start(),
+                MAX_EXECUTION_RANGE_SECS.end()
+            ),
+        }),
     }
 }
 
@@ -975,5 +1015,48 @@ mod tests {
             Some(Duration::from_millis(250))
         );
         assert!(!c.admission.shedding);
+    }
+
+    #[test]
+    fn max_execution_secs_defaults_to_a_minute_and_is_checked() {
+        let dir = repo();
+        let with = |secs: Option<f64>| {
+            Settings {
+                model_repository: Some(dir.path().into()),
+                max_execution_secs: secs,
+                ..Default::default()
+            }
+            .validate()
+        };
+        assert_eq!(
+            with(None).unwrap().models.max_execution,
+            Some(Duration::from_secs(60))
+        );
+        assert_eq!(with(Some(0.0)).unwrap().models.max_execution, None);
+        assert_eq!(
+            with(Some(0.2)).unwrap().models.max_execution,
+            Some(Duration::from_millis(200))
+        );
+        // The bounds themselves are accepted.
+        assert_eq!(
+            with(Some(86_400.0)).unwrap().models.max_execution,
+            Some(Duration::from_secs(86_400))
+        );
+        assert_eq!(
+            with(Some(0.001)).unwrap().models.max_execution,
+            Some(Duration::from_millis(1))
+        );
+        for bad in [-1.0, 0.0005, 86_400.5, 1e300, f64::NAN, f64::INFINITY] {
+            let err = with(Some(bad)).unwrap_err();
+            let ConfigError::Invalid { setting, .. } = &err else {
+                panic!("expected an invalid setting for {bad}, got {err}");
+            };
+            assert_eq!(*setting, "max_execution_secs", "{err}");
+        }
+        // From the command line and the file too.
+        let c = from_command_line(dir.path(), &["--max-execution-secs", "2.5"]);
+        assert_eq!(c.models.max_execution, Some(Duration::from_millis(2500)));
+        let file = Settings::from_toml("max_execution_secs = 0").unwrap();
+        assert_eq!(file.max_execution_secs, Some(0.0));
     }
 }

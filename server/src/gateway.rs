@@ -1,5 +1,6 @@
 //! The gateway's domain facade: what the API handlers call. It owns the repository and
-//! the server's lifecycle flags, and records per-request metrics. No protocol types here.
+//! the server's lifecycle flags (ready, shutting down, live), and records per-request
+//! metrics. No protocol types here.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -43,9 +44,12 @@ impl Gateway {
         })
     }
 
-    /// Live: the process answers. Always true while it does.
+    /// Live: the process answers and no loaded model is wedged (every instance stuck in
+    /// an execution past `max_execution_secs`, none loading, no room to start one). Such
+    /// a model serves again only if a stuck execution returns, so the orchestrator had
+    /// better restart the process.
     pub fn is_live(&self) -> bool {
-        true
+        !self.repository.loaded().iter().any(|m| m.is_wedged())
     }
 
     /// Ready: start-up finished and not shutting down.

@@ -27,6 +27,8 @@ pub const COLD_STARTS_TOTAL: &str = "sluice_cold_starts_total";
 pub const LOAD_DURATION_SECONDS: &str = "sluice_instance_load_duration_seconds";
 pub const WARMUP_DURATION_SECONDS: &str = "sluice_instance_warmup_duration_seconds";
 pub const COLD_START_WAIT_SECONDS: &str = "sluice_cold_start_wait_seconds";
+pub const STUCK_INSTANCES: &str = "sluice_stuck_instances";
+pub const STUCK_INSTANCE_DETECTIONS_TOTAL: &str = "sluice_stuck_instance_detections_total";
 
 /// Label value for requests naming a model the repository does not have, so unknown
 /// names cannot grow the label set.
@@ -240,6 +242,16 @@ fn describe() {
         Unit::Seconds,
         "Time requests waited for a cold start (zero instances to the first ready), by model."
     );
+    describe_gauge!(
+        STUCK_INSTANCES,
+        Unit::Count,
+        "Instances out of service because one execution ran past max_execution_secs and has not returned, by model."
+    );
+    describe_counter!(
+        STUCK_INSTANCE_DETECTIONS_TOTAL,
+        Unit::Count,
+        "Instances found stuck (an execution running past max_execution_secs), by model."
+    );
     describe_counter!(
         REJECTED_REQUESTS_TOTAL,
         Unit::Count,
@@ -369,4 +381,12 @@ pub fn open_connections(port: &'static str, open: usize) {
 
 pub fn request_bytes_in_flight(bytes: usize) {
     gauge!(REQUEST_BYTES_IN_FLIGHT).set(bytes as f64);
+}
+
+pub fn stuck_instances(model: &str, stuck: usize) {
+    gauge!(STUCK_INSTANCES, "model" => model.to_owned()).set(stuck as f64);
+}
+
+pub fn stuck_detected(model: &str) {
+    counter!(STUCK_INSTANCE_DETECTIONS_TOTAL, "model" => model.to_owned()).increment(1);
 }

@@ -102,6 +102,7 @@ impl LoadOptions {
                 .scaling
                 .idle_timeout
                 .unwrap_or(self.defaults.idle_timeout),
+            max_execution: self.defaults.max_execution,
         }
     }
 }
@@ -257,6 +258,12 @@ impl LoadedModel {
             counts.0.load(Ordering::Acquire),
             counts.1.load(Ordering::Acquire),
         )
+    }
+
+    /// Whether every instance is stuck and none can be replaced: the model cannot serve
+    /// again on its own, so the server is not live.
+    pub fn is_wedged(&self) -> bool {
+        self.batcher.is_wedged()
     }
 
     /// Requests waiting in the model's queue.

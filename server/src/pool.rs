@@ -7,17 +7,27 @@
 //! pressure) and when to retire one (idle). A panicking model fails only its own batch;
 //! the instance then reloads its backend and goes on. Retired instances are joined off
 //! the async runtime.
+//!
+//! The pool also owns the stuck-instance watchdog's state. An instance whose current
+//! execution has run longer than the model's maximum is moved out of service: its
+//! requests are answered at once (each request's answer is a take-once [`Reply`] that
+//! the instance thread and the watchdog share, so exactly one of them answers), it never
+//! gets another job, and it counts as stuck. A stuck thread cannot be interrupted, only
+//! abandoned; if its forward ever returns it is retired (joined off the runtime), never
+//! put back to work: its backend's state after an overrun is unknown and a replacement
+//! has already taken its place. Stuck threads count toward a cap ([`room_for_instance`])
+//! so that a model that hangs every time cannot make the pool spawn threads without end.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::backend::{self, Backend, BackendError};
-use crate::batcher::{ComputeEstimate, Done, Queued};
+use crate::batcher::{ComputeEstimate, Done};
 use crate::config::BackendOptions;
 use crate::error::Error;
 use crate::metrics::{self, DropReason};
@@ -36,10 +46,53 @@ pub struct WarmupSample {
     pub count: u32,
 }
 
-/// One batch for an instance, with each request's time in the queue.
+/// Where one request's answer goes. Shared by the instance that runs the request and
+/// the pool's watchdog, which answers for an instance that is stuck: whoever answers
+/// first takes the sender, so a request is answered exactly once, and an instance that
+/// returns after the watchdog gave up on it finds nobody left to answer.
+#[derive(Clone)]
+pub struct Reply(Arc<Mutex<Option<Answer>>>);
+
+/// Where a request's result or failure is sent.
+pub type Answer = oneshot::Sender<Result<Done, Error>>;
+
+impl Reply {
+    pub fn new(sender: Answer) -> Reply {
+        Reply(Arc::new(Mutex::new(Some(sender))))
+    }
+
+    /// Answer the request unless it has been answered already. Whether the answer went
+    /// out (false: answered before, or the client has gone).
+    pub fn send(&self, answer: Result<Done, Error>) -> bool {
+        // Nothing can panic while the lock is held, so a poisoned lock still holds a
+        // consistent slot.
+        let sender = self.0.lock().unwrap_or_else(PoisonError::into_inner).take();
+        sender.is_some_and(|s| s.send(answer).is_ok())
+    }
+
+    /// Whether nobody waits for this answer any more: answered already, or the client
+    /// has gone.
+    pub fn is_closed(&self) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .is_none_or(|s| s.is_closed())
+    }
+}
+
+/// One request of a batch: its inputs in model argument order, its samples, its time
+/// in the queue and where its answer goes.
+pub struct Task {
+    pub inputs: Vec<Tensor>,
+    pub samples: usize,
+    pub queue_time: Duration,
+    pub reply: Reply,
+}
+
+/// One batch for an instance.
 pub struct Job {
-    pub requests: Vec<Queued>,
-    pub queue_times: Vec<Duration>,
+    pub tasks: Vec<Task>,
 }
 
 /// What instances report to the batcher.
@@ -53,7 +106,7 @@ pub enum Event {
     },
     /// Loading or warm-up failed; the instance is gone.
     LoadFailed { id: usize, reason: String },
-    /// Finished a batch: ready for the next.
+    /// Finished a batch: ready for the next (or, for a stuck instance, to be retired).
     Done { id: usize },
     /// The instance stopped for good (its backend could not be reloaded after a panic).
     Stopped { id: usize },
@@ -62,8 +115,13 @@ pub enum Event {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
     Loading,
-    Idle { since: tokio::time::Instant },
-    Busy,
+    Idle {
+        since: tokio::time::Instant,
+    },
+    /// Running the batch handed to it at `since`.
+    Busy {
+        since: tokio::time::Instant,
+    },
 }
 
 struct Slot {
@@ -71,6 +129,55 @@ struct Slot {
     state: State,
     jobs: std::sync::mpsc::SyncSender<Job>,
     thread: JoinHandle<()>,
+    /// The answers of the batch it runs, for the watchdog to give if it gets stuck.
+    running: Vec<Reply>,
+}
+
+/// An instance taken out of service because its execution ran too long. Its job channel
+/// is gone, so once its forward returns the thread ends.
+struct Stuck {
+    id: usize,
+    since: tokio::time::Instant,
+    thread: JoinHandle<()>,
+}
+
+/// Whether a pool with `live` instances (loaded or loading) and `stuck` stuck threads
+/// may start another instance, for a model of `max_instances` instances: never more than
+/// `max_instances` in service, and never more than twice that many threads in all. A
+/// model with one instance thus gets one replacement for a stuck instance; once the
+/// replacement is stuck too, nothing more is started until a stuck thread returns.
+pub fn room_for_instance(live: usize, stuck: usize, max_instances: usize) -> bool {
+    let threads = live.saturating_add(stuck);
+    live < max_instances && threads < max_instances.saturating_mul(2)
+}
+
+/// What the watchdog finds among busy instances (`(id, when its execution started)`):
+/// those whose execution has run `limit` or longer at `now`, and the earliest moment
+/// another one will have (when to look next).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Watch {
+    pub overdue: Vec<usize>,
+    pub next: Option<tokio::time::Instant>,
+}
+
+pub fn watch(
+    busy: impl IntoIterator<Item = (usize, tokio::time::Instant)>,
+    limit: Duration,
+    now: tokio::time::Instant,
+) -> Watch {
+    let mut found = Watch {
+        overdue: Vec::new(),
+        next: None,
+    };
+    for (id, since) in busy {
+        // A start so far in the future that adding the limit overflows is never overdue.
+        match since.checked_add(limit) {
+            Some(at) if at <= now => found.overdue.push(id),
+            Some(at) => found.next = Some(found.next.map_or(at, |n| n.min(at))),
+            None => {}
+        }
+    }
+    found
 }
 
 pub struct InstancePool {
@@ -84,6 +191,7 @@ pub struct InstancePool {
     /// Instance events; owned by whoever drives the pool (the batcher).
     pub events: mpsc::Receiver<Event>,
     slots: Vec<Slot>,
+    stuck: Vec<Stuck>,
     next_id: usize,
 }
 
@@ -107,9 +215,11 @@ impl InstancePool {
         warmup: Arc<[WarmupSample]>,
         stats: Arc<Mutex<ModelStats>>,
     ) -> InstancePool {
-        // Each instance has at most one event outstanding at a time (Ready/LoadFailed,
-        // then Done per batch, or Stopped), so this never blocks an instance for long.
-        let (events_tx, events) = mpsc::channel(spec.instance_count.max(1) * 2);
+        // Each instance thread has at most one event outstanding at a time
+        // (Ready/LoadFailed, then Done per batch, or Stopped), and stuck threads and
+        // instances in service together are at most twice the instance count
+        // (`room_for_instance`), so this never blocks an instance for long.
+        let (events_tx, events) = mpsc::channel(spec.instance_count.max(1).saturating_mul(2));
         InstancePool {
             estimate: Arc::new(ComputeEstimate::new(spec.batching.max_batch_size.max(1))),
             spec,
@@ -119,6 +229,7 @@ impl InstancePool {
             events_tx,
             events,
             slots: Vec::new(),
+            stuck: Vec::new(),
             next_id: 0,
         }
     }
@@ -171,6 +282,7 @@ impl InstancePool {
             state: State::Loading,
             jobs,
             thread,
+            running: Vec::new(),
         });
         self.report();
         Ok(id)
@@ -180,22 +292,119 @@ impl InstancePool {
     pub fn on_event(&mut self, event: &Event, now: tokio::time::Instant) {
         match *event {
             Event::Ready { id, .. } | Event::Done { id } => {
-                self.set(id, State::Idle { since: now })
+                if self.retire_stuck(id, now) {
+                    return;
+                }
+                if let Some(slot) = self.slots.iter_mut().find(|s| s.id == id) {
+                    slot.state = State::Idle { since: now };
+                    slot.running.clear();
+                }
             }
             Event::LoadFailed { id, .. } | Event::Stopped { id } => {
+                if self.retire_stuck(id, now) {
+                    return;
+                }
                 if let Some(i) = self.slots.iter().position(|s| s.id == id) {
                     let slot = self.slots.remove(i);
-                    join_in_background(vec![slot]);
+                    join_in_background(vec![slot.thread]);
                 }
                 self.report();
             }
         }
     }
 
-    fn set(&mut self, id: usize, state: State) {
-        if let Some(slot) = self.slots.iter_mut().find(|s| s.id == id) {
-            slot.state = state;
+    /// A stuck instance's forward has returned (or its thread stopped): its thread ends
+    /// now, so join it off the runtime. Whether `id` was stuck.
+    fn retire_stuck(&mut self, id: usize, now: tokio::time::Instant) -> bool {
+        let Some(i) = self.stuck.iter().position(|s| s.id == id) else {
+            return false;
+        };
+        let stuck = self.stuck.remove(i);
+        tracing::warn!(model = %self.spec.name, instance = id,
+            ran_ms = millis(now.saturating_duration_since(stuck.since)),
+            "stuck instance returned; retired");
+        join_in_background(vec![stuck.thread]);
+        self.report();
+        true
+    }
+
+    /// Take every instance whose current execution has run `limit` or longer out of
+    /// service: answer its requests INTERNAL, count and log it once. Returns how many
+    /// were found.
+    pub fn detect_stuck(&mut self, now: tokio::time::Instant, limit: Duration) -> usize {
+        let found = watch(self.busy(), limit, now);
+        for &id in &found.overdue {
+            let i = self
+                .slots
+                .iter()
+                .position(|s| s.id == id)
+                .expect("watch only returns ids of slots");
+            let Slot {
+                state,
+                jobs,
+                thread,
+                running,
+                ..
+            } = self.slots.remove(i);
+            // Without its job channel the thread ends once its forward returns.
+            drop(jobs);
+            let State::Busy { since } = state else {
+                unreachable!("watch only returns busy instances");
+            };
+            let ran = now.saturating_duration_since(since);
+            self.stuck.push(Stuck { id, since, thread });
+            metrics::stuck_detected(&self.spec.name);
+            self.report();
+            tracing::error!(model = %self.spec.name, instance = id, ran_ms = millis(ran),
+                limit_ms = millis(limit), requests = running.len(),
+                "instance stuck: its execution ran past max_execution_secs; its requests are answered and it gets no more work");
+            let message = format!(
+                "instance stuck: instance {id} has run one execution for {:.3} s, past the {:.3} s limit (max_execution_secs)",
+                ran.as_secs_f64(),
+                limit.as_secs_f64()
+            );
+            for reply in running {
+                reply.send(Err(Error::ModelFailed {
+                    model: self.spec.name.clone(),
+                    message: message.clone(),
+                }));
+            }
         }
+        found.overdue.len()
+    }
+
+    /// When the earliest running execution will have run `limit`, if any runs. Pass
+    /// the `now` of the last `detect_stuck`: an execution already overdue then has left
+    /// the busy set, and none can fall between the two calls unwatched.
+    pub fn next_stuck_check(
+        &self,
+        limit: Duration,
+        now: tokio::time::Instant,
+    ) -> Option<tokio::time::Instant> {
+        watch(self.busy(), limit, now).next
+    }
+
+    /// Instances running an execution now.
+    pub fn busy_count(&self) -> usize {
+        self.busy().count()
+    }
+
+    fn busy(&self) -> impl Iterator<Item = (usize, tokio::time::Instant)> + '_ {
+        self.slots.iter().filter_map(|s| match s.state {
+            State::Busy { since } => Some((s.id, since)),
+            State::Loading | State::Idle { .. } => None,
+        })
+    }
+
+    /// Instances out of service because an execution ran too long, whose thread has
+    /// not returned.
+    pub fn stuck(&self) -> usize {
+        self.stuck.len()
+    }
+
+    /// Whether another instance may be started (see [`room_for_instance`]).
+    pub fn has_room(&self, max_instances: usize) -> bool {
+        room_for_instance(self.live(), self.stuck(), max_instances)
     }
 
     /// An idle instance, the longest idle first (so the others can reach their idle timeout).
@@ -204,20 +413,22 @@ impl InstancePool {
             .iter()
             .filter_map(|s| match s.state {
                 State::Idle { since } => Some((since, s.id)),
-                State::Loading | State::Busy => None,
+                State::Loading | State::Busy { .. } => None,
             })
             .min()
             .map(|(_, id)| id)
     }
 
-    /// Hand a batch to idle instance `id`.
-    pub fn run(&mut self, id: usize, job: Job) -> Result<(), Job> {
+    /// Hand a batch to idle instance `id`; its execution counts from `now`.
+    pub fn run(&mut self, id: usize, job: Job, now: tokio::time::Instant) -> Result<(), Job> {
         let Some(slot) = self.slots.iter_mut().find(|s| s.id == id) else {
             return Err(job);
         };
+        let replies: Vec<Reply> = job.tasks.iter().map(|t| t.reply.clone()).collect();
         match slot.jobs.try_send(job) {
             Ok(()) => {
-                slot.state = State::Busy;
+                slot.state = State::Busy { since: now };
+                slot.running = replies;
                 Ok(())
             }
             Err(
@@ -247,7 +458,7 @@ impl InstancePool {
                 metrics::instance_unloaded(&self.spec.name);
             }
             tracing::info!(model = %self.spec.name, retired = n, left = self.live(), "idle instances unloaded");
-            join_in_background(retired);
+            join_in_background(retired.into_iter().map(|s| s.thread).collect());
             self.report();
         }
         n
@@ -259,7 +470,7 @@ impl InstancePool {
             .iter()
             .filter_map(|s| match s.state {
                 State::Idle { since } => Some(since + idle_timeout),
-                State::Loading | State::Busy => None,
+                State::Loading | State::Busy { .. } => None,
             })
             .min()
     }
@@ -285,26 +496,39 @@ impl InstancePool {
 
     fn report(&self) {
         metrics::instances(&self.spec.name, self.slots.len());
+        metrics::stuck_instances(&self.spec.name, self.stuck.len());
     }
 }
 
 impl Drop for InstancePool {
     /// Instances finish the batch they hold, then stop. Joining blocks: off the runtime
-    /// when there is one.
+    /// when there is one. Stuck threads are not joined (that could wait for ever, and
+    /// hold a blocking thread or the runtime's shutdown with it): they are detached and
+    /// end on their own if their forward ever returns.
     fn drop(&mut self) {
         let slots = std::mem::take(&mut self.slots);
+        let stuck = std::mem::take(&mut self.stuck);
         metrics::instances(&self.spec.name, 0);
-        join_in_background(slots);
+        metrics::stuck_instances(&self.spec.name, 0);
+        if !stuck.is_empty() {
+            tracing::warn!(model = %self.spec.name, stuck = stuck.len(), "model unloaded with stuck instances; their threads are left to end on their own");
+        }
+        drop(stuck);
+        // Dropping each slot's job sender is what lets its thread stop.
+        join_in_background(slots.into_iter().map(|s| s.thread).collect());
     }
 }
 
-/// Close each instance's channel (it stops after its current batch) and join its thread
-/// without blocking an async worker.
-fn join_in_background(slots: Vec<Slot>) {
-    if slots.is_empty() {
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Join instance threads (whose job channels are closed, so they stop after their
+/// current batch) without blocking an async worker.
+fn join_in_background(threads: Vec<JoinHandle<()>>) {
+    if threads.is_empty() {
         return;
     }
-    let threads: Vec<JoinHandle<()>> = slots.into_iter().map(|s| s.thread).collect();
     let join = move || {
         for t in threads {
             let _ = t.join();
@@ -432,25 +656,24 @@ impl Worker {
     fn execute(&self, backend: &mut dyn Backend, job: Job) -> Result<(), String> {
         let model = &self.spec.name;
         // Clients may have left between dispatch and now: skip their work.
-        let (requests, queue_times): (Vec<Queued>, Vec<Duration>) = job
-            .requests
+        let tasks: Vec<Task> = job
+            .tasks
             .into_iter()
-            .zip(job.queue_times)
-            .filter(|(q, _)| {
-                let gone = q.reply.is_closed();
+            .filter(|t| {
+                let gone = t.reply.is_closed();
                 if gone {
                     metrics::dropped(model, DropReason::Cancelled);
                 }
                 !gone
             })
-            .unzip();
-        if requests.is_empty() {
+            .collect();
+        if tasks.is_empty() {
             return Ok(());
         }
-        let sizes: Vec<usize> = requests.iter().map(|q| q.samples).collect();
+        let sizes: Vec<usize> = tasks.iter().map(|t| t.samples).collect();
         let total: usize = sizes.iter().sum();
-        let inputs: Vec<Tensor> = (0..requests[0].inputs.len())
-            .map(|i| concat_batch(&requests.iter().map(|q| &q.inputs[i]).collect::<Vec<_>>()))
+        let inputs: Vec<Tensor> = (0..tasks[0].inputs.len())
+            .map(|i| concat_batch(&tasks.iter().map(|t| &t.inputs[i]).collect::<Vec<_>>()))
             .collect();
         let start = Instant::now();
         let result = catch_unwind(AssertUnwindSafe(|| backend.forward(&inputs)));
@@ -464,9 +687,11 @@ impl Worker {
             .expect("stats lock is never poisoned")
             .record_execution(total, compute);
 
-        let fail = |requests: Vec<Queued>, message: String| {
-            for q in requests {
-                let _ = q.reply.send(Err(Error::ModelFailed {
+        // After a stuck execution the watchdog has answered already: these sends find
+        // nobody and do nothing.
+        let fail = |tasks: Vec<Task>, message: String| {
+            for t in tasks {
+                t.reply.send(Err(Error::ModelFailed {
                     model: model.clone(),
                     message: message.clone(),
                 }));
@@ -475,17 +700,17 @@ impl Worker {
         let outputs = match result {
             Ok(Ok(outputs)) => outputs,
             Ok(Err(e)) => {
-                fail(requests, e.to_string());
+                fail(tasks, e.to_string());
                 return Ok(());
             }
             Err(panic) => {
                 let message = panic_message(&panic);
-                fail(requests, BackendError::Panic(message.clone()).to_string());
+                fail(tasks, BackendError::Panic(message.clone()).to_string());
                 return Err(message);
             }
         };
         // Per output, the slices for each request; a lone request keeps the tensors as is.
-        let per_request: Vec<Vec<Tensor>> = if requests.len() == 1 {
+        let per_request: Vec<Vec<Tensor>> = if tasks.len() == 1 {
             vec![outputs]
         } else {
             let mut split = Vec::with_capacity(outputs.len());
@@ -493,20 +718,20 @@ impl Worker {
                 match split_batch(out, &sizes) {
                     Ok(parts) => split.push(parts),
                     Err(e) => {
-                        fail(requests, format!("output {i}: {e}"));
+                        fail(tasks, format!("output {i}: {e}"));
                         return Ok(());
                     }
                 }
             }
-            (0..requests.len())
+            (0..tasks.len())
                 .map(|r| split.iter().map(|parts| parts[r].clone()).collect())
                 .collect()
         };
-        let batch_wait = queue_times.iter().copied().max().unwrap_or_default();
-        for ((q, outputs), queue) in requests.into_iter().zip(per_request).zip(queue_times) {
-            let _ = q.reply.send(Ok(Done {
+        let batch_wait = tasks.iter().map(|t| t.queue_time).max().unwrap_or_default();
+        for (t, outputs) in tasks.into_iter().zip(per_request) {
+            t.reply.send(Ok(Done {
                 outputs,
-                queue,
+                queue: t.queue_time,
                 batch_wait,
                 compute,
                 batch_size: total,
@@ -522,4 +747,102 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
         .map(|s| (*s).to_owned())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "unknown panic".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn watch_finds_executions_at_or_past_the_limit_and_the_next_expiry() {
+        let t0 = tokio::time::Instant::now();
+        let busy = [(0, t0), (1, t0 + MS * 50), (2, t0 + MS * 80)];
+        // Nothing has run 100 ms yet: the first to get there is instance 0, at t0 + 100.
+        assert_eq!(
+            watch(busy, MS * 100, t0 + MS * 99),
+            Watch {
+                overdue: vec![],
+                next: Some(t0 + MS * 100)
+            }
+        );
+        // Exactly at the limit it is overdue; the next is instance 1's.
+        assert_eq!(
+            watch(busy, MS * 100, t0 + MS * 100),
+            Watch {
+                overdue: vec![0],
+                next: Some(t0 + MS * 150)
+            }
+        );
+        assert_eq!(
+            watch(busy, MS * 100, t0 + MS * 200),
+            Watch {
+                overdue: vec![0, 1, 2],
+                next: None
+            }
+        );
+        // No busy instance: nothing found, no timer to arm.
+        assert_eq!(
+            watch([], MS * 100, t0),
+            Watch {
+                overdue: vec![],
+                next: None
+            }
+        );
+        // A limit that overflows the clock is never reached (and does not panic).
+        assert_eq!(
+            watch(busy, Duration::MAX, t0 + MS * 200),
+            Watch {
+                overdue: vec![],
+                next: None
+            }
+        );
+    }
+
+    #[test]
+    fn stuck_threads_count_toward_the_cap_on_new_instances() {
+        // One instance: one replacement for a stuck one, none once that one is stuck too.
+        assert!(room_for_instance(0, 0, 1));
+        assert!(
+            !room_for_instance(1, 0, 1),
+            "never more than the count in service"
+        );
+        assert!(room_for_instance(0, 1, 1));
+        assert!(!room_for_instance(0, 2, 1));
+        assert!(!room_for_instance(1, 1, 1));
+        // Two instances: at most four threads in all.
+        assert!(room_for_instance(1, 2, 2));
+        assert!(!room_for_instance(1, 3, 2));
+        assert!(!room_for_instance(0, 4, 2));
+        assert!(room_for_instance(0, 3, 2));
+        // Saturating, not wrapping, at the extremes.
+        assert!(!room_for_instance(usize::MAX, usize::MAX, usize::MAX));
+        assert!(!room_for_instance(0, 0, 0));
+    }
+
+    #[test]
+    fn a_reply_is_sent_once_by_whoever_answers_first() {
+        let (tx, mut rx) = oneshot::channel();
+        let reply = Reply::new(tx);
+        let watchdog = reply.clone();
+        assert!(!reply.is_closed());
+        assert!(watchdog.send(Err(Error::ModelFailed {
+            model: "m".into(),
+            message: "instance stuck".into(),
+        })));
+        // The instance comes back later: its answer goes nowhere.
+        assert!(reply.is_closed());
+        assert!(!reply.send(Err(Error::ShuttingDown)));
+        match rx.try_recv() {
+            Ok(Err(Error::ModelFailed { message, .. })) => assert_eq!(message, "instance stuck"),
+            other => panic!("expected the watchdog's answer, got {other:?}"),
+        }
+        // A client that has gone closes the reply too.
+        let (tx, rx) = oneshot::channel::<Result<Done, Error>>();
+        let reply = Reply::new(tx);
+        drop(rx);
+        assert!(reply.is_closed());
+        assert!(!reply.send(Err(Error::ShuttingDown)));
+    }
 }

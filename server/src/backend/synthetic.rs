@@ -1,7 +1,10 @@
 //! A backend without a model, configured from the config's `parameters`:
 //!
-//! - `behavior`: `identity` (default: output i is input i), `fail` or `panic` (a batch
-//!   whose first input holds a negative value fails, or panics; warm-up's zeros pass);
+//! - `behavior`: `identity` (default: output i is input i), `fail`, `panic` or `hang` (a
+//!   batch whose first input holds a negative value fails, panics, or does not return;
+//!   warm-up's zeros pass);
+//! - `hang_ms`: with `hang`, how long such a batch stalls before it answers as identity
+//!   [default: for ever];
 //! - `sleep_ms` / `sleep_us`: stall this long per batch before answering, like a model
 //!   whose compute time is known.
 //!
@@ -18,11 +21,14 @@ enum Behavior {
     Identity,
     Fail,
     Panic,
+    Hang,
 }
 
 pub struct SyntheticBackend {
     behavior: Behavior,
     stall: Duration,
+    /// How long a hanging batch stalls; `None`: for ever.
+    hang: Option<Duration>,
 }
 
 impl SyntheticBackend {
@@ -35,9 +41,10 @@ impl SyntheticBackend {
             None | Some("identity") => Behavior::Identity,
             Some("fail") => Behavior::Fail,
             Some("panic") => Behavior::Panic,
+            Some("hang") => Behavior::Hang,
             Some(other) => {
                 return Err(bad(format!(
-                    "unknown behavior '{other}' (identity, fail, panic)"
+                    "unknown behavior '{other}' (identity, fail, panic, hang)"
                 )))
             }
         };
@@ -51,7 +58,16 @@ impl SyntheticBackend {
         };
         let stall =
             Duration::from_millis(number("sleep_ms")?) + Duration::from_micros(number("sleep_us")?);
-        Ok(SyntheticBackend { behavior, stall })
+        let hang = spec
+            .parameters
+            .contains_key("hang_ms")
+            .then(|| number("hang_ms").map(Duration::from_millis))
+            .transpose()?;
+        Ok(SyntheticBackend {
+            behavior,
+            stall,
+            hang,
+        })
     }
 }
 
@@ -66,7 +82,19 @@ impl Backend for SyntheticBackend {
                 "synthetic failure on negative input".into(),
             )),
             Behavior::Panic if negative => panic!("synthetic panic on negative input"),
-            Behavior::Identity | Behavior::Fail | Behavior::Panic => Ok(inputs.to_vec()),
+            Behavior::Hang if negative => {
+                match self.hang {
+                    Some(stall) => std::thread::sleep(stall),
+                    // Parking may wake spuriously; nothing ever unparks this thread.
+                    None => loop {
+                        std::thread::park();
+                    },
+                }
+                Ok(inputs.to_vec())
+            }
+            Behavior::Identity | Behavior::Fail | Behavior::Panic | Behavior::Hang => {
+                Ok(inputs.to_vec())
+            }
         }
     }
 }
