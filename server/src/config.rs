@@ -114,7 +114,11 @@ pub struct Settings {
     /// Let `--model-control-mode explicit` run without a token, so that anyone who reaches
     /// the gRPC port can load and unload models. Without this, explicit mode with no token
     /// refuses to start. [default: false]
-    #[arg(long, env = "SLUICE_ALLOW_UNAUTHENTICATED_MODEL_CONTROL", value_name = "BOOL")]
+    #[arg(
+        long,
+        env = "SLUICE_ALLOW_UNAUTHENTICATED_MODEL_CONTROL",
+        value_name = "BOOL"
+    )]
     pub allow_unauthenticated_model_control: Option<bool>,
 
     /// Most instances (threads) one model may run: its instance_group counts summed, times
@@ -404,12 +408,12 @@ impl Settings {
                         .to_owned(),
                 ))
             }
-            (Some(token), None) => Some(
-                check_token(token).map_err(|m| invalid("model_control_token", m))?,
-            ),
-            (None, Some(path)) => Some(
-                read_token_file(path).map_err(|m| invalid("model_control_token_file", m))?,
-            ),
+            (Some(token), None) => {
+                Some(check_token(token).map_err(|m| invalid("model_control_token", m))?)
+            }
+            (None, Some(path)) => {
+                Some(read_token_file(path).map_err(|m| invalid("model_control_token_file", m))?)
+            }
             (None, None) => None,
         };
         let open = self.allow_unauthenticated_model_control.unwrap_or(false);
@@ -799,7 +803,14 @@ mod tests {
         .validate()
         .is_ok());
 
-        for bad in ["", "   ", "\t\n", "two words", "caf\u{e9}", &"x".repeat(MAX_TOKEN_BYTES + 1)] {
+        for bad in [
+            "",
+            "   ",
+            "\t\n",
+            "two words",
+            "caf\u{e9}",
+            &"x".repeat(MAX_TOKEN_BYTES + 1),
+        ] {
             refused(
                 Settings {
                     model_control_token: Some(bad.to_owned()),
@@ -831,7 +842,11 @@ mod tests {
             model_control_token_file: Some(path),
             ..Default::default()
         };
-        for (name, text) in [("lf", "s3cret\n"), ("crlf", "s3cret\r\n"), ("bare", "s3cret")] {
+        for (name, text) in [
+            ("lf", "s3cret\n"),
+            ("crlf", "s3cret\r\n"),
+            ("bare", "s3cret"),
+        ] {
             let c = settings(file(name, text)).validate().unwrap();
             assert_eq!(c.control.token.as_deref(), Some("s3cret"), "{name}");
         }
@@ -842,12 +857,13 @@ mod tests {
         .unwrap();
         assert!(toml.model_control_token_file.is_some());
 
-        let err_of = |settings: Settings| match settings.validate().unwrap_err() {
-            ConfigError::Invalid { setting, message } => {
-                assert_eq!(setting, "model_control_token_file", "{message}");
-                message
-            }
-            other => panic!("expected an invalid token file, got {other}"),
+        let err_of = |settings: Settings| {
+            let err = settings.validate().unwrap_err();
+            let ConfigError::Invalid { setting, message } = err else {
+                panic!("expected an invalid token file, got {err}");
+            };
+            assert_eq!(setting, "model_control_token_file", "{message}");
+            message
         };
         assert!(err_of(settings(file("empty", ""))).contains("is empty"));
         assert!(err_of(settings(file("newline", "\n"))).contains("is empty"));
@@ -888,7 +904,10 @@ mod tests {
         }
         .validate()
         .unwrap();
-        assert_eq!(c.models.limits.max_model_instances, MAX_MODEL_INSTANCES_CEILING);
+        assert_eq!(
+            c.models.limits.max_model_instances,
+            MAX_MODEL_INSTANCES_CEILING
+        );
         for (settings, setting) in [
             (
                 Settings {

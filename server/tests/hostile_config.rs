@@ -42,7 +42,10 @@ fn hostile_models() -> Vec<(&'static str, String, &'static str)> {
         ),
         (
             "huge_instances",
-            config("4", "instance_group [ { count: 2147483647 kind: KIND_CPU } ]\n"),
+            config(
+                "4",
+                "instance_group [ { count: 2147483647 kind: KIND_CPU } ]\n",
+            ),
             "max_model_instances",
         ),
         (
@@ -167,7 +170,10 @@ async fn hostile_configs_at_start_up_leave_only_themselves_unavailable() {
     for (name, _, why) in hostile_models() {
         let (state, reason) = index_row(&mut s, name).await;
         assert_eq!(state, "UNAVAILABLE", "{name}: {reason}");
-        assert!(reason.contains(why), "{name}: reason {reason:?} lacks {why:?}");
+        assert!(
+            reason.contains(why),
+            "{name}: reason {reason:?} lacks {why:?}"
+        );
         assert!(
             reason.contains(&format!("{name}/config.pbtxt")),
             "{name}: the reason names the file relative to the repository: {reason}"
@@ -215,7 +221,10 @@ async fn hostile_configs_through_repository_model_load() {
 
         let (state, reason) = index_row(&mut s, name).await;
         assert_eq!(state, "UNAVAILABLE", "{name}");
-        assert!(reason.contains(why), "{name}: reason {reason:?} lacks {why:?}");
+        assert!(
+            reason.contains(why),
+            "{name}: reason {reason:?} lacks {why:?}"
+        );
         assert_hides_root(repo.path(), &reason);
         good_request_is_answered(&mut s).await;
     }

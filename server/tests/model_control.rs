@@ -293,13 +293,26 @@ async fn invalid_model_names_touch_nothing() {
     let mut s = TestServer::start_with(config).await;
     let before = index(&mut s).await;
     let long = "m".repeat(64 * 1024);
-    for name in ["", "../x", "a/b", ".hidden", "..", "a\\b", "bell\u{7}", &long] {
+    for name in [
+        "",
+        "../x",
+        "a/b",
+        ".hidden",
+        "..",
+        "a\\b",
+        "bell\u{7}",
+        &long,
+    ] {
         let err = s
             .client
             .repository_model_load(load(name, Some(TOKEN)))
             .await
             .unwrap_err();
-        assert_eq!(err.code(), Code::InvalidArgument, "load {name:.40?}: {err:?}");
+        assert_eq!(
+            err.code(),
+            Code::InvalidArgument,
+            "load {name:.40?}: {err:?}"
+        );
         assert!(
             err.message().len() < 512,
             "the echoed name is clipped: {} bytes",
@@ -312,7 +325,11 @@ async fn invalid_model_names_touch_nothing() {
             .repository_model_unload(unload(name, TOKEN))
             .await
             .unwrap_err();
-        assert_eq!(err.code(), Code::InvalidArgument, "unload {name:.40?}: {err:?}");
+        assert_eq!(
+            err.code(),
+            Code::InvalidArgument,
+            "unload {name:.40?}: {err:?}"
+        );
         assert!(err.message().len() < 512);
         assert_eq!(index(&mut s).await, before, "{name:.40?} changed the index");
         good_request_is_answered(&mut s).await;
@@ -372,18 +389,29 @@ async fn the_config_parameter_replaces_the_file_and_file_overrides_are_refused()
     s.client.model_infer(batch(8)).await.unwrap();
 
     s.client
-        .repository_model_load(load_with("mlp", Some(TOKEN), string_param("config", &mlp_json(4))))
+        .repository_model_load(load_with(
+            "mlp",
+            Some(TOKEN),
+            string_param("config", &mlp_json(4)),
+        ))
         .await
         .expect("load with a config parameter");
     assert_eq!(max_batch_size(&mut s).await, 4);
     let err = s.client.model_infer(batch(8)).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
-    assert!(err.message().contains("max_batch_size 4"), "{}", err.message());
+    assert!(
+        err.message().contains("max_batch_size 4"),
+        "{}",
+        err.message()
+    );
     s.client.model_infer(batch(4)).await.unwrap();
 
     // Refused overrides leave the model as it was (max_batch_size 4) and serving.
     let refusals: Vec<(HashMap<String, ModelRepositoryParameter>, &str)> = vec![
-        (string_param("config", "{ not json"), "not a valid model configuration"),
+        (
+            string_param("config", "{ not json"),
+            "not a valid model configuration",
+        ),
         (
             string_param("config", &mlp_json(-1)),
             "max_batch_size -1 is negative",
@@ -420,7 +448,10 @@ async fn the_config_parameter_replaces_the_file_and_file_overrides_are_refused()
             string_param("file:1/model.pt", "weights"),
             "file overrides are not supported",
         ),
-        (string_param("colour", "blue"), "unknown load parameter 'colour'"),
+        (
+            string_param("colour", "blue"),
+            "unknown load parameter 'colour'",
+        ),
     ];
     for (parameters, why) in refusals {
         let err = s

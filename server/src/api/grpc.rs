@@ -112,7 +112,9 @@ fn load_parameters(
                 ));
             };
             config = Some(crate::repository::parse_json(json).map_err(|e| {
-                invalid(format!("the 'config' parameter is not a valid model configuration: {e}"))
+                invalid(format!(
+                    "the 'config' parameter is not a valid model configuration: {e}"
+                ))
             })?);
         } else if key.starts_with("file:") {
             return Err(invalid(format!(

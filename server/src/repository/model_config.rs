@@ -280,13 +280,20 @@ fn colon_before_lists(text: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// Parse and validate `path`, the config of the model in its parent directory, with the
+/// default [`ModelLimits`].
+pub fn load_spec(path: PathBuf) -> Result<ModelSpec, ConfigFileError> {
+    load_spec_with(path, &ModelLimits::default())
+}
+
 /// Parse and validate `path`, the config of the model in its parent directory.
-pub fn load_spec(path: PathBuf, limits: &ModelLimits) -> Result<ModelSpec, ConfigFileError> {
+pub fn load_spec_with(path: PathBuf, limits: &ModelLimits) -> Result<ModelSpec, ConfigFileError> {
     let fail = |message: String| ConfigFileError {
         path: path.clone(),
         message,
     };
-    let text = read_bounded(&path, MAX_CONFIG_BYTES).map_err(|e| fail(format!("cannot read: {e}")))?;
+    let text =
+        read_bounded(&path, MAX_CONFIG_BYTES).map_err(|e| fail(format!("cannot read: {e}")))?;
     let text = String::from_utf8(text).map_err(|_| fail("is not UTF-8 text".to_owned()))?;
     let config =
         parse_text(&text).map_err(|e| fail(format!("invalid protobuf text format: {e}")))?;
@@ -367,7 +374,10 @@ pub fn spec_from_config_with(
     if config.output.is_empty() {
         return Err("no output declared".into());
     }
-    for (what, n) in [("input", config.input.len()), ("output", config.output.len())] {
+    for (what, n) in [
+        ("input", config.input.len()),
+        ("output", config.output.len()),
+    ] {
         if n > MAX_MODEL_TENSORS {
             return Err(format!(
                 "{n} {what}s declared, more than the {MAX_MODEL_TENSORS} supported"
@@ -403,9 +413,11 @@ pub fn spec_from_config_with(
             config.parameters.len()
         ));
     }
-    if let Some((key, _)) = config.parameters.iter().find(|(k, v)| {
-        k.len().saturating_add(v.string_value.len()) > MAX_PARAMETER_BYTES
-    }) {
+    if let Some((key, _)) = config
+        .parameters
+        .iter()
+        .find(|(k, v)| k.len().saturating_add(v.string_value.len()) > MAX_PARAMETER_BYTES)
+    {
         return Err(format!(
             "parameter '{}' is longer than {MAX_PARAMETER_BYTES} bytes (key and value)",
             clip(key)
@@ -808,7 +820,11 @@ fn warmup_file(
 /// echoing in a message.
 pub fn clip(text: &str) -> String {
     const SHOWN: usize = 64;
-    let mut out: String = text.chars().take(SHOWN).flat_map(char::escape_debug).collect();
+    let mut out: String = text
+        .chars()
+        .take(SHOWN)
+        .flat_map(char::escape_debug)
+        .collect();
     if text.chars().nth(SHOWN).is_some() {
         out.push_str("...");
     }
@@ -868,7 +884,8 @@ fn scheduling(
         }
         None => (&unbatched, false),
     };
-    let max = usize::try_from(max_batch_size.max(1)).expect("max_batch_size is bounded far below usize::MAX");
+    let max = usize::try_from(max_batch_size.max(1))
+        .expect("max_batch_size is bounded far below usize::MAX");
     if dynamic.preferred_batch_size.len() > MAX_PREFERRED_BATCH_SIZES {
         return Err(format!(
             "dynamic_batching.preferred_batch_size lists {} sizes, more than the {MAX_PREFERRED_BATCH_SIZES} supported",
@@ -1230,6 +1247,220 @@ mod tests {
         assert_eq!(c.input[0].dims, vec![2]);
         assert_eq!(c.output[0].dims, vec![2]);
         assert_eq!(colon_before_lists("a: \"q [\" b [1]"), "a: \"q [\" b :[1]");
+    }
+
+    /// A config of `max_batch_size` and dims `[2]` plus `extra`, validated under `limits`.
+    fn bounded(
+        max_batch_size: u64,
+        extra: &str,
+        limits: &ModelLimits,
+    ) -> Result<ModelSpec, String> {
+        let text = format!(
+            r#"platform: "pytorch_libtorch" max_batch_size: {max_batch_size}
+               input [ {{ name: "x" data_type: TYPE_FP32 dims: [2] }} ]
+               output [ {{ name: "y" data_type: TYPE_FP32 dims: [2] }} ] {extra}"#
+        );
+        spec_from_config_with(parse_text(&text).unwrap(), "m", limits)
+    }
+
+    #[test]
+    fn sizes_from_a_config_are_bounded() {
+        let limits = ModelLimits::default();
+        let bad =
+            |max_batch_size: u64, extra: &str| bounded(max_batch_size, extra, &limits).unwrap_err();
+        assert!(bad(u64::from(MAX_BATCH_SIZE) + 1, "").contains("max_batch_size 65537 is above"));
+        assert!(bounded(u64::from(MAX_BATCH_SIZE), "", &limits).is_ok());
+
+        let many: String = (1..=MAX_PREFERRED_BATCH_SIZES + 1)
+            .map(|i| i.to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        assert!(bad(
+            64,
+            &format!("dynamic_batching {{ preferred_batch_size: [ {many} ] }}")
+        )
+        .contains("preferred_batch_size lists 33 sizes"));
+        assert!(bad(
+            4,
+            "dynamic_batching { max_queue_delay_microseconds: 18446744073709551615 }"
+        )
+        .contains("max_queue_delay_microseconds"));
+        assert!(bad(4, "dynamic_batching { default_queue_policy { default_timeout_microseconds: 86400000001 } }")
+            .contains("default_timeout_microseconds"));
+        assert!(bad(
+            4,
+            "dynamic_batching { default_queue_policy { max_queue_size: 1048577 } }"
+        )
+        .contains("max_queue_size 1048577"));
+        let q = bounded(
+            4,
+            "dynamic_batching { default_queue_policy { max_queue_size: 1048576 } }",
+            &limits,
+        )
+        .unwrap();
+        assert_eq!(q.queue.max_queue_size, 1 << 20);
+
+        let rank = vec!["1"; MAX_TENSOR_RANK + 1].join(", ");
+        let deep = format!(
+            r#"platform: "pytorch_libtorch" input [ {{ name: "x" data_type: TYPE_FP32 dims: [ {rank} ] }} ]
+               output [ {{ name: "y" data_type: TYPE_FP32 dims: [2] }} ]"#
+        );
+        assert!(spec_from_config(parse_text(&deep).unwrap(), "m")
+            .unwrap_err()
+            .contains("33 dims"));
+        // Declared dims whose full batch cannot be counted in bytes.
+        let wide = r#"platform: "pytorch_libtorch" max_batch_size: 65536
+               input [ { name: "x" data_type: TYPE_FP64 dims: [ 4611686018427387904 ] } ]
+               output [ { name: "y" data_type: TYPE_FP32 dims: [2] } ]"#;
+        assert!(spec_from_config(parse_text(wide).unwrap(), "m")
+            .unwrap_err()
+            .contains("more bytes than can be addressed"));
+
+        let outputs: String = (0..=MAX_MODEL_TENSORS)
+            .map(|i| format!(r#"output {{ name: "y{i}" data_type: TYPE_FP32 dims: [1] }} "#))
+            .collect();
+        let text = format!(
+            r#"platform: "pytorch_libtorch" input [ {{ name: "x" data_type: TYPE_FP32 dims: [1] }} ] {outputs}"#
+        );
+        assert!(spec_from_config(parse_text(&text).unwrap(), "m")
+            .unwrap_err()
+            .contains("257 outputs"));
+
+        let params: String = (0..=MAX_PARAMETERS)
+            .map(|i| format!(r#"parameters {{ key: "k{i}" value: {{ string_value: "v" }} }} "#))
+            .collect();
+        assert!(bad(4, &params).contains("257 parameters"));
+        let long = format!(
+            r#"parameters {{ key: "k" value: {{ string_value: "{}" }} }}"#,
+            "v".repeat(MAX_PARAMETER_BYTES)
+        );
+        assert!(bad(4, &long).contains("parameter 'k' is longer"));
+    }
+
+    #[test]
+    fn instances_versions_and_warm_up_stay_within_the_limits() {
+        let limits = ModelLimits {
+            max_model_instances: 4,
+            max_warmup_bytes: 1024,
+        };
+        let groups = "instance_group [ { count: 2 }, { count: 2 } ]";
+        assert_eq!(bounded(4, groups, &limits).unwrap().instance_count, 4);
+        let err = bounded(4, "instance_group [ { count: 2 }, { count: 3 } ]", &limits).unwrap_err();
+        assert!(
+            err.contains("max_model_instances 4") && err.contains("instance_group[1]"),
+            "{err}"
+        );
+        let err = bounded(
+            4,
+            "instance_group [ { count: 2147483647 }, { count: 2147483647 } ]",
+            &limits,
+        )
+        .unwrap_err();
+        assert!(err.contains("instance_group[0]"), "{err}");
+        let err = bounded(
+            4,
+            "version_policy { specific { versions: [1, 2, 3, 4, 5] } }",
+            &limits,
+        )
+        .unwrap_err();
+        assert!(err.contains("5 versions"), "{err}");
+
+        // Default warm-up: batch 1 (8 bytes), 64 (512) and 128 (1024) would be 1544 bytes;
+        // the sizes that fit are kept, smallest first.
+        let spec = bounded(
+            128,
+            "dynamic_batching { preferred_batch_size: [ 64 ] }",
+            &limits,
+        )
+        .unwrap();
+        let sizes: Vec<i64> = spec.warmup.iter().map(|w| w.inputs[0].shape[0]).collect();
+        assert_eq!(sizes, vec![1, 64]);
+        let tiny = ModelLimits {
+            max_warmup_bytes: 7,
+            ..limits
+        };
+        assert!(bounded(4, "", &tiny)
+            .unwrap_err()
+            .contains("default warm-up at batch size 1 needs 8 bytes"));
+
+        // Configured warm-up: the samples together, and each count.
+        let sample = |name: &str, batch: u32, count: u32| {
+            format!(
+                r#"model_warmup {{ name: "{name}" batch_size: {batch} count: {count}
+                   inputs {{ key: "x" value: {{ data_type: TYPE_FP32 dims: [2] random_data: true }} }} }}"#
+            )
+        };
+        let two = format!("{} {}", sample("a", 64, 1), sample("b", 64, 1));
+        assert_eq!(bounded(64, &two, &limits).unwrap().warmup.len(), 2);
+        let three = format!("{two} {}", sample("c", 1, 1));
+        let err = bounded(64, &three, &limits).unwrap_err();
+        assert!(
+            err.contains("model_warmup 'c'") && err.contains("max_warmup_bytes 1024"),
+            "{err}"
+        );
+        assert!(bounded(4, &sample("n", 1, MAX_WARMUP_COUNT + 1), &limits)
+            .unwrap_err()
+            .contains("count 1001 is above"));
+        let samples: String = (0..=MAX_WARMUP_SAMPLES)
+            .map(|i| sample(&format!("s{i}"), 1, 1))
+            .collect();
+        assert!(bounded(4, &samples, &limits)
+            .unwrap_err()
+            .contains("65 samples"));
+    }
+
+    #[test]
+    fn warm_up_files_stay_in_the_warmup_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("m");
+        std::fs::create_dir_all(model.join("warmup/sub")).unwrap();
+        std::fs::write(model.join("warmup/sub/ok.bin"), [0u8; 8]).unwrap();
+        std::fs::write(dir.path().join("secret.bin"), [0u8; 8]).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("secret.bin"), model.join("warmup/out.bin"))
+            .unwrap();
+        let read = |file: &str| warmup_file(&model, file, 8, &[2], DataType::Fp32);
+        assert_eq!(read("sub/ok.bin").unwrap(), vec![0u8; 8]);
+        assert_eq!(read("./sub/ok.bin").unwrap(), vec![0u8; 8]);
+        for refused in [
+            "",
+            "../secret.bin",
+            "sub/../../secret.bin",
+            "/etc/passwd",
+            "sub\\ok.bin",
+        ] {
+            let err = read(refused).unwrap_err();
+            assert!(err.contains("relative path"), "{refused}: {err}");
+        }
+        let err = read("out.bin").unwrap_err();
+        assert!(
+            err.contains("warmup/out.bin resolves to a file outside"),
+            "{err}"
+        );
+        assert!(!err.contains(&dir.path().display().to_string()), "{err}");
+        let err = warmup_file(&model, "sub/ok.bin", 4, &[1], DataType::Fp32).unwrap_err();
+        assert!(err.contains("above the limit of 4"), "{err}");
+        let err = warmup_file(&model, "sub/ok.bin", 12, &[3], DataType::Fp32).unwrap_err();
+        assert!(
+            err.contains("holds 8 bytes") && err.contains("needs 12"),
+            "{err}"
+        );
+        let err = read("missing.bin").unwrap_err();
+        assert!(err.contains("cannot read warmup/missing.bin"), "{err}");
+        assert!(!err.contains(&dir.path().display().to_string()), "{err}");
+    }
+
+    #[test]
+    fn json_configs_parse_like_text_ones() {
+        let json = r#"{"name": "mlp", "platform": "pytorch_libtorch", "maxBatchSize": 8,
+            "input": [{"name": "x", "data_type": "TYPE_FP32", "dims": ["64"]}],
+            "output": [{"name": "y", "dataType": "TYPE_FP32", "dims": [10]}]}"#;
+        let c = parse_json(json).unwrap();
+        assert_eq!((c.max_batch_size, c.input[0].dims.clone()), (8, vec![64]));
+        assert!(parse_json("{").is_err());
+        assert!(parse_json(r#"{"name": "m"} trailing"#).is_err());
+        assert!(parse_json(r#"{"nope": 1}"#).unwrap_err().contains("nope"));
+        let huge = format!(r#"{{"name": "{}"}}"#, "m".repeat(1 << 20));
+        assert!(parse_json(&huge).unwrap_err().contains("bytes long"));
     }
 
     #[test]
