@@ -376,15 +376,12 @@ impl Settings {
             max_message_bytes: self.max_message_bytes.unwrap_or(DEFAULT_MAX_MESSAGE_BYTES),
             models: ModelDefaults {
                 min_instances: self.min_instances,
-                idle_timeout: match self.idle_timeout_secs.unwrap_or(300.0) {
-                    secs if secs.is_finite() && secs > 0.0 => Duration::from_secs_f64(secs),
-                    secs => {
-                        return Err(ConfigError::Invalid {
-                            setting: "idle_timeout_secs",
-                            message: format!("{secs} is not a positive number of seconds"),
-                        })
-                    }
-                },
+                idle_timeout: idle_timeout(self.idle_timeout_secs.unwrap_or(300.0)).map_err(
+                    |message| ConfigError::Invalid {
+                        setting: "idle_timeout_secs",
+                        message,
+                    },
+                )?,
                 limits,
             },
             control,
@@ -537,6 +534,21 @@ impl Settings {
                 ..defaults.retry
             },
         })
+    }
+}
+
+/// Longest idle timeout, server-wide or in a model's `idle_timeout_secs` parameter: one
+/// year. The pool adds it to points in time, which must not overflow.
+pub const MAX_IDLE_TIMEOUT_SECS: f64 = 365.0 * 24.0 * 3600.0;
+
+/// An idle timeout in seconds, checked: positive, finite, at most a year.
+pub fn idle_timeout(secs: f64) -> Result<Duration, String> {
+    if secs.is_finite() && secs > 0.0 && secs <= MAX_IDLE_TIMEOUT_SECS {
+        Duration::try_from_secs_f64(secs).map_err(|e| format!("{secs}: {e}"))
+    } else {
+        Err(format!(
+            "{secs} is not a positive number of seconds up to {MAX_IDLE_TIMEOUT_SECS} (a year)"
+        ))
     }
 }
 
@@ -748,14 +760,16 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("explicit"), "{err}");
-        let err = Settings {
-            idle_timeout_secs: Some(0.0),
-            ..base()
+        for secs in [0.0, -1.0, f64::NAN, 1e300, MAX_IDLE_TIMEOUT_SECS * 2.0] {
+            let err = Settings {
+                idle_timeout_secs: Some(secs),
+                ..base()
+            }
+            .validate()
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains("idle_timeout_secs"), "{err}");
         }
-        .validate()
-        .unwrap_err()
-        .to_string();
-        assert!(err.contains("idle_timeout_secs"), "{err}");
     }
 
     #[test]

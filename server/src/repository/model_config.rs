@@ -461,6 +461,11 @@ pub fn spec_from_config_with(
                     limits.max_model_instances, group.count
                 )
             })?;
+        if let Some(gpu) = group.gpus.iter().find(|&&g| g < 0) {
+            return Err(format!(
+                "instance_group[{i}].gpus lists device {gpu}, which is negative"
+            ));
+        }
         device = match model_instance_group::Kind::try_from(group.kind) {
             Ok(model_instance_group::Kind::Cpu) => DeviceKind::Cpu,
             Ok(model_instance_group::Kind::Gpu) => {
@@ -571,13 +576,13 @@ impl ScalingParams {
         };
         let idle_timeout = match get("idle_timeout_secs") {
             None => None,
-            Some(v) => match v.parse::<f64>() {
-                Ok(secs) if secs.is_finite() && secs > 0.0 => Some(Duration::from_secs_f64(secs)),
-                _ => {
-                    return Err(format!(
-                        "parameter idle_timeout_secs '{v}' must be a positive number of seconds"
-                    ))
-                }
+            Some(v) => match v
+                .parse::<f64>()
+                .map_err(|e| e.to_string())
+                .and_then(crate::config::idle_timeout)
+            {
+                Ok(timeout) => Some(timeout),
+                Err(e) => return Err(format!("parameter idle_timeout_secs '{}': {e}", clip(&v))),
             },
         };
         Ok(ScalingParams {
@@ -1168,6 +1173,8 @@ mod tests {
         assert!(bad("batch_size: 2", "batch_size: 9").contains("batch_size 9"));
         assert!(bad("string_value: \"0\"", "string_value: \"4\"").contains("min_instances"));
         assert!(bad("1.5", "-1").contains("idle_timeout_secs"));
+        assert!(bad("1.5", "1e300").contains("idle_timeout_secs"));
+        assert!(bad("1.5", "NaN").contains("idle_timeout_secs"));
     }
 
     #[test]
