@@ -644,6 +644,15 @@ def main() -> int:
                    bad_values({"server": {"modelControlMode": "explicit", "modelControlToken": {
                        "existingSecret": "sluice-model-control", "value": "s3cret"}}}),
                    "set only one of existingSecret")
+    expect_failure(report, "modelControlMode explicit without a token or the opt-in (fail in "
+                   "template; the server refuses to start the same way)",
+                   bad_values({"server": {"modelControlMode": "explicit"}}),
+                   "allowUnauthenticatedModelControl")
+    expect_failure(report, "server.allowUnauthenticatedModelControl: \"yes\" (schema)",
+                   bad_values({"server": {"allowUnauthenticatedModelControl": "yes"}}),
+                   "allowUnauthenticatedModelControl")
+    expect_failure(report, "server.maxModelInstances: 0 (schema)",
+                   bad_values({"server": {"maxModelInstances": 0}}), "maxModelInstances")
     expect_failure(report, "server.modelControlMode: auto (schema enum)",
                    bad_values({"server": {"modelControlMode": "auto"}}), "modelControlMode")
     expect_failure(report, "server.idleTimeoutSeconds: 0 (schema, must be positive)",
@@ -732,6 +741,14 @@ def main() -> int:
         expect_failure(report, "the server itself refuses load_model with model_control_mode none "
                        "(what the chart's fail mirrors)", load_model_in_mode_none,
                        "needs model_control_mode explicit")
+
+        def explicit_without_token() -> Any:
+            d = work / "bad-explicit"
+            d.mkdir(exist_ok=True)
+            return serve_with_config(binary, 'model_control_mode = "explicit"\n', 10, d)
+        expect_failure(report, "the server itself refuses model_control_mode explicit without a "
+                       "token or the opt-in (what the chart's fail mirrors)",
+                       explicit_without_token, "allow_unauthenticated_model_control")
 
     def unknown_kind() -> Any:
         status, detail = k8s_validate({"apiVersion": "example.com/v1", "kind": "Gadget",

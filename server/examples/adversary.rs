@@ -157,7 +157,10 @@ async fn call(
             let _ = body.flow_control().release_capacity(chunk.len());
         }
         let trailers = body.trailers().await.map_err(|e| e.to_string())?;
-        Ok(trailers.as_ref().and_then(status).unwrap_or_else(|| "none".into()))
+        Ok(trailers
+            .as_ref()
+            .and_then(status)
+            .unwrap_or_else(|| "none".into()))
     };
     tokio::select! {
         answer = answer => answer,

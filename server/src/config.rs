@@ -160,7 +160,9 @@ pub struct Settings {
     pub load_model: Option<Vec<String>>,
 
     /// Bearer token that RepositoryModelLoad/Unload calls must send
-    /// (`authorization: Bearer <token>`). Unset: no token is asked for.
+    /// (`authorization: Bearer <token>`): visible ASCII, not empty. With
+    /// `--model-control-mode explicit` a token (or `--model-control-token-file`) is required
+    /// unless `--allow-unauthenticated-model-control true`. [default: none]
     #[arg(
         long,
         env = "SLUICE_MODEL_CONTROL_TOKEN",
@@ -168,6 +170,31 @@ pub struct Settings {
         hide_env_values = true
     )]
     pub model_control_token: Option<String>,
+
+    /// File holding the model control token (one line; a trailing newline is ignored), e.g.
+    /// a mounted Kubernetes Secret. Not together with `--model-control-token`.
+    #[arg(long, env = "SLUICE_MODEL_CONTROL_TOKEN_FILE", value_name = "FILE")]
+    pub model_control_token_file: Option<PathBuf>,
+
+    /// Let `--model-control-mode explicit` run without a token, so that anyone who reaches
+    /// the gRPC port can load and unload models. Without this, explicit mode with no token
+    /// refuses to start. [default: false]
+    #[arg(
+        long,
+        env = "SLUICE_ALLOW_UNAUTHENTICATED_MODEL_CONTROL",
+        value_name = "BOOL"
+    )]
+    pub allow_unauthenticated_model_control: Option<bool>,
+
+    /// Most instances (threads) one model may run: its instance_group counts summed, times
+    /// the versions it serves. A config asking for more is not loaded. [default: 64]
+    #[arg(long, env = "SLUICE_MAX_MODEL_INSTANCES", value_name = "N")]
+    pub max_model_instances: Option<usize>,
+
+    /// Most bytes of warm-up data one model may hold (all its warm-up samples together,
+    /// including the default zero-filled ones). A config asking for more is not loaded. [default: 268435456]
+    #[arg(long, env = "SLUICE_MAX_WARMUP_BYTES", value_name = "BYTES")]
+    pub max_warmup_bytes: Option<u64>,
 
     /// Server-side deadline of every inference request, in milliseconds: a request gets
     /// the smallest of this, its `grpc-timeout` and its `timeout` parameter. [default: none]
@@ -295,14 +322,45 @@ const MAX_TIMEOUT_SECS_F64: f64 = 31_536_000.0;
 /// is reserved per message in flight.
 const MAX_MESSAGE_BYTES_LIMIT: usize = 1 << 30;
 
-/// Server-wide defaults for per-model settings a config.pbtxt leaves unset.
+/// Server-wide defaults for per-model settings a config.pbtxt leaves unset, and the
+/// bounds every config.pbtxt is held to.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ModelDefaults {
     pub min_instances: Option<usize>,
     pub idle_timeout: Duration,
     /// An instance whose execution has run this long is stuck; `None`: never checked.
     pub max_execution: Option<Duration>,
+    pub limits: ModelLimits,
 }
+
+/// What one model's configuration may make the server spawn or hold. A model beyond
+/// them is reported UNAVAILABLE with the reason; the others serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelLimits {
+    /// Instance threads of one model: instance_group counts summed, times its versions.
+    pub max_model_instances: usize,
+    /// Warm-up bytes one model holds, all samples together.
+    pub max_warmup_bytes: usize,
+}
+
+impl Default for ModelLimits {
+    fn default() -> ModelLimits {
+        ModelLimits {
+            max_model_instances: DEFAULT_MAX_MODEL_INSTANCES,
+            max_warmup_bytes: DEFAULT_MAX_WARMUP_BYTES,
+        }
+    }
+}
+
+const DEFAULT_MAX_MODEL_INSTANCES: usize = 64;
+/// The most `max_model_instances` may be raised to: each instance is an OS thread, and
+/// the pool sizes its event channel from the count.
+pub const MAX_MODEL_INSTANCES_CEILING: usize = 4096;
+const DEFAULT_MAX_WARMUP_BYTES: usize = 256 * 1024 * 1024;
+/// Longest model control token accepted: it travels in one HTTP/2 header.
+pub const MAX_TOKEN_BYTES: usize = 4096;
+/// A token file may add a CRLF to the token.
+const MAX_TOKEN_FILE_BYTES: u64 = 4096 + 2;
 
 /// Who may load and unload models, and which load at start-up.
 #[derive(Debug, Clone, PartialEq)]
@@ -409,6 +467,14 @@ impl Settings {
             model_control_mode: self.model_control_mode.or(lower.model_control_mode),
             load_model: self.load_model.or(lower.load_model),
             model_control_token: self.model_control_token.or(lower.model_control_token),
+            model_control_token_file: self
+                .model_control_token_file
+                .or(lower.model_control_token_file),
+            allow_unauthenticated_model_control: self
+                .allow_unauthenticated_model_control
+                .or(lower.allow_unauthenticated_model_control),
+            max_model_instances: self.max_model_instances.or(lower.max_model_instances),
+            max_warmup_bytes: self.max_warmup_bytes.or(lower.max_warmup_bytes),
             default_timeout_ms: self.default_timeout_ms.or(lower.default_timeout_ms),
             max_timeout_ms: self.max_timeout_ms.or(lower.max_timeout_ms),
             load_shedding: self.load_shedding.or(lower.load_shedding),
@@ -426,6 +492,8 @@ impl Settings {
     pub fn validate(self) -> Result<Config, ConfigError> {
         let admission = self.admission()?;
         let edge = self.edge()?;
+        let control = self.model_control()?;
+        let limits = self.model_limits()?;
         let config = Config {
             admission,
             edge,
@@ -447,27 +515,16 @@ impl Settings {
             max_message_bytes: self.max_message_bytes.unwrap_or(DEFAULT_MAX_MESSAGE_BYTES),
             models: ModelDefaults {
                 min_instances: self.min_instances,
-                // Bounded so that `Duration::from_secs_f64` and `now + timeout` cannot overflow.
-                idle_timeout: match self.idle_timeout_secs.unwrap_or(300.0) {
-                    secs if secs.is_finite() && secs > 0.0 && secs <= MAX_TIMEOUT_SECS_F64 => {
-                        Duration::from_secs_f64(secs)
-                    }
-                    secs => {
-                        return Err(ConfigError::Invalid {
-                            setting: "idle_timeout_secs",
-                            message: format!(
-                                "{secs} is not a number of seconds within 0 (excluded) and {MAX_TIMEOUT_SECS_F64}"
-                            ),
-                        })
-                    }
-                },
+                idle_timeout: idle_timeout(self.idle_timeout_secs.unwrap_or(300.0)).map_err(
+                    |message| ConfigError::Invalid {
+                        setting: "idle_timeout_secs",
+                        message,
+                    },
+                )?,
                 max_execution: max_execution(self.max_execution_secs)?,
+                limits,
             },
-            control: ModelControl {
-                mode: self.model_control_mode.unwrap_or(ModelControlMode::None),
-                load_models: self.load_model.unwrap_or_default(),
-                token: self.model_control_token.filter(|t| !t.is_empty()),
-            },
+            control,
         };
         config.check()?;
         Ok(config)
@@ -584,6 +641,78 @@ impl Settings {
         })
     }
 
+    /// Who may load and unload models. Explicit mode needs a token unless the operator
+    /// opts out in so many words: an open control port lets anyone replace every model.
+    fn model_control(&self) -> Result<ModelControl, ConfigError> {
+        let invalid = |setting, message: String| ConfigError::Invalid { setting, message };
+        let mode = self.model_control_mode.unwrap_or(ModelControlMode::None);
+        let token = match (&self.model_control_token, &self.model_control_token_file) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "model_control_token_file",
+                    "set either model_control_token or model_control_token_file, not both"
+                        .to_owned(),
+                ))
+            }
+            (Some(token), None) => {
+                Some(check_token(token).map_err(|m| invalid("model_control_token", m))?)
+            }
+            (None, Some(path)) => {
+                Some(read_token_file(path).map_err(|m| invalid("model_control_token_file", m))?)
+            }
+            (None, None) => None,
+        };
+        let open = self.allow_unauthenticated_model_control.unwrap_or(false);
+        if mode == ModelControlMode::Explicit && token.is_none() && !open {
+            return Err(invalid(
+                "model_control_mode",
+                "explicit without a token would let anyone who reaches the gRPC port load and \
+                 unload models: set model_control_token or model_control_token_file, or accept \
+                 that with allow_unauthenticated_model_control = true \
+                 (--allow-unauthenticated-model-control true)"
+                    .to_owned(),
+            ));
+        }
+        Ok(ModelControl {
+            mode,
+            load_models: self.load_model.clone().unwrap_or_default(),
+            token,
+        })
+    }
+
+    fn model_limits(&self) -> Result<ModelLimits, ConfigError> {
+        let invalid = |setting, message: String| ConfigError::Invalid { setting, message };
+        let defaults = ModelLimits::default();
+        let max_model_instances = self
+            .max_model_instances
+            .unwrap_or(defaults.max_model_instances);
+        if !(1..=MAX_MODEL_INSTANCES_CEILING).contains(&max_model_instances) {
+            return Err(invalid(
+                "max_model_instances",
+                format!("{max_model_instances} is not within 1..={MAX_MODEL_INSTANCES_CEILING}"),
+            ));
+        }
+        let max_warmup_bytes = match self.max_warmup_bytes {
+            None => defaults.max_warmup_bytes,
+            Some(0) => {
+                return Err(invalid(
+                    "max_warmup_bytes",
+                    "must be at least 1 (every model warms up)".to_owned(),
+                ))
+            }
+            Some(bytes) => usize::try_from(bytes).map_err(|_| {
+                invalid(
+                    "max_warmup_bytes",
+                    format!("{bytes} does not fit this machine's address space"),
+                )
+            })?,
+        };
+        Ok(ModelLimits {
+            max_model_instances,
+            max_warmup_bytes,
+        })
+    }
+
     fn admission(&self) -> Result<AdmissionConfig, ConfigError> {
         let defaults = AdmissionConfig::default();
         let invalid = |setting, message: String| ConfigError::Invalid { setting, message };
@@ -657,6 +786,62 @@ impl Settings {
             },
         })
     }
+}
+
+/// Longest idle timeout, server-wide or in a model's `idle_timeout_secs` parameter: one
+/// year. The pool adds it to points in time, which must not overflow.
+pub const MAX_IDLE_TIMEOUT_SECS: f64 = 365.0 * 24.0 * 3600.0;
+
+/// An idle timeout in seconds, checked: positive, finite, at most a year.
+pub fn idle_timeout(secs: f64) -> Result<Duration, String> {
+    if secs.is_finite() && secs > 0.0 && secs <= MAX_IDLE_TIMEOUT_SECS {
+        Duration::try_from_secs_f64(secs).map_err(|e| format!("{secs}: {e}"))
+    } else {
+        Err(format!(
+            "{secs} is not a positive number of seconds up to {MAX_IDLE_TIMEOUT_SECS} (a year)"
+        ))
+    }
+}
+
+/// A token as given: it must be sendable as `authorization: Bearer <token>`, so visible
+/// ASCII without spaces, and not empty (an empty token would silently mean "none").
+fn check_token(token: &str) -> Result<String, String> {
+    if token.trim().is_empty() {
+        return Err("is empty: give a token, or leave the setting out".to_owned());
+    }
+    if token.len() > MAX_TOKEN_BYTES {
+        return Err(format!(
+            "is {} bytes long, above {MAX_TOKEN_BYTES}",
+            token.len()
+        ));
+    }
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(
+            "may hold only visible ASCII characters without spaces (it is sent in a header)"
+                .to_owned(),
+        );
+    }
+    Ok(token.to_owned())
+}
+
+/// The token from a file such as a mounted Secret; the line end editors and `echo` add is
+/// not part of it. The size is checked before reading.
+fn read_token_file(path: &Path) -> Result<String, String> {
+    let fail = |e: std::io::Error| format!("cannot read {}: {e}", path.display());
+    let size = std::fs::metadata(path).map_err(fail)?.len();
+    // Room for the token and a CRLF.
+    if size > MAX_TOKEN_FILE_BYTES {
+        return Err(format!(
+            "{} holds {size} bytes, more than a token of at most {MAX_TOKEN_BYTES}",
+            path.display()
+        ));
+    }
+    let text = std::fs::read_to_string(path).map_err(fail)?;
+    let token = text.trim_end_matches(['\n', '\r']);
+    if token.trim().is_empty() {
+        return Err(format!("{} is empty", path.display()));
+    }
+    check_token(token).map_err(|m| format!("the token in {} {m}", path.display()))
 }
 
 impl Config {
@@ -807,6 +992,8 @@ mod tests {
             &[
                 "--model-control-mode",
                 "explicit",
+                "--model-control-token",
+                "t0ken",
                 "--load-model",
                 "a,b",
                 "--load-model",
@@ -845,14 +1032,197 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("explicit"), "{err}");
-        let err = Settings {
-            idle_timeout_secs: Some(0.0),
+        for secs in [0.0, -1.0, f64::NAN, 1e300, MAX_IDLE_TIMEOUT_SECS * 2.0] {
+            let err = Settings {
+                idle_timeout_secs: Some(secs),
+                ..base()
+            }
+            .validate()
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains("idle_timeout_secs"), "{err}");
+        }
+    }
+
+    #[test]
+    fn explicit_model_control_needs_a_token_or_the_opt_in() {
+        let dir = repo();
+        let explicit = || Settings {
+            model_repository: Some(dir.path().into()),
+            model_control_mode: Some(ModelControlMode::Explicit),
+            ..Default::default()
+        };
+        let refused = |settings: Settings, setting: &str| {
+            let err = settings.validate().unwrap_err();
+            let ConfigError::Invalid { setting: named, .. } = &err else {
+                panic!("expected an invalid {setting}, got {err}");
+            };
+            assert_eq!(*named, setting, "{err}");
+            err.to_string()
+        };
+        let err = refused(explicit(), "model_control_mode");
+        assert!(err.contains("allow_unauthenticated_model_control"), "{err}");
+        let err = refused(
+            Settings {
+                allow_unauthenticated_model_control: Some(false),
+                ..explicit()
+            },
+            "model_control_mode",
+        );
+        assert!(err.contains("model_control_token"), "{err}");
+
+        let open = Settings {
+            allow_unauthenticated_model_control: Some(true),
+            ..explicit()
+        }
+        .validate()
+        .unwrap();
+        assert_eq!(
+            (open.control.mode, open.control.token),
+            (ModelControlMode::Explicit, None)
+        );
+        // Mode none needs no token: nothing can be loaded or unloaded.
+        assert!(Settings {
+            model_repository: Some(dir.path().into()),
+            ..Default::default()
+        }
+        .validate()
+        .is_ok());
+
+        for bad in [
+            "",
+            "   ",
+            "\t\n",
+            "two words",
+            "caf\u{e9}",
+            &"x".repeat(MAX_TOKEN_BYTES + 1),
+        ] {
+            refused(
+                Settings {
+                    model_control_token: Some(bad.to_owned()),
+                    ..explicit()
+                },
+                "model_control_token",
+            );
+        }
+        let c = Settings {
+            model_control_token: Some("s3cret".into()),
+            ..explicit()
+        }
+        .validate()
+        .unwrap();
+        assert_eq!(c.control.token.as_deref(), Some("s3cret"));
+    }
+
+    #[test]
+    fn model_control_token_from_a_file() {
+        let dir = repo();
+        let file = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            path
+        };
+        let settings = |path: PathBuf| Settings {
+            model_repository: Some(dir.path().into()),
+            model_control_mode: Some(ModelControlMode::Explicit),
+            model_control_token_file: Some(path),
+            ..Default::default()
+        };
+        for (name, text) in [
+            ("lf", "s3cret\n"),
+            ("crlf", "s3cret\r\n"),
+            ("bare", "s3cret"),
+        ] {
+            let c = settings(file(name, text)).validate().unwrap();
+            assert_eq!(c.control.token.as_deref(), Some("s3cret"), "{name}");
+        }
+        let toml = Settings::from_toml(&format!(
+            "model_control_token_file = {:?}",
+            file("toml", "t\n").display().to_string()
+        ))
+        .unwrap();
+        assert!(toml.model_control_token_file.is_some());
+
+        let err_of = |settings: Settings| {
+            let err = settings.validate().unwrap_err();
+            let ConfigError::Invalid { setting, message } = err else {
+                panic!("expected an invalid token file, got {err}");
+            };
+            assert_eq!(setting, "model_control_token_file", "{message}");
+            message
+        };
+        assert!(err_of(settings(file("empty", ""))).contains("is empty"));
+        assert!(err_of(settings(file("newline", "\n"))).contains("is empty"));
+        assert!(err_of(settings(file("two-lines", "a\nb\n"))).contains("visible ASCII"));
+        let big = err_of(settings(file("big", &"x".repeat(10_000))));
+        assert!(big.contains("10000 bytes"), "{big}");
+        assert!(err_of(settings(dir.path().join("missing"))).contains("cannot read"));
+        let both = err_of(Settings {
+            model_control_token: Some("a".into()),
+            ..settings(file("both", "b"))
+        });
+        assert!(both.contains("not both"), "{both}");
+    }
+
+    #[test]
+    fn model_limits() {
+        let dir = repo();
+        let base = || Settings {
+            model_repository: Some(dir.path().into()),
+            ..Default::default()
+        };
+        let c = base().validate().unwrap();
+        assert_eq!(c.models.limits, ModelLimits::default());
+        let c = from_command_line(
+            dir.path(),
+            &["--max-model-instances", "8", "--max-warmup-bytes", "1024"],
+        );
+        assert_eq!(
+            c.models.limits,
+            ModelLimits {
+                max_model_instances: 8,
+                max_warmup_bytes: 1024
+            }
+        );
+        let c = Settings {
+            max_model_instances: Some(MAX_MODEL_INSTANCES_CEILING),
             ..base()
         }
         .validate()
-        .unwrap_err()
-        .to_string();
-        assert!(err.contains("idle_timeout_secs"), "{err}");
+        .unwrap();
+        assert_eq!(
+            c.models.limits.max_model_instances,
+            MAX_MODEL_INSTANCES_CEILING
+        );
+        for (settings, setting) in [
+            (
+                Settings {
+                    max_model_instances: Some(0),
+                    ..base()
+                },
+                "max_model_instances",
+            ),
+            (
+                Settings {
+                    max_model_instances: Some(MAX_MODEL_INSTANCES_CEILING + 1),
+                    ..base()
+                },
+                "max_model_instances",
+            ),
+            (
+                Settings {
+                    max_warmup_bytes: Some(0),
+                    ..base()
+                },
+                "max_warmup_bytes",
+            ),
+        ] {
+            let err = settings.validate().unwrap_err();
+            assert!(
+                matches!(&err, ConfigError::Invalid { setting: s, .. } if *s == setting),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use sluice::config::{LogFormat, Settings};
+use sluice::config::{LogFormat, ModelControlMode, Settings};
 use sluice::server::{termination_signal, Server};
 use tokio_util::sync::CancellationToken;
 
@@ -21,6 +21,13 @@ fn main() -> ExitCode {
             .json()
             .with_env_filter(filter)
             .init(),
+    }
+    // Validation let this through only with allow_unauthenticated_model_control.
+    if config.control.mode == ModelControlMode::Explicit && config.control.token.is_none() {
+        tracing::warn!(
+            "model control is explicit without a token (allow_unauthenticated_model_control): \
+             anyone who reaches the gRPC port can load and unload models"
+        );
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -63,6 +63,15 @@ async fn broken_models_are_reported_and_the_rest_serve() {
             "{name}: reason {:?} lacks {why:?}",
             row(name).reason
         );
+        // Paths are relative to the repository: where it lies is no caller's business.
+        let root = repo.path().canonicalize().unwrap();
+        for hidden in [repo.path(), root.as_path()] {
+            assert!(
+                !row(name).reason.contains(&hidden.display().to_string()),
+                "{name}: reason {:?} names the repository's location",
+                row(name).reason
+            );
+        }
     }
 
     let ready_only = s

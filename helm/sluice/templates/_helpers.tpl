@@ -149,6 +149,9 @@ so every render runs them.
 {{- if and $tok.existingSecret $tok.value }}
 {{- fail "server.modelControlToken: set only one of existingSecret (recommended) and value (the chart then creates a Secret from it)." }}
 {{- end }}
+{{- if and (eq $srv.modelControlMode "explicit") (not $tok.existingSecret) (not $tok.value) (not $srv.allowUnauthenticatedModelControl) }}
+{{- fail "server.modelControlMode is explicit but no server.modelControlToken is set: anyone who can reach the gRPC port could load and unload models. Set server.modelControlToken.existingSecret (recommended) or .value, or accept that with server.allowUnauthenticatedModelControl: true (the server refuses to start the same way)." }}
+{{- end }}
 {{- $ports := .Values.containerPorts }}
 {{- if or (eq (int $ports.http) (int $ports.grpc)) (eq (int $ports.http) (int $ports.metrics)) (eq (int $ports.grpc) (int $ports.metrics)) }}
 {{- fail "containerPorts: http, grpc and metrics must be three different ports." }}

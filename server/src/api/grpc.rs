@@ -89,6 +89,48 @@ impl InferenceService {
     }
 }
 
+/// RepositoryModelLoad's parameters, as Triton defines them: `config` (a ModelConfig in
+/// JSON) replaces the model's config.pbtxt for this load. `file:<path>` overrides (model
+/// files sent with the request) are not supported, and any other key is refused too:
+/// a load that silently ignored part of its request would run something else than the
+/// caller asked for.
+fn load_parameters(
+    model: &str,
+    parameters: &std::collections::HashMap<String, ModelRepositoryParameter>,
+) -> Result<Option<ModelConfig>, Status> {
+    let model = crate::repository::clip(model);
+    let invalid = |message: String| Status::invalid_argument(format!("model '{model}': {message}"));
+    let mut config = None;
+    for (key, value) in parameters {
+        if key == "config" {
+            let Some(model_repository_parameter::ParameterChoice::StringParam(json)) =
+                &value.parameter_choice
+            else {
+                return Err(invalid(
+                    "the 'config' parameter must be a string holding the model configuration as JSON"
+                        .to_owned(),
+                ));
+            };
+            config = Some(crate::repository::parse_json(json).map_err(|e| {
+                invalid(format!(
+                    "the 'config' parameter is not a valid model configuration: {e}"
+                ))
+            })?);
+        } else if key.starts_with("file:") {
+            return Err(invalid(format!(
+                "file overrides are not supported ('{}'): put the model's files in the repository and load it by name",
+                crate::repository::clip(key)
+            )));
+        } else {
+            return Err(invalid(format!(
+                "unknown load parameter '{}' (supported: 'config')",
+                crate::repository::clip(key)
+            )));
+        }
+    }
+    Ok(config)
+}
+
 /// Compare secrets without an early exit that would leak how much of a guess matched.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
@@ -310,15 +352,18 @@ impl GrpcInferenceService for InferenceService {
         Ok(Response::new(RepositoryIndexResponse { models }))
     }
 
-    /// Load or reload a model from the repository (explicit model control mode).
+    /// Load or reload a model from the repository (explicit model control mode), with
+    /// the configuration a `config` parameter gives, if any.
     async fn repository_model_load(
         &self,
         req: Request<RepositoryModelLoadRequest>,
     ) -> Result<Response<RepositoryModelLoadResponse>, Status> {
         self.authorize_control(req.metadata())?;
-        let name = req.into_inner().model_name;
+        let req = req.into_inner();
+        let config = load_parameters(&req.model_name, &req.parameters)?;
+        let name = req.model_name;
         let gateway = self.gateway.clone();
-        tokio::task::spawn_blocking(move || gateway.repository.load(&name))
+        tokio::task::spawn_blocking(move || gateway.repository.load(&name, config))
             .await
             .map_err(|e| Status::internal(format!("model load task failed: {e}")))??;
         Ok(Response::new(RepositoryModelLoadResponse {}))

@@ -23,7 +23,7 @@ impl TorchBackend {
         options: &BackendOptions,
     ) -> Result<TorchBackend, BackendError> {
         let fail = |message: String| BackendError::Load {
-            path: path.display().to_string(),
+            path: repository_relative(path),
             message,
         };
         if !path.is_file() {
@@ -160,6 +160,18 @@ fn ivalue_kind(v: &IValue) -> &'static str {
         IValue::Object(_) => "object",
         _ => "value",
     }
+}
+
+/// `<model>/<version>/<file>`: the weights' path as callers may see it. Load errors reach
+/// clients (a cold start that fails answers the waiting requests), and where the model
+/// repository lies on the server is none of their business.
+fn repository_relative(path: &Path) -> String {
+    let parts: Vec<_> = path.iter().collect();
+    let tail = &parts[parts.len().saturating_sub(3)..];
+    tail.iter()
+        .map(|p| p.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join("/")
 }
 
 fn first_line(s: &str) -> String {

@@ -2,6 +2,10 @@
 //! `<root>/<model>/<version>/<default_model_filename>`. Scans the root, loads every model
 //! it can, and keeps a reason for every one it cannot, so one broken model never stops
 //! the others from serving.
+//!
+//! It also owns what reaches callers about the repository: model names from requests are
+//! checked before anything touches the disk or the index, and reasons name paths relative
+//! to the repository, never where it lies on disk (the logs keep the full paths).
 
 pub mod model_config;
 
@@ -10,15 +14,44 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
 pub use model_config::{
-    config_dtype_name, parse_text, spec_from_config, ConfigFileError, DeviceKind, ModelSpec,
-    Platform, QueueSettings, ScalingParams, TensorSpec, VersionPolicy,
+    clip, config_dtype_name, parse_json, parse_text, spec_from_config, spec_from_config_with,
+    ConfigFileError, DeviceKind, ModelSpec, Platform, QueueSettings, ScalingParams, TensorSpec,
+    VersionPolicy,
 };
+use sluice_proto::inference::ModelConfig;
 
 use crate::config::{ModelControl, ModelControlMode};
 use crate::error::Error;
 use crate::model::{LoadOptions, LoadedModel};
 
 pub const CONFIG_FILE: &str = "config.pbtxt";
+/// Longest model name: a directory name on every common file system.
+pub const MAX_MODEL_NAME_BYTES: usize = 255;
+
+/// Why `name` cannot name a model (it must be one directory directly in the repository),
+/// or `Ok`.
+pub fn check_model_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("the model name is empty".to_owned());
+    }
+    if name.len() > MAX_MODEL_NAME_BYTES {
+        return Err(format!(
+            "the model name is {} bytes long, above {MAX_MODEL_NAME_BYTES}",
+            name.len()
+        ));
+    }
+    if name.contains(['/', '\\']) {
+        return Err("a model name cannot contain '/' or '\\'".to_owned());
+    }
+    // Covers `.` and `..`, and hidden directories, which the scan skips.
+    if name.starts_with('.') {
+        return Err("a model name cannot start with '.'".to_owned());
+    }
+    if name.chars().any(char::is_control) {
+        return Err("a model name cannot contain control characters".to_owned());
+    }
+    Ok(())
+}
 
 /// State of one model as RepositoryIndex reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,6 +87,9 @@ pub struct IndexEntry {
 
 pub struct Repository {
     root: PathBuf,
+    /// Spellings of the root's path (with a trailing separator) removed from every reason
+    /// a caller sees, longest first.
+    hidden_prefixes: Vec<String>,
     options: LoadOptions,
     models: RwLock<BTreeMap<String, ModelEntry>>,
     /// One load or unload at a time, so two calls for one model cannot interleave.
@@ -75,11 +111,19 @@ impl Repository {
             .map_err(|e| format!("cannot read model repository {}: {e}", root.display()))?;
         let names: Vec<String> = dirs
             .iter()
-            .map(|d| {
-                d.file_name()
-                    .and_then(|n| n.to_str())
-                    .unwrap_or_default()
-                    .to_owned()
+            .filter_map(|d| {
+                let name = d.file_name().and_then(|n| n.to_str());
+                match name.map(|n| (n, check_model_name(n))) {
+                    Some((n, Ok(()))) => Some(n.to_owned()),
+                    Some((_, Err(why))) => {
+                        tracing::warn!(dir = %d.display(), "not a model directory: {why}");
+                        None
+                    }
+                    None => {
+                        tracing::warn!(dir = %d.display(), "not a model directory: the name is not UTF-8");
+                        None
+                    }
+                }
             })
             .collect();
         let wanted = |name: &str| match control.mode {
@@ -98,13 +142,14 @@ impl Repository {
         }
         let repository = Repository {
             root: root.to_owned(),
+            hidden_prefixes: hidden_prefixes(root),
             options,
             models: RwLock::new(BTreeMap::new()),
             control: Mutex::new(()),
         };
         for name in names {
             if wanted(&name) {
-                repository.load_entry(&name);
+                repository.load_entry(&name, None);
             } else {
                 repository.set(&name, ModelEntry::unloaded());
             }
@@ -113,15 +158,32 @@ impl Repository {
     }
 
     /// Load (or reload) a model from disk; the old versions, if any, drain and stop.
-    /// Blocking: loads weights.
-    pub fn load(&self, name: &str) -> Result<(), Error> {
+    /// `config`, when given, replaces the model's config.pbtxt (Triton's `config` load
+    /// parameter): it is validated like the file, and an invalid one is the caller's
+    /// error, answered before the model being served is touched. Blocking: loads weights.
+    pub fn load(&self, name: &str, config: Option<ModelConfig>) -> Result<(), Error> {
+        check_model_name(name).map_err(|message| Error::InvalidRequest {
+            model: clip(name),
+            message,
+        })?;
         let _one_at_a_time = self.control.lock().expect("control lock is never poisoned");
-        if !self.root.join(name).is_dir() || name.starts_with('.') || name.contains('/') {
+        let dir = self.root.join(name);
+        if !dir.is_dir() {
             return Err(Error::ModelNotFound {
                 model: name.to_owned(),
             });
         }
-        match &self.load_entry(name) {
+        let spec = match config {
+            None => None,
+            Some(config) => Some(
+                model_config::spec_from_config_with(config, &dir, &self.options.defaults.limits)
+                    .map_err(|e| Error::InvalidRequest {
+                        model: name.to_owned(),
+                        message: format!("invalid config parameter: {}", self.public(&e)),
+                    })?,
+            ),
+        };
+        match &self.load_entry(name, spec) {
             ModelState::Ready => Ok(()),
             ModelState::Unavailable { reason } => Err(Error::ModelUnavailable {
                 model: name.to_owned(),
@@ -133,6 +195,10 @@ impl Repository {
     /// Unload a model: new requests get UNAVAILABLE at once; requests already admitted
     /// finish on the old instances, which stop once they are done.
     pub fn unload(&self, name: &str) -> Result<(), Error> {
+        check_model_name(name).map_err(|message| Error::InvalidRequest {
+            model: clip(name),
+            message,
+        })?;
         let _one_at_a_time = self.control.lock().expect("control lock is never poisoned");
         if !self.is_known(name) {
             return Err(Error::ModelNotFound {
@@ -144,8 +210,9 @@ impl Repository {
         Ok(())
     }
 
-    fn load_entry(&self, name: &str) -> ModelState {
-        let entry = match load_model(&self.root.join(name), name, self.options) {
+    /// `spec`: a configuration given with the load request, else config.pbtxt is read.
+    fn load_entry(&self, name: &str, spec: Option<ModelSpec>) -> ModelState {
+        let entry = match load_model(&self.root.join(name), name, self.options, spec) {
             Ok(versions) => {
                 let list: Vec<String> = versions.keys().map(i64::to_string).collect();
                 tracing::info!(model = %name, versions = %list.join(","), "model ready");
@@ -157,7 +224,9 @@ impl Repository {
             Err(reason) => {
                 tracing::error!(model = %name, %reason, "model failed to load; serving the others");
                 ModelEntry {
-                    state: ModelState::Unavailable { reason },
+                    state: ModelState::Unavailable {
+                        reason: self.public(&reason),
+                    },
                     versions: BTreeMap::new(),
                 }
             }
@@ -178,6 +247,14 @@ impl Repository {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// `text` with the repository's location removed, so paths in it read relative to
+    /// the repository (`mlp/config.pbtxt`).
+    fn public(&self, text: &str) -> String {
+        self.hidden_prefixes
+            .iter()
+            .fold(text.to_owned(), |t, prefix| t.replace(prefix.as_str(), ""))
     }
 
     /// The model version a request names: `""` or `"-1"` is the newest loaded version.
@@ -279,6 +356,33 @@ impl ModelEntry {
     }
 }
 
+/// The ways the root's path can appear in a message: as given, absolute and resolved
+/// (symbolic links followed), each with a trailing separator; longest first, so that a
+/// shorter spelling never cuts into a longer one.
+fn hidden_prefixes(root: &Path) -> Vec<String> {
+    let mut spellings = vec![root.to_path_buf()];
+    spellings.extend(std::path::absolute(root).ok());
+    spellings.extend(root.canonicalize().ok());
+    let mut prefixes: Vec<String> = spellings
+        .into_iter()
+        // "." or "/" alone would cut into unrelated text.
+        .filter(|p| {
+            p.components()
+                .any(|c| matches!(c, std::path::Component::Normal(_)))
+        })
+        .map(|p| {
+            let mut s = p.display().to_string();
+            if !s.ends_with(std::path::MAIN_SEPARATOR) {
+                s.push(std::path::MAIN_SEPARATOR);
+            }
+            s
+        })
+        .collect();
+    prefixes.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    prefixes.dedup();
+    prefixes
+}
+
 /// Model directories: every non-hidden subdirectory of the root, sorted.
 fn model_dirs(root: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut dirs: Vec<PathBuf> = std::fs::read_dir(root)?
@@ -330,8 +434,14 @@ fn load_model(
     dir: &Path,
     name: &str,
     options: LoadOptions,
+    spec: Option<ModelSpec>,
 ) -> Result<BTreeMap<i64, Arc<LoadedModel>>, String> {
-    let spec = Arc::new(model_config::load_spec(dir.join(CONFIG_FILE)).map_err(|e| e.to_string())?);
+    let limits = options.defaults.limits;
+    let spec = Arc::new(match spec {
+        Some(spec) => spec,
+        None => model_config::load_spec_with(dir.join(CONFIG_FILE), &limits)
+            .map_err(|e| e.to_string())?,
+    });
     let available = version_dirs(dir);
     if available.is_empty() {
         return Err(format!(
@@ -340,8 +450,22 @@ fn load_model(
             spec.model_filename
         ));
     }
+    let versions = select_versions(&spec.version_policy, &available)?;
+    // Every version runs its own instances: the model's threads are the product.
+    if versions
+        .len()
+        .checked_mul(spec.instance_count)
+        .is_none_or(|n| n > limits.max_model_instances)
+    {
+        return Err(format!(
+            "{} versions of {} instances each are more than max_model_instances {}",
+            versions.len(),
+            spec.instance_count,
+            limits.max_model_instances
+        ));
+    }
     let mut loaded = BTreeMap::new();
-    for version in select_versions(&spec.version_policy, &available)? {
+    for version in versions {
         let version_dir = dir.join(version.to_string());
         let model = LoadedModel::load(spec.clone(), version, version_dir, options)
             .map_err(|e| format!("version {version}: {e}"))?;
@@ -353,6 +477,47 @@ fn load_model(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn model_names() {
+        assert!(check_model_name("mlp").is_ok());
+        assert!(check_model_name("resnet-50_v1.2").is_ok());
+        assert!(check_model_name(&"m".repeat(MAX_MODEL_NAME_BYTES)).is_ok());
+        for (name, why) in [
+            ("", "empty"),
+            ("a/b", "'/'"),
+            ("..\\x", "'/'"),
+            ("../x", "'/'"),
+            ("..", "start with '.'"),
+            (".hidden", "start with '.'"),
+            ("tab\there", "control characters"),
+        ] {
+            let err = check_model_name(name).unwrap_err();
+            assert!(err.contains(why), "{name:?}: {err}");
+        }
+        let err = check_model_name(&"m".repeat(MAX_MODEL_NAME_BYTES + 1)).unwrap_err();
+        assert!(err.contains("256 bytes"), "{err}");
+        assert_eq!(clip(&"m".repeat(100)).len(), 64 + 3);
+        assert_eq!(clip("a\nb"), "a\\nb");
+    }
+
+    #[test]
+    fn reasons_hide_where_the_repository_lies() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("repo");
+        std::fs::create_dir_all(&root).unwrap();
+        let prefixes = hidden_prefixes(&root);
+        let text = format!(
+            "{}/mlp/config.pbtxt: bad; {}/mlp/1/model.pt: missing",
+            root.display(),
+            root.canonicalize().unwrap().display()
+        );
+        let shown = prefixes.iter().fold(text, |t, p| t.replace(p.as_str(), ""));
+        assert_eq!(shown, "mlp/config.pbtxt: bad; mlp/1/model.pt: missing");
+        // A root of "." or "/" is never cut out of unrelated text.
+        assert!(hidden_prefixes(Path::new("/")).is_empty());
+        assert!(hidden_prefixes(Path::new(".")).iter().all(|p| p.len() > 2));
+    }
 
     #[test]
     fn version_policies() {

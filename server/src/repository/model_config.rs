@@ -1,9 +1,16 @@
 //! `config.pbtxt`: parse Triton's `ModelConfig` from protobuf text format (against our
-//! own copy of its schema, so any valid Triton config parses) and turn it into the
-//! [`ModelSpec`] the server runs with. Every rejection names the file and the reason.
+//! own copy of its schema, so any valid Triton config parses), or from the JSON a
+//! RepositoryModelLoad `config` parameter carries, and turn it into the [`ModelSpec`] the
+//! server runs with. Every rejection names the file and the reason.
+//!
+//! A config is untrusted input: every value that sizes memory, threads or work is bounded
+//! here, with checked arithmetic, before anything is allocated or spawned. Bounds an
+//! operator may need to raise come from [`ModelLimits`] (settings); the others are the
+//! `MAX_*` constants below.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::io::Read;
+use std::path::{Component, Path, PathBuf};
 use std::sync::OnceLock;
 
 use std::time::Duration;
@@ -16,8 +23,9 @@ use sluice_proto::inference::{
 };
 
 use crate::batcher::BatchPolicy;
+use crate::config::ModelLimits;
 use crate::pool::WarmupSample;
-use crate::tensor::{element_count, shape_string, DataType, Tensor};
+use crate::tensor::{shape_string, DataType, Tensor};
 
 /// Queue bound for models whose config sets no `max_queue_size` (Triton's 0, unbounded):
 /// every queue is bounded so that overload is answered, not buffered.
@@ -25,6 +33,31 @@ pub const DEFAULT_MAX_QUEUE_SIZE: usize = 1024;
 /// Most priority levels a model may declare (each level has its own share of the model's
 /// concurrency limit and its own queue counters).
 pub const MAX_PRIORITY_LEVELS: u32 = 16;
+/// Largest config.pbtxt (or `config` load parameter) read: real configs are a few KiB,
+/// and every list in one is bounded by its size.
+pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
+/// Largest `max_batch_size`: the batcher forms batches up to it and the default warm-up
+/// runs it. Far above what a real model batches.
+pub const MAX_BATCH_SIZE: u32 = 1 << 16;
+/// Most inputs, and most outputs, one model may declare.
+pub const MAX_MODEL_TENSORS: usize = 256;
+/// Most dimensions of a declared tensor or warm-up input (libtorch allows 64).
+pub const MAX_TENSOR_RANK: usize = 32;
+/// Largest `max_queue_size`: the model's queue and its channel are sized by it.
+pub const MAX_QUEUE_SIZE: u64 = 1 << 20;
+/// Longest `max_queue_delay_microseconds` and `default_timeout_microseconds`: one day,
+/// so that adding either to a point in time can never overflow.
+pub const MAX_QUEUE_TIME_MICROS: u64 = 24 * 3600 * 1_000_000;
+/// Most `preferred_batch_size` entries (each is also a default warm-up sample).
+pub const MAX_PREFERRED_BATCH_SIZES: usize = 32;
+/// Most `model_warmup` samples, and most runs (`count`) of one sample.
+pub const MAX_WARMUP_SAMPLES: usize = 64;
+pub const MAX_WARMUP_COUNT: u32 = 1000;
+/// Most entries in `parameters`, and most bytes of one key and value together.
+pub const MAX_PARAMETERS: usize = 256;
+pub const MAX_PARAMETER_BYTES: usize = 4096;
+/// Folder of a model's warm-up data files; `input_data_file` names stay inside it.
+pub const WARMUP_DIR: &str = "warmup";
 
 /// The queue policy (`dynamic_batching.default_queue_policy`), applied to every request.
 #[derive(Debug, Clone, PartialEq)]
@@ -157,6 +190,28 @@ pub fn parse_text(text: &str) -> Result<ModelConfig, String> {
         .map_err(|e| e.to_string())
 }
 
+/// Parse a `ModelConfig` from protobuf's JSON mapping, as Triton's RepositoryModelLoad
+/// `config` parameter carries it (field names as in the .proto or in lowerCamelCase;
+/// unknown fields are an error, as in Triton).
+pub fn parse_json(text: &str) -> Result<ModelConfig, String> {
+    if u64::try_from(text.len()).map_or(true, |n| n > MAX_CONFIG_BYTES) {
+        return Err(format!(
+            "is {} bytes long, above {MAX_CONFIG_BYTES}",
+            text.len()
+        ));
+    }
+    let descriptor = descriptor_pool()
+        .get_message_by_name(sluice_proto::MODEL_CONFIG_MESSAGE)
+        .expect("ModelConfig is part of the compiled descriptor set");
+    let mut deserializer = serde_json::Deserializer::from_str(text);
+    let dynamic =
+        DynamicMessage::deserialize(descriptor, &mut deserializer).map_err(|e| e.to_string())?;
+    deserializer.end().map_err(|e| e.to_string())?;
+    dynamic
+        .transcode_to::<ModelConfig>()
+        .map_err(|e| e.to_string())
+}
+
 /// Text format lets a list of messages follow its field name without a colon
 /// (`input [ { ... } ]`), and nearly every Triton config is written that way; the parser
 /// we use wants `input: [ ... ]`. Insert the colon where a field name is directly
@@ -225,24 +280,59 @@ fn colon_before_lists(text: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
-/// Parse and validate `path`, the config of the model in its parent directory.
+/// Parse and validate `path`, the config of the model in its parent directory, with the
+/// default [`ModelLimits`].
 pub fn load_spec(path: PathBuf) -> Result<ModelSpec, ConfigFileError> {
+    load_spec_with(path, &ModelLimits::default())
+}
+
+/// Parse and validate `path`, the config of the model in its parent directory.
+pub fn load_spec_with(path: PathBuf, limits: &ModelLimits) -> Result<ModelSpec, ConfigFileError> {
     let fail = |message: String| ConfigFileError {
         path: path.clone(),
         message,
     };
-    let text = std::fs::read_to_string(&path).map_err(|e| fail(format!("cannot read: {e}")))?;
+    let text =
+        read_bounded(&path, MAX_CONFIG_BYTES).map_err(|e| fail(format!("cannot read: {e}")))?;
+    let text = String::from_utf8(text).map_err(|_| fail("is not UTF-8 text".to_owned()))?;
     let config =
         parse_text(&text).map_err(|e| fail(format!("invalid protobuf text format: {e}")))?;
     let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    spec_from_config(config, dir).map_err(fail)
+    spec_from_config_with(config, dir, limits).map_err(fail)
+}
+
+/// The whole of a regular file of at most `max` bytes. The size is checked on the opened
+/// file before reading, and the read stops at `max` whatever the file does meanwhile.
+fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>, String> {
+    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let meta = file.metadata().map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        return Err("not a regular file".to_owned());
+    }
+    if meta.len() > max {
+        return Err(format!("{} bytes, above the limit of {max}", meta.len()));
+    }
+    let mut data = Vec::new();
+    file.take(max)
+        .read_to_end(&mut data)
+        .map_err(|e| e.to_string())?;
+    Ok(data)
+}
+
+/// Validate a parsed config with the default [`ModelLimits`].
+pub fn spec_from_config(
+    config: ModelConfig,
+    model_dir: impl AsRef<Path>,
+) -> Result<ModelSpec, String> {
+    spec_from_config_with(config, model_dir, &ModelLimits::default())
 }
 
 /// Validate a parsed config. `model_dir` is the model's directory, whose name names the
 /// model (warm-up data files are read from its `warmup/` folder).
-pub fn spec_from_config(
+pub fn spec_from_config_with(
     mut config: ModelConfig,
     model_dir: impl AsRef<Path>,
+    limits: &ModelLimits,
 ) -> Result<ModelSpec, String> {
     let model_dir = model_dir.as_ref();
     let dir_name = model_dir
@@ -273,14 +363,66 @@ pub fn spec_from_config(
     }
     let max_batch_size = u32::try_from(config.max_batch_size)
         .map_err(|_| format!("max_batch_size {} is negative", config.max_batch_size))?;
+    if max_batch_size > MAX_BATCH_SIZE {
+        return Err(format!(
+            "max_batch_size {max_batch_size} is above the largest supported, {MAX_BATCH_SIZE}"
+        ));
+    }
     if config.input.is_empty() {
         return Err("no input declared".into());
     }
     if config.output.is_empty() {
         return Err("no output declared".into());
     }
+    for (what, n) in [
+        ("input", config.input.len()),
+        ("output", config.output.len()),
+    ] {
+        if n > MAX_MODEL_TENSORS {
+            return Err(format!(
+                "{n} {what}s declared, more than the {MAX_MODEL_TENSORS} supported"
+            ));
+        }
+    }
     let inputs = tensor_specs("input", config.input.iter().map(InputOrOutput::Input))?;
     let outputs = tensor_specs("output", config.output.iter().map(InputOrOutput::Output))?;
+    for (what, spec) in inputs
+        .iter()
+        .map(|s| ("input", s))
+        .chain(outputs.iter().map(|s| ("output", s)))
+    {
+        // The largest tensor the declaration allows (a full batch, each -1 as 1) must be
+        // countable: request validation multiplies the same numbers.
+        let batch = usize::try_from(max_batch_size.max(1)).ok();
+        if batch
+            .and_then(|b| tensor_bytes(spec.dtype, &spec.dims)?.checked_mul(b))
+            .and_then(|b| i64::try_from(b).ok())
+            .is_none()
+        {
+            return Err(format!(
+                "{what} '{}': dims {} of {} at max_batch_size {max_batch_size} describe more bytes than can be addressed",
+                spec.name,
+                shape_string(&spec.dims),
+                spec.dtype
+            ));
+        }
+    }
+    if config.parameters.len() > MAX_PARAMETERS {
+        return Err(format!(
+            "{} parameters, more than the {MAX_PARAMETERS} supported",
+            config.parameters.len()
+        ));
+    }
+    if let Some((key, _)) = config
+        .parameters
+        .iter()
+        .find(|(k, v)| k.len().saturating_add(v.string_value.len()) > MAX_PARAMETER_BYTES)
+    {
+        return Err(format!(
+            "parameter '{}' is longer than {MAX_PARAMETER_BYTES} bytes (key and value)",
+            clip(key)
+        ));
+    }
 
     let mut instance_count = 0usize;
     let mut device = DeviceKind::Cpu;
@@ -307,7 +449,23 @@ pub fn spec_from_config(
         if group.name.is_empty() {
             group.name = format!("{}_{i}", config.name);
         }
-        instance_count += group.count as usize;
+        // Each instance is a thread with its own copy of the weights: bounded before any
+        // exists, summed with checked arithmetic so no count can wrap below the bound.
+        instance_count = usize::try_from(group.count)
+            .ok()
+            .and_then(|n| instance_count.checked_add(n))
+            .filter(|&n| n <= limits.max_model_instances)
+            .ok_or_else(|| {
+                format!(
+                    "instance_group asks for more than max_model_instances {} instances (instance_group[{i}].count {})",
+                    limits.max_model_instances, group.count
+                )
+            })?;
+        if let Some(gpu) = group.gpus.iter().find(|&&g| g < 0) {
+            return Err(format!(
+                "instance_group[{i}].gpus lists device {gpu}, which is negative"
+            ));
+        }
         device = match model_instance_group::Kind::try_from(group.kind) {
             Ok(model_instance_group::Kind::Cpu) => DeviceKind::Cpu,
             Ok(model_instance_group::Kind::Gpu) => {
@@ -339,6 +497,14 @@ pub fn spec_from_config(
             if s.versions.is_empty() {
                 return Err("version_policy.specific lists no versions".into());
             }
+            // Every version runs at least one instance.
+            if s.versions.len() > limits.max_model_instances {
+                return Err(format!(
+                    "version_policy.specific lists {} versions, more than max_model_instances {}",
+                    s.versions.len(),
+                    limits.max_model_instances
+                ));
+            }
             VersionPolicy::Specific(s.versions.clone())
         }
     };
@@ -348,7 +514,14 @@ pub fn spec_from_config(
         config.default_model_filename.clone()
     };
     let (batching, queue) = scheduling(&config, max_batch_size)?;
-    let warmup = warmup_samples(&config, &inputs, &batching, max_batch_size, model_dir)?;
+    let warmup = warmup_samples(
+        &config,
+        &inputs,
+        &batching,
+        max_batch_size,
+        model_dir,
+        limits,
+    )?;
     let scaling = ScalingParams::from_parameters(&config, instance_count)?;
     let parameters = config
         .parameters
@@ -403,13 +576,13 @@ impl ScalingParams {
         };
         let idle_timeout = match get("idle_timeout_secs") {
             None => None,
-            Some(v) => match v.parse::<f64>() {
-                Ok(secs) if secs.is_finite() && secs > 0.0 => Some(Duration::from_secs_f64(secs)),
-                _ => {
-                    return Err(format!(
-                        "parameter idle_timeout_secs '{v}' must be a positive number of seconds"
-                    ))
-                }
+            Some(v) => match v
+                .parse::<f64>()
+                .map_err(|e| e.to_string())
+                .and_then(crate::config::idle_timeout)
+            {
+                Ok(timeout) => Some(timeout),
+                Err(e) => return Err(format!("parameter idle_timeout_secs '{}': {e}", clip(&v))),
             },
         };
         Ok(ScalingParams {
@@ -422,12 +595,18 @@ impl ScalingParams {
 /// Warm-up samples: Triton's `model_warmup`, or by default zeros at every batch size the
 /// batcher will form (1, the preferred sizes, max_batch_size), each run twice so that
 /// TorchScript's profiling executor has optimized its graph before the first request.
+///
+/// Every sample is held for the model's lifetime, so all of them together stay within
+/// `max_warmup_bytes`: a configured warm-up beyond it rejects the model; the default one
+/// stops before the first batch size that would not fit (and rejects the model only if
+/// even batch 1 does not).
 fn warmup_samples(
     config: &ModelConfig,
     inputs: &[TensorSpec],
     batching: &BatchPolicy,
     max_batch_size: u32,
     model_dir: &Path,
+    limits: &ModelLimits,
 ) -> Result<Vec<WarmupSample>, String> {
     let mut ordered: Vec<&TensorSpec> = inputs.iter().collect();
     ordered.sort_by_key(|t| t.position);
@@ -440,40 +619,74 @@ fn warmup_samples(
             dims.collect()
         }
     };
+    let mut budget = WarmupBudget {
+        left: limits.max_warmup_bytes,
+        limit: limits.max_warmup_bytes,
+    };
     if config.model_warmup.is_empty() {
-        let mut sizes = vec![1usize];
+        let mut sizes = vec![1u32];
         if batched {
-            sizes.extend(batching.preferred.iter().copied());
-            sizes.push(max_batch_size as usize);
+            sizes.extend(
+                batching
+                    .preferred
+                    .iter()
+                    .filter_map(|&p| u32::try_from(p).ok()),
+            );
+            sizes.push(max_batch_size);
         }
         sizes.sort_unstable();
         sizes.dedup();
-        return Ok(sizes
-            .into_iter()
-            .map(|b| WarmupSample {
+        let mut samples = Vec::with_capacity(sizes.len());
+        for b in sizes {
+            let shapes: Vec<Vec<i64>> = ordered.iter().map(|t| full_shape(b, &t.dims)).collect();
+            let bytes = ordered
+                .iter()
+                .zip(&shapes)
+                .try_fold(0usize, |sum, (t, shape)| {
+                    sum.checked_add(tensor_bytes(t.dtype, shape)?)
+                });
+            if let Err(e) = budget.take(bytes, &format!("the default warm-up at batch size {b}")) {
+                if samples.is_empty() {
+                    return Err(e);
+                }
+                tracing::warn!(model = %config.name, batch_size = b, "default warm-up skips batch size {b} and above: {e}");
+                break;
+            }
+            samples.push(WarmupSample {
                 name: format!("default batch {b}"),
                 inputs: ordered
                     .iter()
-                    .map(|t| {
-                        let shape = full_shape(b as u32, &t.dims);
-                        Tensor::new(
-                            t.dtype,
-                            shape.clone(),
-                            vec![0u8; element_count(&shape) * t.dtype.size()].into(),
-                        )
+                    .zip(shapes)
+                    .map(|(t, shape)| {
+                        // Counted (without overflow) by the budget just above.
+                        let bytes = tensor_bytes(t.dtype, &shape).unwrap_or(0);
+                        Tensor::new(t.dtype, shape, vec![0u8; bytes].into())
                     })
                     .collect(),
                 count: 2,
-            })
-            .collect());
+            });
+        }
+        return Ok(samples);
+    }
+    if config.model_warmup.len() > MAX_WARMUP_SAMPLES {
+        return Err(format!(
+            "model_warmup has {} samples, more than the {MAX_WARMUP_SAMPLES} supported",
+            config.model_warmup.len()
+        ));
     }
     let mut samples = Vec::with_capacity(config.model_warmup.len());
     for w in &config.model_warmup {
-        let fail = |m: String| format!("model_warmup '{}': {m}", w.name);
+        let fail = |m: String| format!("model_warmup '{}': {m}", clip(&w.name));
         if batched && (w.batch_size < 1 || w.batch_size > max_batch_size) {
             return Err(fail(format!(
                 "batch_size {} is not within 1..={max_batch_size}",
                 w.batch_size
+            )));
+        }
+        if w.count > MAX_WARMUP_COUNT {
+            return Err(fail(format!(
+                "count {} is above the largest supported, {MAX_WARMUP_COUNT}",
+                w.count
             )));
         }
         let mut tensors = Vec::with_capacity(ordered.len());
@@ -490,26 +703,25 @@ fn warmup_samples(
                     t.name, t.dtype
                 )));
             }
+            if input.dims.len() > MAX_TENSOR_RANK {
+                return Err(fail(format!(
+                    "input '{}' has {} dims, more than the {MAX_TENSOR_RANK} supported",
+                    t.name,
+                    input.dims.len()
+                )));
+            }
             let shape = full_shape(w.batch_size, &input.dims);
-            let bytes = element_count(&shape) * dtype.size();
+            let what = format!("input '{}' of shape {}", t.name, shape_string(&shape));
+            let bytes = budget
+                .take(tensor_bytes(dtype, &shape), &what)
+                .map_err(&fail)?;
             let data = match &input.input_data_type {
                 None | Some(model_warmup::input::InputDataType::ZeroData(_)) => vec![0u8; bytes],
                 Some(model_warmup::input::InputDataType::RandomData(_)) => {
                     random_data(dtype, bytes)
                 }
                 Some(model_warmup::input::InputDataType::InputDataFile(file)) => {
-                    let path = model_dir.join("warmup").join(file);
-                    let data = std::fs::read(&path)
-                        .map_err(|e| fail(format!("cannot read {}: {e}", path.display())))?;
-                    if data.len() != bytes {
-                        return Err(fail(format!(
-                            "{} holds {} bytes, shape {} of {dtype} needs {bytes}",
-                            path.display(),
-                            data.len(),
-                            shape_string(&shape)
-                        )));
-                    }
-                    data
+                    warmup_file(model_dir, file, bytes, &shape, dtype).map_err(&fail)?
                 }
             };
             tensors.push(Tensor::new(dtype, shape, data.into()));
@@ -521,6 +733,107 @@ fn warmup_samples(
         });
     }
     Ok(samples)
+}
+
+/// What is left of `max_warmup_bytes` while a model's warm-up samples are built.
+struct WarmupBudget {
+    left: usize,
+    limit: usize,
+}
+
+impl WarmupBudget {
+    /// Count `bytes` (`None`: too many to count) against the budget before they exist.
+    fn take(&mut self, bytes: Option<usize>, what: &str) -> Result<usize, String> {
+        match bytes {
+            Some(b) if b <= self.left => {
+                self.left -= b;
+                Ok(b)
+            }
+            Some(b) => Err(format!(
+                "{what} needs {b} bytes of warm-up data; with the samples before it that is above max_warmup_bytes {}",
+                self.limit
+            )),
+            None => Err(format!(
+                "{what} needs more bytes of warm-up data than can be counted (max_warmup_bytes {})",
+                self.limit
+            )),
+        }
+    }
+}
+
+/// Bytes of a tensor of `shape` (each -1 counted as 1), or `None` if they overflow.
+fn tensor_bytes(dtype: DataType, shape: &[i64]) -> Option<usize> {
+    shape.iter().try_fold(dtype.size(), |bytes, &d| {
+        bytes.checked_mul(usize::try_from(d.max(1)).ok()?)
+    })
+}
+
+/// The contents of warm-up data file `file`: a relative path inside the model's
+/// `warmup/` folder (symbolic links included, once resolved), of exactly `bytes` bytes
+/// (checked from its metadata before reading). Messages name the file relative to the
+/// model, never where the repository lies.
+fn warmup_file(
+    model_dir: &Path,
+    file: &str,
+    bytes: usize,
+    shape: &[i64],
+    dtype: DataType,
+) -> Result<Vec<u8>, String> {
+    let shown = format!("{WARMUP_DIR}/{}", clip(file));
+    let relative = Path::new(file);
+    let plain = relative
+        .components()
+        .all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
+    if file.is_empty() || !plain || file.contains('\\') {
+        return Err(format!(
+            "input_data_file '{}' must be a relative path inside the model's {WARMUP_DIR}/ folder, without '..'",
+            clip(file)
+        ));
+    }
+    let outside = || format!("{shown} resolves to a file outside the model's {WARMUP_DIR}/ folder");
+    let model = model_dir
+        .canonicalize()
+        .map_err(|e| format!("cannot resolve the model directory: {e}"))?;
+    let folder = model_dir
+        .join(WARMUP_DIR)
+        .canonicalize()
+        .map_err(|e| format!("cannot read {shown}: {WARMUP_DIR}/: {e}"))?;
+    // A `warmup` that is itself a link out of the model would make every file in it pass.
+    if !folder.starts_with(&model) || folder == model {
+        return Err(outside());
+    }
+    let target = folder
+        .join(relative)
+        .canonicalize()
+        .map_err(|e| format!("cannot read {shown}: {e}"))?;
+    if !target.starts_with(&folder) {
+        return Err(outside());
+    }
+    let expected = u64::try_from(bytes).unwrap_or(u64::MAX);
+    let data = read_bounded(&target, expected).map_err(|e| format!("cannot read {shown}: {e}"))?;
+    if data.len() != bytes {
+        return Err(format!(
+            "{shown} holds {} bytes, shape {} of {dtype} needs {bytes}",
+            data.len(),
+            shape_string(shape)
+        ));
+    }
+    Ok(data)
+}
+
+/// A name from a config or a request, cut short and with control characters escaped, for
+/// echoing in a message.
+pub fn clip(text: &str) -> String {
+    const SHOWN: usize = 64;
+    let mut out: String = text
+        .chars()
+        .take(SHOWN)
+        .flat_map(char::escape_debug)
+        .collect();
+    if text.chars().nth(SHOWN).is_some() {
+        out.push_str("...");
+    }
+    out
 }
 
 /// Varied but finite data of `dtype` (no NaN or infinity for floating types).
@@ -576,7 +889,14 @@ fn scheduling(
         }
         None => (&unbatched, false),
     };
-    let max = max_batch_size.max(1) as usize;
+    let max = usize::try_from(max_batch_size.max(1))
+        .expect("max_batch_size is bounded far below usize::MAX");
+    if dynamic.preferred_batch_size.len() > MAX_PREFERRED_BATCH_SIZES {
+        return Err(format!(
+            "dynamic_batching.preferred_batch_size lists {} sizes, more than the {MAX_PREFERRED_BATCH_SIZES} supported",
+            dynamic.preferred_batch_size.len()
+        ));
+    }
     let mut preferred = Vec::with_capacity(dynamic.preferred_batch_size.len());
     for &p in &dynamic.preferred_batch_size {
         match usize::try_from(p) {
@@ -591,6 +911,32 @@ fn scheduling(
     preferred.sort_unstable();
     preferred.dedup();
     let policy = dynamic.default_queue_policy.unwrap_or_default();
+    for (field, micros) in [
+        (
+            "dynamic_batching.max_queue_delay_microseconds",
+            dynamic.max_queue_delay_microseconds,
+        ),
+        (
+            "dynamic_batching.default_queue_policy.default_timeout_microseconds",
+            policy.default_timeout_microseconds,
+        ),
+    ] {
+        if micros > MAX_QUEUE_TIME_MICROS {
+            return Err(format!(
+                "{field} {micros} is above the longest supported, {MAX_QUEUE_TIME_MICROS} (one day)"
+            ));
+        }
+    }
+    // The queue's channel is allocated with this capacity.
+    let max_queue_size = match policy.max_queue_size {
+        0 => DEFAULT_MAX_QUEUE_SIZE,
+        n if u64::from(n) > MAX_QUEUE_SIZE => {
+            return Err(format!(
+                "dynamic_batching.default_queue_policy.max_queue_size {n} is above the largest supported, {MAX_QUEUE_SIZE}"
+            ))
+        }
+        n => usize::try_from(n).map_err(|_| format!("max_queue_size {n} does not fit"))?,
+    };
     let batching = BatchPolicy {
         combine: enabled && max_batch_size > 0,
         max_batch_size: max,
@@ -598,10 +944,7 @@ fn scheduling(
         max_queue_delay: Duration::from_micros(dynamic.max_queue_delay_microseconds),
     };
     let queue = QueueSettings {
-        max_queue_size: match policy.max_queue_size {
-            0 => DEFAULT_MAX_QUEUE_SIZE,
-            n => n as usize,
-        },
+        max_queue_size,
         default_timeout: (policy.default_timeout_microseconds > 0)
             .then(|| Duration::from_micros(policy.default_timeout_microseconds)),
         allow_timeout_override: policy.allow_timeout_override,
@@ -676,6 +1019,12 @@ fn tensor_specs<'a>(
             return Err(format!("{what} '{name}': reshape is not supported"));
         }
         let dtype = config_dtype(data_type).map_err(|e| format!("{what} '{name}': {e}"))?;
+        if dims.len() > MAX_TENSOR_RANK {
+            return Err(format!(
+                "{what} '{name}' has {} dims, more than the {MAX_TENSOR_RANK} supported",
+                dims.len()
+            ));
+        }
         if let Some(d) = dims.iter().find(|&&d| d < -1 || d == 0) {
             return Err(format!(
                 "{what} '{name}': dimension {d} in dims {} is invalid",
@@ -824,6 +1173,8 @@ mod tests {
         assert!(bad("batch_size: 2", "batch_size: 9").contains("batch_size 9"));
         assert!(bad("string_value: \"0\"", "string_value: \"4\"").contains("min_instances"));
         assert!(bad("1.5", "-1").contains("idle_timeout_secs"));
+        assert!(bad("1.5", "1e300").contains("idle_timeout_secs"));
+        assert!(bad("1.5", "NaN").contains("idle_timeout_secs"));
     }
 
     #[test]
@@ -903,6 +1254,220 @@ mod tests {
         assert_eq!(c.input[0].dims, vec![2]);
         assert_eq!(c.output[0].dims, vec![2]);
         assert_eq!(colon_before_lists("a: \"q [\" b [1]"), "a: \"q [\" b :[1]");
+    }
+
+    /// A config of `max_batch_size` and dims `[2]` plus `extra`, validated under `limits`.
+    fn bounded(
+        max_batch_size: u64,
+        extra: &str,
+        limits: &ModelLimits,
+    ) -> Result<ModelSpec, String> {
+        let text = format!(
+            r#"platform: "pytorch_libtorch" max_batch_size: {max_batch_size}
+               input [ {{ name: "x" data_type: TYPE_FP32 dims: [2] }} ]
+               output [ {{ name: "y" data_type: TYPE_FP32 dims: [2] }} ] {extra}"#
+        );
+        spec_from_config_with(parse_text(&text).unwrap(), "m", limits)
+    }
+
+    #[test]
+    fn sizes_from_a_config_are_bounded() {
+        let limits = ModelLimits::default();
+        let bad =
+            |max_batch_size: u64, extra: &str| bounded(max_batch_size, extra, &limits).unwrap_err();
+        assert!(bad(u64::from(MAX_BATCH_SIZE) + 1, "").contains("max_batch_size 65537 is above"));
+        assert!(bounded(u64::from(MAX_BATCH_SIZE), "", &limits).is_ok());
+
+        let many: String = (1..=MAX_PREFERRED_BATCH_SIZES + 1)
+            .map(|i| i.to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        assert!(bad(
+            64,
+            &format!("dynamic_batching {{ preferred_batch_size: [ {many} ] }}")
+        )
+        .contains("preferred_batch_size lists 33 sizes"));
+        assert!(bad(
+            4,
+            "dynamic_batching { max_queue_delay_microseconds: 18446744073709551615 }"
+        )
+        .contains("max_queue_delay_microseconds"));
+        assert!(bad(4, "dynamic_batching { default_queue_policy { default_timeout_microseconds: 86400000001 } }")
+            .contains("default_timeout_microseconds"));
+        assert!(bad(
+            4,
+            "dynamic_batching { default_queue_policy { max_queue_size: 1048577 } }"
+        )
+        .contains("max_queue_size 1048577"));
+        let q = bounded(
+            4,
+            "dynamic_batching { default_queue_policy { max_queue_size: 1048576 } }",
+            &limits,
+        )
+        .unwrap();
+        assert_eq!(q.queue.max_queue_size, 1 << 20);
+
+        let rank = vec!["1"; MAX_TENSOR_RANK + 1].join(", ");
+        let deep = format!(
+            r#"platform: "pytorch_libtorch" input [ {{ name: "x" data_type: TYPE_FP32 dims: [ {rank} ] }} ]
+               output [ {{ name: "y" data_type: TYPE_FP32 dims: [2] }} ]"#
+        );
+        assert!(spec_from_config(parse_text(&deep).unwrap(), "m")
+            .unwrap_err()
+            .contains("33 dims"));
+        // Declared dims whose full batch cannot be counted in bytes.
+        let wide = r#"platform: "pytorch_libtorch" max_batch_size: 65536
+               input [ { name: "x" data_type: TYPE_FP64 dims: [ 4611686018427387904 ] } ]
+               output [ { name: "y" data_type: TYPE_FP32 dims: [2] } ]"#;
+        assert!(spec_from_config(parse_text(wide).unwrap(), "m")
+            .unwrap_err()
+            .contains("more bytes than can be addressed"));
+
+        let outputs: String = (0..=MAX_MODEL_TENSORS)
+            .map(|i| format!(r#"output {{ name: "y{i}" data_type: TYPE_FP32 dims: [1] }} "#))
+            .collect();
+        let text = format!(
+            r#"platform: "pytorch_libtorch" input [ {{ name: "x" data_type: TYPE_FP32 dims: [1] }} ] {outputs}"#
+        );
+        assert!(spec_from_config(parse_text(&text).unwrap(), "m")
+            .unwrap_err()
+            .contains("257 outputs"));
+
+        let params: String = (0..=MAX_PARAMETERS)
+            .map(|i| format!(r#"parameters {{ key: "k{i}" value: {{ string_value: "v" }} }} "#))
+            .collect();
+        assert!(bad(4, &params).contains("257 parameters"));
+        let long = format!(
+            r#"parameters {{ key: "k" value: {{ string_value: "{}" }} }}"#,
+            "v".repeat(MAX_PARAMETER_BYTES)
+        );
+        assert!(bad(4, &long).contains("parameter 'k' is longer"));
+    }
+
+    #[test]
+    fn instances_versions_and_warm_up_stay_within_the_limits() {
+        let limits = ModelLimits {
+            max_model_instances: 4,
+            max_warmup_bytes: 1024,
+        };
+        let groups = "instance_group [ { count: 2 }, { count: 2 } ]";
+        assert_eq!(bounded(4, groups, &limits).unwrap().instance_count, 4);
+        let err = bounded(4, "instance_group [ { count: 2 }, { count: 3 } ]", &limits).unwrap_err();
+        assert!(
+            err.contains("max_model_instances 4") && err.contains("instance_group[1]"),
+            "{err}"
+        );
+        let err = bounded(
+            4,
+            "instance_group [ { count: 2147483647 }, { count: 2147483647 } ]",
+            &limits,
+        )
+        .unwrap_err();
+        assert!(err.contains("instance_group[0]"), "{err}");
+        let err = bounded(
+            4,
+            "version_policy { specific { versions: [1, 2, 3, 4, 5] } }",
+            &limits,
+        )
+        .unwrap_err();
+        assert!(err.contains("5 versions"), "{err}");
+
+        // Default warm-up: batch 1 (8 bytes), 64 (512) and 128 (1024) would be 1544 bytes;
+        // the sizes that fit are kept, smallest first.
+        let spec = bounded(
+            128,
+            "dynamic_batching { preferred_batch_size: [ 64 ] }",
+            &limits,
+        )
+        .unwrap();
+        let sizes: Vec<i64> = spec.warmup.iter().map(|w| w.inputs[0].shape[0]).collect();
+        assert_eq!(sizes, vec![1, 64]);
+        let tiny = ModelLimits {
+            max_warmup_bytes: 7,
+            ..limits
+        };
+        assert!(bounded(4, "", &tiny)
+            .unwrap_err()
+            .contains("default warm-up at batch size 1 needs 8 bytes"));
+
+        // Configured warm-up: the samples together, and each count.
+        let sample = |name: &str, batch: u32, count: u32| {
+            format!(
+                r#"model_warmup {{ name: "{name}" batch_size: {batch} count: {count}
+                   inputs {{ key: "x" value: {{ data_type: TYPE_FP32 dims: [2] random_data: true }} }} }}"#
+            )
+        };
+        let two = format!("{} {}", sample("a", 64, 1), sample("b", 64, 1));
+        assert_eq!(bounded(64, &two, &limits).unwrap().warmup.len(), 2);
+        let three = format!("{two} {}", sample("c", 1, 1));
+        let err = bounded(64, &three, &limits).unwrap_err();
+        assert!(
+            err.contains("model_warmup 'c'") && err.contains("max_warmup_bytes 1024"),
+            "{err}"
+        );
+        assert!(bounded(4, &sample("n", 1, MAX_WARMUP_COUNT + 1), &limits)
+            .unwrap_err()
+            .contains("count 1001 is above"));
+        let samples: String = (0..=MAX_WARMUP_SAMPLES)
+            .map(|i| sample(&format!("s{i}"), 1, 1))
+            .collect();
+        assert!(bounded(4, &samples, &limits)
+            .unwrap_err()
+            .contains("65 samples"));
+    }
+
+    #[test]
+    fn warm_up_files_stay_in_the_warmup_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("m");
+        std::fs::create_dir_all(model.join("warmup/sub")).unwrap();
+        std::fs::write(model.join("warmup/sub/ok.bin"), [0u8; 8]).unwrap();
+        std::fs::write(dir.path().join("secret.bin"), [0u8; 8]).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("secret.bin"), model.join("warmup/out.bin"))
+            .unwrap();
+        let read = |file: &str| warmup_file(&model, file, 8, &[2], DataType::Fp32);
+        assert_eq!(read("sub/ok.bin").unwrap(), vec![0u8; 8]);
+        assert_eq!(read("./sub/ok.bin").unwrap(), vec![0u8; 8]);
+        for refused in [
+            "",
+            "../secret.bin",
+            "sub/../../secret.bin",
+            "/etc/passwd",
+            "sub\\ok.bin",
+        ] {
+            let err = read(refused).unwrap_err();
+            assert!(err.contains("relative path"), "{refused}: {err}");
+        }
+        let err = read("out.bin").unwrap_err();
+        assert!(
+            err.contains("warmup/out.bin resolves to a file outside"),
+            "{err}"
+        );
+        assert!(!err.contains(&dir.path().display().to_string()), "{err}");
+        let err = warmup_file(&model, "sub/ok.bin", 4, &[1], DataType::Fp32).unwrap_err();
+        assert!(err.contains("above the limit of 4"), "{err}");
+        let err = warmup_file(&model, "sub/ok.bin", 12, &[3], DataType::Fp32).unwrap_err();
+        assert!(
+            err.contains("holds 8 bytes") && err.contains("needs 12"),
+            "{err}"
+        );
+        let err = read("missing.bin").unwrap_err();
+        assert!(err.contains("cannot read warmup/missing.bin"), "{err}");
+        assert!(!err.contains(&dir.path().display().to_string()), "{err}");
+    }
+
+    #[test]
+    fn json_configs_parse_like_text_ones() {
+        let json = r#"{"name": "mlp", "platform": "pytorch_libtorch", "maxBatchSize": 8,
+            "input": [{"name": "x", "data_type": "TYPE_FP32", "dims": ["64"]}],
+            "output": [{"name": "y", "dataType": "TYPE_FP32", "dims": [10]}]}"#;
+        let c = parse_json(json).unwrap();
+        assert_eq!((c.max_batch_size, c.input[0].dims.clone()), (8, vec![64]));
+        assert!(parse_json("{").is_err());
+        assert!(parse_json(r#"{"name": "m"} trailing"#).is_err());
+        assert!(parse_json(r#"{"nope": 1}"#).unwrap_err().contains("nope"));
+        let huge = format!(r#"{{"name": "{}"}}"#, "m".repeat(1 << 20));
+        assert!(parse_json(&huge).unwrap_err().contains("bytes long"));
     }
 
     #[test]
