@@ -27,6 +27,11 @@ pub struct Server {
     metrics: TcpListener,
 }
 
+/// The gRPC health service name that reports liveness (ServerLive), for probes.
+pub const LIVENESS_SERVICE: &str = "liveness";
+/// How often liveness is re-read for the gRPC health service.
+const LIVENESS_INTERVAL: Duration = Duration::from_secs(1);
+
 /// How often the metrics recorder compacts its histograms.
 const METRICS_UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -131,6 +136,32 @@ impl Server {
         health
             .set_service_status("", tonic_health::ServingStatus::Serving)
             .await;
+        // Liveness for probes that speak gRPC health: NOT_SERVING while a model is
+        // wedged (every instance stuck), so the orchestrator restarts the process. It
+        // stays SERVING while draining: a restart then would only cut the drain short.
+        let liveness = {
+            let (health, gateway, stop) = (health.clone(), gateway.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(LIVENESS_INTERVAL);
+                let mut was_live = None;
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tick.tick() => {}
+                    }
+                    let live = gateway.is_live();
+                    if was_live != Some(live) {
+                        let status = if live {
+                            tonic_health::ServingStatus::Serving
+                        } else {
+                            tonic_health::ServingStatus::NotServing
+                        };
+                        health.set_service_status(LIVENESS_SERVICE, status).await;
+                        was_live = Some(live);
+                    }
+                }
+            })
+        };
 
         // Plain HTTP endpoints stop only after the gRPC drain, so probes see NOT_SERVING.
         let http_stop = CancellationToken::new();
@@ -201,7 +232,7 @@ impl Server {
             Err(_) => tracing::warn!("grace period over with connections still open; exiting"),
         }
         http_stop.cancel();
-        let _ = tokio::join!(http_task, metrics_task, upkeep);
+        let _ = tokio::join!(http_task, metrics_task, upkeep, liveness);
         Ok(())
     }
 }

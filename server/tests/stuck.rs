@@ -40,6 +40,28 @@ async fn live(s: &TestServer) -> (bool, u16) {
     (grpc, http)
 }
 
+/// The gRPC health status of the `liveness` service, which Kubernetes' liveness probe
+/// checks.
+async fn health_liveness(s: &TestServer) -> i32 {
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", s.grpc))
+        .expect("valid address")
+        .connect()
+        .await
+        .expect("health client connects");
+    let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+    client
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: sluice::server::LIVENESS_SERVICE.into(),
+        })
+        .await
+        .expect("health check answers")
+        .into_inner()
+        .status
+}
+
+const SERVING: i32 = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+const NOT_SERVING: i32 = tonic_health::pb::health_check_response::ServingStatus::NotServing as i32;
+
 /// Poll `check` every 10 ms until it holds, for at most `WAIT` (then fail with `what`).
 async fn until<F: Future<Output = bool>>(what: &str, mut check: impl FnMut() -> F) {
     let start = Instant::now();
@@ -158,6 +180,7 @@ async fn a_stuck_thread_that_returns_is_retired() {
     assert_eq!(metric(&s, &detections("hang_then_return")).await, 1.0);
     serves(&mut s, "hang_then_return").await;
     assert_eq!(live(&s).await, (true, 200));
+    assert_eq!(health_liveness(&s).await, SERVING);
     s.stop().await;
 }
 
@@ -197,6 +220,12 @@ async fn every_instance_stuck_turns_liveness_false_while_other_models_serve() {
     serves(&mut s, "healthy").await;
     assert_eq!(metric(&s, &detections("healthy")).await, 0.0);
     assert_eq!(live(&s).await, (false, 503), "still not live");
+    let server = &s;
+    until(
+        "the gRPC health liveness service turns NOT_SERVING",
+        move || async move { health_liveness(server).await == NOT_SERVING },
+    )
+    .await;
     s.stop().await;
 }
 
@@ -212,5 +241,6 @@ async fn a_slow_model_within_the_limit_keeps_the_server_live() {
     assert_eq!(metric(&s, &detections("slow_ok")).await, 0.0);
     assert_eq!(metric(&s, &stuck_gauge("slow_ok")).await, 0.0);
     assert_eq!(live(&s).await, (true, 200));
+    assert_eq!(health_liveness(&s).await, SERVING);
     s.stop().await;
 }
