@@ -653,6 +653,16 @@ def main() -> int:
                    "allowUnauthenticatedModelControl")
     expect_failure(report, "server.maxModelInstances: 0 (schema)",
                    bad_values({"server": {"maxModelInstances": 0}}), "maxModelInstances")
+    expect_failure(report, "server.edge.maxConnections: 0 (schema)",
+                   bad_values({"server": {"edge": {"maxConnections": 0}}}), "maxConnections")
+    expect_failure(report, "server.edge.bodyReadTimeoutSeconds: \"15s\" (schema type)",
+                   bad_values({"server": {"edge": {"bodyReadTimeoutSeconds": "15s"}}}),
+                   "bodyReadTimeoutSeconds")
+    expect_failure(report, "server.edge.maxRequestBytesInFlight below maxMessageBytes (fail in "
+                   "template; the server refuses to start the same way)",
+                   bad_values({"server": {"maxMessageBytes": 67108864,
+                                          "edge": {"maxRequestBytesInFlight": 1048576}}}),
+                   "maxRequestBytesInFlight")
     expect_failure(report, "server.modelControlMode: auto (schema enum)",
                    bad_values({"server": {"modelControlMode": "auto"}}), "modelControlMode")
     expect_failure(report, "server.idleTimeoutSeconds: 0 (schema, must be positive)",
