@@ -51,9 +51,7 @@ where
     }
 
     fn decoder(&mut self) -> Self::Decoder {
-        BoundedDecoder {
-            _type: PhantomData,
-        }
+        BoundedDecoder { _type: PhantomData }
     }
 }
 
@@ -71,28 +69,40 @@ impl<U: Message + Default + 'static> Decoder for BoundedDecoder<U> {
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
         // Stable Rust has no specialisation, so the one message with a pre-check is
         // picked out by type; the comparison is a constant after monomorphisation.
-        if TypeId::of::<U>() != TypeId::of::<ModelInferRequest>() {
-            return U::decode(buf)
+        if TypeId::of::<U>() == TypeId::of::<ModelInferRequest>() {
+            bounded_decode(buf).map(Some)
+        } else {
+            U::decode(buf)
                 .map(Some)
-                .map_err(|e| Status::internal(e.to_string()));
+                .map_err(|e| Status::internal(e.to_string()))
         }
-        // tonic hands the decoder one contiguous buffer holding the whole message;
-        // were that ever not so, refusing is safer than decoding unchecked.
-        let wire = buf.chunk();
-        if wire.len() != buf.remaining() {
-            return Err(Status::internal(
-                "ModelInferRequest is not in one contiguous buffer",
-            ));
-        }
-        check_infer_request(wire).map_err(|refusal| invalid(&refusal))?;
-        U::decode(buf).map(Some).map_err(|e| {
-            invalid(&Refusal::Malformed(e.to_string()))
-        })
     }
 
     fn buffer_settings(&self) -> BufferSettings {
         BufferSettings::default()
     }
+}
+
+/// Decode a `ModelInferRequest` as the server does: refused with INVALID_ARGUMENT when
+/// malformed or over a cap of [`crate::limits`], else decoded by prost (byte fields
+/// share `buf`'s storage when it is `Bytes`).
+pub fn decode_infer_request(buf: &mut impl Buf) -> Result<ModelInferRequest, Status> {
+    bounded_decode(buf)
+}
+
+/// The walk, then prost; generic so the decoder above can name its own `U` (which it
+/// has checked to be `ModelInferRequest`).
+fn bounded_decode<U: Message + Default>(buf: &mut impl Buf) -> Result<U, Status> {
+    // tonic hands the decoder one contiguous buffer holding the whole message; were
+    // that ever not so, refusing is safer than decoding unchecked.
+    let wire = buf.chunk();
+    if wire.len() != buf.remaining() {
+        return Err(Status::internal(
+            "ModelInferRequest is not in one contiguous buffer",
+        ));
+    }
+    check_infer_request(wire).map_err(|refusal| invalid(&refusal))?;
+    U::decode(buf).map_err(|e| invalid(&Refusal::Malformed(e.to_string())))
 }
 
 fn invalid(refusal: &Refusal) -> Status {

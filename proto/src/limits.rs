@@ -70,7 +70,8 @@ pub const HEAP_PER_WIRE_BYTE: usize = 16;
 
 /// Bytes of hash table one parameter entry can cost: alone in hashbrown's smallest
 /// table (4 slots of key and value, 4 control bytes and a 16-byte control group).
-pub const HEAP_PER_PARAMETER: usize = 4 * (size_of::<String>() + size_of::<InferParameter>() + 1) + 16;
+pub const HEAP_PER_PARAMETER: usize =
+    4 * (size_of::<String>() + size_of::<InferParameter>() + 1) + 16;
 
 /// Heap an admitted request can cost beyond [`HEAP_PER_WIRE_BYTE`] per wire byte: the
 /// capped containers, at twice their capacity, and the parameter tables.
@@ -79,6 +80,9 @@ pub const HEAP_OVERHEAD: usize = 2
         + MAX_OUTPUTS * size_of::<InferRequestedOutputTensor>()
         + MAX_RAW_INPUT_CONTENTS * size_of::<Bytes>())
     + MAX_PARAMETERS * HEAP_PER_PARAMETER;
+
+// The constant is "a few hundred KiB" as documented above (about 260 KiB on 64-bit).
+const _: () = assert!(HEAP_OVERHEAD < 512 * 1024);
 
 /// Upper bound on the heap a `ModelInferRequest` of `wire_bytes` allocates when decoded,
 /// once [`check_infer_request`] has admitted it.
@@ -119,10 +123,7 @@ impl fmt::Display for Refusal {
                 count,
                 cap,
                 what,
-            } => write!(
-                f,
-                "{field} has {count} {what}, more than the {cap} allowed"
-            ),
+            } => write!(f, "{field} has {count} {what}, more than the {cap} allowed"),
             Refusal::TooLong { field, len, cap } => write!(
                 f,
                 "{field} is {len} bytes long, more than the {cap} allowed"
@@ -171,9 +172,7 @@ pub fn check_infer_request(wire: &[u8]) -> Result<(), Refusal> {
     while let Some((field, value)) = reader.field()? {
         match (field, value) {
             (1, Value::Delimited(s)) => string(FieldPath::top("model_name"), s, MAX_NAME_BYTES)?,
-            (2, Value::Delimited(s)) => {
-                string(FieldPath::top("model_version"), s, MAX_NAME_BYTES)?
-            }
+            (2, Value::Delimited(s)) => string(FieldPath::top("model_version"), s, MAX_NAME_BYTES)?,
             (3, Value::Delimited(s)) => string(FieldPath::top("id"), s, MAX_ID_BYTES)?,
             (4, Value::Delimited(entry)) => {
                 parameters += 1;
@@ -250,8 +249,14 @@ fn parameter_entry(map: FieldPath, entry: &[u8], total: &mut usize) -> Result<()
     // Checked as entries arrive so a flood of tiny entries is refused without walking
     // all of them.
     parameters_cap(*total)?;
-    let key = FieldPath { field: "parameters key", ..map };
-    let value = FieldPath { field: "parameters value", ..map };
+    let key = FieldPath {
+        field: "parameters key",
+        ..map
+    };
+    let value = FieldPath {
+        field: "parameters value",
+        ..map
+    };
     let mut reader = Reader::new(entry);
     while let Some((field, v)) = reader.field()? {
         match (field, v) {
@@ -296,15 +301,17 @@ fn input_tensor(index: usize, tensor: &[u8], total: &mut usize) -> Result<(), Re
         // Checked as dims arrive: a shape of millions of dims is refused at once.
         cap(at("shape"), dims, MAX_DIMS, "dims")?;
     }
-    cap(at("parameters"), parameters, MAX_PARAMETERS_PER_MAP, "entries")
+    cap(
+        at("parameters"),
+        parameters,
+        MAX_PARAMETERS_PER_MAP,
+        "entries",
+    )
 }
 
 /// `InferTensorContents`: the typed fields cost at most [`HEAP_PER_WIRE_BYTE`] per wire
 /// byte; `bytes_contents` = 8 (a `Bytes` per 2-byte entry) is refused.
-fn tensor_contents(
-    at: impl Fn(&'static str) -> FieldPath,
-    contents: &[u8],
-) -> Result<(), Refusal> {
+fn tensor_contents(at: impl Fn(&'static str) -> FieldPath, contents: &[u8]) -> Result<(), Refusal> {
     let mut reader = Reader::new(contents);
     while let Some((field, _)) = reader.field()? {
         if field == 8 {
@@ -335,7 +342,12 @@ fn output_tensor(index: usize, tensor: &[u8], total: &mut usize) -> Result<(), R
             _ => {}
         }
     }
-    cap(at("parameters"), parameters, MAX_PARAMETERS_PER_MAP, "entries")
+    cap(
+        at("parameters"),
+        parameters,
+        MAX_PARAMETERS_PER_MAP,
+        "entries",
+    )
 }
 
 /// Number of varints in a packed field, checking each is terminated.
@@ -557,7 +569,8 @@ mod tests {
         ));
         let mut req = ModelInferRequest::default();
         for i in 0..=MAX_PARAMETERS_PER_MAP {
-            req.parameters.insert(format!("k{i}"), InferParameter::default());
+            req.parameters
+                .insert(format!("k{i}"), InferParameter::default());
         }
         assert!(check(&req)
             .unwrap_err()
@@ -575,7 +588,10 @@ mod tests {
         };
         assert!(matches!(
             check(&req),
-            Err(Refusal::TooMany { cap: MAX_PARAMETERS, .. })
+            Err(Refusal::TooMany {
+                cap: MAX_PARAMETERS,
+                ..
+            })
         ));
     }
 
@@ -641,7 +657,10 @@ mod tests {
             tensor.extend_from_slice(&[3 << 3, 1]);
         }
         let len = u8::try_from(tensor.len()).unwrap();
-        assert!((128..256).contains(&usize::from(len)), "a two-byte varint below");
+        assert!(
+            (128..256).contains(&usize::from(len)),
+            "a two-byte varint below"
+        );
         let mut wire = vec![5 << 3 | 2, len | 0x80, 1];
         wire.extend_from_slice(&tensor);
         assert!(matches!(
@@ -653,14 +672,16 @@ mod tests {
     #[test]
     fn malformed_wire_is_refused_like_prost_does() {
         let cases: &[&[u8]] = &[
-            &[0x0a],                   // model_name with no length
-            &[0x0a, 0x05, b'a'],       // length past the end
-            &[0x08, 0x80],             // truncated varint
-            &[0x00],                   // field number 0
-            &[0x0c],                   // end group outside a group
-            &[0x0e],                   // wire type 6
-            &[0x0b, 0x08, 0x01],       // unterminated group
-            &[0x08, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f],
+            &[0x0a],             // model_name with no length
+            &[0x0a, 0x05, b'a'], // length past the end
+            &[0x08, 0x80],       // truncated varint
+            &[0x00],             // field number 0
+            &[0x0c],             // end group outside a group
+            &[0x0e],             // wire type 6
+            &[0x0b, 0x08, 0x01], // unterminated group
+            &[
+                0x08, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f,
+            ],
         ];
         for wire in cases {
             let refusal = check_infer_request(wire).expect_err("malformed");

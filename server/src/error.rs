@@ -385,11 +385,16 @@ mod tests {
                  [7, 7, 7, 7, 7, 7, 7, 7, ... (2000000 dims)], expected [-1, 64]"
             )
         );
-        let status = Status::from(Error::ModelNotFound { model: long.clone() });
+        let status = Status::from(Error::ModelNotFound {
+            model: long.clone(),
+        });
         assert_eq!(status.code(), Code::NotFound);
         assert!(status.message().len() < 200, "{}", status.message());
         // Multi-byte characters are cut whole.
-        assert_eq!(clip(&"é".repeat(200)), format!("{}...", "é".repeat(ECHO_CHARS)));
+        assert_eq!(
+            clip(&"é".repeat(200)),
+            format!("{}...", "é".repeat(ECHO_CHARS))
+        );
         assert_eq!(clip("short"), "short");
     }
 

@@ -361,16 +361,15 @@ pub fn validate(spec: &ModelSpec, request: &InferRequest) -> Result<Validated, E
         }
         // Every dim is a size by now, but their product is the client's: checked, so a
         // shape like [2**32, 2**32] cannot wrap to a small size that empty data matches.
-        let expected = checked_byte_size(&input.shape, in_spec.dtype).map_err(|e| {
-            Error::InvalidRequest {
+        let expected =
+            checked_byte_size(&input.shape, in_spec.dtype).map_err(|e| Error::InvalidRequest {
                 model: model(),
                 message: format!(
                     "input '{}' has shape {}: {e}",
                     clip(&input.name),
                     shape_string(&input.shape)
                 ),
-            }
-        })?;
+            })?;
         if input.data.len() != expected {
             return Err(Error::WrongByteSize {
                 model: model(),

@@ -116,10 +116,13 @@ impl fmt::Display for ShapeError {
 /// Number of elements of a shape, with every dimension a size (>= 0) and the product
 /// checked: the only way to size anything from a shape a client sent.
 pub fn checked_element_count(shape: &[i64]) -> Result<usize, ShapeError> {
-    shape.iter().enumerate().try_fold(1usize, |count, (index, &dim)| {
-        let dim = usize::try_from(dim).map_err(|_| ShapeError::Negative { index, dim })?;
-        count.checked_mul(dim).ok_or(ShapeError::Overflow)
-    })
+    shape
+        .iter()
+        .enumerate()
+        .try_fold(1usize, |count, (index, &dim)| {
+            let dim = usize::try_from(dim).map_err(|_| ShapeError::Negative { index, dim })?;
+            count.checked_mul(dim).ok_or(ShapeError::Overflow)
+        })
 }
 
 /// Bytes a row-major tensor of `shape` and `dtype` holds, checked as
@@ -182,13 +185,25 @@ mod tests {
     fn checked_counts_refuse_negative_and_overflowing_shapes() {
         assert_eq!(checked_element_count(&[2, 3, 4]), Ok(24));
         assert_eq!(checked_element_count(&[]), Ok(1));
-        assert_eq!(checked_element_count(&[0, -1]), Err(ShapeError::Negative { index: 1, dim: -1 }));
-        assert_eq!(checked_element_count(&[1 << 32, 1 << 32]), Err(ShapeError::Overflow));
-        assert_eq!(checked_element_count(&[i64::MAX, 3]), Err(ShapeError::Overflow));
+        assert_eq!(
+            checked_element_count(&[0, -1]),
+            Err(ShapeError::Negative { index: 1, dim: -1 })
+        );
+        assert_eq!(
+            checked_element_count(&[1 << 32, 1 << 32]),
+            Err(ShapeError::Overflow)
+        );
+        assert_eq!(
+            checked_element_count(&[i64::MAX, 3]),
+            Err(ShapeError::Overflow)
+        );
         // 2**46 elements fit usize but their bytes do not fit memory: the caller compares
         // the count with what was sent before sizing anything.
         assert_eq!(checked_element_count(&[1 << 46]), Ok(1 << 46));
-        assert_eq!(checked_byte_size(&[1 << 62], DataType::Fp64), Err(ShapeError::Overflow));
+        assert_eq!(
+            checked_byte_size(&[1 << 62], DataType::Fp64),
+            Err(ShapeError::Overflow)
+        );
         assert_eq!(checked_byte_size(&[3, 2], DataType::Fp32), Ok(24));
     }
 
@@ -196,7 +211,10 @@ mod tests {
     fn long_shapes_are_elided() {
         assert_eq!(shape_string(&[-1, 64]), "[-1, 64]");
         let long = vec![1i64; 2_000_000];
-        assert_eq!(shape_string(&long), "[1, 1, 1, 1, 1, 1, 1, 1, ... (2000000 dims)]");
+        assert_eq!(
+            shape_string(&long),
+            "[1, 1, 1, 1, 1, 1, 1, 1, ... (2000000 dims)]"
+        );
     }
 }
 

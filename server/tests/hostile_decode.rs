@@ -104,7 +104,11 @@ async fn typed_contents_with_a_huge_shape_and_no_data_are_refused() {
     }
     expect_refused(
         &mut s.client,
-        typed("wide", vec![1 << 32, 1 << 32], InferTensorContents::default()),
+        typed(
+            "wide",
+            vec![1 << 32, 1 << 32],
+            InferTensorContents::default(),
+        ),
         Code::InvalidArgument,
         &["INPUT__0", "[4294967296, 4294967296]", "overflows"],
     )
@@ -325,10 +329,12 @@ async fn malformed_protobuf_is_invalid_argument() {
         ("invalid UTF-8 in a string", vec![0x0a, 0x02, 0xc3, 0x28]),
     ];
     for (what, wire) in cases {
-        let err = raw_call(s.grpc, MODEL_INFER, wire)
-            .await
-            .expect_err(what);
-        check_status(&err, Code::InvalidArgument, &["cannot decode ModelInferRequest"]);
+        let err = raw_call(s.grpc, MODEL_INFER, wire).await.expect_err(what);
+        check_status(
+            &err,
+            Code::InvalidArgument,
+            &["cannot decode ModelInferRequest"],
+        );
         still_serves(&mut s.client).await;
     }
     // The same bytes, well-formed, are served through the raw path too.
@@ -370,7 +376,11 @@ async fn a_stream_answers_its_admitted_requests_then_ends_with_the_decode_error(
         .await
         .expect("ended in time")
         .expect_err("the stream ends with the decode error");
-    check_status(&err, Code::InvalidArgument, &["cannot decode ModelInferRequest"]);
+    check_status(
+        &err,
+        Code::InvalidArgument,
+        &["cannot decode ModelInferRequest"],
+    );
     still_serves(&mut s.client).await;
 
     // A request over a cap ends the stream the same way.
@@ -398,7 +408,10 @@ async fn a_stream_answers_its_admitted_requests_then_ends_with_the_decode_error(
 #[tokio::test]
 async fn a_timeout_parameter_of_zero_means_no_timeout() {
     let (_repo, mut s) = start().await;
-    for choice in [ParameterChoice::Int64Param(0), ParameterChoice::Uint64Param(0)] {
+    for choice in [
+        ParameterChoice::Int64Param(0),
+        ParameterChoice::Uint64Param(0),
+    ] {
         let mut req = good();
         req.parameters.insert(
             "timeout".into(),

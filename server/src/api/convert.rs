@@ -10,12 +10,12 @@ use crate::model::{InferRequest, InferResponse, LoadedModel, RequestInput, Tally
 use crate::tensor::{checked_element_count, shape_string, DataType};
 use bytes::{BufMut, Bytes, BytesMut};
 use sluice_proto::inference::infer_parameter::ParameterChoice;
-use sluice_proto::limits::MAX_DIMS;
 use sluice_proto::inference::{
     model_infer_request::InferInputTensor, model_infer_response::InferOutputTensor,
     InferBatchStatistics, InferParameter, InferStatistics, InferTensorContents, ModelInferRequest,
     ModelInferResponse, ModelStatistics, StatisticDuration,
 };
+use sluice_proto::limits::MAX_DIMS;
 
 /// Decode a ModelInferRequest: tensor bytes from `raw_input_contents` (one entry per
 /// input, in order) or from each input's typed `contents`.
@@ -318,13 +318,17 @@ mod tests {
     fn timeout_zero_means_no_timeout() {
         let req = infer_request(with_parameter("timeout", ParameterChoice::Int64Param(0))).unwrap();
         assert_eq!(req.queue_timeout, None);
-        let req = infer_request(with_parameter("timeout", ParameterChoice::Uint64Param(0))).unwrap();
+        let req =
+            infer_request(with_parameter("timeout", ParameterChoice::Uint64Param(0))).unwrap();
         assert_eq!(req.queue_timeout, None);
         let req =
             infer_request(with_parameter("timeout", ParameterChoice::Int64Param(1500))).unwrap();
         assert_eq!(req.queue_timeout, Some(Duration::from_micros(1500)));
         let msg = refusal(with_parameter("timeout", ParameterChoice::Int64Param(-1)));
-        assert!(msg.contains("parameter 'timeout' must be a non-negative integer"), "{msg}");
+        assert!(
+            msg.contains("parameter 'timeout' must be a non-negative integer"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -360,7 +364,10 @@ mod tests {
             ..Default::default()
         };
         let req = infer_request(request(vec![typed("INT32", vec![3], contents.clone())])).unwrap();
-        let bytes: Vec<u8> = [1i32, -2, 300].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let bytes: Vec<u8> = [1i32, -2, 300]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
         assert_eq!(req.inputs[0].data.as_ref(), &bytes[..]);
         let msg = refusal(request(vec![typed("INT32", vec![4], contents.clone())]));
         assert!(msg.contains("contents hold 3 INT32 values in int_contents, shape [4] needs 4"));
@@ -368,7 +375,10 @@ mod tests {
         let msg = refusal(request(vec![typed("FP32", vec![3], contents.clone())]));
         assert!(msg.contains("hold 0 FP32 values"), "{msg}");
         let msg = refusal(request(vec![typed("INT8", vec![3], contents)]));
-        assert!(msg.contains("int_contents value 300 does not fit INT8"), "{msg}");
+        assert!(
+            msg.contains("int_contents value 300 does not fit INT8"),
+            "{msg}"
+        );
         let msg = refusal(request(vec![typed(
             "UINT8",
             vec![1],
@@ -377,7 +387,10 @@ mod tests {
                 ..Default::default()
             },
         )]));
-        assert!(msg.contains("uint_contents value 256 does not fit UINT8"), "{msg}");
+        assert!(
+            msg.contains("uint_contents value 256 does not fit UINT8"),
+            "{msg}"
+        );
         let msg = refusal(request(vec![typed(
             "FP16",
             vec![1],
@@ -388,10 +401,17 @@ mod tests {
 
     #[test]
     fn too_many_dims_and_long_names_are_refused_and_clipped() {
-        let mut input = typed("FP32", vec![1; MAX_DIMS + 1], InferTensorContents::default());
+        let mut input = typed(
+            "FP32",
+            vec![1; MAX_DIMS + 1],
+            InferTensorContents::default(),
+        );
         input.name = "n".repeat(10_000);
         let msg = refusal(request(vec![input]));
-        assert!(msg.contains("has 65 dims, more than the 64 allowed"), "{msg}");
+        assert!(
+            msg.contains("has 65 dims, more than the 64 allowed"),
+            "{msg}"
+        );
         assert!(msg.len() < 400, "{msg}");
         let msg = refusal(with_parameter(
             "priority",
