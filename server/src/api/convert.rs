@@ -102,16 +102,21 @@ fn uint_parameter(
     parameters: &std::collections::HashMap<String, InferParameter>,
     key: &str,
 ) -> Result<Option<u64>, Error> {
-    let choice = parameters
+    let Some(choice) = parameters
         .get(key)
-        .and_then(|p| p.parameter_choice.as_ref());
-    let value = match choice {
-        None => return Ok(None),
-        Some(ParameterChoice::Int64Param(v)) => u64::try_from(*v).ok(),
-        Some(ParameterChoice::Uint64Param(v)) => Some(*v),
-        Some(_) => None,
+        .and_then(|p| p.parameter_choice.as_ref())
+    else {
+        return Ok(None);
     };
-    value.map(Some).ok_or_else(|| Error::InvalidRequest {
+    match choice {
+        ParameterChoice::Int64Param(v) => u64::try_from(*v).ok(),
+        ParameterChoice::Uint64Param(v) => Some(*v),
+        ParameterChoice::BoolParam(_)
+        | ParameterChoice::StringParam(_)
+        | ParameterChoice::DoubleParam(_) => None,
+    }
+    .map(Some)
+    .ok_or_else(|| Error::InvalidRequest {
         model: model.to_owned(),
         message: format!(
             "parameter '{key}' must be a non-negative integer, got {}",
