@@ -2,6 +2,7 @@
 //!
 //! `protox` parses the schema into a `FileDescriptorSet`; `tonic-prost-build`
 //! generates the prost messages and the tonic client/server from it; the
+//! generated services use the crate's own codec (`codec::SluiceCodec`). The
 //! encoded set is also written to `$OUT_DIR/sluice_descriptor.bin` so the
 //! crate can export it (gRPC reflection, text-format parsing of
 //! `config.pbtxt`).
@@ -33,6 +34,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         // Tensor payloads as `Bytes`: decoded without a copy, sliced without a copy.
         .bytes(".inference")
+        // prost's codec, but a ModelInferRequest is checked against the caps of
+        // `limits` before it is decoded (see src/codec.rs).
+        .codec_path("crate::codec::SluiceCodec")
         .compile_fds(compiler.file_descriptor_set())?;
 
     Ok(())

@@ -11,6 +11,12 @@
 //! * [`FILE_DESCRIPTOR_SET`] — the encoded `FileDescriptorSet` of both files,
 //!   for gRPC server reflection and for parsing `config.pbtxt` (protobuf text
 //!   format) with a reflection library.
+//! * [`codec`] — the codec of every generated client and server: prost's, but a
+//!   `ModelInferRequest` is checked against the wire-level caps of [`limits`]
+//!   before it is decoded.
+
+pub mod codec;
+pub mod limits;
 
 /// Generated messages, enums and services of protobuf package `inference`.
 #[allow(

@@ -3,49 +3,99 @@
 //! Every failure a client can see is a variant here; `From<Error> for tonic::Status` is
 //! one exhaustive match, so a new variant cannot ship without a status code. `kind()` is
 //! the stable label used in metrics (`outcome`).
+//!
+//! Messages repeat what the client sent (model, version, tensor names, datatype, shape)
+//! so it can see what was wrong, but clipped: every client string through [`clip`],
+//! every shape through `shape_string`, and the whole message bounded by
+//! [`Error::client_message`]. An echoed 64 KiB name would otherwise make the
+//! `grpc-message` trailer too large for the client to read, turning a precise refusal
+//! into an opaque RESOURCE_EXHAUSTED on its side.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use tonic::{Code, Status};
 
-use crate::tensor::DataType;
+use crate::tensor::{shape_string, DataType};
+
+/// Most characters of one client-supplied value a message repeats; longer values are
+/// cut there and end in "...". Real names are far shorter.
+pub const ECHO_CHARS: usize = 128;
+
+/// Most bytes of a whole status message: a last guard however many values it names
+/// (or however long a model's own failure message is), well under the 8-16 KiB header
+/// lists that clients accept even after percent-encoding triples it.
+pub const MAX_MESSAGE_BYTES: usize = 1024;
+
+/// A client-supplied value as messages show it: at most [`ECHO_CHARS`] characters.
+pub fn clip(value: &str) -> Cow<'_, str> {
+    match value.char_indices().nth(ECHO_CHARS) {
+        None => Cow::Borrowed(value),
+        Some((cut, _)) => Cow::Owned(format!("{}...", &value[..cut])),
+    }
+}
+
+/// `message` cut to at most [`MAX_MESSAGE_BYTES`] bytes on a character boundary,
+/// ending in "..." when cut.
+pub fn bound_message(mut message: String) -> String {
+    if message.len() <= MAX_MESSAGE_BYTES {
+        return message;
+    }
+    let mut cut = MAX_MESSAGE_BYTES - "...".len();
+    while !message.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    message.truncate(cut);
+    message.push_str("...");
+    message
+}
 
 /// Everything that can go wrong between receiving a request and answering it.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("model '{model}' is not in the repository")]
+    #[error("model '{}' is not in the repository", clip(.model))]
     ModelNotFound { model: String },
 
-    #[error("model '{model}' has no version '{version}' available (available: {available})")]
+    #[error(
+        "model '{}' has no version '{}' available (available: {available})",
+        clip(.model),
+        clip(.version)
+    )]
     VersionNotFound {
         model: String,
         version: String,
         available: String,
     },
 
-    #[error("model '{model}' is not available: {reason}")]
+    #[error("model '{}' is not available: {reason}", clip(.model))]
     ModelUnavailable { model: String, reason: String },
 
     /// A passing state: an instance stopped and restarts, or the model version is being
     /// replaced. The same request may succeed a moment later.
-    #[error("model '{model}' is restarting: {reason}")]
+    #[error("model '{}' is restarting: {reason}", clip(.model))]
     Restarting { model: String, reason: String },
 
-    #[error("model '{model}': unexpected input '{input}' (expected one of: {expected})")]
+    #[error(
+        "model '{}': unexpected input '{}' (expected one of: {expected})",
+        clip(.model),
+        clip(.input)
+    )]
     UnknownInput {
         model: String,
         input: String,
         expected: String,
     },
 
-    #[error("model '{model}': missing input '{input}'")]
+    #[error("model '{}': missing input '{}'", clip(.model), clip(.input))]
     MissingInput { model: String, input: String },
 
-    #[error("model '{model}': input '{input}' given more than once")]
+    #[error("model '{}': input '{}' given more than once", clip(.model), clip(.input))]
     DuplicateInput { model: String, input: String },
 
     #[error(
-        "model '{model}': unexpected requested output '{output}' (expected one of: {expected})"
+        "model '{}': unexpected requested output '{}' (expected one of: {expected})",
+        clip(.model),
+        clip(.output)
     )]
     UnknownOutput {
         model: String,
@@ -53,7 +103,12 @@ pub enum Error {
         expected: String,
     },
 
-    #[error("model '{model}': input '{input}' has datatype {actual}, expected {expected}")]
+    #[error(
+        "model '{}': input '{}' has datatype {}, expected {expected}",
+        clip(.model),
+        clip(.input),
+        clip(.actual)
+    )]
     WrongDatatype {
         model: String,
         input: String,
@@ -61,7 +116,12 @@ pub enum Error {
         actual: String,
     },
 
-    #[error("model '{model}': input '{input}' has shape {actual:?}, expected {expected}")]
+    #[error(
+        "model '{}': input '{}' has shape {}, expected {expected}",
+        clip(.model),
+        clip(.input),
+        shape_string(.actual)
+    )]
     WrongShape {
         model: String,
         input: String,
@@ -70,7 +130,9 @@ pub enum Error {
     },
 
     #[error(
-        "model '{model}': input '{input}' has batch size {actual}, above max_batch_size {max}"
+        "model '{}': input '{}' has batch size {actual}, above max_batch_size {max}",
+        clip(.model),
+        clip(.input)
     )]
     BatchTooLarge {
         model: String,
@@ -80,7 +142,9 @@ pub enum Error {
     },
 
     #[error(
-        "model '{model}': input '{input}' holds {actual} bytes, expected {expected} ({detail})"
+        "model '{}': input '{}' holds {actual} bytes, expected {expected} ({detail})",
+        clip(.model),
+        clip(.input)
     )]
     WrongByteSize {
         model: String,
@@ -90,16 +154,16 @@ pub enum Error {
         detail: String,
     },
 
-    #[error("model '{model}': {message}")]
+    #[error("model '{}': {message}", clip(.model))]
     InvalidRequest { model: String, message: String },
 
-    #[error("model '{model}' failed: {message}")]
+    #[error("model '{}' failed: {message}", clip(.model))]
     ModelFailed { model: String, message: String },
 
-    #[error("model '{model}': deadline exceeded while {stage}")]
+    #[error("model '{}': deadline exceeded while {stage}", clip(.model))]
     DeadlineExceeded { model: String, stage: &'static str },
 
-    #[error("model '{model}' is overloaded: {reason}")]
+    #[error("model '{}' is overloaded: {reason}", clip(.model))]
     Overloaded {
         model: String,
         reason: String,
@@ -140,6 +204,12 @@ impl Error {
         matches!(self, Error::Restarting { .. })
     }
 
+    /// The message a client receives, in the status or a stream's `error_message`:
+    /// the `Display` text (client values already clipped), bounded as a whole.
+    pub fn client_message(&self) -> String {
+        bound_message(self.to_string())
+    }
+
     /// The gRPC status code this error is answered with.
     pub fn code(&self) -> Code {
         match self {
@@ -168,7 +238,7 @@ pub const RETRY_PUSHBACK_HEADER: &str = "grpc-retry-pushback-ms";
 
 impl From<Error> for Status {
     fn from(err: Error) -> Status {
-        let mut status = Status::new(err.code(), err.to_string());
+        let mut status = Status::new(err.code(), err.client_message());
         if let Error::Overloaded { retry_after, .. } = &err {
             let ms = retry_after.as_millis().to_string();
             if let Ok(value) = ms.parse() {
@@ -285,5 +355,61 @@ mod tests {
             msg,
             "model 'mlp': input 'INPUT__0' has datatype INT32, expected FP32"
         );
+        let msg = Error::WrongShape {
+            model: "mlp".into(),
+            input: "INPUT__0".into(),
+            expected: "[-1, 64]".into(),
+            actual: vec![1, 63],
+        }
+        .to_string();
+        assert_eq!(
+            msg,
+            "model 'mlp': input 'INPUT__0' has shape [1, 63], expected [-1, 64]"
+        );
+    }
+
+    #[test]
+    fn client_values_are_clipped_in_messages() {
+        let long = "n".repeat(64 * 1024);
+        let status = Status::from(Error::WrongShape {
+            model: long.clone(),
+            input: long.clone(),
+            expected: "[-1, 64]".into(),
+            actual: vec![7; 2_000_000],
+        });
+        let clipped = format!("{}...", "n".repeat(ECHO_CHARS));
+        assert_eq!(
+            status.message(),
+            format!(
+                "model '{clipped}': input '{clipped}' has shape \
+                 [7, 7, 7, 7, 7, 7, 7, 7, ... (2000000 dims)], expected [-1, 64]"
+            )
+        );
+        let status = Status::from(Error::ModelNotFound {
+            model: long.clone(),
+        });
+        assert_eq!(status.code(), Code::NotFound);
+        assert!(status.message().len() < 200, "{}", status.message());
+        // Multi-byte characters are cut whole.
+        assert_eq!(
+            clip(&"é".repeat(200)),
+            format!("{}...", "é".repeat(ECHO_CHARS))
+        );
+        assert_eq!(clip("short"), "short");
+    }
+
+    #[test]
+    fn whole_messages_are_bounded_on_a_char_boundary() {
+        let status = Status::from(Error::ModelFailed {
+            model: "m".into(),
+            message: "€".repeat(10_000),
+        });
+        assert_eq!(status.code(), Code::Internal);
+        assert!(status.message().len() <= MAX_MESSAGE_BYTES);
+        assert!(status.message().len() > MAX_MESSAGE_BYTES - 8);
+        assert!(status.message().starts_with("model 'm' failed: €€"));
+        assert!(status.message().ends_with("€..."));
+        let short = "model 'm': fine".to_owned();
+        assert_eq!(bound_message(short.clone()), short);
     }
 }

@@ -13,11 +13,11 @@ use crate::admission::limit::AdaptiveLimit;
 use crate::admission::AdmissionConfig;
 use crate::batcher::{BatchKey, Batcher, QueueLimits, Queued, Scaling};
 use crate::config::{BackendOptions, ModelDefaults};
-use crate::error::Error;
+use crate::error::{clip, Error};
 use crate::metrics;
 use crate::pool::InstancePool;
 use crate::repository::{ModelSpec, TensorSpec};
-use crate::tensor::{element_count, shape_string, DataType, Tensor};
+use crate::tensor::{checked_byte_size, shape_string, DataType, Tensor};
 
 /// An inference request after protocol decoding, before validation.
 #[derive(Debug, Clone, Default)]
@@ -349,7 +349,7 @@ pub fn validate(spec: &ModelSpec, request: &InferRequest) -> Result<Validated, E
                     model: model(),
                     message: format!(
                         "input '{}' has batch size {b}, other inputs have {first}",
-                        input.name
+                        clip(&input.name)
                     ),
                 });
             }
@@ -366,7 +366,17 @@ pub fn validate(spec: &ModelSpec, request: &InferRequest) -> Result<Validated, E
         if !fits {
             return Err(wrong_shape());
         }
-        let expected = element_count(&input.shape) * in_spec.dtype.size();
+        // Every dim is a size by now, but their product is the client's: checked, so a
+        // shape like [2**32, 2**32] cannot wrap to a small size that empty data matches.
+        let expected =
+            checked_byte_size(&input.shape, in_spec.dtype).map_err(|e| Error::InvalidRequest {
+                model: model(),
+                message: format!(
+                    "input '{}' has shape {}: {e}",
+                    clip(&input.name),
+                    shape_string(&input.shape)
+                ),
+            })?;
         if input.data.len() != expected {
             return Err(Error::WrongByteSize {
                 model: model(),
@@ -414,7 +424,7 @@ pub fn validate(spec: &ModelSpec, request: &InferRequest) -> Result<Validated, E
             if chosen.contains(&index) {
                 return Err(Error::InvalidRequest {
                     model: model(),
-                    message: format!("output '{name}' requested more than once"),
+                    message: format!("output '{}' requested more than once", clip(name)),
                 });
             }
             chosen.push(index);

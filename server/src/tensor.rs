@@ -83,7 +83,7 @@ pub struct Tensor {
 
 impl Tensor {
     pub fn new(dtype: DataType, shape: Vec<i64>, data: Bytes) -> Tensor {
-        debug_assert_eq!(element_count(&shape) * dtype.size(), data.len());
+        debug_assert_eq!(checked_byte_size(&shape, dtype), Ok(data.len()));
         Tensor { dtype, shape, data }
     }
 
@@ -93,18 +93,71 @@ impl Tensor {
     }
 }
 
-/// Number of elements of a shape whose dimensions are all non-negative.
+/// Why a client's shape has no element count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShapeError {
+    /// A dimension below zero where a size is meant.
+    Negative { index: usize, dim: i64 },
+    /// The element count, or its size in bytes, does not fit `usize`.
+    Overflow,
+}
+
+impl fmt::Display for ShapeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ShapeError::Negative { index, dim } => {
+                write!(f, "dimension {index} is {dim}, below zero")
+            }
+            ShapeError::Overflow => f.write_str("its size overflows the address space"),
+        }
+    }
+}
+
+/// Number of elements of a shape, with every dimension a size (>= 0) and the product
+/// checked: the only way to size anything from a shape a client sent.
+pub fn checked_element_count(shape: &[i64]) -> Result<usize, ShapeError> {
+    shape
+        .iter()
+        .enumerate()
+        .try_fold(1usize, |count, (index, &dim)| {
+            let dim = usize::try_from(dim).map_err(|_| ShapeError::Negative { index, dim })?;
+            count.checked_mul(dim).ok_or(ShapeError::Overflow)
+        })
+}
+
+/// Bytes a row-major tensor of `shape` and `dtype` holds, checked as
+/// [`checked_element_count`].
+pub fn checked_byte_size(shape: &[i64], dtype: DataType) -> Result<usize, ShapeError> {
+    checked_element_count(shape)?
+        .checked_mul(dtype.size())
+        .ok_or(ShapeError::Overflow)
+}
+
+/// Number of elements of a trusted shape (the server's own, e.g. a config's dims):
+/// negative dimensions count as 0 and the product saturates instead of wrapping, so a
+/// wrong shape can never produce a small count. Client shapes go through
+/// [`checked_element_count`].
 pub fn element_count(shape: &[i64]) -> usize {
     shape
         .iter()
         .map(|&d| usize::try_from(d).unwrap_or(0))
-        .product()
+        .fold(1usize, usize::saturating_mul)
 }
 
-/// `[-1, 64]` style rendering used in error messages and logs.
+/// Dimensions [`shape_string`] shows before it elides the rest: real tensors have far
+/// fewer, and a client's shape of millions of dims must not become a message that size.
+pub const SHAPE_DIMS_SHOWN: usize = 8;
+
+/// `[-1, 64]` style rendering used in error messages and logs; a shape of more than
+/// [`SHAPE_DIMS_SHOWN`] dims shows those and the number of dims.
 pub fn shape_string(dims: &[i64]) -> String {
-    let parts: Vec<String> = dims.iter().map(|d| d.to_string()).collect();
-    format!("[{}]", parts.join(", "))
+    let shown = &dims[..dims.len().min(SHAPE_DIMS_SHOWN)];
+    let parts: Vec<String> = shown.iter().map(|d| d.to_string()).collect();
+    if dims.len() > shown.len() {
+        format!("[{}, ... ({} dims)]", parts.join(", "), dims.len())
+    } else {
+        format!("[{}]", parts.join(", "))
+    }
 }
 
 #[cfg(test)]
@@ -125,6 +178,43 @@ mod tests {
         assert_eq!(element_count(&[2, 3, 4]), 24);
         assert_eq!(element_count(&[]), 1);
         assert_eq!(element_count(&[5, 0]), 0);
+        assert_eq!(element_count(&[1 << 32, 1 << 32, 2]), usize::MAX);
+    }
+
+    #[test]
+    fn checked_counts_refuse_negative_and_overflowing_shapes() {
+        assert_eq!(checked_element_count(&[2, 3, 4]), Ok(24));
+        assert_eq!(checked_element_count(&[]), Ok(1));
+        assert_eq!(
+            checked_element_count(&[0, -1]),
+            Err(ShapeError::Negative { index: 1, dim: -1 })
+        );
+        assert_eq!(
+            checked_element_count(&[1 << 32, 1 << 32]),
+            Err(ShapeError::Overflow)
+        );
+        assert_eq!(
+            checked_element_count(&[i64::MAX, 3]),
+            Err(ShapeError::Overflow)
+        );
+        // 2**46 elements fit usize but their bytes do not fit memory: the caller compares
+        // the count with what was sent before sizing anything.
+        assert_eq!(checked_element_count(&[1 << 46]), Ok(1 << 46));
+        assert_eq!(
+            checked_byte_size(&[1 << 62], DataType::Fp64),
+            Err(ShapeError::Overflow)
+        );
+        assert_eq!(checked_byte_size(&[3, 2], DataType::Fp32), Ok(24));
+    }
+
+    #[test]
+    fn long_shapes_are_elided() {
+        assert_eq!(shape_string(&[-1, 64]), "[-1, 64]");
+        let long = vec![1i64; 2_000_000];
+        assert_eq!(
+            shape_string(&long),
+            "[1, 1, 1, 1, 1, 1, 1, 1, ... (2000000 dims)]"
+        );
     }
 }
 

@@ -16,7 +16,7 @@ use tower::ServiceExt;
 use super::convert;
 use crate::admission::{self, AdmissionConfig, InferCall, InferService};
 use crate::config::{ModelControl, ModelControlMode};
-use crate::error::Error;
+use crate::error::{clip, Error};
 use crate::gateway::Gateway;
 use crate::model::InferResponse;
 
@@ -243,7 +243,9 @@ impl GrpcInferenceService for InferenceService {
     type ModelStreamInferStream = StreamOf<ModelStreamInferResponse>;
 
     /// Each request on the stream is answered on it; failures travel in `error_message`
-    /// (as Triton does) so one bad request does not end the stream.
+    /// (as Triton does) so one bad request does not end the stream. A message that cannot
+    /// be decoded (malformed, or over the codec's caps) does end it: the requests already
+    /// admitted are answered first, then the stream closes with the decode error's status.
     async fn model_stream_infer(
         &self,
         req: Request<Streaming<ModelInferRequest>>,
@@ -254,15 +256,27 @@ impl GrpcInferenceService for InferenceService {
         let (tx, rx) = tokio::sync::mpsc::channel(STREAM_WINDOW);
         let admission = self.admission.clone();
         tokio::spawn(async move {
+            // The answering tasks, so the closing status can wait for them. At most
+            // STREAM_WINDOW run at once (each holds a reserved slot); finished ones are
+            // reaped as the loop goes, so the set stays that small.
+            let mut answering = tokio::task::JoinSet::new();
+            let mut ended = None;
             while let Some(next) = inbound.next().await {
-                let Ok(req) = next else { break };
+                let req = match next {
+                    Ok(req) => req,
+                    Err(status) => {
+                        ended = Some(status);
+                        break;
+                    }
+                };
                 // Reserve the answer's slot first: back-pressure reaches the reader.
                 let Ok(permit) = tx.clone().reserve_owned().await else {
                     break;
                 };
+                while answering.try_join_next().is_some() {}
                 let admission = admission.clone();
                 let received = Instant::now();
-                tokio::spawn(async move {
+                answering.spawn(async move {
                     let (name, version, id) = (
                         req.model_name.clone(),
                         req.model_version.clone(),
@@ -275,7 +289,7 @@ impl GrpcInferenceService for InferenceService {
                             infer_response: Some(convert::infer_response(resp)),
                         },
                         Err(e) => ModelStreamInferResponse {
-                            error_message: e.to_string(),
+                            error_message: e.client_message(),
                             infer_response: Some(ModelInferResponse {
                                 model_name: name,
                                 model_version: version,
@@ -286,6 +300,16 @@ impl GrpcInferenceService for InferenceService {
                     };
                     permit.send(Ok(message));
                 });
+            }
+            if let Some(status) = ended {
+                // Answers first, in whatever order they finish; the status last, since
+                // it ends the stream for the client.
+                while answering.join_next().await.is_some() {}
+                let _ = tx.send(Err(status)).await;
+            } else {
+                // The client closed its side (or went away): the answers still in flight
+                // are sent as they finish; dropping the set would cancel them.
+                answering.detach_all();
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -445,7 +469,7 @@ fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Result<Option<Durati
     };
     let text = value.to_str().unwrap_or_default();
     let timeout = parse_grpc_timeout(text).ok_or_else(|| {
-        Status::invalid_argument(format!("malformed grpc-timeout header '{text}'"))
+        Status::invalid_argument(format!("malformed grpc-timeout header '{}'", clip(text)))
     })?;
     Ok(Some(timeout))
 }
