@@ -6,7 +6,9 @@
 //! refuses it with INVALID_ARGUMENT when it is malformed or over a cap, so a request
 //! never costs more heap than [`crate::limits::decoded_heap_bound`] of its size. A
 //! request prost cannot decode is the client's fault too, and is answered
-//! INVALID_ARGUMENT instead of prost's INTERNAL. Every other message is encoded and
+//! INVALID_ARGUMENT instead of prost's INTERNAL. The heap the walk says decoding will
+//! take is reserved from the call's [`DecodeBudget`] first, so what a request costs
+//! once decoded counts against the server's budget, not only its wire bytes. Every other message is encoded and
 //! decoded exactly as `tonic_prost::ProstCodec` does.
 
 use std::any::TypeId;
@@ -20,6 +22,19 @@ use tonic_prost::ProstEncoder;
 
 use crate::inference::ModelInferRequest;
 use crate::limits::{check_infer_request, Refusal};
+
+/// Where the heap a request's decoding will take is reserved before prost allocates it:
+/// the server's budget of request bytes in flight, for the call being decoded.
+pub trait DecodeBudget: Send + Sync {
+    /// Reserve `bytes` for the current message, or refuse the call with a status.
+    fn reserve(&self, bytes: usize) -> Result<(), Status>;
+}
+
+tokio::task_local! {
+    /// The budget of the call decoded on this task, set around the call by the server's
+    /// transport. Where none is set (clients, tests), nothing is reserved.
+    pub static DECODE_BUDGET: std::sync::Arc<dyn DecodeBudget>;
+}
 
 /// prost's codec with [`BoundedDecoder`] in place of prost's decoder; named in the
 /// build script with `codec_path`.
@@ -101,7 +116,10 @@ fn bounded_decode<U: Message + Default>(buf: &mut impl Buf) -> Result<U, Status>
             "ModelInferRequest is not in one contiguous buffer",
         ));
     }
-    check_infer_request(wire).map_err(|refusal| invalid(&refusal))?;
+    let cost = check_infer_request(wire).map_err(|refusal| invalid(&refusal))?;
+    if let Ok(Err(refused)) = DECODE_BUDGET.try_with(|budget| budget.reserve(cost.heap_bound)) {
+        return Err(refused);
+    }
     U::decode(buf).map_err(|e| invalid(&Refusal::Malformed(e.to_string())))
 }
 

@@ -163,11 +163,32 @@ impl fmt::Display for FieldPath {
     }
 }
 
+/// Heap per tensor beyond the per-byte rule: the minimum capacities of its short vectors.
+const SMALL_VEC_MARGIN: usize = 256;
+/// Heap per request beyond the per-byte rule.
+const REQUEST_MARGIN: usize = 1024;
+
+/// What decoding an admitted request will cost, from the walk over its wire bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeCost {
+    /// Upper bound on the heap prost allocates to decode it, beyond the receive buffer.
+    /// The same derivation as [`decoded_heap_bound`], with this request's own counts in
+    /// place of the caps, and its `raw_input_contents` bytes (slices of the receive
+    /// buffer) at no cost: `16 x (wire bytes outside raw_input_contents)` plus twice
+    /// the entry structs of its tensor lists plus its parameter tables, plus a margin
+    /// of 256 bytes per tensor and 1 KiB per request. A request that
+    /// carries its tensors in `raw_input_contents` (tritonclient's way) costs a few
+    /// KiB whatever its size; typed `contents` cost up to 16 times their wire bytes.
+    pub heap_bound: usize,
+}
+
 /// Walk an encoded `ModelInferRequest` and refuse it if it is malformed or exceeds a
-/// cap. Allocates nothing unless it refuses; linear in `wire.len()`.
-pub fn check_infer_request(wire: &[u8]) -> Result<(), Refusal> {
+/// cap; else what decoding it will cost. Allocates nothing unless it refuses; linear
+/// in `wire.len()`.
+pub fn check_infer_request(wire: &[u8]) -> Result<DecodeCost, Refusal> {
     let mut reader = Reader::new(wire);
     let mut parameters_total = 0usize;
+    let mut raw_bytes = 0usize;
     let (mut inputs, mut outputs, mut raw, mut parameters) = (0usize, 0usize, 0usize, 0usize);
     while let Some((field, value)) = reader.field()? {
         match (field, value) {
@@ -186,7 +207,10 @@ pub fn check_infer_request(wire: &[u8]) -> Result<(), Refusal> {
                 output_tensor(outputs, tensor, &mut parameters_total)?;
                 outputs += 1;
             }
-            (7, Value::Delimited(_)) => raw += 1,
+            (7, Value::Delimited(bytes)) => {
+                raw += 1;
+                raw_bytes = raw_bytes.saturating_add(bytes.len());
+            }
             // Unknown fields, and known ones with a wire type prost will refuse.
             _ => {}
         }
@@ -205,7 +229,19 @@ pub fn check_infer_request(wire: &[u8]) -> Result<(), Refusal> {
         MAX_PARAMETERS_PER_MAP,
         "entries",
     )?;
-    parameters_cap(parameters_total)
+    parameters_cap(parameters_total)?;
+    // Plus a margin per tensor and per request for what the per-byte rule rounds away
+    // (the allocator's minimum capacities of short vectors).
+    let entries = 2
+        * (inputs * size_of::<InferInputTensor>()
+            + outputs * size_of::<InferRequestedOutputTensor>()
+            + raw * size_of::<Bytes>())
+        + parameters_total * HEAP_PER_PARAMETER
+        + (inputs + outputs) * SMALL_VEC_MARGIN
+        + REQUEST_MARGIN;
+    // All counts are capped and `wire.len()` is a message length: no overflow.
+    let heap_bound = (wire.len() - raw_bytes.min(wire.len())) * HEAP_PER_WIRE_BYTE + entries;
+    Ok(DecodeCost { heap_bound })
 }
 
 fn cap(field: FieldPath, count: usize, cap: usize, what: &'static str) -> Result<(), Refusal> {
@@ -517,7 +553,7 @@ mod tests {
     }
 
     fn check(req: &ModelInferRequest) -> Result<(), Refusal> {
-        check_infer_request(&req.encode_to_vec())
+        check_infer_request(&req.encode_to_vec()).map(|_| ())
     }
 
     #[test]
@@ -538,7 +574,7 @@ mod tests {
             },
         );
         assert_eq!(check(&req), Ok(()));
-        assert_eq!(check_infer_request(&[]), Ok(()));
+        assert_eq!(check_infer_request(&[]).map(|_| ()), Ok(()));
     }
 
     #[test]
@@ -693,7 +729,7 @@ mod tests {
         }
         // A group prost skips as an unknown field passes here too.
         let group: &[u8] = &[0x43, 0x08, 0x01, 0x44];
-        assert_eq!(check_infer_request(group), Ok(()));
+        assert_eq!(check_infer_request(group).map(|_| ()), Ok(()));
         assert!(ModelInferRequest::decode(group).is_ok());
     }
 }

@@ -160,6 +160,14 @@ fn pipeline(spec: &ModelSpec, wire: &[u8]) -> bool {
         "decoding {} wire bytes held {heap} heap bytes",
         wire.len()
     );
+    // What the server reserves from its budget before decoding must cover it too.
+    let cost = sluice_proto::limits::check_infer_request(wire).expect("admitted");
+    assert!(
+        heap <= cost.heap_bound,
+        "decoding {} wire bytes held {heap} heap bytes, above its reserved cost {}",
+        wire.len(),
+        cost.heap_bound
+    );
     let refused = |err: Error| {
         let status = Status::from(err);
         assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
@@ -539,6 +547,14 @@ fn admitted_within_bound(what: &str, req: &ModelInferRequest) -> usize {
     assert!(
         heap <= bound,
         "{what}: {} wire bytes held {heap} heap bytes, above the bound {bound}",
+        wire.len()
+    );
+    let reserved = sluice_proto::limits::check_infer_request(&wire)
+        .expect("admitted")
+        .heap_bound;
+    assert!(
+        heap <= reserved,
+        "{what}: {} wire bytes held {heap} heap bytes, above its reserved cost {reserved}",
         wire.len()
     );
     eprintln!(

@@ -444,3 +444,46 @@ async fn rapid_resets_do_not_take_the_server_down() {
     assert_eq!(status, 200);
     s.stop().await;
 }
+
+#[tokio::test]
+async fn the_heap_a_request_decodes_into_counts_against_the_budget() {
+    use sluice_proto::inference::{model_infer_request::InferInputTensor, InferTensorContents};
+    let repo = repo();
+    let s = start(&repo, |c| {
+        c.max_message_bytes = 128 * 1024;
+        c.edge.max_request_bytes_in_flight = 512 * 1024;
+    })
+    .await;
+    // 60,000 one-byte varints: 60 KB on the wire, up to 16 times that once decoded into
+    // int64 values, more than the whole budget. Refused before prost allocates it.
+    let typed = sluice_proto::inference::ModelInferRequest {
+        model_name: "id".into(),
+        inputs: vec![InferInputTensor {
+            name: "INPUT__0".into(),
+            datatype: "INT64".into(),
+            shape: vec![60_000],
+            contents: Some(InferTensorContents {
+                int64_contents: vec![1; 60_000],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let mut client = s.client.clone();
+    let err = client.model_infer(typed).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
+    assert!(
+        err.message().contains("decoding the request takes up to"),
+        "{}",
+        err.message()
+    );
+    assert!(err.metadata().get("grpc-retry-pushback-ms").is_some());
+    // The same bytes as raw contents decode into slices of the receive buffer: they fit
+    // (and are then refused by the model for their datatype, not by the budget).
+    let raw = common::raw_request("id", "INPUT__0", "INT64", &[7_500], vec![0u8; 60_000]);
+    let err = client.model_infer(raw).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+    still_serves(&s).await;
+    s.stop().await;
+}

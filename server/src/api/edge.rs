@@ -34,6 +34,8 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 use tonic::Status;
 
+use sluice_proto::codec::{DecodeBudget, DECODE_BUDGET};
+
 use crate::admission::deadline::DeadlinePolicy;
 use crate::config::EdgeLimits;
 use crate::error::RETRY_PUSHBACK_HEADER;
@@ -322,17 +324,68 @@ impl Drop for Reserved {
     }
 }
 
-/// The reservation of one call's current message, shared by its body (which replaces it
-/// message by message) and the call's future (which keeps a unary call's until it is
-/// answered).
+/// The reservations of one call's current message (its wire bytes, and the heap its
+/// decoding takes), shared by its body (which replaces them message by message), the
+/// codec (which adds the decoded heap) and the call's future (which keeps a unary
+/// call's until it is answered).
 #[derive(Default)]
-pub struct Reservation(Mutex<Option<Reserved>>);
+pub struct Reservation(Mutex<Vec<Reserved>>);
 
 impl Reservation {
-    fn set(&self, reserved: Option<Reserved>) {
-        let old = std::mem::replace(&mut *self.0.lock().expect("never poisoned"), reserved);
+    /// Give back what the previous message held; hold `reserved` instead.
+    fn replace(&self, reserved: Option<Reserved>) {
+        let old = std::mem::replace(
+            &mut *self.0.lock().expect("never poisoned"),
+            reserved.into_iter().collect(),
+        );
         drop(old);
     }
+
+    fn add(&self, reserved: Reserved) {
+        self.0.lock().expect("never poisoned").push(reserved);
+    }
+}
+
+/// The budget as the codec sees it for one call: the decoded heap of each message is
+/// reserved beside its wire bytes, or the call is refused.
+pub struct CallBudget {
+    budget: Budget,
+    reservation: Arc<Reservation>,
+}
+
+impl DecodeBudget for CallBudget {
+    fn reserve(&self, bytes: usize) -> Result<(), Status> {
+        match self.budget.try_reserve(bytes) {
+            Some(reserved) => {
+                self.reservation.add(reserved);
+                Ok(())
+            }
+            None => {
+                metrics::transport_refusal("grpc", TransportRefusal::BytesInFlight);
+                Err(budget_full(format!(
+                    "decoding the request takes up to {bytes} bytes"
+                )))
+            }
+        }
+    }
+}
+
+/// The budget of the call a handler serves, from its request's extensions: streams
+/// decode their messages on a task of their own, which sets it as
+/// [`DECODE_BUDGET`] around its reads.
+#[derive(Clone)]
+pub struct CallDecodeBudget(pub Arc<dyn DecodeBudget>);
+
+/// UNAVAILABLE with pushback: the budget of request bytes in flight is full.
+fn budget_full(what: String) -> Status {
+    let mut status = Status::unavailable(format!(
+        "server is overloaded: its budget of request bytes in flight is full ({what})"
+    ));
+    status.metadata_mut().insert(
+        RETRY_PUSHBACK_HEADER,
+        tonic::metadata::MetadataValue::from(BUDGET_PUSHBACK_MS),
+    );
+    status
 }
 
 // ---------------------------------------------------------------------------------------
@@ -513,7 +566,7 @@ impl LimitedBody {
         metrics::transport_refusal("grpc", reason);
         self.finished = true;
         self.timer = None;
-        self.reservation.set(None);
+        self.reservation.replace(None);
         status
     }
 
@@ -534,21 +587,14 @@ impl LimitedBody {
                 }
                 // The previous message of a stream has been decoded by now (tonic reads
                 // the next header only after yielding it): its bytes go back first.
-                self.reservation.set(None);
+                self.reservation.replace(None);
                 if len >= rules.free_below {
                     let bytes = len.saturating_add(GRPC_HEADER_BYTES);
                     let Some(reserved) = self.budget.try_reserve(bytes) else {
                         refusal = Some(TransportRefusal::BytesInFlight);
-                        let mut status = Status::unavailable(format!(
-                            "server is overloaded: its budget of request bytes in flight cannot hold a message of {len} bytes now"
-                        ));
-                        status.metadata_mut().insert(
-                            RETRY_PUSHBACK_HEADER,
-                            tonic::metadata::MetadataValue::from(BUDGET_PUSHBACK_MS),
-                        );
-                        return Err(status);
+                        return Err(budget_full(format!("a message of {len} bytes")));
                     };
-                    self.reservation.set(Some(reserved));
+                    self.reservation.replace(Some(reserved));
                 }
                 Ok(())
             }
@@ -748,6 +794,12 @@ where
         };
         req.extensions_mut().insert(RequestStart(start));
         let reservation = Arc::new(Reservation::default());
+        let decode_budget: Arc<dyn DecodeBudget> = Arc::new(CallBudget {
+            budget: self.edge.budget.clone(),
+            reservation: reservation.clone(),
+        });
+        req.extensions_mut()
+            .insert(CallDecodeBudget(decode_budget.clone()));
         let req = req.map(|body| {
             LimitedBody::new(
                 body,
@@ -759,13 +811,13 @@ where
             )
         });
         let answer = self.inner.call(req);
-        Box::pin(async move {
+        Box::pin(DECODE_BUDGET.scope(decode_budget, async move {
             let response = answer.await?;
             // A unary call's message bytes stay reserved until here: its decoded
             // tensors lived until the answer was ready.
             drop(reservation);
             Ok(response.map(|inner| TrackedBody { inner, _call: call }))
-        })
+        }))
     }
 }
 
@@ -864,10 +916,22 @@ mod tests {
     fn reservation_is_replaced_message_by_message() {
         let budget = Budget::new(2 * BUDGET_UNIT);
         let r = Reservation::default();
-        r.set(budget.try_reserve(2 * BUDGET_UNIT));
+        r.replace(budget.try_reserve(2 * BUDGET_UNIT));
         assert_eq!(budget.in_use(), 2 * BUDGET_UNIT);
-        r.set(None);
-        r.set(budget.try_reserve(BUDGET_UNIT));
+        r.replace(None);
+        r.replace(budget.try_reserve(BUDGET_UNIT));
+        assert_eq!(budget.in_use(), BUDGET_UNIT);
+        // The codec adds the decoded heap beside the wire bytes; both go back together.
+        let call = CallBudget {
+            budget: budget.clone(),
+            reservation: Arc::new(Reservation::default()),
+        };
+        call.reserve(BUDGET_UNIT / 2).expect("fits");
+        assert_eq!(budget.in_use(), 2 * BUDGET_UNIT);
+        let refused = call.reserve(BUDGET_UNIT).expect_err("full");
+        assert_eq!(refused.code(), tonic::Code::Unavailable);
+        assert!(refused.metadata().get(RETRY_PUSHBACK_HEADER).is_some());
+        drop(call);
         assert_eq!(budget.in_use(), BUDGET_UNIT);
         drop(r);
         assert_eq!(budget.in_use(), 0);

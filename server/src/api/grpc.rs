@@ -252,10 +252,15 @@ impl GrpcInferenceService for InferenceService {
     ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
         // A stream's `grpc-timeout` is the whole stream's; each request on it is bounded
         // by its `timeout` parameter and the server's default.
+        // The edge's budget reserves each message's decoded heap as this task reads it.
+        let budget = req
+            .extensions()
+            .get::<super::edge::CallDecodeBudget>()
+            .map(|b| b.0.clone());
         let mut inbound = req.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(STREAM_WINDOW);
         let admission = self.admission.clone();
-        tokio::spawn(async move {
+        let reader = async move {
             // The answering tasks, so the closing status can wait for them. At most
             // STREAM_WINDOW run at once (each holds a reserved slot); finished ones are
             // reaped as the loop goes, so the set stays that small.
@@ -311,7 +316,11 @@ impl GrpcInferenceService for InferenceService {
                 // are sent as they finish; dropping the set would cancel them.
                 answering.detach_all();
             }
-        });
+        };
+        match budget {
+            Some(budget) => tokio::spawn(sluice_proto::codec::DECODE_BUDGET.scope(budget, reader)),
+            None => tokio::spawn(reader),
+        };
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
