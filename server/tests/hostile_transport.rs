@@ -487,3 +487,24 @@ async fn the_heap_a_request_decodes_into_counts_against_the_budget() {
     still_serves(&s).await;
     s.stop().await;
 }
+
+#[tokio::test]
+async fn a_header_block_over_the_limit_is_refused_and_the_server_goes_on() {
+    let repo = repo();
+    let s = start(&repo, |c| c.edge.max_header_list_bytes = 4096).await;
+    let mut request = tonic::Request::new(fp32_request("id", "INPUT__0", &[2], &[1.0, 2.0]));
+    let big = "x".repeat(8192);
+    request
+        .metadata_mut()
+        .insert("x-padding", big.parse().unwrap());
+    let mut client = common::Client::connect(format!("http://{}", s.grpc))
+        .await
+        .unwrap();
+    let err = client
+        .model_infer(request)
+        .await
+        .expect_err("a header block over the limit is refused");
+    assert_ne!(err.code(), Code::Ok);
+    still_serves(&s).await;
+    s.stop().await;
+}
