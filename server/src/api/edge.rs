@@ -263,22 +263,40 @@ impl Drop for ActiveCall {
 /// accounts for the fixed cost of a small request.
 const BUDGET_UNIT: usize = 1024;
 
+/// Reservations up to this size are small: nearly all inference requests (a 224x224x3
+/// FP32 image is 600 KB).
+const SMALL_RESERVATION_BYTES: usize = 1 << 20;
+
 /// The server-wide budget of request bytes being received, decoded or awaiting their
-/// answer.
+/// answer. Large reservations (over [`SMALL_RESERVATION_BYTES`]) may together take only
+/// three quarters of it (or one largest message, if that is more), so clients holding
+/// maximum-size messages, stalled or not, cannot shut out the small requests of
+/// everyone else: a quarter of the budget stays theirs.
 #[derive(Clone)]
 pub struct Budget {
     units: Arc<Semaphore>,
     total_units: usize,
+    /// The share large reservations draw from as well.
+    large: Arc<Semaphore>,
 }
 
 impl Budget {
-    pub fn new(bytes: usize) -> Budget {
+    /// A budget of `bytes`, whose large share still fits a message of `largest` bytes.
+    pub fn new(bytes: usize, largest: usize) -> Budget {
+        let max_units = Semaphore::MAX_PERMITS.min(u32::MAX as usize);
+        let largest_units = largest
+            .saturating_add(GRPC_HEADER_BYTES)
+            .div_ceil(BUDGET_UNIT);
+        // A message of the largest size (and its header) always fits an empty budget.
         let total_units = bytes
             .div_ceil(BUDGET_UNIT)
-            .clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
+            .max(largest_units)
+            .clamp(1, max_units);
+        let large_units = (total_units / 4 * 3).max(largest_units).min(total_units);
         Budget {
             units: Arc::new(Semaphore::new(total_units)),
             total_units,
+            large: Arc::new(Semaphore::new(large_units)),
         }
     }
 
@@ -287,12 +305,19 @@ impl Budget {
         u32::try_from(bytes.div_ceil(BUDGET_UNIT).max(1)).ok()
     }
 
-    /// Reserve `bytes` now, or `None` when the budget cannot hold them.
+    /// Reserve `bytes` now, or `None` when the budget (or its large share, for a large
+    /// reservation) cannot hold them.
     pub fn try_reserve(&self, bytes: usize) -> Option<Reserved> {
         let units = Budget::units_for(bytes)?;
+        let large = if bytes > SMALL_RESERVATION_BYTES {
+            Some(self.large.clone().try_acquire_many_owned(units).ok()?)
+        } else {
+            None
+        };
         let permit = self.units.clone().try_acquire_many_owned(units).ok()?;
         let reserved = Reserved {
             permit,
+            _large: large,
             budget: self.clone(),
         };
         self.report();
@@ -312,6 +337,7 @@ impl Budget {
 /// Bytes held from the budget; given back on drop.
 pub struct Reserved {
     permit: OwnedSemaphorePermit,
+    _large: Option<OwnedSemaphorePermit>,
     budget: Budget,
 }
 
@@ -735,7 +761,7 @@ pub struct GrpcEdge {
 impl GrpcEdge {
     pub fn new(limits: &EdgeLimits, max_message_bytes: usize, deadlines: DeadlinePolicy) -> Self {
         GrpcEdge {
-            budget: Budget::new(limits.max_request_bytes_in_flight),
+            budget: Budget::new(limits.max_request_bytes_in_flight, max_message_bytes),
             body_timeout: limits.body_read_timeout,
             max_message_bytes,
             deadlines,
@@ -896,7 +922,7 @@ mod tests {
 
     #[test]
     fn budget_reserves_in_units_and_gives_back_on_drop() {
-        let budget = Budget::new(10 * BUDGET_UNIT);
+        let budget = Budget::new(10 * BUDGET_UNIT, BUDGET_UNIT);
         let a = budget.try_reserve(1).expect("one unit");
         assert_eq!(budget.in_use(), BUDGET_UNIT);
         let b = budget.try_reserve(9 * BUDGET_UNIT).expect("nine units");
@@ -913,8 +939,28 @@ mod tests {
     }
 
     #[test]
+    fn large_reservations_leave_a_quarter_of_the_budget_to_small_ones() {
+        let mib = 1 << 20;
+        let budget = Budget::new(64 * mib, 8 * mib);
+        let mut large = Vec::new();
+        while let Some(r) = budget.try_reserve(8 * mib) {
+            large.push(r);
+        }
+        // Six fill the 48 MiB large share, though 16 MiB of the budget are left.
+        assert_eq!(large.len(), 6);
+        let mut small = Vec::new();
+        while let Some(r) = budget.try_reserve(mib) {
+            small.push(r);
+        }
+        assert_eq!(small.len(), 16, "the quarter kept for small requests");
+        // A budget no bigger than the largest message still lets one in.
+        let tight = Budget::new(8 * mib, 8 * mib);
+        assert!(tight.try_reserve(8 * mib + GRPC_HEADER_BYTES).is_some());
+    }
+
+    #[test]
     fn reservation_is_replaced_message_by_message() {
-        let budget = Budget::new(2 * BUDGET_UNIT);
+        let budget = Budget::new(2 * BUDGET_UNIT, BUDGET_UNIT);
         let r = Reservation::default();
         r.replace(budget.try_reserve(2 * BUDGET_UNIT));
         assert_eq!(budget.in_use(), 2 * BUDGET_UNIT);
