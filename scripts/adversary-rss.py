@@ -34,7 +34,7 @@ MIB = 1 << 20
 
 def free_port_block(n=3):
     """A port p with p, p+1, p+2 free (best effort)."""
-    for _ in range(50):
+    for _ in range(500):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             p = s.getsockname()[1]
@@ -42,6 +42,9 @@ def free_port_block(n=3):
             ok = True
             for q in range(p, p + n):
                 with socket.socket() as t:
+                    # As the server's listeners do: ports left in TIME_WAIT by an
+                    # earlier run's many connections are still usable.
+                    t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                     try:
                         t.bind(("127.0.0.1", q))
                     except OSError:

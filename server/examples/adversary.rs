@@ -162,9 +162,11 @@ async fn call(
             .and_then(status)
             .unwrap_or_else(|| "none".into()))
     };
+    tokio::pin!(answer);
     tokio::select! {
-        answer = answer => answer,
-        _ = sender => Err("sender ended first".into()),
+        answer = &mut answer => answer,
+        // The server stopped taking data (it answered, or reset the stream).
+        _ = sender => answer.await,
     }
 }
 
