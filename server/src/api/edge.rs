@@ -913,7 +913,7 @@ mod tests {
             seen += 1;
             match e {
                 FrameEvent::Header(9) => Err("too big"),
-                _ => Ok(()),
+                FrameEvent::Header(_) | FrameEvent::Complete => Ok(()),
             }
         });
         assert_eq!(result, Err("too big"));
