@@ -221,6 +221,42 @@ fn amplifying_message(len: usize) -> Bytes {
     framed(&msg)
 }
 
+/// One adversary: sends `body` on a new stream of its connection again and again until
+/// `until`, counting what the server answered.
+struct Attack {
+    label: &'static str,
+    grpc: SocketAddr,
+    body: Bytes,
+    /// Whether the body ends (a complete message) or stalls.
+    end: bool,
+    until: Instant,
+}
+
+impl Attack {
+    async fn run(self, tally: Tally, mut send: Option<h2::client::SendRequest<Bytes>>) {
+        let label = self.label;
+        while Instant::now() < self.until {
+            if send.is_none() {
+                send = connect(self.grpc).await;
+            }
+            let Some(s) = send.as_mut() else {
+                count(&tally, format!("{label}: cannot connect"));
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            let left = self.until.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, call(s, self.body.clone(), self.end)).await {
+                Ok(Ok(code)) => count(&tally, format!("{label}: {}", code_name(&code))),
+                Ok(Err(_)) => {
+                    count(&tally, format!("{label}: connection error"));
+                    send = None;
+                }
+                Err(_) => {}
+            }
+        }
+    }
+}
+
 #[derive(Default, Clone)]
 struct Latencies {
     ok: Vec<f64>,
@@ -318,93 +354,41 @@ async fn main() {
     let tally: Tally = Arc::default();
     let mut attackers = Vec::new();
 
-    // Stalling streams, spread over connections.
+    // Stalling streams, spread over connections (the streams of one share it).
     let per_connection = args.stallers.div_ceil(args.connections.max(1));
+    let almost = {
+        let full = max_size_message(args.max_message_bytes);
+        full.slice(..full.len() - 1)
+    };
     for _ in 0..args.connections {
-        for _ in 0..per_connection {
-            let tally = tally.clone();
-            let grpc = args.grpc;
-            let almost = {
-                let full = max_size_message(args.max_message_bytes);
-                full.slice(..full.len() - 1)
+        let shared = connect(args.grpc).await;
+        for _ in 0..per_connection.min(args.stallers) {
+            let attack = Attack {
+                label: "stall",
+                grpc: args.grpc,
+                body: almost.clone(),
+                end: false,
+                until,
             };
-            attackers.push(tokio::spawn(async move {
-                let mut send = None;
-                while Instant::now() < until {
-                    if send.is_none() {
-                        send = connect(grpc).await;
-                    }
-                    let Some(s) = send.as_mut() else {
-                        count(&tally, "stall: cannot connect".into());
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    };
-                    let left = until.saturating_duration_since(Instant::now());
-                    match tokio::time::timeout(left, call(s, almost.clone(), false)).await {
-                        Ok(Ok(code)) => count(&tally, format!("stall: {}", code_name(&code))),
-                        Ok(Err(_)) => {
-                            count(&tally, "stall: connection error".into());
-                            send = None;
-                        }
-                        Err(_) => {}
-                    }
-                }
-            }));
+            attackers.push(tokio::spawn(attack.run(tally.clone(), shared.clone())));
         }
     }
-    // Complete maximum-size messages.
-    for _ in 0..args.senders {
-        let tally = tally.clone();
-        let grpc = args.grpc;
-        let message = max_size_message(args.max_message_bytes);
-        attackers.push(tokio::spawn(async move {
-            let mut send = None;
-            while Instant::now() < until {
-                if send.is_none() {
-                    send = connect(grpc).await;
-                }
-                let Some(s) = send.as_mut() else {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                };
-                let left = until.saturating_duration_since(Instant::now());
-                match tokio::time::timeout(left, call(s, message.clone(), true)).await {
-                    Ok(Ok(code)) => count(&tally, format!("max-size: {}", code_name(&code))),
-                    Ok(Err(_)) => {
-                        count(&tally, "max-size: connection error".into());
-                        send = None;
-                    }
-                    Err(_) => {}
-                }
-            }
-        }));
-    }
-    // Amplifying messages.
-    for _ in 0..args.amplifiers {
-        let tally = tally.clone();
-        let grpc = args.grpc;
-        let message = amplifying_message(args.amplifier_bytes);
-        attackers.push(tokio::spawn(async move {
-            let mut send = None;
-            while Instant::now() < until {
-                if send.is_none() {
-                    send = connect(grpc).await;
-                }
-                let Some(s) = send.as_mut() else {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                };
-                let left = until.saturating_duration_since(Instant::now());
-                match tokio::time::timeout(left, call(s, message.clone(), true)).await {
-                    Ok(Ok(code)) => count(&tally, format!("amplifying: {}", code_name(&code))),
-                    Ok(Err(_)) => {
-                        count(&tally, "amplifying: connection error".into());
-                        send = None;
-                    }
-                    Err(_) => {}
-                }
-            }
-        }));
+    // Complete maximum-size messages, and amplifying ones, each task on its connection.
+    let complete = [
+        ("max-size", args.senders, max_size_message(args.max_message_bytes)),
+        ("amplifying", args.amplifiers, amplifying_message(args.amplifier_bytes)),
+    ];
+    for (label, tasks, body) in complete {
+        for _ in 0..tasks {
+            let attack = Attack {
+                label,
+                grpc: args.grpc,
+                body: body.clone(),
+                end: true,
+                until,
+            };
+            attackers.push(tokio::spawn(attack.run(tally.clone(), None)));
+        }
     }
     for a in attackers {
         let _ = a.await;
