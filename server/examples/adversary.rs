@@ -375,8 +375,16 @@ async fn main() {
     }
     // Complete maximum-size messages, and amplifying ones, each task on its connection.
     let complete = [
-        ("max-size", args.senders, max_size_message(args.max_message_bytes)),
-        ("amplifying", args.amplifiers, amplifying_message(args.amplifier_bytes)),
+        (
+            "max-size",
+            args.senders,
+            max_size_message(args.max_message_bytes),
+        ),
+        (
+            "amplifying",
+            args.amplifiers,
+            amplifying_message(args.amplifier_bytes),
+        ),
     ];
     for (label, tasks, body) in complete {
         for _ in 0..tasks {
