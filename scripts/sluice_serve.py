@@ -10,11 +10,11 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / "target/release/sluice"
 
 
-def start_server(repo, port, log, extra=()):
+def start_server(repo, port, log, extra=(), binary=BIN):
     """Serve `repo` with gRPC on `port`, HTTP on port+1, metrics on port+2; logs go to
     the open file `log`. Exits the script if the server is not ready within a minute."""
     proc = subprocess.Popen(
-        [str(BIN), "--model-repository", str(repo), "--grpc-port", str(port),
+        [str(binary), "--model-repository", str(repo), "--grpc-port", str(port),
          "--http-port", str(port + 1), "--metrics-port", str(port + 2), "--log-level", "warn",
          *extra],
         stdout=log, stderr=subprocess.STDOUT)

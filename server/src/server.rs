@@ -163,6 +163,14 @@ impl Server {
             })
         };
 
+        let grpc_edge = edge::GrpcEdge::new(
+            &config.edge,
+            config.max_message_bytes,
+            config.admission.deadline,
+        );
+        let budget = grpc_edge.budget.clone();
+        let refresh_gauges: Arc<dyn Fn() + Send + Sync> = Arc::new(move || budget.report());
+
         // Plain HTTP endpoints stop only after the gRPC drain, so probes see NOT_SERVING.
         let http_stop = CancellationToken::new();
         let http_task = tokio::spawn(http::serve(
@@ -173,7 +181,7 @@ impl Server {
         ));
         let metrics_task = tokio::spawn(http::serve(
             edge::Acceptor::new(metrics, "metrics", config.edge.max_http_connections),
-            http::metrics_router(prometheus),
+            http::metrics_router(prometheus, refresh_gauges),
             config.edge,
             http_stop.clone(),
         ));
@@ -183,11 +191,6 @@ impl Server {
             .add_service(reflection)
             .add_service(inference)
             .prepare();
-        let grpc_edge = edge::GrpcEdge::new(
-            &config.edge,
-            config.max_message_bytes,
-            config.admission.deadline,
-        );
         let grpc_task = tokio::spawn(serve_grpc(
             grpc,
             routes,

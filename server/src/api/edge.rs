@@ -315,13 +315,10 @@ impl Budget {
             None
         };
         let permit = self.units.clone().try_acquire_many_owned(units).ok()?;
-        let reserved = Reserved {
-            permit,
+        Some(Reserved {
+            _permit: permit,
             _large: large,
-            budget: self.clone(),
-        };
-        self.report();
-        Some(reserved)
+        })
     }
 
     /// Bytes reserved now (in whole units).
@@ -329,25 +326,17 @@ impl Budget {
         (self.total_units - self.units.available_permits()) * BUDGET_UNIT
     }
 
-    fn report(&self) {
+    /// Set the bytes-in-flight gauge; called when /metrics is scraped rather than on
+    /// every reservation, which would cost each request a metrics lookup.
+    pub fn report(&self) {
         metrics::request_bytes_in_flight(self.in_use());
     }
 }
 
 /// Bytes held from the budget; given back on drop.
 pub struct Reserved {
-    permit: OwnedSemaphorePermit,
+    _permit: OwnedSemaphorePermit,
     _large: Option<OwnedSemaphorePermit>,
-    budget: Budget,
-}
-
-impl Drop for Reserved {
-    fn drop(&mut self) {
-        // The permit is returned after this body runs; report what will be left.
-        let units = self.permit.num_permits();
-        let left = self.budget.in_use().saturating_sub(units * BUDGET_UNIT);
-        metrics::request_bytes_in_flight(left);
-    }
 }
 
 /// The reservations of one call's current message (its wire bytes, and the heap its
@@ -554,7 +543,7 @@ impl LimitedBody {
         start: Instant,
         deadline: Option<Instant>,
     ) -> LimitedBody {
-        let mut body = LimitedBody {
+        let body = LimitedBody {
             inner,
             framer: Framer::default(),
             rules,
@@ -566,25 +555,13 @@ impl LimitedBody {
             timer: None,
             finished: false,
         };
-        body.arm();
         body
     }
 
-    /// Point the one timer at the earlier of the deadline and the message's due time.
-    fn arm(&mut self) {
-        let Some(at) = [self.deadline, self.message_due]
-            .into_iter()
-            .flatten()
-            .min()
-        else {
-            self.timer = None;
-            return;
-        };
-        match &mut self.timer {
-            Some(timer) if timer.deadline() == at => {}
-            Some(timer) => timer.as_mut().reset(at),
-            None => self.timer = Some(Box::pin(tokio::time::sleep_until(at))),
-        }
+    /// When the body must have made progress: the earlier of the deadline and the
+    /// current message's due time.
+    fn due(&self) -> Option<Instant> {
+        [self.deadline, self.message_due].into_iter().flatten().min()
     }
 
     /// End the body with `status`, giving its reservation back.
@@ -639,7 +616,6 @@ impl LimitedBody {
                 (_, false) => self.message_due = None,
                 (true, true) => {}
             }
-            self.arm();
         }
         Ok(())
     }
@@ -680,11 +656,21 @@ impl Body for LimitedBody {
                 Poll::Ready(None)
             }
             Poll::Pending => {
-                let fired = this
-                    .timer
-                    .as_mut()
-                    .is_some_and(|t| t.as_mut().poll(cx).is_ready());
-                if !fired {
+                // The one timer exists only once the body has had to wait: a body that
+                // arrives with its headers (most unary calls) never allocates one.
+                let Some(at) = this.due() else {
+                    return Poll::Pending;
+                };
+                let timer = match &mut this.timer {
+                    Some(timer) => {
+                        if timer.deadline() != at {
+                            timer.as_mut().reset(at);
+                        }
+                        timer
+                    }
+                    None => this.timer.insert(Box::pin(tokio::time::sleep_until(at))),
+                };
+                if timer.as_mut().poll(cx).is_pending() {
                     return Poll::Pending;
                 }
                 let now = Instant::now();

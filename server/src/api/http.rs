@@ -74,13 +74,20 @@ fn model_ready(gateway: &Gateway, name: &str, version: &str) -> Reply {
     Reply::ok_if(gateway.is_ready() && gateway.model(name, version).is_ok())
 }
 
-/// `/metrics` in the Prometheus text format.
-pub fn metrics_router(handle: PrometheusHandle) -> Router {
+/// `/metrics` in the Prometheus text format. `refresh` sets the gauges that are read at
+/// scrape time instead of being updated on every request.
+pub fn metrics_router(
+    handle: PrometheusHandle,
+    refresh: Arc<dyn Fn() + Send + Sync>,
+) -> Router {
     Arc::new(move |method, path| match (method, path) {
         (&Method::GET, "/metrics") => Reply {
             status: StatusCode::OK,
             content_type: "text/plain; version=0.0.4; charset=utf-8",
-            body: handle.render(),
+            body: {
+                refresh();
+                handle.render()
+            },
         },
         _ => Reply::text(StatusCode::NOT_FOUND, "metrics are at GET /metrics\n"),
     })
