@@ -363,11 +363,22 @@ pub const MAX_TOKEN_BYTES: usize = 4096;
 const MAX_TOKEN_FILE_BYTES: u64 = 4096 + 2;
 
 /// Who may load and unload models, and which load at start-up.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub struct ModelControl {
     pub mode: ModelControlMode,
     pub load_models: Vec<String>,
     pub token: Option<String>,
+}
+
+/// The token never reaches a log line or a panic message through `{:?}` of the config.
+impl std::fmt::Debug for ModelControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModelControl")
+            .field("mode", &self.mode)
+            .field("load_models", &self.load_models)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 /// Options every backend instance is created with.
@@ -1223,6 +1234,18 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    #[test]
+    fn the_token_is_not_in_the_debug_form_of_the_config() {
+        let control = ModelControl {
+            mode: ModelControlMode::Explicit,
+            load_models: vec![],
+            token: Some("s3cret-value".into()),
+        };
+        let shown = format!("{control:?}");
+        assert!(!shown.contains("s3cret-value"), "{shown}");
+        assert!(shown.contains("<redacted>"), "{shown}");
     }
 
     #[test]

@@ -561,7 +561,10 @@ impl LimitedBody {
     /// When the body must have made progress: the earlier of the deadline and the
     /// current message's due time.
     fn due(&self) -> Option<Instant> {
-        [self.deadline, self.message_due].into_iter().flatten().min()
+        [self.deadline, self.message_due]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// End the body with `status`, giving its reservation back.

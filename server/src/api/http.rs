@@ -76,10 +76,7 @@ fn model_ready(gateway: &Gateway, name: &str, version: &str) -> Reply {
 
 /// `/metrics` in the Prometheus text format. `refresh` sets the gauges that are read at
 /// scrape time instead of being updated on every request.
-pub fn metrics_router(
-    handle: PrometheusHandle,
-    refresh: Arc<dyn Fn() + Send + Sync>,
-) -> Router {
+pub fn metrics_router(handle: PrometheusHandle, refresh: Arc<dyn Fn() + Send + Sync>) -> Router {
     Arc::new(move |method, path| match (method, path) {
         (&Method::GET, "/metrics") => Reply {
             status: StatusCode::OK,
