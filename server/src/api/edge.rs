@@ -543,7 +543,7 @@ impl LimitedBody {
         start: Instant,
         deadline: Option<Instant>,
     ) -> LimitedBody {
-        let body = LimitedBody {
+        LimitedBody {
             inner,
             framer: Framer::default(),
             rules,
@@ -554,8 +554,7 @@ impl LimitedBody {
             message_due: (!rules.streaming).then(|| start + limits.body_timeout),
             timer: None,
             finished: false,
-        };
-        body
+        }
     }
 
     /// When the body must have made progress: the earlier of the deadline and the
