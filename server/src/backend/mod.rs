@@ -44,6 +44,7 @@ pub fn load(
                 &path,
                 spec.device,
                 options,
+                &spec.torch,
             )?))
         }
         Platform::Synthetic => Ok(Box::new(synthetic::SyntheticBackend::from_spec(spec)?)),

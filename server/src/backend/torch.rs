@@ -6,6 +6,7 @@ use tch::{CModule, Device, IValue, Kind};
 
 use super::{Backend, BackendError};
 use crate::config::BackendOptions;
+use crate::repository::torch_params::TorchParams;
 use crate::repository::DeviceKind;
 use crate::tensor::{DataType, Tensor};
 
@@ -21,6 +22,7 @@ impl TorchBackend {
         path: &Path,
         device: DeviceKind,
         options: &BackendOptions,
+        params: &TorchParams,
     ) -> Result<TorchBackend, BackendError> {
         let fail = |message: String| BackendError::Load {
             path: repository_relative(path),
@@ -29,7 +31,12 @@ impl TorchBackend {
         if !path.is_file() {
             return Err(fail("file not found".into()));
         }
-        tch::set_num_threads(i32::try_from(options.intra_op_threads).unwrap_or(1));
+        // Per instance thread: the model's INTRA_OP_THREAD_COUNT, else the server's.
+        let intra = params.intra_op_threads.unwrap_or(options.intra_op_threads);
+        tch::set_num_threads(i32::try_from(intra).unwrap_or(1));
+        // Thread-local in libtorch, so it holds for this instance's forwards only.
+        tch::jit::set_graph_executor_optimize(!params.disable_optimized_execution);
+        apply_process_wide(path, params);
         let device = match device {
             DeviceKind::Cpu => Device::Cpu,
             DeviceKind::Auto => Device::cuda_if_available(),
@@ -46,6 +53,72 @@ impl TorchBackend {
             CModule::load_on_device(path, device).map_err(|e| fail(first_line(&e.to_string())))?;
         module.set_eval();
         Ok(TorchBackend { module, device })
+    }
+}
+
+/// libtorch settings that exist once per process (the inter-op pool, the profiling
+/// executor, the tensor fuser): the first model that sets each one wins, as in Triton's
+/// PyTorch backend; a later model asking for another value is told so in the log. The
+/// inter-op pool can only be sized before it first runs work, so it is set at most once.
+fn apply_process_wide(path: &Path, params: &TorchParams) {
+    use std::sync::{Mutex, OnceLock};
+    #[derive(Default)]
+    struct Chosen {
+        inter_op: Option<usize>,
+        profiling: Option<bool>,
+        fuser: Option<bool>,
+    }
+    static CHOSEN: OnceLock<Mutex<Chosen>> = OnceLock::new();
+    let mut chosen = CHOSEN
+        .get_or_init(Mutex::default)
+        .lock()
+        .expect("never poisoned");
+    let model = repository_relative(path);
+    if let Some(n) = params.inter_op_threads {
+        match chosen.inter_op {
+            None => {
+                // libtorch refuses once its inter-op pool has run work; that is a
+                // warning here, not a failed load.
+                let set = std::panic::catch_unwind(|| {
+                    tch::set_num_interop_threads(i32::try_from(n).unwrap_or(1))
+                });
+                if set.is_err() {
+                    tracing::warn!(%model, asked = n, "libtorch's inter-op pool is already running: INTER_OP_THREAD_COUNT not applied");
+                }
+                chosen.inter_op = Some(n);
+            }
+            Some(first) if first != n => tracing::warn!(
+                %model, asked = n, kept = first,
+                "INTER_OP_THREAD_COUNT is process-wide and already set by another model"
+            ),
+            Some(_) => {}
+        }
+    }
+    if let Some(on) = params.jit_profiling {
+        match chosen.profiling {
+            None => {
+                tch::jit::set_profiling_mode(on);
+                chosen.profiling = Some(on);
+            }
+            Some(first) if first != on => tracing::warn!(
+                %model, asked = on, kept = first,
+                "ENABLE_JIT_PROFILING is process-wide and already set by another model"
+            ),
+            Some(_) => {}
+        }
+    }
+    if let Some(on) = params.tensor_fuser {
+        match chosen.fuser {
+            None => {
+                tch::jit::set_tensor_expr_fuser_enabled(on);
+                chosen.fuser = Some(on);
+            }
+            Some(first) if first != on => tracing::warn!(
+                %model, asked = on, kept = first,
+                "ENABLE_TENSOR_FUSER is process-wide and already set by another model"
+            ),
+            Some(_) => {}
+        }
     }
 }
 

@@ -8,6 +8,7 @@
 //! to the repository, never where it lies on disk (the logs keep the full paths).
 
 pub mod model_config;
+pub mod torch_params;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -144,6 +144,8 @@ pub struct ModelSpec {
     /// Run by every new instance before it reports ready.
     pub warmup: Vec<WarmupSample>,
     pub scaling: ScalingParams,
+    /// Triton's PyTorch backend parameters.
+    pub torch: super::torch_params::TorchParams,
     /// The config's `parameters` map (gateway-only settings live here).
     pub parameters: BTreeMap<String, String>,
     /// The config as parsed, with defaults filled in, for the ModelConfig RPC.
@@ -523,6 +525,7 @@ pub fn spec_from_config_with(
         limits,
     )?;
     let scaling = ScalingParams::from_parameters(&config, instance_count)?;
+    let torch = super::torch_params::TorchParams::from_config(&config)?;
     let parameters = config
         .parameters
         .iter()
@@ -542,6 +545,7 @@ pub fn spec_from_config_with(
         queue,
         warmup,
         scaling,
+        torch,
         parameters,
         config,
     })

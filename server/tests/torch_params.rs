@@ -1,0 +1,104 @@
+//! Triton's PyTorch backend parameters in a config.pbtxt: honoured where they mean
+//! something here, accepted where they do not, and a bad value makes only that model
+//! UNAVAILABLE.
+
+mod common;
+
+use common::{bundled_models, f32s, fp32_request, TestRepo, TestServer};
+use sluice::backend::torch::TorchBackend;
+use sluice::config::BackendOptions;
+use sluice::repository::torch_params::TorchParams;
+use sluice::repository::DeviceKind;
+use sluice_proto::inference::RepositoryIndexRequest;
+
+/// The bundled mlp's config with `parameters` added.
+fn mlp_with(params: &[(&str, &str)]) -> String {
+    let config = std::fs::read_to_string(bundled_models().join("mlp/config.pbtxt")).unwrap();
+    let extra: String = params
+        .iter()
+        .map(|(k, v)| format!("parameters {{ key: \"{k}\" value: {{ string_value: \"{v}\" }} }}\n"))
+        .collect();
+    format!("{config}\n{extra}")
+}
+
+#[test]
+fn intra_op_thread_count_sets_the_instance_threads_own_pool() {
+    let weights = bundled_models().join("mlp/1/model.pt");
+    let threads = |params: TorchParams| {
+        let weights = weights.clone();
+        std::thread::spawn(move || {
+            let options = BackendOptions {
+                intra_op_threads: 1,
+            };
+            let _backend = TorchBackend::load(&weights, DeviceKind::Cpu, &options, &params)
+                .expect("mlp loads");
+            tch::get_num_threads()
+        })
+        .join()
+        .expect("the instance thread")
+    };
+    assert_eq!(threads(TorchParams::default()), 1, "the server's setting");
+    let three = TorchParams {
+        intra_op_threads: Some(3),
+        ..TorchParams::default()
+    };
+    assert_eq!(threads(three), 3, "the model's INTRA_OP_THREAD_COUNT");
+}
+
+#[tokio::test]
+async fn a_triton_tuned_config_serves_the_same_answers() {
+    let repo = TestRepo::new();
+    let weights = bundled_models().join("mlp/1/model.pt");
+    repo.model("mlp", &mlp_with(&[]), Some(&weights));
+    repo.model(
+        "tuned",
+        &mlp_with(&[
+            ("INTRA_OP_THREAD_COUNT", "2"),
+            ("DISABLE_OPTIMIZED_EXECUTION", "true"),
+            ("INFERENCE_MODE", "true"),
+            ("ENABLE_CACHE_CLEANING", "false"),
+        ])
+        .replace("name: \"mlp\"", "name: \"tuned\""),
+        Some(&weights),
+    );
+    repo.model(
+        "bad",
+        &mlp_with(&[("INTRA_OP_THREAD_COUNT", "zero")]).replace("name: \"mlp\"", "name: \"bad\""),
+        Some(&weights),
+    );
+    let mut s = TestServer::start(repo.path()).await;
+    let values: Vec<f32> = (0..64).map(|i| i as f32 / 64.0).collect();
+    let answer = |model: &'static str| {
+        let mut client = s.client.clone();
+        let values = values.clone();
+        async move {
+            let out = client
+                .model_infer(fp32_request(model, "INPUT__0", &[1, 64], &values))
+                .await
+                .unwrap_or_else(|e| panic!("{model}: {e:?}"))
+                .into_inner();
+            f32s(&out.raw_output_contents[0])
+        }
+    };
+    let plain = answer("mlp").await;
+    let tuned = answer("tuned").await;
+    assert_eq!(plain.len(), tuned.len());
+    for (a, b) in plain.iter().zip(&tuned) {
+        assert!((a - b).abs() <= 1e-5 * a.abs().max(1.0), "{a} vs {b}");
+    }
+    let index = s
+        .client
+        .repository_index(RepositoryIndexRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .models;
+    let bad = index.iter().find(|m| m.name == "bad").expect("listed");
+    assert_eq!(bad.state, "UNAVAILABLE");
+    assert!(
+        bad.reason.contains("INTRA_OP_THREAD_COUNT"),
+        "{}",
+        bad.reason
+    );
+    s.stop().await;
+}
