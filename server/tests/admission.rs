@@ -279,6 +279,50 @@ async fn over_the_models_concurrency_limit_a_request_is_refused_at_once() {
 }
 
 #[tokio::test]
+async fn requests_without_a_deadline_are_not_refused_by_the_adapted_limit() {
+    const SLEEP: u32 = 20;
+    const CLIENTS: usize = 24;
+    let repo = TestRepo::new();
+    // One instance, no batching: 24 closed-loop clients queue behind each other for up
+    // to half a second, far past the limit's target of four executions (80 ms).
+    slow_model(&repo, "queued", SLEEP);
+    let mut config = Config::for_repository(repo.path());
+    config.admission.model_limit.min = 2;
+    config.admission.model_limit.max = 256;
+    let s = TestServer::start_with(config).await;
+    let model = s.gateway.model("queued", "").unwrap();
+    let mut failures = Vec::new();
+    for round in 0..4 {
+        let clients: Vec<_> = (0..CLIENTS)
+            .map(|i| {
+                let mut client = s.client.clone();
+                tokio::spawn(async move {
+                    client
+                        .model_infer(fp32_request("queued", "INPUT__0", &[2], &[i as f32, 1.0]))
+                        .await
+                })
+            })
+            .collect();
+        for c in clients {
+            if let Err(e) = c.await.unwrap() {
+                failures.push((round, e.code(), e.message().to_owned()));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "requests without a deadline were refused: {failures:?}"
+    );
+    // The limit did adapt to the standing queue: requests with a deadline meet it.
+    assert!(
+        model.limit.limit() < 256,
+        "the limit stayed at {}",
+        model.limit.limit()
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
 async fn a_higher_priority_request_over_the_limit_sheds_a_queued_lower_one_at_once() {
     const SLEEP: u32 = 200;
     let repo = TestRepo::new();

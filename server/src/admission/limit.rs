@@ -143,6 +143,15 @@ pub struct AdaptiveLimit {
     state: Mutex<State>,
 }
 
+/// Which limit a request is held to.
+#[derive(Debug, Clone, Copy)]
+enum Bound {
+    /// The adapted limit: requests with a deadline.
+    Adaptive,
+    /// The configured maximum: requests without one.
+    Maximum,
+}
+
 /// A slot under the limit, returned when dropped.
 #[derive(Debug)]
 pub struct Permit {
@@ -205,11 +214,31 @@ impl AdaptiveLimit {
     /// Take a slot for a request of `level` (1 the highest) of `levels`, or `None` when
     /// the level's share of the limit is in use.
     pub fn try_acquire(self: &Arc<Self>, level: u32, levels: u32) -> Option<Permit> {
+        self.acquire_within(level, levels, Bound::Adaptive)
+    }
+
+    /// As [`try_acquire`](Self::try_acquire), for a request without a deadline: the
+    /// adaptive limit bounds latency, which such a request has not asked to bound, so it
+    /// is held only to the configured maximum (and then to its model's queue size). Its
+    /// slot and its wait count toward the limit like any other.
+    pub fn try_acquire_without_deadline(
+        self: &Arc<Self>,
+        level: u32,
+        levels: u32,
+    ) -> Option<Permit> {
+        self.acquire_within(level, levels, Bound::Maximum)
+    }
+
+    fn acquire_within(self: &Arc<Self>, level: u32, levels: u32, bound: Bound) -> Option<Permit> {
         let mut s = self.lock();
         let levels = levels.max(1);
         let level = level.clamp(1, levels);
         let share = f64::from(levels - level + 1) / f64::from(levels);
-        let allowed = (s.limit * share).floor().max(1.0) as usize;
+        let limit = match bound {
+            Bound::Adaptive => s.limit,
+            Bound::Maximum => self.config.max as f64,
+        };
+        let allowed = (limit * share).floor().max(1.0) as usize;
         let index = level as usize - 1;
         if s.by_level.len() <= index {
             s.by_level.resize(index + 1, 0);
@@ -448,6 +477,30 @@ mod tests {
             }
             assert_eq!(limit.limit(), 6);
         }
+    }
+
+    #[test]
+    fn requests_without_a_deadline_are_held_only_to_the_maximum() {
+        let limit = adaptive(2, 8, 5);
+        let mut now = Instant::now();
+        // A standing queue brings the limit down to its minimum.
+        windows(&limit, &mut now, MS * 40, 8);
+        assert_eq!(limit.limit(), 2);
+        let with_deadline: Vec<_> = std::iter::from_fn(|| limit.try_acquire(1, 1)).collect();
+        assert_eq!(
+            with_deadline.len(),
+            2,
+            "deadline-bound requests meet the adapted limit"
+        );
+        let without: Vec<_> =
+            std::iter::from_fn(|| limit.try_acquire_without_deadline(1, 1)).collect();
+        assert_eq!(
+            without.len(),
+            6,
+            "requests without a deadline fill up to the maximum of 8, counting the others"
+        );
+        assert!(limit.try_acquire(1, 1).is_none());
+        assert_eq!(limit.in_flight(), 8);
     }
 
     #[test]

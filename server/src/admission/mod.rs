@@ -222,7 +222,12 @@ where
             return Box::pin(self.inner.call(call));
         }
         let limit = model.limit.clone();
-        let Some(permit) = limit.try_acquire(level, levels) else {
+        // The deadline layer has set the request's deadline, if it has one.
+        let permit = match call.request.deadline {
+            Some(_) => limit.try_acquire(level, levels),
+            None => limit.try_acquire_without_deadline(level, levels),
+        };
+        let Some(permit) = permit else {
             metrics::rejected(&call.model, RejectReason::ConcurrencyLimit, Some(level));
             let err = Error::Overloaded {
                 model: call.model.clone(),
