@@ -5,13 +5,13 @@
 
 mod common;
 
-use std::path::Path;
-
-use common::{fp32_request, TestRepo, TestServer};
+use common::{
+    assert_hides_root, fp32_request, good_request_is_answered, index_row, load_request, TestRepo,
+    TestServer,
+};
 use sluice::config::{ModelControl, ModelControlMode};
 use sluice::Config;
-use sluice_proto::inference::{RepositoryIndexRequest, RepositoryModelLoadRequest};
-use tonic::{Code, Request};
+use tonic::Code;
 
 const TOKEN: &str = "hostile-test-token";
 
@@ -125,43 +125,6 @@ fn hostile_repo() -> TestRepo {
     repo
 }
 
-/// Fail if `text` shows where the repository lies.
-fn assert_hides_root(root: &Path, text: &str) {
-    let spellings = [
-        root.display().to_string(),
-        root.canonicalize().unwrap().display().to_string(),
-    ];
-    for root in spellings {
-        assert!(
-            !text.contains(&root),
-            "answer names the repository's location {root}: {text}"
-        );
-    }
-}
-
-async fn index_row(s: &mut TestServer, name: &str) -> (String, String) {
-    let index = s
-        .client
-        .repository_index(RepositoryIndexRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    let row = index
-        .models
-        .into_iter()
-        .find(|m| m.name == name)
-        .unwrap_or_else(|| panic!("{name} in the index"));
-    (row.state, row.reason)
-}
-
-async fn good_request_is_answered(s: &mut TestServer) {
-    let ok = s
-        .client
-        .model_infer(fp32_request("mlp", "INPUT__0", &[1, 64], &[0.5; 64]))
-        .await;
-    assert!(ok.is_ok(), "the good model answers: {ok:?}");
-}
-
 #[tokio::test]
 async fn hostile_configs_at_start_up_leave_only_themselves_unavailable() {
     let repo = hostile_repo();
@@ -208,12 +171,7 @@ async fn hostile_configs_through_repository_model_load() {
             index_row(&mut s, name).await,
             ("UNAVAILABLE".to_owned(), "unloaded".to_owned())
         );
-        let mut load = Request::new(RepositoryModelLoadRequest {
-            model_name: name.into(),
-            ..Default::default()
-        });
-        load.metadata_mut()
-            .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+        let load = load_request(name, Some(TOKEN), Default::default());
         let err = s.client.repository_model_load(load).await.unwrap_err();
         assert_eq!(err.code(), Code::Unavailable, "{name}: {err:?}");
         assert!(err.message().contains(why), "{name}: {}", err.message());

@@ -5,52 +5,15 @@ mod common;
 
 use std::time::Duration;
 
-use common::{eventually, f32s, fp32_request, http_get, TestRepo, TestServer};
+use common::{
+    eventually, f32s, fp32_request, http_get, index_row, load_request, unload_request, TestRepo,
+    TestServer,
+};
 use sluice::config::{ModelControl, ModelControlMode};
 use sluice::Config;
-use sluice_proto::inference::{
-    RepositoryIndexRequest, RepositoryModelLoadRequest, RepositoryModelUnloadRequest,
-};
-use tonic::{Code, Request};
+use tonic::Code;
 
 const SLOW: &[(&str, &str)] = &[("sleep_ms", "300")];
-
-fn load(name: &str, token: Option<&str>) -> Request<RepositoryModelLoadRequest> {
-    let mut req = Request::new(RepositoryModelLoadRequest {
-        model_name: name.into(),
-        ..Default::default()
-    });
-    if let Some(t) = token {
-        req.metadata_mut()
-            .insert("authorization", format!("Bearer {t}").parse().unwrap());
-    }
-    req
-}
-
-fn unload(name: &str, token: &str) -> Request<RepositoryModelUnloadRequest> {
-    let mut req = Request::new(RepositoryModelUnloadRequest {
-        model_name: name.into(),
-        ..Default::default()
-    });
-    req.metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    req
-}
-
-async fn index_state(s: &mut TestServer, name: &str) -> (String, String) {
-    let index = s
-        .client
-        .repository_index(RepositoryIndexRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    let row = index
-        .models
-        .into_iter()
-        .find(|m| m.name == name)
-        .expect("model in index");
-    (row.state, row.reason)
-}
 
 #[tokio::test]
 async fn explicit_model_control_with_a_token() {
@@ -65,10 +28,10 @@ async fn explicit_model_control_with_a_token() {
     let mut s = TestServer::start_with(config).await;
 
     assert_eq!(
-        index_state(&mut s, "mlp").await,
+        index_row(&mut s, "mlp").await,
         ("UNAVAILABLE".into(), "unloaded".into())
     );
-    assert_eq!(index_state(&mut s, "slow").await.0, "READY");
+    assert_eq!(index_row(&mut s, "slow").await.0, "READY");
     let err = s
         .client
         .model_infer(fp32_request("mlp", "INPUT__0", &[1, 64], &[0.0; 64]))
@@ -79,7 +42,7 @@ async fn explicit_model_control_with_a_token() {
     // Token checks.
     assert_eq!(
         s.client
-            .repository_model_load(load("mlp", None))
+            .repository_model_load(load_request("mlp", None, Default::default()))
             .await
             .unwrap_err()
             .code(),
@@ -87,7 +50,7 @@ async fn explicit_model_control_with_a_token() {
     );
     assert_eq!(
         s.client
-            .repository_model_load(load("mlp", Some("guess")))
+            .repository_model_load(load_request("mlp", Some("guess"), Default::default()))
             .await
             .unwrap_err()
             .code(),
@@ -95,7 +58,7 @@ async fn explicit_model_control_with_a_token() {
     );
     assert_eq!(
         s.client
-            .repository_model_unload(unload("slow", "guess"))
+            .repository_model_unload(unload_request("slow", "guess"))
             .await
             .unwrap_err()
             .code(),
@@ -104,17 +67,17 @@ async fn explicit_model_control_with_a_token() {
 
     // Load, then serve.
     s.client
-        .repository_model_load(load("mlp", Some("s3cret")))
+        .repository_model_load(load_request("mlp", Some("s3cret"), Default::default()))
         .await
         .unwrap();
-    assert_eq!(index_state(&mut s, "mlp").await.0, "READY");
+    assert_eq!(index_row(&mut s, "mlp").await.0, "READY");
     s.client
         .model_infer(fp32_request("mlp", "INPUT__0", &[1, 64], &[0.0; 64]))
         .await
         .unwrap();
     let missing = s
         .client
-        .repository_model_load(load("nope", Some("s3cret")))
+        .repository_model_load(load_request("nope", Some("s3cret"), Default::default()))
         .await
         .unwrap_err();
     assert_eq!(missing.code(), Code::NotFound);
@@ -135,7 +98,7 @@ async fn explicit_model_control_with_a_token() {
     .await;
     drop(slow);
     s.client
-        .repository_model_unload(unload("slow", "s3cret"))
+        .repository_model_unload(unload_request("slow", "s3cret"))
         .await
         .unwrap();
     let refused = s
@@ -158,13 +121,13 @@ async fn explicit_model_control_with_a_token() {
         vec![3.0, 4.0]
     );
     assert_eq!(
-        index_state(&mut s, "slow").await,
+        index_row(&mut s, "slow").await,
         ("UNAVAILABLE".into(), "unloaded".into())
     );
 
     // And back.
     s.client
-        .repository_model_load(load("slow", Some("s3cret")))
+        .repository_model_load(load_request("slow", Some("s3cret"), Default::default()))
         .await
         .unwrap();
     s.client
@@ -181,7 +144,7 @@ async fn model_control_is_refused_in_mode_none() {
     let mut s = TestServer::start(repo.path()).await;
     let err = s
         .client
-        .repository_model_load(load("mlp", None))
+        .repository_model_load(load_request("mlp", None, Default::default()))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
@@ -266,13 +229,13 @@ async fn a_model_that_fails_its_warm_up_never_turns_ready() {
     )
     .unwrap();
     let mut s = TestServer::start(repo.path()).await;
-    let (state, reason) = index_state(&mut s, "picky").await;
+    let (state, reason) = index_row(&mut s, "picky").await;
     assert_eq!(state, "UNAVAILABLE");
     assert!(
         reason.contains("warm-up sample 'negative' failed"),
         "{reason}"
     );
     assert_eq!(http_get(s.http, "/v2/models/picky/ready").await.0, 503);
-    assert_eq!(index_state(&mut s, "mlp").await.0, "READY");
+    assert_eq!(index_row(&mut s, "mlp").await.0, "READY");
     s.stop().await;
 }

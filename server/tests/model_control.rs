@@ -10,13 +10,16 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{fp32_request, TestRepo, TestServer};
+use common::{
+    assert_hides_root, fp32_request, good_request_is_answered, load_request, unload_request,
+    TestRepo, TestServer,
+};
 use sluice::config::{ConfigError, ModelControlMode, Settings};
 use sluice_proto::inference::{
     model_repository_parameter::ParameterChoice, ModelConfigRequest, ModelRepositoryParameter,
-    RepositoryIndexRequest, RepositoryModelLoadRequest, RepositoryModelUnloadRequest,
+    RepositoryIndexRequest,
 };
-use tonic::{Code, Request};
+use tonic::Code;
 
 const TOKEN: &str = "s3cret-token";
 
@@ -31,37 +34,6 @@ fn explicit(repo: &Path) -> Settings {
         load_model: Some(vec!["mlp".into()]),
         ..Settings::default()
     }
-}
-
-fn load(name: &str, token: Option<&str>) -> Request<RepositoryModelLoadRequest> {
-    load_with(name, token, HashMap::new())
-}
-
-fn load_with(
-    name: &str,
-    token: Option<&str>,
-    parameters: HashMap<String, ModelRepositoryParameter>,
-) -> Request<RepositoryModelLoadRequest> {
-    let mut req = Request::new(RepositoryModelLoadRequest {
-        model_name: name.into(),
-        parameters,
-        ..Default::default()
-    });
-    if let Some(t) = token {
-        req.metadata_mut()
-            .insert("authorization", format!("Bearer {t}").parse().unwrap());
-    }
-    req
-}
-
-fn unload(name: &str, token: &str) -> Request<RepositoryModelUnloadRequest> {
-    let mut req = Request::new(RepositoryModelUnloadRequest {
-        model_name: name.into(),
-        ..Default::default()
-    });
-    req.metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    req
 }
 
 fn string_param(key: &str, value: &str) -> HashMap<String, ModelRepositoryParameter> {
@@ -83,24 +55,6 @@ async fn index(s: &mut TestServer) -> Vec<(String, String, String)> {
         .into_iter()
         .map(|m| (m.name, m.state, m.reason))
         .collect()
-}
-
-async fn good_request_is_answered(s: &mut TestServer) {
-    let ok = s
-        .client
-        .model_infer(fp32_request("mlp", "INPUT__0", &[1, 64], &[0.25; 64]))
-        .await;
-    assert!(ok.is_ok(), "the good model answers: {ok:?}");
-}
-
-fn assert_hides_root(root: &Path, text: &str) {
-    for root in [root.to_path_buf(), root.canonicalize().unwrap()] {
-        let root = root.display().to_string();
-        assert!(
-            !text.contains(&root),
-            "answer names the repository's location {root}: {text}"
-        );
-    }
 }
 
 /// Run the `sluice` binary with `args` and `env`; it must exit within 60 s (it is killed
@@ -201,7 +155,7 @@ async fn explicit_control_without_a_token_needs_the_opt_in() {
     .expect("the opt-in allows explicit control without a token");
     let mut s = TestServer::start_with(config).await;
     s.client
-        .repository_model_load(load("echo", None))
+        .repository_model_load(load_request("echo", None, Default::default()))
         .await
         .expect("with the opt-in, load needs no token");
     let ok = s
@@ -229,26 +183,26 @@ async fn token_from_a_file_is_required_and_checked() {
 
     let err = s
         .client
-        .repository_model_load(load("echo", None))
+        .repository_model_load(load_request("echo", None, Default::default()))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
     good_request_is_answered(&mut s).await;
     let err = s
         .client
-        .repository_model_load(load("echo", Some("wrong")))
+        .repository_model_load(load_request("echo", Some("wrong"), Default::default()))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
     let err = s
         .client
-        .repository_model_load(load("echo", Some(&TOKEN[1..])))
+        .repository_model_load(load_request("echo", Some(&TOKEN[1..]), Default::default()))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
     let err = s
         .client
-        .repository_model_unload(unload("mlp", "wrong"))
+        .repository_model_unload(unload_request("mlp", "wrong"))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
@@ -261,7 +215,7 @@ async fn token_from_a_file_is_required_and_checked() {
     );
 
     s.client
-        .repository_model_load(load("echo", Some(TOKEN)))
+        .repository_model_load(load_request("echo", Some(TOKEN), Default::default()))
         .await
         .expect("the token from the file is accepted");
     let ok = s
@@ -270,7 +224,7 @@ async fn token_from_a_file_is_required_and_checked() {
         .await;
     assert!(ok.is_ok(), "{ok:?}");
     s.client
-        .repository_model_unload(unload("echo", TOKEN))
+        .repository_model_unload(unload_request("echo", TOKEN))
         .await
         .unwrap();
     good_request_is_answered(&mut s).await;
@@ -305,7 +259,7 @@ async fn invalid_model_names_touch_nothing() {
     ] {
         let err = s
             .client
-            .repository_model_load(load(name, Some(TOKEN)))
+            .repository_model_load(load_request(name, Some(TOKEN), Default::default()))
             .await
             .unwrap_err();
         assert_eq!(
@@ -322,7 +276,7 @@ async fn invalid_model_names_touch_nothing() {
         assert_hides_root(repo.path(), err.message());
         let err = s
             .client
-            .repository_model_unload(unload(name, TOKEN))
+            .repository_model_unload(unload_request(name, TOKEN))
             .await
             .unwrap_err();
         assert_eq!(
@@ -338,7 +292,7 @@ async fn invalid_model_names_touch_nothing() {
     assert!(before.iter().all(|(name, _, _)| name != ".hidden"));
     let missing = s
         .client
-        .repository_model_load(load("nope", Some(TOKEN)))
+        .repository_model_load(load_request("nope", Some(TOKEN), Default::default()))
         .await
         .unwrap_err();
     assert_eq!(missing.code(), Code::NotFound);
@@ -389,7 +343,7 @@ async fn the_config_parameter_replaces_the_file_and_file_overrides_are_refused()
     s.client.model_infer(batch(8)).await.unwrap();
 
     s.client
-        .repository_model_load(load_with(
+        .repository_model_load(load_request(
             "mlp",
             Some(TOKEN),
             string_param("config", &mlp_json(4)),
@@ -456,7 +410,7 @@ async fn the_config_parameter_replaces_the_file_and_file_overrides_are_refused()
     for (parameters, why) in refusals {
         let err = s
             .client
-            .repository_model_load(load_with("mlp", Some(TOKEN), parameters))
+            .repository_model_load(load_request("mlp", Some(TOKEN), parameters))
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{why}: {err:?}");
@@ -468,7 +422,7 @@ async fn the_config_parameter_replaces_the_file_and_file_overrides_are_refused()
 
     // A load without the parameter reads config.pbtxt again.
     s.client
-        .repository_model_load(load("mlp", Some(TOKEN)))
+        .repository_model_load(load_request("mlp", Some(TOKEN), Default::default()))
         .await
         .unwrap();
     assert_eq!(max_batch_size(&mut s).await, 32);

@@ -7,7 +7,10 @@ use std::path::{Path, PathBuf};
 
 use sluice::{Config, Server};
 use sluice_proto::grpc_inference_service_client::GrpcInferenceServiceClient;
-use sluice_proto::inference::{model_infer_request::InferInputTensor, ModelInferRequest};
+use sluice_proto::inference::{
+    model_infer_request::InferInputTensor, ModelInferRequest, ModelRepositoryParameter,
+    RepositoryIndexRequest, RepositoryModelLoadRequest, RepositoryModelUnloadRequest,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
@@ -216,4 +219,70 @@ pub async fn metric_value(addr: SocketAddr, prefix: &str) -> Option<f64> {
         .find(|l| l.starts_with(prefix))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
+}
+
+/// RepositoryModelLoad of `name` with `parameters`, with `authorization: Bearer <token>`
+/// when a token is given.
+pub fn load_request(
+    name: &str,
+    token: Option<&str>,
+    parameters: std::collections::HashMap<String, ModelRepositoryParameter>,
+) -> tonic::Request<RepositoryModelLoadRequest> {
+    let mut req = tonic::Request::new(RepositoryModelLoadRequest {
+        model_name: name.into(),
+        parameters,
+        ..Default::default()
+    });
+    if let Some(t) = token {
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    req
+}
+
+/// RepositoryModelUnload of `name` with `authorization: Bearer <token>`.
+pub fn unload_request(name: &str, token: &str) -> tonic::Request<RepositoryModelUnloadRequest> {
+    let mut req = tonic::Request::new(RepositoryModelUnloadRequest {
+        model_name: name.into(),
+        ..Default::default()
+    });
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    req
+}
+
+/// State and reason of `name` in RepositoryIndex (the model must be listed).
+pub async fn index_row(s: &mut TestServer, name: &str) -> (String, String) {
+    let index = s
+        .client
+        .repository_index(RepositoryIndexRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let row = index
+        .models
+        .into_iter()
+        .find(|m| m.name == name)
+        .unwrap_or_else(|| panic!("{name} in the index"));
+    (row.state, row.reason)
+}
+
+/// Fail if `text` shows where the repository `root` lies, as given or canonical.
+pub fn assert_hides_root(root: &Path, text: &str) {
+    for root in [root.to_path_buf(), root.canonicalize().unwrap()] {
+        let root = root.display().to_string();
+        assert!(
+            !text.contains(&root),
+            "answer names the repository's location {root}: {text}"
+        );
+    }
+}
+
+/// A good request to the bundled `mlp` in the repository is answered.
+pub async fn good_request_is_answered(s: &mut TestServer) {
+    let ok = s
+        .client
+        .model_infer(fp32_request("mlp", "INPUT__0", &[1, 64], &[0.5; 64]))
+        .await;
+    assert!(ok.is_ok(), "the good model answers: {ok:?}");
 }
