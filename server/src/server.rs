@@ -274,7 +274,7 @@ async fn serve_grpc(
     let mut acceptor = edge::Acceptor::new(listener, "grpc", limits.max_connections);
     let connections = tokio_util::task::TaskTracker::new();
     loop {
-        let (stream, _peer, slot) = tokio::select! {
+        let (stream, slot) = tokio::select! {
             _ = stop.cancelled() => break,
             accepted = acceptor.next() => accepted,
         };

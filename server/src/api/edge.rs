@@ -20,7 +20,6 @@
 //! status it finds in the body's error.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -134,7 +133,7 @@ impl Acceptor {
 
     /// The next connection that fits under the cap. A connection over the cap is closed
     /// at once (the client sees the connection close, not a hang).
-    pub async fn next(&mut self) -> (TcpStream, SocketAddr, ConnectionSlot) {
+    pub async fn next(&mut self) -> (TcpStream, ConnectionSlot) {
         loop {
             match self.listener.accept().await {
                 Ok((stream, peer)) => {
@@ -157,7 +156,7 @@ impl Acceptor {
                         open: self.open.clone(),
                         port: self.port,
                     };
-                    return (stream, peer, slot);
+                    return (stream, slot);
                 }
                 Err(e) => {
                     if let Some(held_back) = self.error_log.allow(Instant::now()) {

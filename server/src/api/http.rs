@@ -104,7 +104,7 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout);
     loop {
-        let (stream, _peer, slot) = tokio::select! {
+        let (stream, slot) = tokio::select! {
             _ = shutdown.cancelled() => return,
             accepted = acceptor.next() => accepted,
         };
