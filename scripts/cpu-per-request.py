@@ -3,13 +3,15 @@
 measured alternately in one run.
 
     .venv/bin/python scripts/cpu-per-request.py --baseline-bin OTHER/target/release/sluice \\
-        [--model mlp] [--rate 1000] [--rounds 3]
+        [--model mlp] [--rate 1000] [--rounds 3] [--triton-style]
 
 Each round serves the bundled repository from this checkout's release binary and from
 `--baseline-bin` in turn (default flags), drives each with sluice-bench (constant
 arrivals, 2 s warm-up, `--seconds` measured) and reads the server's utime + stime from
 /proc over the measured part. CPU time per success is steadier than throughput on a
-shared machine. Prints one Markdown row per round and binary, and the medians. Needs
+shared machine. `--triton-style` serves instead a copy of the model with the config a
+Triton user would write (one instance, `max_queue_delay_microseconds: 2000`, no queue
+policy). Prints one Markdown row per round and binary, and the medians. Needs
 `make build` and `cargo build --release -p sluice-bench`; Linux only.
 """
 
@@ -36,9 +38,33 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
+TRITON_STYLE = """name: "{model}"
+platform: "pytorch_libtorch"
+max_batch_size: 32
+input [ {{ name: "INPUT__0" data_type: TYPE_FP32 dims: {dims} }} ]
+output [ {{ name: "OUTPUT__0" data_type: TYPE_FP32 dims: {out} }} ]
+instance_group [ {{ count: 1 kind: KIND_CPU }} ]
+dynamic_batching {{ max_queue_delay_microseconds: 2000 }}
+"""
+SHAPES = {"mlp": ("[ 64 ]", "[ 10 ]"), "cnn": ("[ 3, 64, 64 ]", "[ 10 ]")}
+
+
+def triton_style_repo(model, work):
+    """A repository holding `model` with a Triton-style config and the bundled weights."""
+    repo = work / "triton-style"
+    (repo / model / "1").mkdir(parents=True, exist_ok=True)
+    dims, out = SHAPES[model]
+    (repo / model / "config.pbtxt").write_text(TRITON_STYLE.format(model=model, dims=dims, out=out))
+    weights = repo / model / "1" / "model.pt"
+    if not weights.exists():
+        weights.symlink_to(ROOT / "models" / model / "1" / "model.pt")
+    return repo
+
+
 def measure(binary, args, work):
+    repo = triton_style_repo(args.model, work) if args.triton_style else ROOT / "models"
     with open(work / "server.log", "a") as log:
-        server = start_server(ROOT / "models", PORT, log, binary=binary)
+        server = start_server(repo, PORT, log, binary=binary)
     try:
         out = work / "run.json"
         cmd = [str(BENCH), "run", "-m", args.model, "-u", f"127.0.0.1:{PORT}",
@@ -82,6 +108,8 @@ def main():
     ap.add_argument("--rate", type=int, default=1000)
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--triton-style", action="store_true",
+                    help="serve the model with a Triton-style config instead of the bundled one")
     args = ap.parse_args()
     binaries = {"this checkout": str(BIN), "baseline": args.baseline_bin}
     results = {name: [] for name in binaries}
