@@ -58,7 +58,7 @@ fn main() {
         .to_owned();
     let spec = Arc::new(load_spec(args.model_dir.join(CONFIG_FILE)).expect("valid config"));
     let options = BackendOptions {
-        intra_op_threads: args.threads,
+        intra_op_threads: Some(args.threads),
     };
     let version_dir = args.model_dir.join("1");
     println!(

@@ -56,7 +56,8 @@ pub struct Settings {
     #[arg(long, env = "SLUICE_LOG_LEVEL", value_name = "FILTER")]
     pub log_level: Option<String>,
 
-    /// libtorch intra-op threads per model instance. [default: 1]
+    /// libtorch intra-op threads per model instance. [default: the machine's cores
+    /// shared among the model's instances: cores / instance count, at least 1]
     #[arg(long, env = "SLUICE_INTRA_OP_THREADS", value_name = "N")]
     pub intra_op_threads: Option<usize>,
 
@@ -229,8 +230,9 @@ pub struct Settings {
     #[arg(long, env = "SLUICE_MAX_CONCURRENCY_LIMIT", value_name = "N")]
     pub max_concurrency_limit: Option<usize>,
 
-    /// Queue delay the adaptive limit aims at, in milliseconds. [default: four of the
-    /// model's fastest measured single-sample executions, at least 1 ms]
+    /// Queue delay the adaptive limit allows beyond the model's own
+    /// `max_queue_delay_microseconds`, in milliseconds. [default: four of the model's
+    /// fastest measured single-sample executions, at least 1 ms]
     #[arg(long, env = "SLUICE_TARGET_QUEUE_DELAY_MS", value_name = "MS")]
     pub target_queue_delay_ms: Option<f64>,
 
@@ -384,7 +386,8 @@ impl std::fmt::Debug for ModelControl {
 /// Options every backend instance is created with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BackendOptions {
-    pub intra_op_threads: usize,
+    /// Threads per instance; `None`: the cores shared among the model's instances.
+    pub intra_op_threads: Option<usize>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -518,7 +521,7 @@ impl Settings {
             log_format: self.log_format.unwrap_or(LogFormat::Text),
             log_level: self.log_level.unwrap_or_else(|| "info".to_owned()),
             backend: BackendOptions {
-                intra_op_threads: self.intra_op_threads.unwrap_or(1),
+                intra_op_threads: self.intra_op_threads,
             },
             shutdown_grace_period: Duration::from_secs(
                 self.shutdown_grace_period_secs.unwrap_or(30),
@@ -897,7 +900,7 @@ impl Config {
                 ),
             );
         }
-        if self.backend.intra_op_threads == 0 {
+        if self.backend.intra_op_threads == Some(0) {
             return invalid("intra_op_threads", "must be at least 1".to_owned());
         }
         if !(1024..=MAX_MESSAGE_BYTES_LIMIT).contains(&self.max_message_bytes) {

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::admission::limit::AdaptiveLimit;
+use crate::admission::limit::{AdaptiveLimit, ModelShape};
 use crate::admission::AdmissionConfig;
 use crate::batcher::{BatchKey, Batcher, QueueLimits, Queued, Scaling};
 use crate::config::{BackendOptions, ModelDefaults};
@@ -141,7 +141,10 @@ impl LoadedModel {
             },
             pool,
         );
-        let limit = Arc::new(AdaptiveLimit::new(options.admission.model_limit));
+        let limit = Arc::new(AdaptiveLimit::new(
+            options.admission.model_limit,
+            limit_shape(&spec),
+        ));
         metrics::concurrency_limit(&spec.name, limit.limit());
         Ok(LoadedModel {
             spec,
@@ -275,6 +278,25 @@ impl LoadedModel {
     /// sizes when that size has not run); `None` before the first execution.
     pub fn unit_execution(&self) -> Option<Duration> {
         self.batcher.estimate().estimate(1)
+    }
+}
+
+/// What the model's configuration makes normal for its concurrency limit: the wait for a
+/// batch to form is asked for, not overload, and a queue that one round of full batches
+/// clears is no backlog.
+fn limit_shape(spec: &ModelSpec) -> ModelShape {
+    let batch = if spec.batching.combine {
+        spec.batching.max_batch_size.max(1)
+    } else {
+        1
+    };
+    ModelShape {
+        batching_delay: if spec.batching.combine {
+            spec.batching.max_queue_delay
+        } else {
+            Duration::ZERO
+        },
+        round: spec.instance_count.max(1).saturating_mul(batch),
     }
 }
 

@@ -5,6 +5,7 @@
 mod common;
 
 use common::{bundled_models, f32s, fp32_request, TestRepo, TestServer};
+use sluice::backend::intra_op_threads;
 use sluice::backend::torch::TorchBackend;
 use sluice::config::BackendOptions;
 use sluice::repository::torch_params::TorchParams;
@@ -28,10 +29,11 @@ fn intra_op_thread_count_sets_the_instance_threads_own_pool() {
         let weights = weights.clone();
         std::thread::spawn(move || {
             let options = BackendOptions {
-                intra_op_threads: 1,
+                intra_op_threads: Some(1),
             };
-            let _backend = TorchBackend::load(&weights, DeviceKind::Cpu, &options, &params)
-                .expect("mlp loads");
+            let threads = intra_op_threads(params.intra_op_threads, &options, 2, 8);
+            let _backend =
+                TorchBackend::load(&weights, DeviceKind::Cpu, threads, &params).expect("mlp loads");
             tch::get_num_threads()
         })
         .join()

@@ -14,21 +14,35 @@
 //! each window:
 //!
 //! ```text
-//! standing, peak > L_min:       L <- max(L_min, min(L, peak) * max(beta, target / d))
-//! d <= target, peak >= u * L:   L <- min(L_max, L + sqrt(L))
-//! otherwise:                    L unchanged
+//! standing, overloaded, peak > L_min:  L <- max(L_min, min(L, peak) * max(beta, target / d))
+//! refused, not overloaded:             L <- min(L_max, L * g)
+//! (d <= target or not overloaded),
+//!   peak >= u * L:                     L <- min(L_max, L + sqrt(L))
+//! otherwise:                           L unchanged
 //! ```
 //!
-//! where the queue is `standing` when `d > 2 * target`, or `d > target` in this window
+//! The model is `overloaded` when more is asked of it than it finishes: the requests
+//! that asked for a slot (admitted or refused) over those that left the queue, each
+//! summed over the windows with weights decaying by [`LOAD_DECAY`] per window, exceed
+//! [`OVERLOAD`]. That is what true overload is (arrivals faster than service); below
+//! capacity a queue, however long it stands for a while, is served at the rate it is
+//! offered, and a fixed set of clients waiting for their answers can never offer more
+//! than is finished. Waiting alone, which a batching delay, Poisson bursts or a closed
+//! loop of many clients all make, therefore never shrinks the limit; and a limit that
+//! refused while the model kept up is in the way of serveable load and grows by
+//! `g = 1.5` at once (after an overload, the first bursts of normal traffic lift it
+//! back).
+//!
+//! The queue is `standing` when `d > 2 * target`, or `d > target` in this window
 //! and the one before (the persistence test of CoDel, Nichols & Jacobson, 2012: a
 //! burst that drains within a window is not a queue to shed for). In a window where
 //! nothing was refused the queue was built by the arrivals alone, and the test is
-//! stricter: `d > 3 * target`, or over the target three windows in a row. So Poisson
-//! bursts below capacity, which can stand for a window or two, shrink nothing, while
-//! under overload (the limit refusing) the limit reacts as quickly as before. Only a
-//! refusal of the highest level in flight counts: a lower level refused while higher
-//! ones hold slots is precedence at work, and a higher level running near capacity
-//! beside a flood of lower-level work is judged like a model running alone near it.
+//! stricter: more requests in flight than one round of full batches on every instance
+//! takes (a shorter queue is cleared by the next dispatch), and `d > 3 * target` or
+//! over the target three windows in a row. Only a refusal of the highest level in
+//! flight counts: a lower level refused while higher ones hold slots is precedence at
+//! work, and a higher level running near capacity beside a flood of lower-level work is
+//! judged like a model running alone near it.
 //!
 //! with `beta = 0.5` (at most halve per window), `u = 0.8` and `peak` the
 //! most requests in flight during the window. The decrease starts from what was in
@@ -40,11 +54,26 @@
 //! headroom Gradient2 adds, Netflix concurrency-limits) recovers from a burst's
 //! decrease within a few windows instead of tens.
 //!
-//! `target` is configured, or by default [`TARGET_EXECUTIONS`] times the model's
-//! fastest measured execution time for one sample (a fixed yardstick per model: tied to
-//! the current batch size, or to a time inflated by CPU contention, it would grow with
-//! the queue it is meant to bound), at least [`MIN_TARGET`]. `W` is ten targets, within
-//! [`MIN_WINDOW`, `MAX_WINDOW`].
+//! `target` is judged against the model's own operating point, not a fixed latency:
+//!
+//! ```text
+//! target = D + A,   A = configured allowance, or max(MIN_TARGET, TARGET_EXECUTIONS * u)
+//! ```
+//!
+//! `D` is the `max_queue_delay_microseconds` of the model's `dynamic_batching`: the wait
+//! the configuration itself asks of every request, so that a batch can form. Below
+//! capacity the oldest request of each batch waits about `D` (the batch did not fill),
+//! so a target without it reads a model serving light traffic with a 2 ms delay as a
+//! standing queue and shrinks its limit to the minimum (and a 10 ms delay refuses
+//! almost everything). `A` is the queueing allowed beyond that: configured, or by
+//! default [`TARGET_EXECUTIONS`] times `u`, the model's fastest measured execution time
+//! for one sample (a fixed yardstick per model: tied to the current batch size, or to a
+//! time inflated by CPU contention, it would grow with the queue it is meant to bound),
+//! at least [`MIN_TARGET`]. So what is refused is work beyond what the configuration
+//! asks for and a few executions of backlog: under true overload (arrivals faster than
+//! the model can serve) the queue, and with it the wait, grows without bound and soon
+//! passes any such target, while below capacity it stands near `D`. `W` is ten targets,
+//! within [`MIN_WINDOW`, `MAX_WINDOW`].
 //!
 //! In static mode the limit is fixed at `max`.
 //!
@@ -76,6 +105,12 @@ const PERSISTENCE: u32 = 2;
 const CLEAR_OVERSHOOT_UNREFUSED: u32 = 3;
 const PERSISTENCE_UNREFUSED: u32 = 3;
 const UTILIZATION: f64 = 0.8;
+/// Offered over finished requests (smoothed) above which the model is overloaded,
+const OVERLOAD: f64 = 1.2;
+/// and the weight each window's counts keep per window after it.
+const LOAD_DECAY: f64 = 0.7;
+/// A limit that refused serveable load grows by this factor.
+const GROWTH: f64 = 1.5;
 /// The automatic target: this many single-sample executions of queue delay. Four keep
 /// the batches moderate (a batch of a few samples costs little more per sample than a
 /// large one, and waits far less) while leaving room for the queue that a fixed set of
@@ -97,8 +132,8 @@ pub struct LimitConfig {
     pub mode: LimitMode,
     pub min: usize,
     pub max: usize,
-    /// Queue delay the adaptive limit aims at; `None`: [`TARGET_EXECUTIONS`] of the
-    /// model's fastest single-sample executions.
+    /// Queue delay the adaptive limit allows beyond the model's batching delay; `None`:
+    /// [`TARGET_EXECUTIONS`] of the model's fastest single-sample executions.
     pub target: Option<Duration>,
 }
 
@@ -128,6 +163,12 @@ struct State {
     over_streak: u32,
     /// A request was refused in the window.
     window_refused: bool,
+    /// Requests that asked for a slot in the window, admitted or not.
+    window_offered: u32,
+    /// Offered and finished requests, summed over windows with weights decaying by
+    /// [`LOAD_DECAY`] per window.
+    offered: f64,
+    finished: f64,
 }
 
 impl State {
@@ -140,7 +181,29 @@ impl State {
 #[derive(Debug)]
 pub struct AdaptiveLimit {
     config: LimitConfig,
+    model: ModelShape,
     state: Mutex<State>,
+}
+
+/// What the model's configuration makes normal: the wait it asks for and the work its
+/// instances take at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelShape {
+    /// `max_queue_delay_microseconds` when the model batches, else zero: part of every
+    /// target.
+    pub batching_delay: Duration,
+    /// Requests that one round of full batches on every instance takes
+    /// (`instances * max_batch_size`, at least 1): a queue no longer than that is
+    /// cleared by the next dispatch.
+    pub round: usize,
+}
+
+impl ModelShape {
+    /// No batching delay, one request at a time: the target is the allowance alone.
+    pub const PLAIN: ModelShape = ModelShape {
+        batching_delay: Duration::ZERO,
+        round: 1,
+    };
 }
 
 /// Which limit a request is held to.
@@ -176,7 +239,7 @@ impl Drop for Permit {
 
 impl AdaptiveLimit {
     /// Starts at `max`: nothing is refused until the model has shown a standing queue.
-    pub fn new(config: LimitConfig) -> AdaptiveLimit {
+    pub fn new(config: LimitConfig, model: ModelShape) -> AdaptiveLimit {
         let config = LimitConfig {
             min: config.min.max(1),
             max: config.max.max(config.min.max(1)),
@@ -184,6 +247,10 @@ impl AdaptiveLimit {
         };
         AdaptiveLimit {
             config,
+            model: ModelShape {
+                round: model.round.max(1),
+                ..model
+            },
             state: Mutex::new(State {
                 limit: config.max as f64,
                 window_start: None,
@@ -194,6 +261,9 @@ impl AdaptiveLimit {
                 by_level: Vec::new(),
                 over_streak: 0,
                 window_refused: false,
+                window_offered: 0,
+                offered: 0.0,
+                finished: 0.0,
             }),
         }
     }
@@ -244,6 +314,7 @@ impl AdaptiveLimit {
             s.by_level.resize(index + 1, 0);
         }
         let in_flight = s.in_flight();
+        s.window_offered = s.window_offered.saturating_add(1);
         // This level and the higher ones.
         let own: usize = s.by_level[..=index].iter().sum();
         let preempts = if in_flight < allowed {
@@ -274,10 +345,11 @@ impl AdaptiveLimit {
     }
 
     fn target_of(&self, s: &State) -> Duration {
-        self.config.target.unwrap_or_else(|| {
+        let allowance = self.config.target.unwrap_or_else(|| {
             s.unit
                 .map_or(MIN_TARGET, |u| (u * TARGET_EXECUTIONS).max(MIN_TARGET))
-        })
+        });
+        self.model.batching_delay.saturating_add(allowance)
     }
 
     /// Feed one request that left the queue: how long it waited (for one that expired
@@ -321,11 +393,26 @@ impl AdaptiveLimit {
         } else {
             (PERSISTENCE_UNREFUSED, CLEAR_OVERSHOOT_UNREFUSED)
         };
-        let standing = over && (s.over_streak >= persistence || d_mean > target * clear);
+        // Without refusals, a queue that one round of full batches clears is not a
+        // backlog, however long it took to form.
+        let backlog = s.window_refused || s.window_peak > self.model.round;
+        // True overload: more is asked of the model than it finishes. Below capacity
+        // a queue, however long, is served at the rate it is offered.
+        s.offered = s.offered * LOAD_DECAY + f64::from(s.window_offered);
+        s.finished = s.finished * LOAD_DECAY + f64::from(s.window_count);
+        let overloaded = s.offered > OVERLOAD * s.finished;
+        let standing = overloaded
+            && backlog
+            && over
+            && (s.over_streak >= persistence || d_mean > target * clear);
         if standing && peak > min {
             let factor = (target.as_secs_f64() / d_mean.as_secs_f64()).max(BETA);
             s.limit = (s.limit.min(peak) * factor).max(min);
-        } else if !over && peak >= UTILIZATION * s.limit.floor() {
+        } else if !overloaded && s.window_refused {
+            // Refused while the model kept up with what it was offered: the limit is
+            // in the way of serveable load.
+            s.limit = (s.limit * GROWTH).min(max);
+        } else if (!over || !overloaded) && peak >= UTILIZATION * s.limit.floor() {
             s.limit = (s.limit + s.limit.sqrt().max(1.0)).min(max);
         }
         tracing::debug!(
@@ -339,6 +426,7 @@ impl AdaptiveLimit {
         s.window_sum = Duration::ZERO;
         s.window_count = 0;
         s.window_refused = false;
+        s.window_offered = 0;
         s.window_peak = s.in_flight();
         Some(s.limit as usize)
     }
@@ -351,12 +439,15 @@ mod tests {
     const MS: Duration = Duration::from_millis(1);
 
     fn adaptive(min: usize, max: usize, target_ms: u64) -> Arc<AdaptiveLimit> {
-        Arc::new(AdaptiveLimit::new(LimitConfig {
-            mode: LimitMode::Adaptive,
-            min,
-            max,
-            target: Some(MS * target_ms as u32),
-        }))
+        Arc::new(AdaptiveLimit::new(
+            LimitConfig {
+                mode: LimitMode::Adaptive,
+                min,
+                max,
+                target: Some(MS * target_ms as u32),
+            },
+            ModelShape::PLAIN,
+        ))
     }
 
     /// The window for a 5 ms target is 50 ms.
@@ -505,12 +596,15 @@ mod tests {
 
     #[test]
     fn static_mode_never_moves() {
-        let limit = Arc::new(AdaptiveLimit::new(LimitConfig {
-            mode: LimitMode::Static,
-            min: 1,
-            max: 7,
-            target: Some(MS),
-        }));
+        let limit = Arc::new(AdaptiveLimit::new(
+            LimitConfig {
+                mode: LimitMode::Static,
+                min: 1,
+                max: 7,
+                target: Some(MS),
+            },
+            ModelShape::PLAIN,
+        ));
         windows(&limit, &mut Instant::now(), MS * 100, 10);
         assert_eq!(limit.limit(), 7);
     }
@@ -564,7 +658,7 @@ mod tests {
 
     #[test]
     fn automatic_target_is_a_few_single_sample_executions() {
-        let limit = AdaptiveLimit::new(LimitConfig::default());
+        let limit = AdaptiveLimit::new(LimitConfig::default(), ModelShape::PLAIN);
         assert_eq!(limit.target(), MIN_TARGET);
         limit.on_sample(Duration::ZERO, Some(MS * 3), Instant::now());
         assert_eq!(limit.target(), MS * 3 * TARGET_EXECUTIONS);

@@ -14,6 +14,8 @@
 
 pub mod deadline;
 pub mod limit;
+#[cfg(test)]
+mod limit_sim;
 pub mod retry;
 
 use std::future::Future;

@@ -30,6 +30,29 @@ pub enum BackendError {
     InstanceGone,
 }
 
+/// libtorch intra-op threads of each instance of a model: its `INTRA_OP_THREAD_COUNT`,
+/// else the server's setting, else the machine's `cores` shared among its `instances`
+/// (at least one each). Sharing is the default because a model served the usual Triton
+/// way, one instance, would otherwise compute on one core of many (BENCHMARKS.md,
+/// "Cores used by default"); a model with as many instances as cores gets one thread
+/// per instance, which on a small machine beats fewer instances with more threads.
+pub fn intra_op_threads(
+    model: Option<usize>,
+    options: &BackendOptions,
+    instances: usize,
+    cores: usize,
+) -> usize {
+    model
+        .or(options.intra_op_threads)
+        .unwrap_or_else(|| cores / instances.max(1))
+        .max(1)
+}
+
+/// Cores this process may run on (its affinity and cgroup quota), at least one.
+pub fn available_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 /// Load one instance of version `version_dir` of the model described by `spec`.
 /// Called on the instance's own thread.
 pub fn load(
@@ -40,13 +63,43 @@ pub fn load(
     match spec.platform {
         Platform::Torch => {
             let path = version_dir.join(&spec.model_filename);
+            let threads = intra_op_threads(
+                spec.torch.intra_op_threads,
+                options,
+                spec.instance_count,
+                available_cores(),
+            );
             Ok(Box::new(torch::TorchBackend::load(
                 &path,
                 spec.device,
-                options,
+                threads,
                 &spec.torch,
             )?))
         }
         Platform::Synthetic => Ok(Box::new(synthetic::SyntheticBackend::from_spec(spec)?)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn intra_op_threads_share_the_cores_unless_set() {
+        let unset = BackendOptions {
+            intra_op_threads: None,
+        };
+        let server = BackendOptions {
+            intra_op_threads: Some(3),
+        };
+        // Shared: cores / instances, at least one.
+        assert_eq!(intra_op_threads(None, &unset, 1, 2), 2);
+        assert_eq!(intra_op_threads(None, &unset, 2, 2), 1);
+        assert_eq!(intra_op_threads(None, &unset, 3, 16), 5);
+        assert_eq!(intra_op_threads(None, &unset, 4, 2), 1);
+        assert_eq!(intra_op_threads(None, &unset, 0, 2), 2);
+        // The server's setting, then the model's own, win.
+        assert_eq!(intra_op_threads(None, &server, 1, 16), 3);
+        assert_eq!(intra_op_threads(Some(6), &server, 1, 16), 6);
     }
 }

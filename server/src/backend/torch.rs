@@ -5,7 +5,6 @@ use std::path::Path;
 use tch::{CModule, Device, IValue, Kind};
 
 use super::{Backend, BackendError};
-use crate::config::BackendOptions;
 use crate::repository::torch_params::TorchParams;
 use crate::repository::DeviceKind;
 use crate::tensor::{DataType, Tensor};
@@ -16,12 +15,13 @@ pub struct TorchBackend {
 }
 
 impl TorchBackend {
-    /// Load `path` for this thread. libtorch's intra-op thread count is per calling
+    /// Load `path` for this thread with `intra_op_threads` (see
+    /// [`super::intra_op_threads`]). libtorch's intra-op thread count is per calling
     /// thread (OpenMP), so it is set here, on the instance's own thread.
     pub fn load(
         path: &Path,
         device: DeviceKind,
-        options: &BackendOptions,
+        intra_op_threads: usize,
         params: &TorchParams,
     ) -> Result<TorchBackend, BackendError> {
         let fail = |message: String| BackendError::Load {
@@ -31,9 +31,7 @@ impl TorchBackend {
         if !path.is_file() {
             return Err(fail("file not found".into()));
         }
-        // Per instance thread: the model's INTRA_OP_THREAD_COUNT, else the server's.
-        let intra = params.intra_op_threads.unwrap_or(options.intra_op_threads);
-        tch::set_num_threads(i32::try_from(intra).unwrap_or(1));
+        tch::set_num_threads(i32::try_from(intra_op_threads).unwrap_or(i32::MAX));
         // Thread-local in libtorch, so it holds for this instance's forwards only.
         tch::jit::set_graph_executor_optimize(!params.disable_optimized_execution);
         apply_process_wide(path, params);
