@@ -8,12 +8,12 @@
 # and a copy whose configs drop `dynamic_batching` (each request runs alone). For every
 # model and concurrency it runs perf_analyzer on one server, then the other, and prints
 # a Markdown table of throughput and latency. Needs `make build` first; perf_analyzer is
-# installed on first use by PERF_ANALYZER (default ../shared/tools/perf_analyzer).
+# run by PERF_ANALYZER (default scripts/tools/perf-analyzer, which installs it on first use).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 models=${1:-"mlp cnn"}
 concurrencies=${2:-"1 8 16 32"}
-pa=${PERF_ANALYZER:-$root/../shared/tools/perf_analyzer}
+pa=${PERF_ANALYZER:-$root/scripts/tools/perf-analyzer}
 interval_ms=${MEASUREMENT_INTERVAL_MS:-3000}
 bin=$root/target/release/sluice
 [[ -x $bin ]] || { echo "build first: make build" >&2; exit 2; }
