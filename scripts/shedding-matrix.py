@@ -391,11 +391,14 @@ def row(config, model, result, concurrencies):
         poisson_text = f"failed: {poisson['failed']}"
     else:
         p99 = poisson["p99_ms"]
-        poisson_text = (f"{poisson['offered_rps']:.0f}/s offered: ok {poisson['ok']}, "
+        poisson_text = (f"{poisson['offered_rps']:.0f}/s offered (C {poisson['capacity_rps']:.0f}/s): "
+                        f"ok {poisson['ok']}, "
                         f"UNAVAILABLE {unavailable(poisson)}, p99 "
                         f"{'-' if p99 is None else f'{p99:.1f} ms'}")
         if others(poisson):
             poisson_text += f", {fmt_counts(others(poisson))}"
+        if (poisson["point"].get("schedule") or {}).get("fell_behind"):
+            poisson_text += " (the generator fell behind its schedule)"
     failed = [f"{tool} c={c}: {cell['failed']}" for tool, cells in (("PA", pa), ("bench", bench))
               for c, cell in sorted(cells.items()) if cell.get("failed") and not cell.get("errors", {}).get("UNAVAILABLE")]
     notes = "; ".join(other + failed) or "-"
@@ -472,7 +475,7 @@ def main():
 
     configs = plan_configs(args, models)
     # Nominal seconds of each cell, for the ETA.
-    cost = {"pa": 3 * args.pa_interval_ms / 1000 + 0.7,
+    cost = {"pa": 3 * args.pa_interval_ms / 1000 + 1.5,
             "bench": seconds(args.warmup) + seconds(args.bench_duration) + 0.3,
             "stream": seconds(args.stream_seconds) + 1.5,
             "poisson": seconds(args.warmup) + seconds(args.poisson_duration) + 0.5,
@@ -614,6 +617,8 @@ def main():
             print(row(entry, model, result, args.concurrency))
         if "server_exit" in entry:
             print(f"| {entry['name']} | | server exited with {entry['server_exit']} | | | | | | |")
+    if interrupted:
+        print("\ninterrupted: the rows above are what was measured before it")
     print(f"\ntotal UNAVAILABLE: {total}")
     if failed:
         print(f"cells not measured (tool failed or timed out): {failed}")
