@@ -18,7 +18,8 @@ same deadline):
 3. a step 0.8C -> 2C -> 0.8C against each (timeline plots), and how long after each
    step the per-second p99 of successes stays within 1.5x the 0.8C p99 (the median
    over the rounds), C measured again just before;
-4. two priority levels (half each) at 2C against a third server whose copy of the
+4. two priority levels at 2C (level 1 offering `--level1-share` of C, level 2 the rest)
+   against a third server whose copy of the
    model declares `priority_levels: 2` (the bundled configs have one level), C being
    that server's capacity measured the same way just before;
 5. the shedding server's RSS, sampled every second over `--rss-seconds` at 5C (C
@@ -37,7 +38,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from sluice_serve import BIN, start_server
+from sluice_serve import BIN, start_server, triton_style_repo
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "target/release/sluice-bench"
@@ -131,6 +132,13 @@ def main():
     ap.add_argument("--step-seconds", type=int, default=5)
     ap.add_argument("--rss-seconds", type=int, default=60)
     ap.add_argument("--plots", default=str(ROOT / "docs/admission"))
+    ap.add_argument("--triton-style", action="store_true",
+                    help="serve a copy of the model with the config a Triton user writes (one "
+                         "instance, max_batch_size 32, max_queue_delay_microseconds 2000, no "
+                         "queue policy) instead of the bundled repository")
+    ap.add_argument("--level1-share", type=float, default=0.85,
+                    help="share of capacity that priority level 1 offers in the 2C priority run "
+                         "(level 2 offers the rest of 2C)")
     args = ap.parse_args()
     if not (BIN.exists() and BENCH.exists()):
         sys.exit("build first: make build && cargo build --release -p sluice-bench")
@@ -141,11 +149,16 @@ def main():
     log = lambda *a: print(*a, file=sys.stderr, flush=True)
     try:
         ports = {"on": 39101, "off": 39111, "priority": 39121}
-        on = start_server(ROOT / "models", ports["on"], open(work / "on.log", "w"))
-        off = start_server(ROOT / "models", ports["off"], open(work / "off.log", "w"),
+        if args.triton_style:
+            repo = triton_style_repo(work, [args.model])
+            prio_repo = triton_style_repo(work / "priority", [args.model],
+                                          extra=" priority_levels: 2 default_priority_level: 1")
+        else:
+            repo, prio_repo = ROOT / "models", priority_repository(work, args.model)
+        on = start_server(repo, ports["on"], open(work / "on.log", "w"))
+        off = start_server(repo, ports["off"], open(work / "off.log", "w"),
                            ["--load-shedding", "false"])
-        prio = start_server(priority_repository(work, args.model), ports["priority"],
-                            open(work / "priority.log", "w"))
+        prio = start_server(prio_repo, ports["priority"], open(work / "priority.log", "w"))
         procs += [on, off, prio]
 
         log("capacity sweep (shedding on)...")
@@ -155,7 +168,10 @@ def main():
         capacity = max(p["goodput"] for p in points)
         best_rate = max(points, key=lambda p: p["goodput"])["offered"]
         probe = [best_rate, 1.25 * best_rate]
-        print(f"Model `{args.model}`, open loop (Poisson), deadline {args.deadline} on every "
+        style = ("a Triton-style config (one instance, max_batch_size 32, "
+                 "max_queue_delay_microseconds 2000, no queue policy)" if args.triton_style
+                 else "the bundled config")
+        print(f"Model `{args.model}` ({style}), open loop (Poisson), deadline {args.deadline} on every "
               f"request, {args.connections} connections.\n")
         print("Capacity sweep, shedding on:\n")
         print("| offered/s | goodput/s | p50 ms | p99 ms | codes |")
@@ -224,12 +240,13 @@ def main():
 
         log("priorities at 2C...")
         prio_capacity = capacity_now(ports["priority"], args, work, probe)
+        share1 = round(100 * args.level1_share)
         run = bench(ports["priority"], args, work, "--rate", f"{prio_capacity * 2:.0f}", "--duration",
-                    args.duration, extra=["--priority-mix", "1:1,2:1"])
+                    args.duration, extra=["--priority-mix", f"1:{share1},2:{200 - share1}"])
         print(f"\nTwo priority levels (a copy of `{args.model}` with `priority_levels: 2`), "
-              f"half the requests each, shedding on, at 2C = {prio_capacity * 2:.0f}/s in total "
-              f"(C = that server's capacity measured just before, {prio_capacity:.0f}/s; level "
-              f"1 alone offers C):\n")
+              f"shedding on, at 2C = {prio_capacity * 2:.0f}/s in total (C = that server's "
+              f"capacity measured just before, {prio_capacity:.0f}/s): level 1 offers "
+              f"{share1}% of C, level 2 the rest:\n")
         print("| priority | sent | ok | success | goodput/s | p99 ok ms |")
         print("| ---: | ---: | ---: | ---: | ---: | ---: |")
         for level in run["points"][0].get("by_priority", []):

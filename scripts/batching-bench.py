@@ -12,10 +12,9 @@ fills the machine's cores and every batch size, and reports each model's best as
 compute limit. Prints Markdown tables. Needs `make build` and
 `cargo build --release -p sluice --example forward` first.
 
-Both servers fix the per-model concurrency limit at its maximum (256, above every
-concurrency here), so that what is compared is batching alone: with the adaptive limit a
-fixed set of clients that resend at once when refused is partly refused whenever its own
-queue outgrows the limit's target (see the admission section of BENCHMARKS.md).
+Both servers run with default flags (the adaptive concurrency limit included); a
+closed-loop client without deadlines is never refused for queueing alone, so the
+comparison is of batching. `--server-args` adds flags to both, for experiments.
 """
 
 import argparse
@@ -31,7 +30,6 @@ from pathlib import Path
 
 from sluice_serve import BIN, start_server
 
-STATIC_LIMIT = ["--concurrency-limit-mode", "static"]
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "target/release/sluice-bench"
@@ -105,6 +103,7 @@ def main():
     ap.add_argument("--forward-batches", default="1,2,4,8,16,32")
     ap.add_argument("--forward-seconds", type=float, default=2.0)
     ap.add_argument("--skip-forward", action="store_true")
+    ap.add_argument("--server-args", default="", help="extra flags for both servers")
     args = ap.parse_args()
     models = args.models.split(",")
     concurrencies = [int(c) for c in args.concurrency.split(",")]
@@ -116,8 +115,9 @@ def main():
     procs = []
     try:
         logs = [open(work / "on.log", "w"), open(work / "off.log", "w")]
-        procs.append(start_server(ROOT / "models", 39001, logs[0], STATIC_LIMIT))
-        procs.append(start_server(unbatched_copy(models, work), 39011, logs[1], STATIC_LIMIT))
+        extra = args.server_args.split()
+        procs.append(start_server(ROOT / "models", 39001, logs[0], extra))
+        procs.append(start_server(unbatched_copy(models, work), 39011, logs[1], extra))
         ports = {"on": 39001, "off": 39011}
         results = {}
         total = len(models) * len(concurrencies) * args.rounds * 2

@@ -25,7 +25,7 @@ import threading
 import time
 from pathlib import Path
 
-from sluice_serve import BIN, ROOT, start_server
+from sluice_serve import BIN, ROOT, start_server, triton_style_repo
 
 BENCH = ROOT / "target/release/sluice-bench"
 PORT = 39411
@@ -38,31 +38,8 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
-TRITON_STYLE = """name: "{model}"
-platform: "pytorch_libtorch"
-max_batch_size: 32
-input [ {{ name: "INPUT__0" data_type: TYPE_FP32 dims: {dims} }} ]
-output [ {{ name: "OUTPUT__0" data_type: TYPE_FP32 dims: {out} }} ]
-instance_group [ {{ count: 1 kind: KIND_CPU }} ]
-dynamic_batching {{ max_queue_delay_microseconds: 2000 }}
-"""
-SHAPES = {"mlp": ("[ 64 ]", "[ 10 ]"), "cnn": ("[ 3, 64, 64 ]", "[ 10 ]")}
-
-
-def triton_style_repo(model, work):
-    """A repository holding `model` with a Triton-style config and the bundled weights."""
-    repo = work / "triton-style"
-    (repo / model / "1").mkdir(parents=True, exist_ok=True)
-    dims, out = SHAPES[model]
-    (repo / model / "config.pbtxt").write_text(TRITON_STYLE.format(model=model, dims=dims, out=out))
-    weights = repo / model / "1" / "model.pt"
-    if not weights.exists():
-        weights.symlink_to(ROOT / "models" / model / "1" / "model.pt")
-    return repo
-
-
 def measure(binary, args, work):
-    repo = triton_style_repo(args.model, work) if args.triton_style else ROOT / "models"
+    repo = triton_style_repo(work, [args.model]) if args.triton_style else ROOT / "models"
     with open(work / "server.log", "a") as log:
         server = start_server(repo, PORT, log, binary=binary)
     try:

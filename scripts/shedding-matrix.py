@@ -57,22 +57,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from sluice_serve import BIN, ROOT, start_server
+from sluice_serve import BIN, ROOT, start_server, triton_style_repo
 
 BENCH = ROOT / "target/release/sluice-bench"
 CELLS = ("pa", "bench", "stream", "poisson")
 # Server messages of UNAVAILABLE answers (error.rs, edge.rs); a stream carries only the message.
 UNAVAILABLE_MESSAGES = ("overloaded", "is not available", "is restarting", "shutting down")
-
-TRITON_STYLE = """name: "{model}"
-platform: "pytorch_libtorch"
-max_batch_size: {max_batch}
-{inputs}
-{outputs}
-instance_group [ {{ count: {count} kind: KIND_CPU }} ]
-dynamic_batching {{ max_queue_delay_microseconds: {delay} }}
-"""
-
 
 def log(*a):
     print(*a, file=sys.stderr, flush=True)
@@ -110,32 +100,6 @@ def classify(message, status=""):
 
 
 # --- repositories ----------------------------------------------------------------------
-
-def config_block(text, key):
-    """The `key [ ... ]` block of a config.pbtxt, verbatim (comments dropped)."""
-    text = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
-    m = re.search(rf"(?m)^\s*{key}\s*\[", text)
-    if not m:
-        sys.exit(f"no `{key} [` block in a bundled config")
-    i, depth = m.end() - 1, 0
-    while True:
-        depth += {"[": 1, "]": -1}.get(text[i], 0)
-        i += 1
-        if depth == 0:
-            return text[m.start():i].strip()
-
-
-def triton_style_repo(work, models, count, max_batch, delay):
-    repo = work / f"count{count}-batch{max_batch}-delay{delay}"
-    for model in models:
-        bundled = (ROOT / "models" / model / "config.pbtxt").read_text()
-        (repo / model / "1").mkdir(parents=True)
-        (repo / model / "1" / "model.pt").symlink_to(ROOT / "models" / model / "1" / "model.pt")
-        (repo / model / "config.pbtxt").write_text(TRITON_STYLE.format(
-            model=model, max_batch=max_batch, count=count, delay=delay,
-            inputs=config_block(bundled, "input"), outputs=config_block(bundled, "output")))
-    return repo
-
 
 def plan_configs(args, models):
     configs = []

@@ -1,5 +1,6 @@
 """Start a release sluice server for the benchmark scripts and wait until it is ready."""
 
+import re
 import subprocess
 import sys
 import time
@@ -29,3 +30,44 @@ def start_server(repo, port, log, extra=(), binary=BIN):
             time.sleep(0.2)
     proc.kill()
     sys.exit(f"server on port {port} did not become ready (log: {log.name})")
+
+
+TRITON_STYLE = """name: "{model}"
+platform: "pytorch_libtorch"
+max_batch_size: {max_batch}
+{inputs}
+{outputs}
+instance_group [ {{ count: {count} kind: KIND_CPU }} ]
+dynamic_batching {{ max_queue_delay_microseconds: {delay}{extra} }}
+"""
+
+
+def config_block(text, key):
+    """The `key [ ... ]` block of a config.pbtxt, verbatim (comments dropped)."""
+    text = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    m = re.search(rf"(?m)^\s*{key}\s*\[", text)
+    if not m:
+        sys.exit(f"no `{key} [` block in a bundled config")
+    i, depth = m.end() - 1, 0
+    while True:
+        depth += {"[": 1, "]": -1}.get(text[i], 0)
+        i += 1
+        if depth == 0:
+            return text[m.start():i].strip()
+
+
+def triton_style_repo(work, models, count=1, max_batch=32, delay=2000, extra=""):
+    """A repository under `work` whose configs are what a Triton user writes: the bundled
+    weights (symlinked) and inputs/outputs, `count` instances, `max_batch` and a
+    `delay` us batching delay, no queue policy (`extra`: more `dynamic_batching` fields)."""
+    repo = work / f"count{count}-batch{max_batch}-delay{delay}"
+    for model in models:
+        bundled = (ROOT / "models" / model / "config.pbtxt").read_text()
+        (repo / model / "1").mkdir(parents=True, exist_ok=True)
+        weights = repo / model / "1" / "model.pt"
+        if not weights.exists():
+            weights.symlink_to(ROOT / "models" / model / "1" / "model.pt")
+        (repo / model / "config.pbtxt").write_text(TRITON_STYLE.format(
+            model=model, max_batch=max_batch, count=count, delay=delay, extra=extra,
+            inputs=config_block(bundled, "input"), outputs=config_block(bundled, "output")))
+    return repo
