@@ -20,7 +20,8 @@ every model, on one server then the other:
    drift moves least.
 
 Prints the per-round numbers and a Markdown table of medians with the sluice / Triton
-ratios. perf_analyzer comes from `$PERF_ANALYZER` (default scripts/tools/perf-analyzer,
+ratios; `--variant` adds rows for sluice with other flags, beside the default row.
+perf_analyzer comes from `$PERF_ANALYZER` (default scripts/tools/perf-analyzer,
 installed on first use); Triton is installed by `scripts/tools/triton setup` when missing
 (a few minutes). Needs `make build`. Loopback only; both servers are stopped on exit.
 """
@@ -126,6 +127,9 @@ def main():
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--delay", type=int, default=2000, help="max_queue_delay_microseconds")
     ap.add_argument("--tool-timeout", type=float, default=300)
+    ap.add_argument("--variant", action="append", default=[], metavar="ARGS",
+                    help="also measure sluice started with these flags (repeatable), beside the "
+                         "default, e.g. --variant='--intra-op-threads 1'")
     ap.add_argument("--perf-analyzer",
                     default=os.environ.get("PERF_ANALYZER", str(ROOT / "scripts/tools/perf-analyzer")))
     args = ap.parse_args()
@@ -137,7 +141,7 @@ def main():
     repo = triton_style_repo(work, models, args.count, args.max_batch, args.delay)
     if subprocess.run([str(TRITON), "status", str(TRITON_PORT)], capture_output=True).returncode == 0:
         sys.exit(f"a Triton already runs on port {TRITON_PORT}: scripts/tools/triton stop {TRITON_PORT}")
-    sluice = None
+    sluices = []
     try:
         log("installing / checking Triton (scripts/tools/triton setup)...")
         subprocess.run([str(TRITON), "setup"], check=True, stdout=sys.stderr)
@@ -146,8 +150,13 @@ def main():
                                  capture_output=True, text=True)
         triton_pid = int(started.stdout.split()[-1])
         log("starting sluice...")
-        sluice = start_server(repo, SLUICE_PORT, open(work / "sluice.log", "w"))
-        servers = {"sluice": (SLUICE_PORT, sluice.pid), "Triton": (TRITON_PORT, triton_pid)}
+        servers = {}
+        for i, variant in enumerate([""] + args.variant):
+            port = SLUICE_PORT + 3 * i
+            proc = start_server(repo, port, open(work / f"sluice-{i}.log", "w"), variant.split())
+            sluices.append(proc)
+            servers[f"sluice {variant}".strip() if variant else "sluice"] = (port, proc.pid)
+        servers["Triton"] = (TRITON_PORT, triton_pid)
         results = {}
         for r in range(args.rounds):
             for model in models:
@@ -189,9 +198,9 @@ def main():
                       f"| {med(closed, 'p99_ms'):.1f} | {tp / base_tp:.2f}x "
                       f"| {cpu:,.0f} at {rates.get(model, '-')}/s ({each_cpu}) | {cpu / base_cpu:.2f}x |")
     finally:
-        if sluice is not None:
-            sluice.terminate()
-            sluice.wait(timeout=30)
+        for proc in sluices:
+            proc.terminate()
+            proc.wait(timeout=30)
         subprocess.run([str(TRITON), "stop", str(TRITON_PORT)], capture_output=True)
 
 

@@ -732,6 +732,64 @@ mod tests {
     }
 
     #[test]
+    fn the_target_adds_the_models_batching_delay() {
+        let shape = ModelShape {
+            batching_delay: MS * 10,
+            round: 32,
+        };
+        let limit = AdaptiveLimit::new(LimitConfig::default(), shape);
+        assert_eq!(limit.target(), MS * 10 + MIN_TARGET);
+        limit.on_sample(Duration::ZERO, Some(MS * 3), Instant::now());
+        assert_eq!(limit.target(), MS * 10 + MS * 3 * TARGET_EXECUTIONS);
+    }
+
+    #[test]
+    fn long_waits_of_load_the_model_keeps_up_with_shrink_nothing() {
+        // As many requests ask as finish (a closed loop, or arrivals below capacity),
+        // every slot in use and refusing, with waits far over the target.
+        let limit = adaptive(1, 16, 5);
+        let mut now = Instant::now();
+        limit.on_sample(MS * 50, None, now);
+        for _ in 0..20 {
+            let held: Vec<_> = std::iter::from_fn(|| limit.try_acquire(1, 1)).collect();
+            drop(held);
+            // One finished request for each that asked (the refused one included), the
+            // last of them closing the window.
+            for _ in 0..limit.limit() {
+                limit.on_sample(MS * 50, None, now + WINDOW / 2);
+            }
+            now += WINDOW;
+            limit.on_sample(MS * 50, None, now);
+        }
+        assert_eq!(limit.limit(), 16);
+    }
+
+    #[test]
+    fn a_limit_that_refuses_load_the_model_keeps_up_with_grows_at_once() {
+        let limit = adaptive(1, 100, 5);
+        let mut now = Instant::now();
+        // Overload brings it down.
+        windows(&limit, &mut now, MS * 50, 6);
+        let low = limit.limit();
+        assert!(low < 10, "{low}");
+        // Then the load falls to what the model finishes, in bursts that meet the
+        // limit: half as much again per window, not the square root.
+        for _ in 0..5 {
+            for _ in 0..40 {
+                limit.on_sample(MS * 6, None, now);
+            }
+            drop(std::iter::from_fn(|| limit.try_acquire(1, 1)).collect::<Vec<_>>());
+            now += WINDOW;
+            limit.on_sample(MS * 6, None, now);
+        }
+        assert!(
+            limit.limit() >= (low as f64 * 1.5_f64.powi(4)) as usize,
+            "{}",
+            limit.limit()
+        );
+    }
+
+    #[test]
     fn a_lone_request_never_shrinks_the_limit() {
         let limit = adaptive(2, 64, 5);
         let mut now = Instant::now();
