@@ -22,9 +22,9 @@
 //! ```
 //!
 //! The model is `overloaded` when more is asked of it than it finishes: the requests
-//! that asked for a slot (admitted or refused) over those that left the queue, each
-//! summed over the windows with weights decaying by [`LOAD_DECAY`] per window, exceed
-//! [`OVERLOAD`]. That is what true overload is (arrivals faster than service); below
+//! that asked for a slot (admitted or refused; less those still in flight, not judged
+//! yet) over those that left the queue, each summed over the windows with weights
+//! decaying over [`LOAD_TAU`], exceed [`OVERLOAD`]. That is what true overload is (arrivals faster than service); below
 //! capacity a queue, however long it stands for a while, is served at the rate it is
 //! offered, and a fixed set of clients waiting for their answers can never offer more
 //! than is finished. Waiting alone, which a batching delay, Poisson bursts or a closed
@@ -107,8 +107,12 @@ const PERSISTENCE_UNREFUSED: u32 = 3;
 const UTILIZATION: f64 = 0.8;
 /// Offered over finished requests (smoothed) above which the model is overloaded,
 const OVERLOAD: f64 = 1.2;
-/// and the weight each window's counts keep per window after it.
-const LOAD_DECAY: f64 = 0.7;
+/// and the time over which they are smoothed: a window's counts weigh `exp(-t / LOAD_TAU)`
+/// after `t`. Long against the stalls of a busy machine (an instance thread descheduled
+/// for tens of milliseconds finishes nothing while requests keep arriving), short
+/// against an overload (at twice capacity the ratio passes 1.2 within a tenth of a
+/// second).
+const LOAD_TAU: Duration = Duration::from_millis(500);
 /// A limit that refused serveable load grows by this factor.
 const GROWTH: f64 = 1.5;
 /// The automatic target: this many single-sample executions of queue delay. Four keep
@@ -165,8 +169,8 @@ struct State {
     window_refused: bool,
     /// Requests that asked for a slot in the window, admitted or not.
     window_offered: u32,
-    /// Offered and finished requests, summed over windows with weights decaying by
-    /// [`LOAD_DECAY`] per window.
+    /// Offered and finished requests, summed over windows with weights decaying over
+    /// [`LOAD_TAU`].
     offered: f64,
     finished: f64,
 }
@@ -398,9 +402,12 @@ impl AdaptiveLimit {
         let backlog = s.window_refused || s.window_peak > self.model.round;
         // True overload: more is asked of the model than it finishes. Below capacity
         // a queue, however long, is served at the rate it is offered.
-        s.offered = s.offered * LOAD_DECAY + f64::from(s.window_offered);
-        s.finished = s.finished * LOAD_DECAY + f64::from(s.window_count);
-        let overloaded = s.offered > OVERLOAD * s.finished;
+        let decay = (-now.duration_since(start).as_secs_f64() / LOAD_TAU.as_secs_f64()).exp();
+        s.offered = s.offered * decay + f64::from(s.window_offered);
+        s.finished = s.finished * decay + f64::from(s.window_count);
+        // Those still in flight are not judged yet: a load that starts fills the
+        // pipeline before anything finishes.
+        let overloaded = s.offered - s.in_flight() as f64 > OVERLOAD * s.finished;
         let standing = overloaded
             && backlog
             && over
@@ -418,6 +425,8 @@ impl AdaptiveLimit {
         tracing::debug!(
             limit = s.limit,
             peak,
+            offered = s.offered,
+            finished = s.finished,
             d_mean_ms = d_mean.as_secs_f64() * 1e3,
             target_ms = target.as_secs_f64() * 1e3,
             "concurrency limit window"
