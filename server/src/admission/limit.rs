@@ -23,7 +23,7 @@
 //!
 //! The model is `overloaded` when more is asked of it than it finishes: the requests
 //! that asked for a slot (admitted or refused; less those still in flight, not judged
-//! yet) over those that left the queue, each summed over the windows with weights
+//! yet) over those served (expired ones were not), each summed over the windows with weights
 //! decaying over [`LOAD_TAU`], exceed [`OVERLOAD`]. That is what true overload is (arrivals faster than service); below
 //! capacity a queue, however long it stands for a while, is served at the rate it is
 //! offered, and a fixed set of clients waiting for their answers can never offer more
@@ -167,8 +167,10 @@ struct State {
     over_streak: u32,
     /// A request was refused in the window.
     window_refused: bool,
-    /// Requests that asked for a slot in the window, admitted or not.
+    /// Requests that asked for a slot in the window, admitted or not,
     window_offered: u32,
+    /// and those served in it (answered, not expired).
+    window_served: u32,
     /// Offered and finished requests, summed over windows with weights decaying over
     /// [`LOAD_TAU`].
     offered: f64,
@@ -266,6 +268,7 @@ impl AdaptiveLimit {
                 over_streak: 0,
                 window_refused: false,
                 window_offered: 0,
+                window_served: 0,
                 offered: 0.0,
                 finished: 0.0,
             }),
@@ -356,15 +359,37 @@ impl AdaptiveLimit {
         self.model.batching_delay.saturating_add(allowance)
     }
 
-    /// Feed one request that left the queue: how long it waited (for one that expired
-    /// there, its whole wait), and the model's current execution time for one sample
-    /// when known. Returns the limit when this sample closed a window (the only time it
-    /// can change), `None` otherwise.
+    /// Feed one request that was served: how long its execution's oldest request waited
+    /// in the queue, and the model's current execution time for one sample when known.
+    /// Returns the limit when this sample closed a window (the only time it can
+    /// change), `None` otherwise.
     pub fn on_sample(
         &self,
         queue_delay: Duration,
         unit: Option<Duration>,
         now: Instant,
+    ) -> Option<usize> {
+        self.record(queue_delay, unit, now, true)
+    }
+
+    /// As [`on_sample`](Self::on_sample), for a request that expired before its answer:
+    /// its whole wait counts, and it was not served (an overload that lets requests
+    /// expire in the queue instead of refusing them is still an overload).
+    pub fn on_expiry(
+        &self,
+        waited: Duration,
+        unit: Option<Duration>,
+        now: Instant,
+    ) -> Option<usize> {
+        self.record(waited, unit, now, false)
+    }
+
+    fn record(
+        &self,
+        queue_delay: Duration,
+        unit: Option<Duration>,
+        now: Instant,
+        served: bool,
     ) -> Option<usize> {
         let mut s = self.lock();
         // The fastest seen: contention only ever slows an execution down, and a
@@ -378,6 +403,7 @@ impl AdaptiveLimit {
         }
         s.window_sum += queue_delay;
         s.window_count += 1;
+        s.window_served += u32::from(served);
         let target = self.target_of(&s);
         let window = (target * 10).clamp(MIN_WINDOW, MAX_WINDOW);
         let start = *s.window_start.get_or_insert(now);
@@ -404,7 +430,7 @@ impl AdaptiveLimit {
         // a queue, however long, is served at the rate it is offered.
         let decay = (-now.duration_since(start).as_secs_f64() / LOAD_TAU.as_secs_f64()).exp();
         s.offered = s.offered * decay + f64::from(s.window_offered);
-        s.finished = s.finished * decay + f64::from(s.window_count);
+        s.finished = s.finished * decay + f64::from(s.window_served);
         // Those still in flight are not judged yet: a load that starts fills the
         // pipeline before anything finishes.
         let overloaded = s.offered - s.in_flight() as f64 > OVERLOAD * s.finished;
@@ -436,6 +462,7 @@ impl AdaptiveLimit {
         s.window_count = 0;
         s.window_refused = false;
         s.window_offered = 0;
+        s.window_served = 0;
         s.window_peak = s.in_flight();
         Some(s.limit as usize)
     }
@@ -457,6 +484,15 @@ mod tests {
             },
             ModelShape::PLAIN,
         ))
+    }
+
+    /// `n` more requests ask for a slot, one after another, and leave unserved (refused,
+    /// or admitted and gone without an answer): more is asked of the model than it
+    /// serves, which is what makes a standing queue an overload.
+    fn unserved(limit: &Arc<AdaptiveLimit>, n: usize) {
+        for _ in 0..n {
+            drop(limit.try_acquire(1, 1));
+        }
     }
 
     /// The window for a 5 ms target is 50 ms.
@@ -534,11 +570,11 @@ mod tests {
         assert_eq!(limit.limit(), 100);
         // The next two windows (refusing): mean 8 ms, a standing queue once confirmed,
         // so x 5/8.
-        assert!(limit.try_acquire(1, 1).is_none());
+        unserved(&limit, 20);
         limit.on_sample(MS * 6, None, t0 + WINDOW + MS);
         limit.on_sample(MS * 10, None, t0 + WINDOW * 2);
         assert_eq!(limit.limit(), 100);
-        assert!(limit.try_acquire(1, 1).is_none());
+        unserved(&limit, 20);
         limit.on_sample(MS * 6, None, t0 + WINDOW * 2 + MS);
         limit.on_sample(MS * 10, None, t0 + WINDOW * 3);
         assert_eq!(limit.limit(), 62);
@@ -689,9 +725,10 @@ mod tests {
         let t0 = Instant::now();
         let held: Vec<_> = (0..40).map(|_| limit.try_acquire(1, 1).unwrap()).collect();
         limit.on_sample(MS * 16, None, t0);
+        unserved(&limit, 20);
         limit.on_sample(MS * 16, None, t0 + WINDOW);
-        // 40 in flight, nothing refused, a queue of over three times the target (no
-        // further window needed): 40 * 0.5.
+        // 40 (at most 41) in flight, nothing refused, a queue of over three times the
+        // target (no further window needed): 41 * 0.5.
         assert_eq!(limit.limit(), 20);
         drop(held);
     }
@@ -721,6 +758,7 @@ mod tests {
             limit.on_sample(MS * 12, None, t0);
             let mut shrunk_after = None;
             for w in 1..=3 {
+                unserved(&limit, 20);
                 match refusing {
                     Refusing::Nothing => {}
                     Refusing::TopLevel => assert!(limit.try_acquire(1, 1).is_none()),

@@ -252,16 +252,16 @@ where
             let now = Instant::now();
             // How long work stood waiting: the oldest wait in the request's execution.
             // A request that expired waited its whole time here.
-            let total = now.duration_since(received);
-            let waited = match &result {
-                Ok(r) => Some(r.batch_wait),
-                Err(Error::DeadlineExceeded { .. }) => Some(total),
+            let unit = model.unit_execution();
+            let after = match &result {
+                Ok(r) => limit.on_sample(r.batch_wait, unit, now),
+                Err(Error::DeadlineExceeded { .. }) => {
+                    limit.on_expiry(now.duration_since(received), unit, now)
+                }
                 Err(_) => None,
             };
-            if let Some(waited) = waited {
-                if let Some(after) = limit.on_sample(waited, model.unit_execution(), now) {
-                    metrics::concurrency_limit(&name, after);
-                }
+            if let Some(after) = after {
+                metrics::concurrency_limit(&name, after);
             }
             result
         })
