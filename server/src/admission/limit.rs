@@ -31,7 +31,11 @@
 //! loop of many clients all make, therefore never shrinks the limit; and a limit that
 //! refused while the model kept up is in the way of serveable load and grows by
 //! `g = 1.5` at once (after an overload, the first bursts of normal traffic lift it
-//! back).
+//! back). Priority level 1 is judged the same way on its own: refused while it alone is
+//! served at the rate it asks, the limit grows by `g` even though lower levels
+//! overload the model (preemption sheds their queued work to make the room), so a
+//! flood of low-priority traffic cannot hold level 1 under a limit sized for the
+//! flood.
 //!
 //! The queue is `standing` when `d > 2 * target`, or `d > target` in this window
 //! and the one before (the persistence test of CoDel, Nichols & Jacobson, 2012: a
@@ -106,11 +110,11 @@ const CLEAR_OVERSHOOT_UNREFUSED: u32 = 3;
 const PERSISTENCE_UNREFUSED: u32 = 3;
 const UTILIZATION: f64 = 0.8;
 /// Offered over finished requests (smoothed) above which the model is overloaded,
-const OVERLOAD: f64 = 1.2;
+const OVERLOAD: f64 = 1.1;
 /// and the time over which they are smoothed: a window's counts weigh `exp(-t / LOAD_TAU)`
 /// after `t`. Long against the stalls of a busy machine (an instance thread descheduled
 /// for tens of milliseconds finishes nothing while requests keep arriving), short
-/// against an overload (at twice capacity the ratio passes 1.2 within a tenth of a
+/// against an overload (at twice capacity the ratio passes 1.1 within a tenth of a
 /// second).
 const LOAD_TAU: Duration = Duration::from_millis(500);
 /// A limit that refused serveable load grows by this factor.
@@ -171,10 +175,17 @@ struct State {
     window_offered: u32,
     /// and those served in it (answered, not expired).
     window_served: u32,
+    /// The same two for priority level 1 alone,
+    window_top_offered: u32,
+    window_top_served: u32,
+    /// and whether a level-1 request was refused in the window.
+    window_top_refused: bool,
     /// Offered and finished requests, summed over windows with weights decaying over
     /// [`LOAD_TAU`].
     offered: f64,
     finished: f64,
+    top_offered: f64,
+    top_finished: f64,
 }
 
 impl State {
@@ -269,8 +280,13 @@ impl AdaptiveLimit {
                 window_refused: false,
                 window_offered: 0,
                 window_served: 0,
+                window_top_offered: 0,
+                window_top_served: 0,
+                window_top_refused: false,
                 offered: 0.0,
                 finished: 0.0,
+                top_offered: 0.0,
+                top_finished: 0.0,
             }),
         }
     }
@@ -322,6 +338,9 @@ impl AdaptiveLimit {
         }
         let in_flight = s.in_flight();
         s.window_offered = s.window_offered.saturating_add(1);
+        if index == 0 {
+            s.window_top_offered = s.window_top_offered.saturating_add(1);
+        }
         // This level and the higher ones.
         let own: usize = s.by_level[..=index].iter().sum();
         let preempts = if in_flight < allowed {
@@ -334,6 +353,7 @@ impl AdaptiveLimit {
             if s.by_level[..index].iter().all(|&n| n == 0) {
                 s.window_refused = true;
             }
+            s.window_top_refused |= index == 0;
             return None;
         };
         s.by_level[index] += 1;
@@ -369,23 +389,16 @@ impl AdaptiveLimit {
         unit: Option<Duration>,
         now: Instant,
     ) -> Option<usize> {
-        self.record(queue_delay, unit, now, true)
+        self.on_finished(1, queue_delay, unit, now, true)
     }
 
-    /// As [`on_sample`](Self::on_sample), for a request that expired before its answer:
-    /// its whole wait counts, and it was not served (an overload that lets requests
-    /// expire in the queue instead of refusing them is still an overload).
-    pub fn on_expiry(
+    /// A request of priority `level` left: served (answered), or expired before its
+    /// answer (`queue_delay`: its whole wait; it was not served, and an overload that
+    /// lets requests expire in the queue instead of refusing them is still an
+    /// overload). [`on_sample`](Self::on_sample) is a served request of level 1.
+    pub fn on_finished(
         &self,
-        waited: Duration,
-        unit: Option<Duration>,
-        now: Instant,
-    ) -> Option<usize> {
-        self.record(waited, unit, now, false)
-    }
-
-    fn record(
-        &self,
+        level: u32,
         queue_delay: Duration,
         unit: Option<Duration>,
         now: Instant,
@@ -404,6 +417,9 @@ impl AdaptiveLimit {
         s.window_sum += queue_delay;
         s.window_count += 1;
         s.window_served += u32::from(served);
+        if level <= 1 {
+            s.window_top_served += u32::from(served);
+        }
         let target = self.target_of(&s);
         let window = (target * 10).clamp(MIN_WINDOW, MAX_WINDOW);
         let start = *s.window_start.get_or_insert(now);
@@ -434,11 +450,21 @@ impl AdaptiveLimit {
         // Those still in flight are not judged yet: a load that starts fills the
         // pipeline before anything finishes.
         let overloaded = s.offered - s.in_flight() as f64 > OVERLOAD * s.finished;
+        s.top_offered = s.top_offered * decay + f64::from(s.window_top_offered);
+        s.top_finished = s.top_finished * decay + f64::from(s.window_top_served);
+        let top_in_flight = s.by_level.first().copied().unwrap_or(0) as f64;
+        // Level 1 refused while it alone is served at the rate it asks: the overload
+        // is the lower levels', which preemption makes room against; the limit is in
+        // level 1's way.
+        let top_held_back =
+            s.window_top_refused && s.top_offered - top_in_flight <= OVERLOAD * s.top_finished;
         let standing = overloaded
             && backlog
             && over
             && (s.over_streak >= persistence || d_mean > target * clear);
-        if standing && peak > min {
+        if top_held_back {
+            s.limit = (s.limit * GROWTH).min(max);
+        } else if standing && peak > min {
             let factor = (target.as_secs_f64() / d_mean.as_secs_f64()).max(BETA);
             s.limit = (s.limit.min(peak) * factor).max(min);
         } else if !overloaded && s.window_refused {
@@ -463,6 +489,9 @@ impl AdaptiveLimit {
         s.window_refused = false;
         s.window_offered = 0;
         s.window_served = 0;
+        s.window_top_offered = 0;
+        s.window_top_served = 0;
+        s.window_top_refused = false;
         s.window_peak = s.in_flight();
         Some(s.limit as usize)
     }

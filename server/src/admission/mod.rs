@@ -254,9 +254,10 @@ where
             // A request that expired waited its whole time here.
             let unit = model.unit_execution();
             let after = match &result {
-                Ok(r) => limit.on_sample(r.batch_wait, unit, now),
+                Ok(r) => limit.on_finished(level, r.batch_wait, unit, now, true),
                 Err(Error::DeadlineExceeded { .. }) => {
-                    limit.on_expiry(now.duration_since(received), unit, now)
+                    let waited = now.duration_since(received);
+                    limit.on_finished(level, waited, unit, now, false)
                 }
                 Err(_) => None,
             };
