@@ -22,8 +22,8 @@
 //! ```
 //!
 //! The model is `overloaded` when more is asked of it than it finishes: the requests
-//! that asked for a slot (admitted or refused; less those still in flight, not judged
-//! yet) over those served (expired ones were not), each summed over the windows with weights
+//! that asked for a slot (admitted or refused; less the growth of the number in
+//! flight, not judged yet) over those served (expired ones were not), each summed over the windows with weights
 //! decaying over [`LOAD_TAU`], exceed [`OVERLOAD`]. That is what true overload is (arrivals faster than service); below
 //! capacity a queue, however long it stands for a while, is served at the rate it is
 //! offered, and a fixed set of clients waiting for their answers can never offer more
@@ -186,6 +186,12 @@ struct State {
     finished: f64,
     top_offered: f64,
     top_finished: f64,
+    /// In flight (all levels, level 1) when the window opened,
+    window_start_in_flight: (usize, usize),
+    /// and how much that count grew, summed over windows like the counts above: the
+    /// part of what was offered that is still in flight, not yet to be judged.
+    growth: f64,
+    top_growth: f64,
 }
 
 impl State {
@@ -287,6 +293,9 @@ impl AdaptiveLimit {
                 finished: 0.0,
                 top_offered: 0.0,
                 top_finished: 0.0,
+                window_start_in_flight: (0, 0),
+                growth: 0.0,
+                top_growth: 0.0,
             }),
         }
     }
@@ -447,17 +456,20 @@ impl AdaptiveLimit {
         let decay = (-now.duration_since(start).as_secs_f64() / LOAD_TAU.as_secs_f64()).exp();
         s.offered = s.offered * decay + f64::from(s.window_offered);
         s.finished = s.finished * decay + f64::from(s.window_served);
-        // Those still in flight are not judged yet: a load that starts fills the
-        // pipeline before anything finishes.
-        let overloaded = s.offered - s.in_flight() as f64 > OVERLOAD * s.finished;
+        // What is still in flight of what was offered is not judged yet: a load that
+        // starts fills the pipeline before anything finishes.
+        let top_in_flight = s.by_level.first().copied().unwrap_or(0);
+        let (was, was_top) = s.window_start_in_flight;
+        s.growth = s.growth * decay + (s.in_flight() as f64 - was as f64);
+        s.top_growth = s.top_growth * decay + (top_in_flight as f64 - was_top as f64);
+        let overloaded = s.offered - s.growth.max(0.0) > OVERLOAD * s.finished;
         s.top_offered = s.top_offered * decay + f64::from(s.window_top_offered);
         s.top_finished = s.top_finished * decay + f64::from(s.window_top_served);
-        let top_in_flight = s.by_level.first().copied().unwrap_or(0) as f64;
         // Level 1 refused while it alone is served at the rate it asks: the overload
         // is the lower levels', which preemption makes room against; the limit is in
         // level 1's way.
-        let top_held_back =
-            s.window_top_refused && s.top_offered - top_in_flight <= OVERLOAD * s.top_finished;
+        let top_held_back = s.window_top_refused
+            && s.top_offered - s.top_growth.max(0.0) <= OVERLOAD * s.top_finished;
         let standing = overloaded
             && backlog
             && over
@@ -492,6 +504,7 @@ impl AdaptiveLimit {
         s.window_top_offered = 0;
         s.window_top_served = 0;
         s.window_top_refused = false;
+        s.window_start_in_flight = (s.in_flight(), s.by_level.first().copied().unwrap_or(0));
         s.window_peak = s.in_flight();
         Some(s.limit as usize)
     }
