@@ -87,11 +87,18 @@ pub trait Pending {
     fn samples(&self) -> usize;
     fn key(&self) -> &BatchKey;
     fn arrival(&self) -> Instant;
+    /// Priority level, 1 the highest.
+    fn priority(&self) -> u32 {
+        1
+    }
 }
 
 impl Pending for Queued {
     fn samples(&self) -> usize {
         self.samples
+    }
+    fn priority(&self) -> u32 {
+        self.priority
     }
     fn key(&self) -> &BatchKey {
         &self.key
@@ -124,11 +131,17 @@ pub fn plan<P: Pending>(policy: &BatchPolicy, queue: &[P], now: Instant) -> Opti
             ready_at: None,
         });
     }
-    // Greedily collect, oldest first, the requests that fit beside the head.
+    // Greedily collect, oldest first, the requests that fit beside the head. A batch
+    // carries one priority level (the queue is in priority order, so the head's): a
+    // lower level's samples would lengthen a higher level's execution, so lower levels
+    // run in batches of their own, formed when no higher level waits.
     let mut take = Vec::new();
     let mut samples = 0;
     for (i, p) in queue.iter().enumerate() {
-        if p.key() != head.key() || samples + p.samples() > policy.max_batch_size {
+        if p.key() != head.key()
+            || p.priority() != head.priority()
+            || samples + p.samples() > policy.max_batch_size
+        {
             continue;
         }
         take.push(i);
@@ -1539,6 +1552,29 @@ mod tests {
         assert_eq!(rhigh_b.await.unwrap().unwrap().batch_size, 8);
         assert_eq!(rlow.await.unwrap().unwrap().batch_size, 6);
         assert_eq!(*h.seen.lock().unwrap(), vec![1, 8, 6]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_carries_one_priority_level() {
+        let h = harness("dynamic_batching { }", 16).await;
+        let (busy, rbusy) = request(1, 2, None);
+        h.batcher.submit(busy).unwrap();
+        assert_eq!(forwards(&h, 1).await, vec![1]);
+        // 4 + 2 would fit in one batch of 16, but the level-2 request would lengthen the
+        // level-1 execution: each level runs on its own, the higher one first.
+        let (low, rlow) = at_priority(request(2, 2, None), 2);
+        let (high, rhigh) = at_priority(request(4, 2, None), 1);
+        for q in [low, high] {
+            h.batcher.submit(q).unwrap();
+        }
+        settle().await;
+        for _ in 0..3 {
+            h.permits.send(()).unwrap();
+        }
+        rbusy.await.unwrap().unwrap();
+        assert_eq!(rhigh.await.unwrap().unwrap().batch_size, 4);
+        assert_eq!(rlow.await.unwrap().unwrap().batch_size, 2);
+        assert_eq!(*h.seen.lock().unwrap(), vec![1, 4, 2]);
     }
 
     #[tokio::test(start_paused = true)]
