@@ -44,6 +44,10 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "target/release/sluice-bench"
 
 
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
 def bench(port, args, work, *load, plots=None, extra=(), warmup=None):
     out = work / "run.json"
     cmd = [str(BENCH), "run", "-m", args.model, "-u", f"127.0.0.1:{port}",
@@ -136,6 +140,8 @@ def main():
                     help="serve a copy of the model with the config a Triton user writes (one "
                          "instance, max_batch_size 32, max_queue_delay_microseconds 2000, no "
                          "queue policy) instead of the bundled repository")
+    ap.add_argument("--parts", default="overload,step,priority,rss",
+                    help="which parts to run after the capacity sweep (comma-separated)")
     ap.add_argument("--level1-share", type=float, default=0.85,
                     help="share of capacity that priority level 1 offers in the 2C priority run "
                          "(level 2 offers the rest of 2C)")
@@ -146,7 +152,6 @@ def main():
     plots.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="sluice-admission-"))
     procs = []
-    log = lambda *a: print(*a, file=sys.stderr, flush=True)
     try:
         ports = {"on": 39101, "off": 39111, "priority": 39121}
         if args.triton_style:
@@ -180,10 +185,11 @@ def main():
             print(f"| {p['offered']:.0f} | {p['goodput']:.0f} | {p['ok_p50']:.1f} | {p['ok_p99']:.1f} | {fmt_codes(p['codes'])} |")
         print(f"\nC = {capacity:.0f} goodput/s.\n")
 
+        parts = set(args.parts.split(","))
         levels = [("0.8C", 0.8), ("2C", 2.0), ("5C", 5.0)]
         results = {}
         round_capacity = []
-        for r in range(args.rounds):
+        for r in range(args.rounds if "overload" in parts else 0):
             log(f"round {r + 1}: capacity now...")
             round_capacity.append(capacity_now(ports["on"], args, work, probe))
             for name, factor in levels:
@@ -200,85 +206,107 @@ def main():
                     x = results[(name, mode)][r]
                     x["p99_ratio"] = x["ok_p99"] / base
         med = lambda rs, k: statistics.median(x[k] for x in rs)
-        base_p99 = {m: med(results[("0.8C", m)], "ok_p99") for m in ("on", "off")}
-        print(f"Overload, medians of {args.rounds} rounds (alternating on/off). Capacity "
-              f"measured at the start of each round (C_r, shedding on), which offers 0.8, 2 and 5 times it: "
-              f"{', '.join(f'{c:.0f}' for c in round_capacity)}/s; \"of C_r\" and \"p99 vs "
-              f"0.8C\" are per round, then the median:\n")
-        print("| load | shedding | offered/s | goodput/s | of C_r | p99 ok ms | p99 vs 0.8C | refused "
-              "| p50 / p99 refusal ms | p99 send lag ms | codes (last round) |")
-        print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
-        for name, _ in levels:
-            for mode in ("on", "off"):
-                rs = results[(name, mode)]
-                print(f"| {name} | {mode} | {med(rs, 'offered'):.0f} | {med(rs, 'goodput'):.0f} "
-                      f"| {100 * med(rs, 'of_c'):.0f}% | {med(rs, 'ok_p99'):.1f} "
-                      f"| {med(rs, 'p99_ratio'):.2f}x | {100 * med(rs, 'rejected'):.1f}% "
-                      f"| {med(rs, 'rej_p50'):.2f} / {med(rs, 'rej_p99'):.2f} "
-                      f"| {med(rs, 'lag_p99'):.2f} | {fmt_codes(rs[-1]['codes'])} |")
-
-        step = args.step_seconds
-        log("step profile: capacity now...")
-        step_c = capacity_now(ports["on"], args, work, probe)
-        profile = (f"{step_c * 0.8:.0f}@{step}s,{step_c * 2:.0f}@{step}s,"
-                   f"{step_c * 0.8:.0f}@{step}s")
-        print(f"\nStep {profile} (per-second p99 of successes; settled = every later second of "
-              f"the stage within 1.5x the 0.8C p99):\n")
-        print("| shedding | goodput/s | p99 ok ms | settled after step up s | settled after step down s | codes |")
-        print("| --- | ---: | ---: | ---: | ---: | --- |")
-        for mode in ("on", "off"):
-            log(f"step profile, shedding {mode}...")
-            run = bench(ports[mode], args, work, "--profile", profile, warmup="0s",
-                        plots=plots / f"{args.model}-step-{mode}")
-            point = run["points"][0]
-            bound = 1.5 * base_p99[mode]
-            up = recovery(point["series"], bound, step, 2 * step)
-            down = recovery(point["series"], bound, 2 * step, 3 * step)
-            s = summary(point)
-            show = lambda v: "never" if v is None else f"{v:.0f}"
-            print(f"| {mode} | {s['goodput']:.0f} | {s['ok_p99']:.1f} | {show(up)} | {show(down)} | {fmt_codes(s['codes'])} |")
-
-        log("priorities at 2C...")
-        prio_capacity = capacity_now(ports["priority"], args, work, probe)
-        share1 = round(100 * args.level1_share)
-        run = bench(ports["priority"], args, work, "--rate", f"{prio_capacity * 2:.0f}", "--duration",
-                    args.duration, extra=["--priority-mix", f"1:{share1},2:{200 - share1}"])
-        print(f"\nTwo priority levels (a copy of `{args.model}` with `priority_levels: 2`), "
-              f"shedding on, at 2C = {prio_capacity * 2:.0f}/s in total (C = that server's "
-              f"capacity measured just before, {prio_capacity:.0f}/s): level 1 offers "
-              f"{share1}% of C, level 2 the rest:\n")
-        print("| priority | sent | ok | success | goodput/s | p99 ok ms |")
-        print("| ---: | ---: | ---: | ---: | ---: | ---: |")
-        for level in run["points"][0].get("by_priority", []):
-            ok = (level["latency_ms"]["ok"] or {}).get("p99", float("nan"))
-            ratio = level["success_ratio"]
-            print(f"| {level['priority']} | {level['sent']} | {level['ok']} | "
-                  f"{'-' if ratio is None else f'{100 * ratio:.1f}%'} | {level['goodput_rps']:.0f} | {ok:.1f} |")
-
-        log(f"RSS over {args.rss_seconds} s at 5C: capacity now...")
-        rss_c = capacity_now(ports["on"], args, work, probe)
-        samples, stop = [], threading.Event()
-        sampler = threading.Thread(target=rss_sampler, args=(on.pid, stop, samples))
-        sampler.start()
-        run = bench(ports["on"], args, work, "--rate", f"{rss_c * 5:.0f}", warmup="0s",
-                    extra=["--duration", f"{args.rss_seconds}s"])
-        stop.set()
-        sampler.join()
-        if samples:
-            tail = samples[len(samples) // 10:]  # after the first tenth (start-up of the load)
-            print(f"\nRSS of the shedding server over {args.rss_seconds} s at 5C = {rss_c * 5:.0f}/s "
-                  f"({len(samples)} samples, 1/s): first {samples[0]:.0f} MiB, min {min(samples):.0f}, "
-                  f"max {max(samples):.0f}, last {samples[-1]:.0f}; after the first tenth "
-                  f"max/min = {max(tail) / min(tail):.3f}. Goodput {summary(run['points'][0])['goodput']:.0f}/s.")
+        if "overload" in parts:
+            overload_table(args, levels, results, round_capacity, med)
+            base_p99 = {m: med(results[("0.8C", m)], "ok_p99") for m in ("on", "off")}
+        else:
+            base_p99 = {m: float("nan") for m in ("on", "off")}
+        if "step" in parts:
+            step_part(args, ports, work, probe, plots, base_p99)
+        if "priority" in parts:
+            priority_part(args, ports, work, probe)
+        if "rss" in parts:
+            rss_part(args, ports, work, probe, on)
     finally:
         for p in procs:
             p.terminate()
         for p in procs:
             try:
-                p.wait(timeout=30)
+                p.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 p.kill()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def overload_table(args, levels, results, round_capacity, med):
+    print(f"Overload, medians of {args.rounds} rounds (alternating on/off). Capacity "
+          f"measured at the start of each round (C_r, shedding on), which offers 0.8, 2 and 5 times it: "
+          f"{', '.join(f'{c:.0f}' for c in round_capacity)}/s; \"of C_r\" and \"p99 vs "
+          f"0.8C\" are per round, then the median:\n")
+    print("| load | shedding | offered/s | goodput/s | of C_r | p99 ok ms | p99 vs 0.8C | refused "
+          "| p50 / p99 refusal ms | p99 send lag ms | codes (last round) |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    for name, _ in levels:
+        for mode in ("on", "off"):
+            rs = results[(name, mode)]
+            print(f"| {name} | {mode} | {med(rs, 'offered'):.0f} | {med(rs, 'goodput'):.0f} "
+                  f"| {100 * med(rs, 'of_c'):.0f}% | {med(rs, 'ok_p99'):.1f} "
+                  f"| {med(rs, 'p99_ratio'):.2f}x | {100 * med(rs, 'rejected'):.1f}% "
+                  f"| {med(rs, 'rej_p50'):.2f} / {med(rs, 'rej_p99'):.2f} "
+                  f"| {med(rs, 'lag_p99'):.2f} | {fmt_codes(rs[-1]['codes'])} |")
+
+
+
+def step_part(args, ports, work, probe, plots, base_p99):
+    step = args.step_seconds
+    log("step profile: capacity now...")
+    step_c = capacity_now(ports["on"], args, work, probe)
+    profile = (f"{step_c * 0.8:.0f}@{step}s,{step_c * 2:.0f}@{step}s,"
+               f"{step_c * 0.8:.0f}@{step}s")
+    print(f"\nStep {profile} (per-second p99 of successes; settled = every later second of "
+          f"the stage within 1.5x the 0.8C p99):\n")
+    print("| shedding | goodput/s | p99 ok ms | settled after step up s | settled after step down s | codes |")
+    print("| --- | ---: | ---: | ---: | ---: | --- |")
+    for mode in ("on", "off"):
+        log(f"step profile, shedding {mode}...")
+        run = bench(ports[mode], args, work, "--profile", profile, warmup="0s",
+                    plots=plots / f"{args.model}-step-{mode}")
+        point = run["points"][0]
+        bound = 1.5 * base_p99[mode]
+        up = recovery(point["series"], bound, step, 2 * step)
+        down = recovery(point["series"], bound, 2 * step, 3 * step)
+        s = summary(point)
+        show = lambda v: "never" if v is None else f"{v:.0f}"
+        print(f"| {mode} | {s['goodput']:.0f} | {s['ok_p99']:.1f} | {show(up)} | {show(down)} | {fmt_codes(s['codes'])} |")
+
+
+
+def priority_part(args, ports, work, probe):
+    log("priorities at 2C...")
+    prio_capacity = capacity_now(ports["priority"], args, work, probe)
+    share1 = round(100 * args.level1_share)
+    run = bench(ports["priority"], args, work, "--rate", f"{prio_capacity * 2:.0f}", "--duration",
+                args.duration, extra=["--priority-mix", f"1:{share1},2:{200 - share1}"])
+    print(f"\nTwo priority levels (a copy of `{args.model}` with `priority_levels: 2`), "
+          f"shedding on, at 2C = {prio_capacity * 2:.0f}/s in total (C = that server's "
+          f"capacity measured just before, {prio_capacity:.0f}/s): level 1 offers "
+          f"{share1}% of C, level 2 the rest:\n")
+    print("| priority | sent | ok | success | goodput/s | p99 ok ms |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+    for level in run["points"][0].get("by_priority", []):
+        ok = (level["latency_ms"]["ok"] or {}).get("p99", float("nan"))
+        ratio = level["success_ratio"]
+        print(f"| {level['priority']} | {level['sent']} | {level['ok']} | "
+              f"{'-' if ratio is None else f'{100 * ratio:.1f}%'} | {level['goodput_rps']:.0f} | {ok:.1f} |")
+
+
+
+def rss_part(args, ports, work, probe, on):
+    log(f"RSS over {args.rss_seconds} s at 5C: capacity now...")
+    rss_c = capacity_now(ports["on"], args, work, probe)
+    samples, stop = [], threading.Event()
+    sampler = threading.Thread(target=rss_sampler, args=(on.pid, stop, samples))
+    sampler.start()
+    run = bench(ports["on"], args, work, "--rate", f"{rss_c * 5:.0f}", warmup="0s",
+                extra=["--duration", f"{args.rss_seconds}s"])
+    stop.set()
+    sampler.join()
+    if samples:
+        tail = samples[len(samples) // 10:]  # after the first tenth (start-up of the load)
+        print(f"\nRSS of the shedding server over {args.rss_seconds} s at 5C = {rss_c * 5:.0f}/s "
+              f"({len(samples)} samples, 1/s): first {samples[0]:.0f} MiB, min {min(samples):.0f}, "
+              f"max {max(samples):.0f}, last {samples[-1]:.0f}; after the first tenth "
+              f"max/min = {max(tail) / min(tail):.3f}. Goodput {summary(run['points'][0])['goodput']:.0f}/s.")
 
 
 if __name__ == "__main__":
