@@ -32,7 +32,8 @@ Cells, for every model of every repository:
    `--warmup`. The capacity C is measured in open loop: the best goodput of four short
    Poisson points at 0.6, 0.8, 1.0 and 1.2 times the best closed-loop throughput of
    that model and server (sluice-bench's, else perf_analyzer's); that probe overloads
-   the server on purpose and its refusals are not counted. A closed loop of 128
+   the server on purpose and its refusals are not counted; the cell then waits
+   `--settle` (5 s) so that the limit recovers from that overload before it begins. A closed loop of 128
    clients keeps every batch full and never waits for a send time, so its throughput
    can exceed what the server serves to independent arrivals (for mlp, where the
    gateway and not the model is the limit, by a third).
@@ -217,7 +218,11 @@ def open_loop_capacity(args, port, model, closed_best, work):
         return 0.0
     if not out.exists():
         return 0.0
-    return max((p["goodput_rps"] for p in json.loads(out.read_text())["points"]), default=0.0)
+    best = max((p["goodput_rps"] for p in json.loads(out.read_text())["points"]), default=0.0)
+    # The probe overloaded the server on purpose: let its limit recover before the
+    # Poisson cell, which judges serveable load, begins.
+    time.sleep(seconds(args.settle))
+    return best
 
 
 def poisson_cell(args, port, model, capacity, work):
@@ -428,6 +433,8 @@ def main():
     ap.add_argument("--stream-max-requests", type=int, default=200_000)
     ap.add_argument("--poisson-duration", default="4s")
     ap.add_argument("--capacity-factor", type=float, default=0.8)
+    ap.add_argument("--settle", default="5s",
+                    help="pause after the capacity probe, before the Poisson cell")
     ap.add_argument("--probe-duration", default="2s",
                     help="each point of the open-loop capacity probe")
     ap.add_argument("--deadline", default="1s", help="per-request deadline of the Poisson cell")
