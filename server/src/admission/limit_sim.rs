@@ -209,16 +209,21 @@ fn below_capacity_with_a_batching_delay_the_limit_does_not_shrink() {
     }
 }
 
+/// The Triton-style cnn: one instance, batches of up to 32, a batching delay.
+fn one_cnn_instance(delay_us: u64) -> Model {
+    Model {
+        instances: 1,
+        max_batch: 32,
+        delay: Duration::from_micros(delay_us),
+        fixed: CNN.0,
+        per_sample: CNN.1,
+    }
+}
+
 #[test]
 fn a_standing_overload_shrinks_the_limit_and_bounds_the_wait() {
     for delay_us in [0, 2_000, 10_000] {
-        let model = Model {
-            instances: 1,
-            max_batch: 32,
-            delay: Duration::from_micros(delay_us),
-            fixed: CNN.0,
-            per_sample: CNN.1,
-        };
+        let model = one_cnn_instance(delay_us);
         // Judged after five seconds, when the limit has found its level.
         let phases = [
             (2.0 * model.capacity(), 5.0),
@@ -247,13 +252,7 @@ fn a_standing_overload_shrinks_the_limit_and_bounds_the_wait() {
 #[test]
 fn after_the_overload_ends_the_limit_recovers() {
     for delay_us in [0, 2_000, 10_000] {
-        let model = Model {
-            instances: 1,
-            max_batch: 32,
-            delay: Duration::from_micros(delay_us),
-            fixed: CNN.0,
-            per_sample: CNN.1,
-        };
+        let model = one_cnn_instance(delay_us);
         let c = model.capacity();
         let phases = simulate(
             model,
