@@ -85,7 +85,8 @@ pub struct Settings {
     pub max_http_connections: Option<usize>,
 
     /// HTTP/2 streams (calls) open at once on one gRPC connection (SETTINGS_MAX_CONCURRENT_STREAMS);
-    /// clients queue beyond it. [default: 256]
+    /// clients queue beyond it, where no limit of the server can refuse their calls, so
+    /// keep it above max_concurrency_limit. [default: 1024]
     #[arg(long, env = "SLUICE_MAX_CONCURRENT_STREAMS", value_name = "N")]
     pub max_concurrent_streams: Option<u32>,
 
@@ -303,7 +304,11 @@ impl Default for EdgeLimits {
             max_request_bytes_in_flight: 256 * 1024 * 1024,
             max_connections: 1024,
             max_http_connections: 128,
-            max_concurrent_streams: 256,
+            // Four times the per-model limit's default maximum: a client on one
+            // connection (tritonclient, perf_analyzer) that offers more than a model
+            // takes is refused at once by that model's limit, instead of queuing in its
+            // own HTTP/2 layer (invisible to the server) until its deadline.
+            max_concurrent_streams: 1024,
             max_header_list_bytes: 16 * 1024,
             http2_max_pending_reset_streams: 20,
             keepalive_interval: Duration::from_secs(60),
@@ -859,6 +864,22 @@ fn read_token_file(path: &Path) -> Result<String, String> {
 }
 
 impl Config {
+    /// Settings that are valid but work against each other, one sentence each, for the
+    /// start-up log.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        let streams = self.edge.max_concurrent_streams as usize;
+        if self.admission.shedding && streams <= self.admission.model_limit.max {
+            warnings.push(format!(
+                "max_concurrent_streams {streams} is not above max_concurrency_limit {}: a \
+                 client on one connection that offers more than a model takes queues in its own \
+                 HTTP/2 layer until its deadline instead of being refused at once",
+                self.admission.model_limit.max
+            ));
+        }
+        warnings
+    }
+
     /// Defaults with every port at 0 (free ports), for tests and embedding.
     pub fn for_repository(model_repository: impl Into<PathBuf>) -> Config {
         Settings {
@@ -950,6 +971,38 @@ mod tests {
 
     fn repo() -> tempfile::TempDir {
         tempfile::tempdir().expect("temp dir")
+    }
+
+    #[test]
+    fn by_default_one_connection_can_offer_more_than_a_model_takes() {
+        let dir = repo();
+        let config = Config::for_repository(dir.path());
+        assert!(
+            config.edge.max_concurrent_streams as usize > config.admission.model_limit.max,
+            "a single-connection client must reach the model's limit, not queue in HTTP/2"
+        );
+        assert!(config.warnings().is_empty(), "{:?}", config.warnings());
+
+        let config = Settings {
+            model_repository: Some(dir.path().into()),
+            max_concurrent_streams: Some(64),
+            max_concurrency_limit: Some(64),
+            ..Settings::default()
+        }
+        .validate_unchecked();
+        let warnings = config.warnings();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("max_concurrent_streams 64"), "{warnings:?}");
+
+        // Without shedding there is no limit to reach: nothing to warn about.
+        let config = Settings {
+            model_repository: Some(dir.path().into()),
+            max_concurrent_streams: Some(64),
+            load_shedding: Some(false),
+            ..Settings::default()
+        }
+        .validate_unchecked();
+        assert!(config.warnings().is_empty());
     }
 
     /// The configuration from these flags alone, serving `dir`.

@@ -102,6 +102,9 @@ impl Server {
             http,
             metrics,
         } = self;
+        for warning in config.warnings() {
+            tracing::warn!("{warning}");
+        }
         let prometheus = metrics::install();
         let upkeep = {
             let handle = prometheus.clone();
