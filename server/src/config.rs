@@ -992,7 +992,10 @@ mod tests {
         .validate_unchecked();
         let warnings = config.warnings();
         assert_eq!(warnings.len(), 1, "{warnings:?}");
-        assert!(warnings[0].contains("max_concurrent_streams 64"), "{warnings:?}");
+        assert!(
+            warnings[0].contains("max_concurrent_streams 64"),
+            "{warnings:?}"
+        );
 
         // Without shedding there is no limit to reach: nothing to warn about.
         let config = Settings {
