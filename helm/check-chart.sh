@@ -48,6 +48,6 @@ exec "$venv/bin/python" "$repo_root/helm/check_chart.py" \
     --chart "$repo_root/helm/sluice" \
     --checkov "$venv/bin/checkov" \
     --dockerfile "$repo_root/Dockerfile" \
-    --server-config "$repo_root/server/src/config.rs" \
+    --server-config "$repo_root/server/src/config/settings.rs" \
     --bundled-models "$repo_root/models" \
     "${binary[@]}" "${keep[@]}"

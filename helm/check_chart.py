@@ -286,7 +286,7 @@ def token_problems(conf: dict[str, Any], container: dict[str, Any],
 
 
 def server_config_keys(config_rs: Path) -> set[str]:
-    """TOML keys the server accepts: the fields of `struct Settings` in config.rs that
+    """TOML keys the server accepts: the fields of `struct Settings` in config/settings.rs that
     serde reads (the server rejects unknown keys, so the chart must render only these)."""
     text = config_rs.read_text()
     body = text[text.index("pub struct Settings"):]
@@ -423,7 +423,7 @@ def main() -> int:
     ap.add_argument("--checkov", required=True, help="path of the checkov executable")
     ap.add_argument("--dockerfile", type=Path, help="also run checkov on this Dockerfile")
     ap.add_argument("--server-config", type=Path,
-                    help="server/src/config.rs: rendered sluice.toml keys must be among its settings")
+                    help="server/src/config/settings.rs: rendered sluice.toml keys must be among its settings")
     ap.add_argument("--sluice-binary", type=Path,
                     help="start this sluice binary with every rendered sluice.toml")
     ap.add_argument("--bundled-models", type=Path,

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use sluice::backend;
 use sluice::config::BackendOptions;
-use sluice::repository::{model_config::load_spec, ModelSpec, CONFIG_FILE};
+use sluice::repository::CONFIG_FILE;
+use sluice::spec::{load_spec, ModelSpec};
 use sluice::tensor::{element_count, Tensor};
 
 #[derive(Parser)]

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use crate::error::Error;
 use crate::metrics;
-use crate::model::{InferRequest, InferResponse, LoadedModel};
+use crate::model::{Admission, InferRequest, InferResponse, LoadedModel};
 use crate::repository::Repository;
 
 pub struct Gateway {
@@ -86,33 +86,38 @@ impl Gateway {
         self.repository.get(name, version)
     }
 
-    /// Run one inference request end to end and account for it.
+    /// Run one admitted request on the version admission chose, and account for it.
     pub async fn infer(
         &self,
-        name: &str,
-        version: &str,
         request: InferRequest,
+        admission: Admission,
     ) -> Result<InferResponse, Error> {
         let start = Instant::now();
-        let result = self.infer_inner(name, version, request).await;
+        let model = admission.model.clone();
+        let result = self.run(request, admission).await;
+        self.account(&model.spec.name, result.as_ref().map(|_| ()), start);
+        result
+    }
+
+    /// Record one request's outcome under its model's name (an unknown name under one
+    /// label, so that clients cannot grow the metrics without bound).
+    pub fn account(&self, name: &str, result: Result<(), &Error>, start: Instant) {
         let label = if self.repository.is_known(name) {
             name
         } else {
             metrics::UNKNOWN_MODEL
         };
-        let outcome = match &result {
-            Ok(_) => "success",
+        let outcome = match result {
+            Ok(()) => "success",
             Err(e) => e.kind(),
         };
         metrics::request(label, outcome, start.elapsed());
-        result
     }
 
-    async fn infer_inner(
+    async fn run(
         &self,
-        name: &str,
-        version: &str,
         request: InferRequest,
+        admission: Admission,
     ) -> Result<InferResponse, Error> {
         let before = self.in_flight.fetch_add(1, Ordering::AcqRel);
         metrics::in_flight(before + 1);
@@ -121,7 +126,7 @@ impl Gateway {
         if self.shutting_down.load(Ordering::Acquire) {
             return Err(Error::ShuttingDown);
         }
-        let model = self.model(name, version)?;
-        model.infer(request).await
+        let model = admission.model.clone();
+        model.infer(request, admission).await
     }
 }

@@ -88,9 +88,7 @@ const PRIORITY_LABELS: [&str; 17] = [
     "", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
 ];
 
-const _: () = assert!(
-    PRIORITY_LABELS.len() == crate::repository::model_config::MAX_PRIORITY_LEVELS as usize + 1
-);
+const _: () = assert!(PRIORITY_LABELS.len() == crate::spec::MAX_PRIORITY_LEVELS as usize + 1);
 
 /// Label value of a priority level ("" when unknown, e.g. before the model is resolved).
 fn priority_label(level: Option<u32>) -> &'static str {

@@ -3,20 +3,21 @@
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::admission::limit::{AdaptiveLimit, ModelShape};
-use crate::admission::AdmissionConfig;
 use crate::batcher::{BatchKey, Batcher, QueueLimits, Queued, Scaling};
+use crate::config::AdmissionConfig;
 use crate::config::{BackendOptions, ModelDefaults};
 use crate::error::{clip, Error};
+use crate::limit::{AdaptiveLimit, ModelShape, Permit};
 use crate::metrics;
 use crate::pool::InstancePool;
-use crate::repository::{ModelSpec, TensorSpec};
+use crate::spec::{ModelSpec, TensorSpec};
+use crate::stats::ModelStats;
 use crate::tensor::{checked_byte_size, shape_string, DataType, Tensor};
 
 /// An inference request after protocol decoding, before validation.
@@ -26,8 +27,6 @@ pub struct InferRequest {
     pub inputs: Vec<RequestInput>,
     /// Outputs to return, by name; empty means all of them.
     pub outputs: Vec<String>,
-    /// Past this instant the answer is DEADLINE_EXCEEDED (from grpc-timeout).
-    pub deadline: Option<Instant>,
     /// Triton's `timeout` request parameter: the request's own queue timeout, honoured
     /// when the model's queue policy allows overriding its default (and a bound on its
     /// deadline).
@@ -35,10 +34,40 @@ pub struct InferRequest {
     /// Triton's `priority` request parameter (1 the highest; 0 or absent: the model's
     /// default level).
     pub priority: Option<u64>,
-    /// Set by admission: the request was admitted over the model's full limit by
-    /// displacing lower-priority work, so joining the queue sheds the newest queued
-    /// request of a lower level.
-    pub preempt: bool,
+}
+
+/// What admission decided for one request, once: the model version it runs on, its
+/// absolute deadline, its priority level and its slot under that version's concurrency
+/// limit. It travels with the request into the model's queue; the slot is given back
+/// when the request is answered (the admission dropped).
+pub struct Admission {
+    pub model: Arc<LoadedModel>,
+    /// `None`: the request may run as long as it takes.
+    pub deadline: Option<Instant>,
+    /// Priority level, 1 the highest, within the model's levels.
+    pub level: u32,
+    /// `None` with load shedding off (no limit to take a slot of).
+    pub permit: Option<Permit>,
+}
+
+impl Admission {
+    /// Admitted over the model's full limit by displacing lower-priority work: joining
+    /// the queue sheds the newest queued request of a lower level.
+    pub fn preempts(&self) -> bool {
+        self.permit.as_ref().is_some_and(Permit::preempts)
+    }
+}
+
+impl std::fmt::Debug for Admission {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admission")
+            .field("model", &self.model.spec.name)
+            .field("version", &self.model.version)
+            .field("deadline", &self.deadline)
+            .field("level", &self.level)
+            .field("permit", &self.permit)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -155,9 +184,15 @@ impl LoadedModel {
         })
     }
 
-    pub async fn infer(&self, request: InferRequest) -> Result<InferResponse, Error> {
+    /// Run `request` on this version, as `admission` decided (its deadline, level and
+    /// slot). The deadline's timer is admission's: past it, this future is dropped.
+    pub async fn infer(
+        &self,
+        request: InferRequest,
+        admission: Admission,
+    ) -> Result<InferResponse, Error> {
         let start = Instant::now();
-        let result = self.run(request, start).await;
+        let result = self.run(request, &admission, start).await;
         let mut stats = self
             .stats
             .lock()
@@ -174,17 +209,17 @@ impl LoadedModel {
     async fn run(
         &self,
         request: InferRequest,
+        admission: &Admission,
         arrival: Instant,
     ) -> Result<(InferResponse, usize, Duration, Duration), Error> {
         let spec = &self.spec;
         let validated = validate(spec, &request)?;
-        let priority = spec.queue.priority_level(request.priority);
         let queue_timeout = match request.queue_timeout {
             Some(t) if spec.queue.allow_timeout_override => Some(t),
             _ => spec.queue.default_timeout,
         }
         .filter(|_| spec.queue.reject_on_timeout);
-        let expires = [request.deadline, queue_timeout.map(|t| arrival + t)]
+        let expires = [admission.deadline, queue_timeout.map(|t| arrival + t)]
             .into_iter()
             .flatten()
             .min();
@@ -195,26 +230,15 @@ impl LoadedModel {
             samples: validated.batch,
             arrival,
             expires,
-            deadline: request.deadline,
-            priority,
-            preempt: request.preempt,
+            deadline: admission.deadline,
+            priority: admission.level,
+            preempt: admission.preempts(),
             reply,
         })?;
-        let gone = || Error::Restarting {
+        let done = answer.await.map_err(|_| Error::Restarting {
             model: spec.name.clone(),
             reason: "the model stopped".into(),
-        };
-        let done = match request.deadline {
-            // No answer later than the deadline, even if the model is still running.
-            Some(deadline) => tokio::time::timeout_at(deadline, answer)
-                .await
-                .map_err(|_| Error::DeadlineExceeded {
-                    model: spec.name.clone(),
-                    stage: "running",
-                })?,
-            None => answer.await,
-        }
-        .map_err(|_| gone())??;
+        })??;
         let mut produced: Vec<Option<Tensor>> = done.outputs.into_iter().map(Some).collect();
         let mut outputs = Vec::with_capacity(validated.outputs.len());
         for &index in &validated.outputs {
@@ -312,107 +336,18 @@ fn batch_key(spec: &ModelSpec, inputs: &[Tensor]) -> BatchKey {
 
 /// Check a request against the model's declared inputs and outputs.
 pub fn validate(spec: &ModelSpec, request: &InferRequest) -> Result<Validated, Error> {
-    let model = || spec.name.clone();
-    let names = |specs: &[TensorSpec]| {
-        specs
-            .iter()
-            .map(|s| s.name.as_str())
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
     let mut slots: Vec<Option<Tensor>> = vec![None; spec.inputs.len()];
     let mut batch: Option<i64> = None;
     for input in &request.inputs {
-        let Some(index) = spec.inputs.iter().position(|s| s.name == input.name) else {
-            return Err(Error::UnknownInput {
-                model: model(),
-                input: input.name.clone(),
-                expected: names(&spec.inputs),
-            });
-        };
-        let in_spec = &spec.inputs[index];
-        if slots[in_spec.position].is_some() {
+        let declared = spec.inputs.iter().find(|s| s.name == input.name);
+        if declared.is_some_and(|s| slots[s.position].is_some()) {
             return Err(Error::DuplicateInput {
-                model: model(),
+                model: spec.name.clone(),
                 input: input.name.clone(),
             });
         }
-        if DataType::from_wire_name(&input.datatype) != Some(in_spec.dtype) {
-            return Err(Error::WrongDatatype {
-                model: model(),
-                input: input.name.clone(),
-                expected: in_spec.dtype,
-                actual: input.datatype.clone(),
-            });
-        }
-        let wrong_shape = || Error::WrongShape {
-            model: model(),
-            input: input.name.clone(),
-            expected: shape_string(&spec.full_dims(&in_spec.dims)),
-            actual: input.shape.clone(),
-        };
-        let sample_dims = if spec.max_batch_size > 0 {
-            let Some((&b, rest)) = input.shape.split_first() else {
-                return Err(wrong_shape());
-            };
-            if b < 1 {
-                return Err(wrong_shape());
-            }
-            if b > i64::from(spec.max_batch_size) {
-                return Err(Error::BatchTooLarge {
-                    model: model(),
-                    input: input.name.clone(),
-                    max: spec.max_batch_size,
-                    actual: b,
-                });
-            }
-            if let Some(first) = batch.filter(|&first| first != b) {
-                return Err(Error::InvalidRequest {
-                    model: model(),
-                    message: format!(
-                        "input '{}' has batch size {b}, other inputs have {first}",
-                        clip(&input.name)
-                    ),
-                });
-            }
-            batch = Some(b);
-            rest
-        } else {
-            &input.shape[..]
-        };
-        let fits = sample_dims.len() == in_spec.dims.len()
-            && sample_dims
-                .iter()
-                .zip(&in_spec.dims)
-                .all(|(&got, &want)| got >= 0 && (want == -1 || got == want));
-        if !fits {
-            return Err(wrong_shape());
-        }
-        // Every dim is a size by now, but their product is the client's: checked, so a
-        // shape like [2**32, 2**32] cannot wrap to a small size that empty data matches.
-        let expected =
-            checked_byte_size(&input.shape, in_spec.dtype).map_err(|e| Error::InvalidRequest {
-                model: model(),
-                message: format!(
-                    "input '{}' has shape {}: {e}",
-                    clip(&input.name),
-                    shape_string(&input.shape)
-                ),
-            })?;
-        if input.data.len() != expected {
-            return Err(Error::WrongByteSize {
-                model: model(),
-                input: input.name.clone(),
-                expected,
-                actual: input.data.len(),
-                detail: format!("shape {} of {}", shape_string(&input.shape), in_spec.dtype),
-            });
-        }
-        slots[in_spec.position] = Some(Tensor::new(
-            in_spec.dtype,
-            input.shape.clone(),
-            input.data.clone(),
-        ));
+        let (position, tensor) = validate_input(spec, input, &mut batch)?;
+        slots[position] = Some(tensor);
     }
     let mut inputs = Vec::with_capacity(slots.len());
     for (slot, position) in slots.into_iter().zip(0..) {
@@ -425,40 +360,158 @@ pub fn validate(spec: &ModelSpec, request: &InferRequest) -> Result<Validated, E
                     .find(|s| s.position == position)
                     .expect("positions are 0..n");
                 return Err(Error::MissingInput {
-                    model: model(),
+                    model: spec.name.clone(),
                     input: missing.name.clone(),
                 });
             }
         }
     }
-    let outputs = if request.outputs.is_empty() {
-        (0..spec.outputs.len()).collect()
-    } else {
-        let mut chosen = Vec::with_capacity(request.outputs.len());
-        for name in &request.outputs {
-            let Some(index) = spec.outputs.iter().position(|s| &s.name == name) else {
-                return Err(Error::UnknownOutput {
-                    model: model(),
-                    output: name.clone(),
-                    expected: names(&spec.outputs),
-                });
-            };
-            if chosen.contains(&index) {
-                return Err(Error::InvalidRequest {
-                    model: model(),
-                    message: format!("output '{}' requested more than once", clip(name)),
-                });
-            }
-            chosen.push(index);
-        }
-        chosen
-    };
+    let outputs = requested_outputs(spec, &request.outputs)?;
     let batch = usize::try_from(batch.unwrap_or(1)).expect("batch was checked to be positive");
     Ok(Validated {
         inputs,
         outputs,
         batch,
     })
+}
+
+fn tensor_names(specs: &[TensorSpec]) -> String {
+    specs
+        .iter()
+        .map(|s| s.name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// One input checked against its declaration: its position in the model's arguments
+/// and the tensor. `batch` is the batch size of the inputs seen so far.
+fn validate_input(
+    spec: &ModelSpec,
+    input: &RequestInput,
+    batch: &mut Option<i64>,
+) -> Result<(usize, Tensor), Error> {
+    let model = || spec.name.clone();
+    let Some(index) = spec.inputs.iter().position(|s| s.name == input.name) else {
+        return Err(Error::UnknownInput {
+            model: model(),
+            input: input.name.clone(),
+            expected: tensor_names(&spec.inputs),
+        });
+    };
+    let in_spec = &spec.inputs[index];
+    if DataType::from_wire_name(&input.datatype) != Some(in_spec.dtype) {
+        return Err(Error::WrongDatatype {
+            model: model(),
+            input: input.name.clone(),
+            expected: in_spec.dtype,
+            actual: input.datatype.clone(),
+        });
+    }
+    check_shape(spec, in_spec, input, batch)?;
+    // Every dim is a size by now, but their product is the client's: checked, so a
+    // shape like [2**32, 2**32] cannot wrap to a small size that empty data matches.
+    let expected =
+        checked_byte_size(&input.shape, in_spec.dtype).map_err(|e| Error::InvalidRequest {
+            model: model(),
+            message: format!(
+                "input '{}' has shape {}: {e}",
+                clip(&input.name),
+                shape_string(&input.shape)
+            ),
+        })?;
+    if input.data.len() != expected {
+        return Err(Error::WrongByteSize {
+            model: model(),
+            input: input.name.clone(),
+            expected,
+            actual: input.data.len(),
+            detail: format!("shape {} of {}", shape_string(&input.shape), in_spec.dtype),
+        });
+    }
+    let tensor = Tensor::new(in_spec.dtype, input.shape.clone(), input.data.clone());
+    Ok((in_spec.position, tensor))
+}
+
+/// The input's shape against its declaration: a batch dimension within
+/// `max_batch_size` and equal to the other inputs' (when the model batches), then the
+/// declared dims, `-1` matching any size.
+fn check_shape(
+    spec: &ModelSpec,
+    in_spec: &TensorSpec,
+    input: &RequestInput,
+    batch: &mut Option<i64>,
+) -> Result<(), Error> {
+    let model = || spec.name.clone();
+    let wrong_shape = || Error::WrongShape {
+        model: model(),
+        input: input.name.clone(),
+        expected: shape_string(&spec.full_dims(&in_spec.dims)),
+        actual: input.shape.clone(),
+    };
+    let sample_dims = if spec.max_batch_size > 0 {
+        let Some((&b, rest)) = input.shape.split_first() else {
+            return Err(wrong_shape());
+        };
+        if b < 1 {
+            return Err(wrong_shape());
+        }
+        if b > i64::from(spec.max_batch_size) {
+            return Err(Error::BatchTooLarge {
+                model: model(),
+                input: input.name.clone(),
+                max: spec.max_batch_size,
+                actual: b,
+            });
+        }
+        if let Some(first) = batch.filter(|&first| first != b) {
+            return Err(Error::InvalidRequest {
+                model: model(),
+                message: format!(
+                    "input '{}' has batch size {b}, other inputs have {first}",
+                    clip(&input.name)
+                ),
+            });
+        }
+        *batch = Some(b);
+        rest
+    } else {
+        &input.shape[..]
+    };
+    let fits = sample_dims.len() == in_spec.dims.len()
+        && sample_dims
+            .iter()
+            .zip(&in_spec.dims)
+            .all(|(&got, &want)| got >= 0 && (want == -1 || got == want));
+    if fits {
+        Ok(())
+    } else {
+        Err(wrong_shape())
+    }
+}
+
+/// Indices into `spec.outputs` in the order asked (all of them when none is named).
+fn requested_outputs(spec: &ModelSpec, requested: &[String]) -> Result<Vec<usize>, Error> {
+    if requested.is_empty() {
+        return Ok((0..spec.outputs.len()).collect());
+    }
+    let mut chosen = Vec::with_capacity(requested.len());
+    for name in requested {
+        let Some(index) = spec.outputs.iter().position(|s| &s.name == name) else {
+            return Err(Error::UnknownOutput {
+                model: spec.name.clone(),
+                output: name.clone(),
+                expected: tensor_names(&spec.outputs),
+            });
+        };
+        if chosen.contains(&index) {
+            return Err(Error::InvalidRequest {
+                model: spec.name.clone(),
+                message: format!("output '{}' requested more than once", clip(name)),
+            });
+        }
+        chosen.push(index);
+    }
+    Ok(chosen)
 }
 
 /// A model that returns the wrong type or shape fails its request with INTERNAL.
@@ -506,67 +559,4 @@ fn check_output(
         )));
     }
     Ok(())
-}
-
-/// Counts and cumulative durations as the ModelStatistics RPC reports them.
-#[derive(Debug, Clone, Default)]
-pub struct ModelStats {
-    pub inference_count: u64,
-    pub execution_count: u64,
-    /// Milliseconds since the epoch of the last inference; 0 if none.
-    pub last_inference_ms: u64,
-    pub success: Tally,
-    pub fail: Tally,
-    pub queue: Tally,
-    pub compute_infer: Tally,
-    /// Executions and their compute time per batch size seen.
-    pub batches: std::collections::BTreeMap<u64, Tally>,
-}
-
-/// A count and a total duration.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Tally {
-    pub count: u64,
-    pub total: Duration,
-}
-
-impl Tally {
-    fn add(&mut self, d: Duration) {
-        self.count += 1;
-        self.total += d;
-    }
-}
-
-impl ModelStats {
-    fn record_success(
-        &mut self,
-        total: Duration,
-        queue: Duration,
-        compute: Duration,
-        samples: usize,
-    ) {
-        self.inference_count += samples as u64;
-        self.success.add(total);
-        self.queue.add(queue);
-        self.compute_infer.add(compute);
-        self.touch();
-    }
-
-    fn record_failure(&mut self, total: Duration) {
-        self.fail.add(total);
-        self.touch();
-    }
-
-    /// One execution of the model on a batch of `samples`.
-    pub fn record_execution(&mut self, samples: usize, compute: Duration) {
-        self.execution_count += 1;
-        self.batches.entry(samples as u64).or_default().add(compute);
-    }
-
-    fn touch(&mut self) {
-        self.last_inference_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
-    }
 }

@@ -106,19 +106,7 @@ impl Server {
             tracing::warn!("{warning}");
         }
         let prometheus = metrics::install();
-        let upkeep = {
-            let handle = prometheus.clone();
-            let stop = shutdown.clone();
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(METRICS_UPKEEP_INTERVAL);
-                loop {
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = tick.tick() => handle.run_upkeep(),
-                    }
-                }
-            })
-        };
+        let upkeep = spawn_metrics_upkeep(prometheus.clone(), shutdown.clone());
 
         let (health, health_service) = tonic_health::server::health_reporter();
         let reflection = tonic_reflection::server::Builder::configure()
@@ -139,32 +127,7 @@ impl Server {
         health
             .set_service_status("", tonic_health::ServingStatus::Serving)
             .await;
-        // Liveness for probes that speak gRPC health: NOT_SERVING while a model is
-        // wedged (every instance stuck), so the orchestrator restarts the process. It
-        // stays SERVING while draining: a restart then would only cut the drain short.
-        let liveness = {
-            let (health, gateway, stop) = (health.clone(), gateway.clone(), shutdown.clone());
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(LIVENESS_INTERVAL);
-                let mut was_live = None;
-                loop {
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = tick.tick() => {}
-                    }
-                    let live = gateway.is_live();
-                    if was_live != Some(live) {
-                        let status = if live {
-                            tonic_health::ServingStatus::Serving
-                        } else {
-                            tonic_health::ServingStatus::NotServing
-                        };
-                        health.set_service_status(LIVENESS_SERVICE, status).await;
-                        was_live = Some(live);
-                    }
-                }
-            })
-        };
+        let liveness = spawn_liveness(health.clone(), gateway.clone(), shutdown.clone());
 
         let grpc_edge = edge::GrpcEdge::new(
             &config.edge,
@@ -208,38 +171,102 @@ impl Server {
         );
 
         shutdown.cancelled().await;
-        tracing::info!(
-            grace_period_secs = config.shutdown_grace_period.as_secs(),
-            "shutting down: draining in-flight work"
-        );
-        let deadline = tokio::time::Instant::now() + config.shutdown_grace_period;
-        gateway.begin_shutdown();
-        health
-            .set_not_serving::<GrpcInferenceServiceServer<InferenceService>>()
-            .await;
-        health
-            .set_service_status("", tonic_health::ServingStatus::NotServing)
-            .await;
-        // While admitted work finishes, the transport stays up so that new calls get a
-        // precise UNAVAILABLE (not a reset connection); then it closes.
-        if tokio::time::timeout_at(deadline, gateway.drained())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                in_flight = gateway.in_flight(),
-                "grace period over with requests in flight; exiting"
-            );
-        }
-        drain_start.cancel();
-        match tokio::time::timeout_at(deadline, grpc_task).await {
-            Ok(Ok(())) => tracing::info!("drained"),
-            Ok(Err(e)) => tracing::error!(error = %e, "gRPC server task failed"),
-            Err(_) => tracing::warn!("grace period over with connections still open; exiting"),
-        }
+        drain(
+            &gateway,
+            &health,
+            config.shutdown_grace_period,
+            drain_start,
+            grpc_task,
+        )
+        .await;
         http_stop.cancel();
         let _ = tokio::join!(http_task, metrics_task, upkeep, liveness);
         Ok(())
+    }
+}
+
+/// Keeps the metrics' histograms and gauges current until `stop`.
+fn spawn_metrics_upkeep(
+    handle: metrics_exporter_prometheus::PrometheusHandle,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(METRICS_UPKEEP_INTERVAL);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => handle.run_upkeep(),
+            }
+        }
+    })
+}
+
+/// Liveness for probes that speak gRPC health: NOT_SERVING while a model is wedged
+/// (every instance stuck), so the orchestrator restarts the process. It stays SERVING
+/// while draining: a restart then would only cut the drain short.
+fn spawn_liveness(
+    health: tonic_health::server::HealthReporter,
+    gateway: Arc<Gateway>,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(LIVENESS_INTERVAL);
+        let mut was_live = None;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let live = gateway.is_live();
+            if was_live != Some(live) {
+                let status = if live {
+                    tonic_health::ServingStatus::Serving
+                } else {
+                    tonic_health::ServingStatus::NotServing
+                };
+                health.set_service_status(LIVENESS_SERVICE, status).await;
+                was_live = Some(live);
+            }
+        }
+    })
+}
+
+/// Refuse new inference, report NOT_SERVING, let admitted work finish within `grace`,
+/// then close the gRPC transport. While admitted work finishes the transport stays up,
+/// so that new calls get a precise UNAVAILABLE (not a reset connection).
+async fn drain(
+    gateway: &Gateway,
+    health: &tonic_health::server::HealthReporter,
+    grace: std::time::Duration,
+    drain_start: CancellationToken,
+    grpc_task: tokio::task::JoinHandle<()>,
+) {
+    tracing::info!(
+        grace_period_secs = grace.as_secs(),
+        "shutting down: draining in-flight work"
+    );
+    let deadline = tokio::time::Instant::now() + grace;
+    gateway.begin_shutdown();
+    health
+        .set_not_serving::<GrpcInferenceServiceServer<InferenceService>>()
+        .await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    if tokio::time::timeout_at(deadline, gateway.drained())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            in_flight = gateway.in_flight(),
+            "grace period over with requests in flight; exiting"
+        );
+    }
+    drain_start.cancel();
+    match tokio::time::timeout_at(deadline, grpc_task).await {
+        Ok(Ok(())) => tracing::info!("drained"),
+        Ok(Err(e)) => tracing::error!(error = %e, "gRPC server task failed"),
+        Err(_) => tracing::warn!("grace period over with connections still open; exiting"),
     }
 }
 
@@ -259,21 +286,7 @@ async fn serve_grpc(
     limits: EdgeLimits,
     stop: CancellationToken,
 ) {
-    let mut builder =
-        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).http2_only();
-    // Large DATA frames: a client may send a whole tensor in one frame (one write and
-    // one read instead of one per 16 KiB, the HTTP/2 default). Streams per connection,
-    // header size and resets a client may cause are bounded; keepalive pings find peers
-    // that vanished without closing.
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(limits.max_concurrent_streams)
-        .max_header_list_size(limits.max_header_list_bytes)
-        .max_pending_accept_reset_streams(limits.http2_max_pending_reset_streams)
-        .keep_alive_interval(limits.keepalive_interval)
-        .keep_alive_timeout(limits.keepalive_timeout)
-        .max_frame_size(MAX_FRAME_BYTES);
+    let builder = http2_builder(&limits);
     let mut acceptor = edge::Acceptor::new(listener, "grpc", limits.max_connections);
     let connections = tokio_util::task::TaskTracker::new();
     loop {
@@ -324,6 +337,25 @@ async fn serve_grpc(
     drop(acceptor);
     connections.close();
     connections.wait().await;
+}
+
+/// The HTTP/2 settings of the gRPC port. Large DATA frames: a client may send a whole
+/// tensor in one frame (one write and one read instead of one per 16 KiB, the HTTP/2
+/// default). Streams per connection, header size and resets a client may cause are
+/// bounded; keepalive pings find peers that vanished without closing.
+fn http2_builder(limits: &EdgeLimits) -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
+    let mut builder =
+        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).http2_only();
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .max_header_list_size(limits.max_header_list_bytes)
+        .max_pending_accept_reset_streams(limits.http2_max_pending_reset_streams)
+        .keep_alive_interval(limits.keepalive_interval)
+        .keep_alive_timeout(limits.keepalive_timeout)
+        .max_frame_size(MAX_FRAME_BYTES);
+    builder
 }
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).

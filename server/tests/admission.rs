@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::{eventually, f32s, fp32_request, http_get, TestRepo, TestServer};
-use sluice::admission::limit::LimitMode;
+use sluice::limit::LimitMode;
 use sluice::Config;
 use sluice_proto::grpc_inference_service_client::GrpcInferenceServiceClient;
 use sluice_proto::inference::infer_parameter::ParameterChoice;

@@ -29,7 +29,7 @@ use prost::Message;
 use sluice::api::convert;
 use sluice::error::{Error, MAX_MESSAGE_BYTES};
 use sluice::model::validate;
-use sluice::repository::{parse_text, spec_from_config, ModelSpec};
+use sluice::spec::{parse_text, spec_from_config, ModelSpec};
 use sluice::tensor::{checked_byte_size, DataType};
 use sluice_proto::codec::decode_infer_request;
 use sluice_proto::inference::infer_parameter::ParameterChoice;

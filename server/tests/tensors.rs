@@ -12,7 +12,7 @@ use sluice_proto::inference::{
 use tonic::Code;
 
 fn identity_config(name: &str, dtype: DataType) -> String {
-    let t = sluice::repository::config_dtype_name(dtype);
+    let t = sluice::spec::config_dtype_name(dtype);
     format!(
         "name: \"{name}\"\nplatform: \"pytorch_libtorch\"\nmax_batch_size: 4\n\
          input [ {{ name: \"INPUT__0\" data_type: {t} dims: [ 3 ] }} ]\n\

@@ -8,8 +8,8 @@ use common::{bundled_models, f32s, fp32_request, TestRepo, TestServer};
 use sluice::backend::intra_op_threads;
 use sluice::backend::torch::TorchBackend;
 use sluice::config::BackendOptions;
-use sluice::repository::torch_params::TorchParams;
-use sluice::repository::DeviceKind;
+use sluice::spec::torch_params::TorchParams;
+use sluice::spec::DeviceKind;
 use sluice_proto::inference::RepositoryIndexRequest;
 
 /// The bundled mlp's config with `parameters` added.

@@ -4,46 +4,14 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use tokio::time::Instant;
 use tower::{Layer, Service};
 
-use super::InferCall;
+use super::{InferCall, Timed};
+use crate::config::DeadlinePolicy;
 use crate::error::Error;
 use crate::model::InferResponse;
-
-/// Server-side bounds on request deadlines.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct DeadlinePolicy {
-    /// Applied to requests that bring no timeout of their own.
-    pub default: Option<Duration>,
-    /// No request may run longer than this, whatever it asks for.
-    pub max: Option<Duration>,
-}
-
-impl DeadlinePolicy {
-    /// The request's deadline: the smallest of its `grpc-timeout`, its `timeout`
-    /// parameter and the configured default, capped by the configured maximum, counted
-    /// from `received`. `None`: the request may run as long as it takes.
-    pub fn deadline(
-        &self,
-        received: Instant,
-        header: Option<Duration>,
-        parameter: Option<Duration>,
-    ) -> Option<Instant> {
-        let asked = [header, parameter, self.default]
-            .into_iter()
-            .flatten()
-            .min();
-        let timeout = match (asked, self.max) {
-            (Some(t), Some(max)) => Some(t.min(max)),
-            (None, max) => max,
-            (t, None) => t,
-        };
-        timeout.map(|t| received + t)
-    }
-}
 
 #[derive(Debug, Clone, Copy)]
 pub struct DeadlineLayer {
@@ -74,7 +42,7 @@ pub struct Deadline<S> {
 
 impl<S> Service<InferCall> for Deadline<S>
 where
-    S: Service<InferCall, Response = InferResponse, Error = Error>,
+    S: Service<Timed, Response = InferResponse, Error = Error>,
     S::Future: Send + 'static,
 {
     type Response = InferResponse;
@@ -85,7 +53,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut call: InferCall) -> Self::Future {
+    fn call(&mut self, call: InferCall) -> Self::Future {
         let deadline = self.policy.deadline(
             call.received,
             call.header_timeout,
@@ -96,15 +64,22 @@ where
             stage,
         };
         let Some(deadline) = deadline else {
-            return Box::pin(self.inner.call(call));
+            return Box::pin(self.inner.call(Timed {
+                call,
+                deadline: None,
+            }));
         };
         if deadline <= Instant::now() {
             let err = expired("arriving");
             return Box::pin(async move { Err(err) });
         }
         let err = expired("in flight");
-        call.request.deadline = Some(deadline);
-        let answer = self.inner.call(call);
+        let answer = self.inner.call(Timed {
+            call,
+            deadline: Some(deadline),
+        });
+        // The request's one timer: nothing is answered later than this, whatever the
+        // request is doing then (queued, running, being retried).
         Box::pin(async move {
             tokio::time::timeout_at(deadline, answer)
                 .await
@@ -115,6 +90,8 @@ where
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use tokio_test::{assert_pending, assert_ready_err};
     use tonic::Code;
     use tower_test::mock;
@@ -162,8 +139,8 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn expiry_answers_deadline_exceeded_and_stamps_the_request() {
-        let (service, mut handle) = mock::pair::<InferCall, InferResponse>();
+    async fn expiry_answers_deadline_exceeded_and_passes_the_deadline_on() {
+        let (service, mut handle) = mock::pair::<Timed, InferResponse>();
         let mut service = mock::Spawn::new(
             DeadlineLayer::new(DeadlinePolicy::default()).layer(service.map_err(into_error)),
         );
@@ -172,7 +149,7 @@ mod tests {
         let t0 = Instant::now();
         let mut answer = tokio_test::task::spawn(service.call(call(Some(MS * 50))));
         let (seen, _reply) = handle.next_request().await.expect("forwarded");
-        assert_eq!(seen.request.deadline, Some(t0 + MS * 50));
+        assert_eq!(seen.deadline, Some(t0 + MS * 50));
         assert_pending!(answer.poll());
         tokio::time::advance(MS * 49).await;
         assert_pending!(answer.poll());
@@ -183,7 +160,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_already_expired_request_is_not_forwarded() {
-        let (service, mut handle) = mock::pair::<InferCall, InferResponse>();
+        let (service, mut handle) = mock::pair::<Timed, InferResponse>();
         let mut service = mock::Spawn::new(
             DeadlineLayer::new(DeadlinePolicy::default()).layer(service.map_err(into_error)),
         );

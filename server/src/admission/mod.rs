@@ -5,17 +5,18 @@
 //! 1. [`deadline`]: one absolute deadline per request; DEADLINE_EXCEEDED when it passes.
 //! 2. Global in-flight limit (tower's load shed over a concurrency limit shared by every
 //!    connection): over it, UNAVAILABLE at once with `grpc-retry-pushback-ms`.
-//! 3. [`ModelLimit`]: the model's own, adaptive concurrency limit ([`limit`]), with a
-//!    smaller share for lower priorities; over it, UNAVAILABLE at once with pushback.
-//! 4. [`retry`]: transient failures (an instance restarting or loading) are retried
-//!    within the deadline and a retry budget.
-//! 5. The gateway: validation, the model's queue (which refuses a request whose
-//!    predicted wait exceeds its remaining deadline) and the instances.
+//! 3. [`retry`]: transient failures (an instance restarting or loading, a version
+//!    unloading) are retried within the deadline and a retry budget, each attempt
+//!    admitted afresh by the layer below.
+//! 4. [`ModelLimit`]: resolves the model version once and the request's priority level
+//!    once, and takes a slot of that version's adaptive concurrency limit
+//!    ([`crate::limit`]), a smaller share for lower priorities; over it, UNAVAILABLE
+//!    at once with pushback. What it decides travels on as one [`Admission`].
+//! 5. The gateway runs the [`Admitted`] request on that version: validation, the
+//!    model's queue (which refuses a request whose predicted wait exceeds its remaining
+//!    deadline) and the instances.
 
 pub mod deadline;
-pub mod limit;
-#[cfg(test)]
-mod limit_sim;
 pub mod retry;
 
 use std::future::Future;
@@ -29,20 +30,20 @@ use tower::layer::util::{Identity, Stack};
 use tower::util::BoxCloneSyncService;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 
-use self::deadline::{DeadlineLayer, DeadlinePolicy};
-use self::limit::LimitConfig;
-use self::retry::{RetryBudget, RetryTransient};
+use self::deadline::DeadlineLayer;
+use self::retry::RetryTransient;
+use crate::config::AdmissionConfig;
 use crate::error::Error;
 use crate::gateway::Gateway;
+use crate::limit::LIMIT_PUSHBACK;
 use crate::metrics::{self, RejectReason};
-use crate::model::{InferRequest, InferResponse};
+use crate::model::{Admission, InferRequest, InferResponse};
 
-/// One inference request on its way through the stack.
+/// One inference request as the API hands it to the stack.
 #[derive(Debug, Clone)]
 pub struct InferCall {
     pub model: String,
     pub version: String,
-    /// `request.deadline` is set by the deadline layer.
     pub request: InferRequest,
     /// From the call's `grpc-timeout` header.
     pub header_timeout: Option<Duration>,
@@ -50,37 +51,26 @@ pub struct InferCall {
     pub received: Instant,
 }
 
-/// Every admission setting (see the README's configuration table).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct AdmissionConfig {
-    pub deadline: DeadlinePolicy,
-    /// `false`: no concurrency limits and no predicted-wait refusals; only each model's
-    /// `max_queue_size` bounds what waits (as in Triton).
-    pub shedding: bool,
-    /// Requests in flight in the whole server.
-    pub max_in_flight: usize,
-    pub model_limit: LimitConfig,
-    pub retry: RetryBudget,
+/// A call with its absolute deadline, fixed once by the [`deadline`] layer.
+#[derive(Debug, Clone)]
+pub struct Timed {
+    pub call: InferCall,
+    /// `None`: the request may run as long as it takes.
+    pub deadline: Option<Instant>,
 }
 
-impl Default for AdmissionConfig {
-    fn default() -> Self {
-        AdmissionConfig {
-            deadline: DeadlinePolicy::default(),
-            shedding: true,
-            max_in_flight: 2048,
-            model_limit: LimitConfig::default(),
-            retry: RetryBudget::default(),
-        }
-    }
+/// A call that admission let in, with the one decision made for it.
+#[derive(Debug)]
+pub struct Admitted {
+    pub call: InferCall,
+    pub admission: Admission,
 }
-
-/// How long a client refused for being over a limit is asked to wait before retrying.
-pub const LIMIT_PUSHBACK: Duration = Duration::from_millis(20);
 
 pub type InferService = BoxCloneSyncService<InferCall, InferResponse, Error>;
 
-/// The admission stack in front of `gateway`, outermost first.
+/// The admission stack in front of `gateway`, outermost first. Retries sit outside the
+/// model's limit, so each attempt is admitted afresh: on the version then being served,
+/// with a slot of that version's limit.
 pub fn stack(gateway: Arc<Gateway>, config: &AdmissionConfig) -> InferService {
     let global = config
         .shedding
@@ -88,13 +78,13 @@ pub fn stack(gateway: Arc<Gateway>, config: &AdmissionConfig) -> InferService {
     let service = ServiceBuilder::new()
         .layer(DeadlineLayer::new(config.deadline))
         .option_layer(global)
+        .layer(tower::retry::RetryLayer::new(RetryTransient::new(
+            config.retry,
+        )))
         .layer(ModelLimitLayer {
             gateway: gateway.clone(),
             shedding: config.shedding,
         })
-        .layer(tower::retry::RetryLayer::new(RetryTransient::new(
-            config.retry,
-        )))
         .service(GatewayService { gateway });
     BoxCloneSyncService::new(service.map_err(Error::from))
 }
@@ -143,7 +133,7 @@ fn global_overload(err: tower::BoxError) -> Error {
     }
 }
 
-/// The innermost service: the gateway runs the request.
+/// The innermost service: the gateway runs the admitted request.
 #[derive(Clone)]
 pub struct GatewayService {
     gateway: Arc<Gateway>,
@@ -151,7 +141,7 @@ pub struct GatewayService {
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = Result<T, Error>> + Send>>;
 
-impl Service<InferCall> for GatewayService {
+impl Service<Admitted> for GatewayService {
     type Response = InferResponse;
     type Error = Error;
     type Future = BoxFuture<InferResponse>;
@@ -160,19 +150,16 @@ impl Service<InferCall> for GatewayService {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, call: InferCall) -> Self::Future {
+    fn call(&mut self, admitted: Admitted) -> Self::Future {
         let gateway = self.gateway.clone();
-        Box::pin(async move {
-            gateway
-                .infer(&call.model, &call.version, call.request)
-                .await
-        })
+        let Admitted { call, admission } = admitted;
+        Box::pin(async move { gateway.infer(call.request, admission).await })
     }
 }
 
-/// Per model: the adaptive concurrency limit, by priority level. Resolves the model (an
-/// unknown model goes on to the gateway, which answers NOT_FOUND) and its request's
-/// priority level.
+/// Per model: resolves the model version once, the request's priority level once, and
+/// takes a slot of that version's adaptive concurrency limit; the three travel on as
+/// one [`Admission`].
 #[derive(Clone)]
 pub struct ModelLimitLayer {
     gateway: Arc<Gateway>,
@@ -197,9 +184,53 @@ pub struct ModelLimit<S> {
     shedding: bool,
 }
 
-impl<S> Service<InferCall> for ModelLimit<S>
+/// Admit `timed` on the version its model serves now, or refuse it: the model lookup,
+/// the priority level and the limit's slot, each decided here and nowhere else.
+pub fn admit(gateway: &Gateway, timed: Timed, shedding: bool) -> Result<Admitted, Error> {
+    let Timed { call, deadline } = timed;
+    let model = gateway
+        .model(&call.model, &call.version)
+        .inspect_err(|e| gateway.account(&call.model, Err(e), std::time::Instant::now()))?;
+    let queue = &model.spec.queue;
+    let level = queue.priority_level(call.request.priority);
+    let permit = if shedding {
+        let limit = &model.limit;
+        let levels = queue.priority_levels;
+        let permit = match deadline {
+            Some(_) => limit.try_acquire(level, levels),
+            None => limit.try_acquire_without_deadline(level, levels),
+        };
+        let Some(permit) = permit else {
+            metrics::rejected(&call.model, RejectReason::ConcurrencyLimit, Some(level));
+            return Err(Error::Overloaded {
+                model: call.model.clone(),
+                reason: format!(
+                    "concurrency limit reached ({} in flight, limit {}, priority level {level} of {levels})",
+                    limit.in_flight(),
+                    limit.limit()
+                ),
+                retry_after: LIMIT_PUSHBACK,
+            });
+        };
+        Some(permit)
+    } else {
+        None
+    };
+    metrics::admitted(&call.model, level);
+    Ok(Admitted {
+        call,
+        admission: Admission {
+            model,
+            deadline,
+            level,
+            permit,
+        },
+    })
+}
+
+impl<S> Service<Timed> for ModelLimit<S>
 where
-    S: Service<InferCall, Response = InferResponse, Error = Error> + Send + 'static,
+    S: Service<Admitted, Response = InferResponse, Error = Error> + Send + 'static,
     S::Future: Send + 'static,
 {
     type Response = InferResponse;
@@ -210,59 +241,36 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut call: InferCall) -> Self::Future {
-        let model = match self.gateway.model(&call.model, &call.version) {
-            Ok(m) => m,
-            // Answered by the gateway with the precise reason (and counted there).
-            Err(_) => return Box::pin(self.inner.call(call)),
+    fn call(&mut self, timed: Timed) -> Self::Future {
+        let admitted = match admit(&self.gateway, timed, self.shedding) {
+            Ok(admitted) => admitted,
+            Err(e) => return Box::pin(async move { Err(e) }),
         };
-        let queue = &model.spec.queue;
-        let level = queue.priority_level(call.request.priority);
-        let levels = queue.priority_levels;
-        if !self.shedding {
-            metrics::admitted(&call.model, level);
-            return Box::pin(self.inner.call(call));
+        if admitted.admission.permit.is_none() {
+            return Box::pin(self.inner.call(admitted));
         }
-        let limit = model.limit.clone();
-        // The deadline layer has set the request's deadline, if it has one.
-        let permit = match call.request.deadline {
-            Some(_) => limit.try_acquire(level, levels),
-            None => limit.try_acquire_without_deadline(level, levels),
-        };
-        let Some(permit) = permit else {
-            metrics::rejected(&call.model, RejectReason::ConcurrencyLimit, Some(level));
-            let err = Error::Overloaded {
-                model: call.model.clone(),
-                reason: format!(
-                    "concurrency limit reached ({} in flight, limit {}, priority level {level} of {levels})",
-                    limit.in_flight(),
-                    limit.limit()
-                ),
-                retry_after: LIMIT_PUSHBACK,
-            };
-            return Box::pin(async move { Err(err) });
-        };
-        metrics::admitted(&call.model, level);
-        call.request.preempt = permit.preempts();
-        let (name, received) = (call.model.clone(), call.received);
-        let answer = self.inner.call(call);
+        let model = admitted.admission.model.clone();
+        let (level, received) = (admitted.admission.level, admitted.call.received);
+        let answer = self.inner.call(admitted);
         Box::pin(async move {
+            // The slot went back when the request was answered (its admission dropped).
             let result = answer.await;
-            drop(permit);
             let now = Instant::now();
             // How long work stood waiting: the oldest wait in the request's execution.
             // A request that expired waited its whole time here.
             let unit = model.unit_execution();
             let after = match &result {
-                Ok(r) => limit.on_finished(level, r.batch_wait, unit, now, true),
+                Ok(r) => model
+                    .limit
+                    .on_finished(level, r.batch_wait, unit, now, true),
                 Err(Error::DeadlineExceeded { .. }) => {
                     let waited = now.duration_since(received);
-                    limit.on_finished(level, waited, unit, now, false)
+                    model.limit.on_finished(level, waited, unit, now, false)
                 }
                 Err(_) => None,
             };
             if let Some(after) = after {
-                metrics::concurrency_limit(&name, after);
+                metrics::concurrency_limit(&model.spec.name, after);
             }
             result
         })

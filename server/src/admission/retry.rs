@@ -9,7 +9,8 @@ use tokio::time::Instant;
 use tower::retry::budget::{Budget, TpsBudget};
 use tower::retry::Policy;
 
-use super::InferCall;
+use super::Timed;
+use crate::config::RetryBudget;
 use crate::error::Error;
 use crate::metrics;
 use crate::model::InferResponse;
@@ -19,25 +20,6 @@ pub const FIRST_BACKOFF: Duration = Duration::from_millis(5);
 pub const MAX_BACKOFF: Duration = Duration::from_millis(200);
 /// Retries of one request at most, whatever its deadline and the budget.
 pub const MAX_RETRIES: u32 = 3;
-
-/// How many retries the budget allows (tower's `TpsBudget`): `min_per_sec` always, plus
-/// `percent` of the requests of the last `ttl`.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct RetryBudget {
-    pub ttl: Duration,
-    pub min_per_sec: u32,
-    pub percent: f32,
-}
-
-impl Default for RetryBudget {
-    fn default() -> Self {
-        RetryBudget {
-            ttl: Duration::from_secs(10),
-            min_per_sec: 10,
-            percent: 0.2,
-        }
-    }
-}
 
 /// The retry policy: one per request (tower clones it), sharing the budget.
 #[derive(Clone)]
@@ -65,12 +47,12 @@ impl RetryTransient {
     }
 }
 
-impl Policy<InferCall, InferResponse, Error> for RetryTransient {
+impl Policy<Timed, InferResponse, Error> for RetryTransient {
     type Future = tokio::time::Sleep;
 
     fn retry(
         &mut self,
-        call: &mut InferCall,
+        timed: &mut Timed,
         result: &mut Result<InferResponse, Error>,
     ) -> Option<Self::Future> {
         let err = match result {
@@ -93,21 +75,21 @@ impl Policy<InferCall, InferResponse, Error> for RetryTransient {
         }
         let wake = Instant::now() + self.backoff();
         // Never past the deadline: a retry that cannot finish in time is not tried.
-        if call.request.deadline.is_some_and(|d| wake >= d) {
+        if timed.deadline.is_some_and(|d| wake >= d) {
             return None;
         }
         if !self.budget.withdraw() {
-            metrics::retry(&call.model, "budget_exhausted");
-            tracing::debug!(model = %call.model, error = %err, "retry budget exhausted");
+            metrics::retry(&timed.call.model, "budget_exhausted");
+            tracing::debug!(model = %timed.call.model, error = %err, "retry budget exhausted");
             return None;
         }
-        metrics::retry(&call.model, "retried");
+        metrics::retry(&timed.call.model, "retried");
         self.retries += 1;
         Some(tokio::time::sleep_until(wake))
     }
 
-    fn clone_request(&mut self, call: &InferCall) -> Option<InferCall> {
-        Some(call.clone())
+    fn clone_request(&mut self, timed: &Timed) -> Option<Timed> {
+        Some(timed.clone())
     }
 }
 
@@ -120,20 +102,21 @@ mod tests {
 
     use super::*;
     use crate::admission::tests::ok;
+    use crate::admission::InferCall;
     use crate::model::InferRequest;
 
     const MS: Duration = Duration::from_millis(1);
 
-    fn call(deadline: Option<Instant>) -> InferCall {
-        InferCall {
-            model: "m".into(),
-            version: String::new(),
-            request: InferRequest {
-                deadline,
-                ..InferRequest::default()
+    fn call(deadline: Option<Instant>) -> Timed {
+        Timed {
+            call: InferCall {
+                model: "m".into(),
+                version: String::new(),
+                request: InferRequest::default(),
+                header_timeout: None,
+                received: Instant::now(),
             },
-            header_timeout: None,
-            received: Instant::now(),
+            deadline,
         }
     }
 
@@ -144,11 +127,11 @@ mod tests {
         }
     }
 
-    type Mock = mock::Mock<InferCall, Result<InferResponse, Error>>;
-    type Handle = mock::Handle<InferCall, Result<InferResponse, Error>>;
+    type Mock = mock::Mock<Timed, Result<InferResponse, Error>>;
+    type Handle = mock::Handle<Timed, Result<InferResponse, Error>>;
 
     /// The mock answers `Ok(Result)` so that our own errors pass through unboxed.
-    fn retrying(budget: RetryBudget) -> (BoxService<InferCall, InferResponse, Error>, Handle) {
+    fn retrying(budget: RetryBudget) -> (BoxService<Timed, InferResponse, Error>, Handle) {
         let (service, handle): (Mock, Handle) = mock::pair();
         let service = service
             .map_err(|e| Error::ModelFailed {

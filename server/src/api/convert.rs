@@ -6,7 +6,8 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::error::{clip, Error};
-use crate::model::{InferRequest, InferResponse, LoadedModel, RequestInput, Tally};
+use crate::model::{InferRequest, InferResponse, LoadedModel, RequestInput};
+use crate::stats::Tally;
 use crate::tensor::{checked_element_count, shape_string, DataType};
 use bytes::{BufMut, Bytes, BytesMut};
 use sluice_proto::inference::infer_parameter::ParameterChoice;
@@ -88,10 +89,8 @@ pub fn infer_request(req: ModelInferRequest) -> Result<InferRequest, Error> {
         id,
         inputs,
         outputs: outputs.into_iter().map(|o| o.name).collect(),
-        deadline: None,
         queue_timeout,
         priority,
-        preempt: false,
     })
 }
 

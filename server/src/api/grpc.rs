@@ -14,7 +14,8 @@ use tokio::time::Instant;
 use tower::ServiceExt;
 
 use super::convert;
-use crate::admission::{self, AdmissionConfig, InferCall, InferService};
+use crate::admission::{self, InferCall, InferService};
+use crate::config::AdmissionConfig;
 use crate::config::{ModelControl, ModelControlMode};
 use crate::error::{clip, Error};
 use crate::gateway::Gateway;
@@ -98,7 +99,7 @@ fn load_parameters(
     model: &str,
     parameters: &std::collections::HashMap<String, ModelRepositoryParameter>,
 ) -> Result<Option<ModelConfig>, Status> {
-    let model = crate::repository::clip(model);
+    let model = crate::spec::clip(model);
     let invalid = |message: String| Status::invalid_argument(format!("model '{model}': {message}"));
     let mut config = None;
     for (key, value) in parameters {
@@ -111,7 +112,7 @@ fn load_parameters(
                         .to_owned(),
                 ));
             };
-            config = Some(crate::repository::parse_json(json).map_err(|e| {
+            config = Some(crate::spec::parse_json(json).map_err(|e| {
                 invalid(format!(
                     "the 'config' parameter is not a valid model configuration: {e}"
                 ))
@@ -119,12 +120,12 @@ fn load_parameters(
         } else if key.starts_with("file:") {
             return Err(invalid(format!(
                 "file overrides are not supported ('{}'): put the model's files in the repository and load it by name",
-                crate::repository::clip(key)
+                crate::spec::clip(key)
             )));
         } else {
             return Err(invalid(format!(
                 "unknown load parameter '{}' (supported: 'config')",
-                crate::repository::clip(key)
+                crate::spec::clip(key)
             )));
         }
     }
@@ -196,7 +197,7 @@ impl GrpcInferenceService for InferenceService {
         let req = req.into_inner();
         let model = self.gateway.model(&req.name, &req.version)?;
         let spec = &model.spec;
-        let tensors = |list: &[crate::repository::TensorSpec]| {
+        let tensors = |list: &[crate::spec::TensorSpec]| {
             list.iter()
                 .map(|t| model_metadata_response::TensorMetadata {
                     name: t.name.clone(),

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use crate::config::BackendOptions;
-use crate::repository::{ModelSpec, Platform};
+use crate::spec::{ModelSpec, Platform};
 use crate::tensor::Tensor;
 
 pub mod synthetic;

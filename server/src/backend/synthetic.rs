@@ -13,7 +13,7 @@
 use std::time::Duration;
 
 use super::{Backend, BackendError};
-use crate::repository::ModelSpec;
+use crate::spec::ModelSpec;
 use crate::tensor::{DataType, Tensor};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

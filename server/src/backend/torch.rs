@@ -5,8 +5,8 @@ use std::path::Path;
 use tch::{CModule, Device, IValue, Kind};
 
 use super::{Backend, BackendError};
-use crate::repository::torch_params::TorchParams;
-use crate::repository::DeviceKind;
+use crate::spec::torch_params::TorchParams;
+use crate::spec::DeviceKind;
 use crate::tensor::{DataType, Tensor};
 
 pub struct TorchBackend {

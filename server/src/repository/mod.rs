@@ -7,23 +7,16 @@
 //! checked before anything touches the disk or the index, and reasons name paths relative
 //! to the repository, never where it lies on disk (the logs keep the full paths).
 
-pub mod model_config;
-pub mod torch_params;
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
-pub use model_config::{
-    clip, config_dtype_name, parse_json, parse_text, spec_from_config, spec_from_config_with,
-    ConfigFileError, DeviceKind, ModelSpec, Platform, QueueSettings, ScalingParams, TensorSpec,
-    VersionPolicy,
-};
 use sluice_proto::inference::ModelConfig;
 
 use crate::config::{ModelControl, ModelControlMode};
 use crate::error::Error;
 use crate::model::{LoadOptions, LoadedModel};
+use crate::spec::{clip, ModelSpec, VersionPolicy};
 
 pub const CONFIG_FILE: &str = "config.pbtxt";
 /// Longest model name: a directory name on every common file system.
@@ -177,7 +170,7 @@ impl Repository {
         let spec = match config {
             None => None,
             Some(config) => Some(
-                model_config::spec_from_config_with(config, &dir, &self.options.defaults.limits)
+                crate::spec::spec_from_config_with(config, &dir, &self.options.defaults.limits)
                     .map_err(|e| Error::InvalidRequest {
                         model: name.to_owned(),
                         message: format!("invalid config parameter: {}", self.public(&e)),
@@ -440,7 +433,7 @@ fn load_model(
     let limits = options.defaults.limits;
     let spec = Arc::new(match spec {
         Some(spec) => spec,
-        None => model_config::load_spec_with(dir.join(CONFIG_FILE), &limits)
+        None => crate::spec::load_spec_with(dir.join(CONFIG_FILE), &limits)
             .map_err(|e| e.to_string())?,
     });
     let available = version_dirs(dir);

@@ -59,7 +59,7 @@ impl TorchParams {
                     Ok(n) if (1..=MAX_THREADS).contains(&n) => Ok(Some(n)),
                     _ => Err(format!(
                         "parameter {key} '{}' must be a whole number from 1 to {MAX_THREADS}",
-                        super::model_config::clip(&v)
+                        super::clip(&v)
                     )),
                 },
             }
@@ -86,7 +86,7 @@ fn boolean(key: &str, value: &str) -> Result<bool, String> {
         "false" | "0" => Ok(false),
         _ => Err(format!(
             "parameter {key} '{}' must be true or false",
-            super::model_config::clip(value)
+            super::clip(value)
         )),
     }
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::limit::{AdaptiveLimit, LimitConfig, LimitMode, ModelShape, Permit};
+use super::{AdaptiveLimit, LimitConfig, LimitMode, ModelShape, Permit};
 
 /// A model's serving configuration and cost.
 #[derive(Debug, Clone, Copy)]

@@ -1,0 +1,149 @@
+//! The model's actor: one task that owns the queue and the instance pool and `select!`s
+//! between a new request, an instance's report and the next timer.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::queue::Queue;
+use super::{plan, Plan, Queued, Scaling};
+use crate::error::Error;
+use crate::metrics;
+use crate::pool::{Event, InstancePool, Job, Reply, Task};
+use crate::spec::BatchPolicy;
+use crate::work::ComputeEstimate;
+
+pub(super) struct Actor {
+    pub(super) instances: Arc<(AtomicUsize, AtomicUsize)>,
+    pub(super) wedged: Arc<AtomicBool>,
+    pub(super) model: String,
+    pub(super) policy: BatchPolicy,
+    pub(super) scaling: Scaling,
+    pub(super) rx: mpsc::Receiver<Queued>,
+    pub(super) queue: Queue,
+    pub(super) estimate: Arc<ComputeEstimate>,
+    pub(super) pool: InstancePool,
+    /// Set while the model has no instance and one is loading for waiting requests.
+    pub(super) cold_since: Option<Instant>,
+}
+
+impl Actor {
+    pub(super) async fn run(mut self) {
+        let mut open = true;
+        loop {
+            let now = Instant::now();
+            self.watch(now);
+            self.queue.drop_dead(&self.estimate, now);
+            // Once the channel has closed nothing more can join: flush what is there.
+            let ready = |p: &Plan| p.ready || !open;
+            let plan = loop {
+                let plan = plan(&self.policy, self.queue.as_slice(), now);
+                match (plan.as_ref().filter(|p| ready(p)), self.pool.idle()) {
+                    (Some(p), Some(id)) => {
+                        let take = self.queue.fit_deadlines(&p.take, &self.estimate, now);
+                        self.dispatch(id, &take, now);
+                    }
+                    _ => break plan,
+                }
+            };
+            if plan.is_some() && self.pool.idle().is_none() {
+                self.grow(now);
+            }
+            if let Some(cutoff) = now.checked_sub(self.scaling.idle_timeout) {
+                self.pool.retire_idle(cutoff, self.scaling.min_instances);
+            }
+            // With a watchdog, stay until no execution runs: once the actor is gone nobody
+            // would answer for an execution that hangs while its model unloads.
+            let watching = self.scaling.max_execution.is_some() && self.pool.busy_count() > 0;
+            if !open && self.queue.is_empty() && !watching {
+                break;
+            }
+            let retire_at = (self.pool.live() > self.scaling.min_instances)
+                .then(|| self.pool.next_idle_deadline(self.scaling.idle_timeout))
+                .flatten();
+            let wake = [
+                plan.as_ref().and_then(|p| p.ready_at),
+                self.queue.next_expiry(),
+                retire_at,
+                self.scaling
+                    .max_execution
+                    .and_then(|limit| self.pool.next_stuck_check(limit, now)),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+            self.instances.0.store(self.pool.live(), Ordering::Release);
+            self.instances
+                .1
+                .store(self.pool.idle_count(), Ordering::Release);
+            self.wedged.store(self.is_wedged(), Ordering::Release);
+            tokio::select! {
+                // New requests first: a batch grows with everything already sent.
+                biased;
+                received = self.rx.recv(), if open => match received {
+                    Some(q) => self.queue.push(q),
+                    None => open = false,
+                },
+                Some(event) = self.pool.events.recv() => self.on_event(event),
+                _ = tokio::time::sleep_until(wake.unwrap_or(now)), if wake.is_some() => {}
+            }
+        }
+        // Dropping the pool lets the instances finish and stop, joined off the runtime.
+    }
+
+    fn on_event(&mut self, event: Event) {
+        let now = Instant::now();
+        self.pool.on_event(&event, now);
+        match event {
+            Event::Ready { load, warmup, .. } => {
+                if let Some(since) = self.cold_since.take() {
+                    for q in self.queue.iter() {
+                        metrics::cold_start_wait(&self.model, now - q.arrival.max(since));
+                    }
+                    tracing::info!(model = %self.model, load_ms = load.as_millis() as u64,
+                        warmup_ms = warmup.as_millis() as u64, "cold start done");
+                }
+            }
+            Event::LoadFailed { reason, .. } => {
+                if self.pool.live() == 0 {
+                    self.cold_since = None;
+                    self.queue
+                        .fail_all(&format!("cannot load an instance: {reason}"));
+                }
+            }
+            Event::Stopped { .. } => {
+                if self.pool.live() == 0 {
+                    self.queue.fail_all("the last instance stopped");
+                }
+            }
+            Event::Done { .. } => {}
+        }
+    }
+
+    fn dispatch(&mut self, instance: usize, take: &[usize], now: Instant) {
+        let batch = self.queue.take(take);
+        let tasks: Vec<Task> = batch
+            .into_iter()
+            .map(|q| {
+                let queue_time = now - q.arrival;
+                metrics::queue_wait(&self.model, queue_time);
+                Task {
+                    inputs: q.inputs,
+                    samples: q.samples,
+                    queue_time,
+                    reply: Reply::new(q.reply),
+                }
+            })
+            .collect();
+        if let Err(job) = self.pool.run(instance, Job { tasks }, now) {
+            for t in job.tasks {
+                t.reply.send(Err(Error::Restarting {
+                    model: self.model.clone(),
+                    reason: "the model instance stopped".into(),
+                }));
+            }
+        }
+    }
+}

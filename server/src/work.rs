@@ -1,0 +1,115 @@
+//! What passes between the batcher and the instances: a request's share of an
+//! execution's result, and the measured execution time per batch size that the
+//! instances write and the batcher reads.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::tensor::Tensor;
+
+/// A request's share of one execution.
+#[derive(Debug)]
+pub struct Done {
+    pub outputs: Vec<Tensor>,
+    pub queue: Duration,
+    /// Longest wait of any request in the same execution (its oldest request's).
+    pub batch_wait: Duration,
+    pub compute: Duration,
+    /// Samples in the execution this request was part of.
+    pub batch_size: usize,
+}
+
+/// Measured execution time per batch size (a running average per size), written by the
+/// instances, read by admission and dispatch.
+#[derive(Debug)]
+pub struct ComputeEstimate {
+    /// Index: batch size; nanoseconds, 0 = never measured.
+    by_size: Box<[AtomicU64]>,
+}
+
+/// Weight of a new measurement in a size's running average.
+const ESTIMATE_SMOOTHING: f64 = 0.2;
+
+impl ComputeEstimate {
+    pub fn new(max_batch_size: usize) -> ComputeEstimate {
+        ComputeEstimate {
+            by_size: (0..=max_batch_size).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    pub fn record(&self, samples: usize, took: Duration) {
+        let Some(slot) = self.by_size.get(samples) else {
+            return;
+        };
+        let took = took.as_nanos().min(u128::from(u64::MAX)) as u64;
+        let old = slot.load(Ordering::Relaxed);
+        let new = if old == 0 {
+            took
+        } else {
+            (old as f64 * (1.0 - ESTIMATE_SMOOTHING) + took as f64 * ESTIMATE_SMOOTHING) as u64
+        };
+        slot.store(new.max(1), Ordering::Relaxed);
+    }
+
+    /// Time one execution of `samples` takes: measured at that size, else interpolated
+    /// linearly between the nearest measured sizes below and above, else scaled in
+    /// proportion from the one nearest measured size. `None` before any execution.
+    pub fn estimate(&self, samples: usize) -> Option<Duration> {
+        let top = self.by_size.len().saturating_sub(1).max(1);
+        let samples = samples.clamp(1, top);
+        let at = |n: usize| {
+            self.by_size
+                .get(n)
+                .map(|a| a.load(Ordering::Relaxed))
+                .filter(|&ns| ns > 0)
+                .map(|ns| (n as f64, ns as f64))
+        };
+        let above = (samples..=top).find_map(at);
+        let below = (1..samples).rev().find_map(at);
+        let x = samples as f64;
+        let ns = match (below, above) {
+            (_, Some((n, t))) if n == x => t,
+            (Some((n0, t0)), Some((n1, t1))) => t0 + (t1 - t0) * (x - n0) / (n1 - n0),
+            (Some((n, t)), None) | (None, Some((n, t))) => t * x / n,
+            (None, None) => return None,
+        };
+        Some(Duration::from_nanos(ns.max(1.0) as u64))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn the_estimate_is_the_measured_size_or_derived_from_the_nearest() {
+        let e = ComputeEstimate::new(8);
+        e.record(4, MS * 40);
+        assert_eq!(e.estimate(4), Some(MS * 40));
+        // One measured size: other sizes in proportion to it, smaller and larger.
+        assert_eq!(e.estimate(1), Some(MS * 10));
+        assert_eq!(e.estimate(3), Some(MS * 30));
+        assert_eq!(e.estimate(6), Some(MS * 60));
+        assert_eq!(e.estimate(8), Some(MS * 80));
+        // Between two measured sizes: interpolated between them.
+        e.record(2, MS * 16);
+        assert_eq!(e.estimate(2), Some(MS * 16));
+        assert_eq!(e.estimate(3), Some(MS * 28));
+        // Below the smallest measured size: in proportion to it.
+        assert_eq!(e.estimate(1), Some(MS * 8));
+        // Above the largest: in proportion to it.
+        assert_eq!(e.estimate(6), Some(MS * 60));
+        // Sizes outside 1..=max_batch_size are clamped into it.
+        assert_eq!(e.estimate(0), e.estimate(1));
+        assert_eq!(e.estimate(100), e.estimate(8));
+        // Measurements above max_batch_size are ignored.
+        e.record(9, MS);
+        assert_eq!(e.estimate(8), Some(MS * 80));
+        // A size's figure is a running average: a new measurement moves it a fifth.
+        e.record(4, MS * 90);
+        let avg = e.estimate(4).unwrap();
+        assert!(avg.abs_diff(MS * 50) <= Duration::from_nanos(1), "{avg:?}");
+    }
+}
