@@ -239,9 +239,32 @@ impl LoadedModel {
             model: spec.name.clone(),
             reason: "the model stopped".into(),
         })??;
-        let mut produced: Vec<Option<Tensor>> = done.outputs.into_iter().map(Some).collect();
-        let mut outputs = Vec::with_capacity(validated.outputs.len());
-        for &index in &validated.outputs {
+        let outputs = self.answered_outputs(done.outputs, &validated.outputs, validated.batch)?;
+        let response = InferResponse {
+            model: spec.name.clone(),
+            version: self.version,
+            id: request.id,
+            outputs,
+            queue: done.queue,
+            batch_wait: done.batch_wait,
+            compute: done.compute,
+        };
+        Ok((response, validated.batch, done.queue, done.compute))
+    }
+
+    /// The outputs the request asked for, by name, each checked against its
+    /// declaration: a model that returns too few outputs, or the wrong type or shape,
+    /// fails the request.
+    fn answered_outputs(
+        &self,
+        produced: Vec<Tensor>,
+        wanted: &[usize],
+        batch: usize,
+    ) -> Result<Vec<(String, Tensor)>, Error> {
+        let spec = &self.spec;
+        let mut produced: Vec<Option<Tensor>> = produced.into_iter().map(Some).collect();
+        let mut outputs = Vec::with_capacity(wanted.len());
+        for &index in wanted {
             let out_spec = &spec.outputs[index];
             let tensor = produced
                 .get_mut(out_spec.position)
@@ -255,19 +278,10 @@ impl LoadedModel {
                         out_spec.position
                     ),
                 })?;
-            check_output(spec, out_spec, &tensor, validated.batch)?;
+            check_output(spec, out_spec, &tensor, batch)?;
             outputs.push((out_spec.name.clone(), tensor));
         }
-        let response = InferResponse {
-            model: spec.name.clone(),
-            version: self.version,
-            id: request.id,
-            outputs,
-            queue: done.queue,
-            batch_wait: done.batch_wait,
-            compute: done.compute,
-        };
-        Ok((response, validated.batch, done.queue, done.compute))
+        Ok(outputs)
     }
 
     pub fn statistics(&self) -> ModelStats {

@@ -109,24 +109,7 @@ impl Server {
         let upkeep = spawn_metrics_upkeep(prometheus.clone(), shutdown.clone());
 
         let (health, health_service) = tonic_health::server::health_reporter();
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(sluice_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()
-            .context("cannot build the reflection service")?;
-        let inference = GrpcInferenceServiceServer::new(InferenceService::new(
-            gateway.clone(),
-            config.control.clone(),
-            &config.admission,
-        ))
-        .max_decoding_message_size(config.max_message_bytes)
-        .max_encoding_message_size(config.max_message_bytes);
-        health
-            .set_serving::<GrpcInferenceServiceServer<InferenceService>>()
-            .await;
-        health
-            .set_service_status("", tonic_health::ServingStatus::Serving)
-            .await;
+        let routes = grpc_routes(&config, &gateway, &health, health_service).await?;
         let liveness = spawn_liveness(health.clone(), gateway.clone(), shutdown.clone());
 
         let grpc_edge = edge::GrpcEdge::new(
@@ -135,28 +118,18 @@ impl Server {
             config.admission.deadline,
         );
         let budget = grpc_edge.budget.clone();
-        let refresh_gauges: Arc<dyn Fn() + Send + Sync> = Arc::new(move || budget.report());
-
         // Plain HTTP endpoints stop only after the gRPC drain, so probes see NOT_SERVING.
         let http_stop = CancellationToken::new();
-        let http_task = tokio::spawn(http::serve(
-            edge::Acceptor::new(http, "http", config.edge.max_http_connections),
-            http::health_router(gateway.clone()),
-            config.edge,
-            http_stop.clone(),
-        ));
-        let metrics_task = tokio::spawn(http::serve(
-            edge::Acceptor::new(metrics, "metrics", config.edge.max_http_connections),
-            http::metrics_router(prometheus, refresh_gauges),
-            config.edge,
-            http_stop.clone(),
-        ));
-
+        let refresh: Arc<dyn Fn() + Send + Sync> = Arc::new(move || budget.report());
+        let http_tasks = spawn_http(
+            &config,
+            (http, metrics),
+            &gateway,
+            prometheus,
+            refresh,
+            &http_stop,
+        );
         let drain_start = CancellationToken::new();
-        let routes = tonic::service::Routes::new(health_service)
-            .add_service(reflection)
-            .add_service(inference)
-            .prepare();
         let grpc_task = tokio::spawn(serve_grpc(
             grpc,
             routes,
@@ -171,18 +144,70 @@ impl Server {
         );
 
         shutdown.cancelled().await;
-        drain(
-            &gateway,
-            &health,
-            config.shutdown_grace_period,
-            drain_start,
-            grpc_task,
-        )
-        .await;
+        let grace = config.shutdown_grace_period;
+        drain(&gateway, &health, grace, drain_start, grpc_task).await;
         http_stop.cancel();
-        let _ = tokio::join!(http_task, metrics_task, upkeep, liveness);
+        let _ = tokio::join!(http_tasks.0, http_tasks.1, upkeep, liveness);
         Ok(())
     }
+}
+
+/// The gRPC services: inference (with the admission stack and message-size limits),
+/// health (reported SERVING from now) and reflection.
+async fn grpc_routes(
+    config: &Config,
+    gateway: &Arc<Gateway>,
+    health: &tonic_health::server::HealthReporter,
+    health_service: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+) -> anyhow::Result<tonic::service::Routes> {
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(sluice_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("cannot build the reflection service")?;
+    let inference = GrpcInferenceServiceServer::new(InferenceService::new(
+        gateway.clone(),
+        config.control.clone(),
+        &config.admission,
+    ))
+    .max_decoding_message_size(config.max_message_bytes)
+    .max_encoding_message_size(config.max_message_bytes);
+    health
+        .set_serving::<GrpcInferenceServiceServer<InferenceService>>()
+        .await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    Ok(tonic::service::Routes::new(health_service)
+        .add_service(reflection)
+        .add_service(inference)
+        .prepare())
+}
+
+/// The health endpoints on the HTTP port and `/metrics` on the metrics port, until
+/// `stop`.
+fn spawn_http(
+    config: &Config,
+    (http, metrics): (TcpListener, TcpListener),
+    gateway: &Arc<Gateway>,
+    prometheus: metrics_exporter_prometheus::PrometheusHandle,
+    refresh_gauges: Arc<dyn Fn() + Send + Sync>,
+    stop: &CancellationToken,
+) -> (tokio::task::JoinHandle<()>, tokio::task::JoinHandle<()>) {
+    let serve = |listener, name, router| {
+        let acceptor = edge::Acceptor::new(listener, name, config.edge.max_http_connections);
+        tokio::spawn(http::serve(acceptor, router, config.edge, stop.clone()))
+    };
+    (
+        serve(http, "http", http::health_router(gateway.clone())),
+        serve(
+            metrics,
+            "metrics",
+            http::metrics_router(prometheus, refresh_gauges),
+        ),
+    )
 }
 
 /// Keeps the metrics' histograms and gauges current until `stop`.

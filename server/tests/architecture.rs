@@ -227,7 +227,6 @@ fn functions(text: &str) -> Vec<(usize, String, usize, bool)> {
 }
 
 #[test]
-#[ignore = "functions over the limit remain; enabled once they are split or marked"]
 fn no_function_is_over_the_length_limit_without_a_reason() {
     let mut long = Vec::new();
     for (path, text) in all_sources() {

@@ -2,7 +2,6 @@
 //! request's tensors (sizes from client shapes checked before anything is allocated)
 //! and its Triton parameters, encoding responses and statistics.
 
-use std::fmt;
 use std::time::Duration;
 
 use crate::error::{clip, Error};
@@ -52,38 +51,8 @@ pub fn infer_request(req: ModelInferRequest) -> Result<InferRequest, Error> {
     }
     let mut raw = raw.into_iter();
     let mut inputs = Vec::with_capacity(request_inputs.len());
-    for mut input in request_inputs {
-        // The codec caps dims at the wire; requests built in process meet the same cap.
-        if input.shape.len() > MAX_DIMS {
-            return Err(invalid(format!(
-                "input '{}' has {} dims, more than the {MAX_DIMS} allowed",
-                clip(&input.name),
-                input.shape.len()
-            )));
-        }
-        let data = match raw.next() {
-            Some(bytes) => {
-                if input.contents.is_some() {
-                    return Err(invalid(format!(
-                        "input '{}' has both contents and raw_input_contents",
-                        clip(&input.name)
-                    )));
-                }
-                bytes
-            }
-            // Taken out of the message so each input's typed values are freed as soon
-            // as its bytes exist, instead of living until the whole request is done.
-            None => {
-                let contents = input.contents.take().unwrap_or_default();
-                typed_contents(&model, &input, contents)?
-            }
-        };
-        inputs.push(RequestInput {
-            name: input.name,
-            datatype: input.datatype,
-            shape: input.shape,
-            data,
-        });
+    for input in request_inputs {
+        inputs.push(request_input(&model, input, raw.next())?);
     }
     Ok(InferRequest {
         id,
@@ -91,6 +60,50 @@ pub fn infer_request(req: ModelInferRequest) -> Result<InferRequest, Error> {
         outputs: outputs.into_iter().map(|o| o.name).collect(),
         queue_timeout,
         priority,
+    })
+}
+
+/// One input with its bytes: `raw` (its `raw_input_contents` entry) or its typed
+/// `contents`, never both.
+fn request_input(
+    model: &str,
+    mut input: InferInputTensor,
+    raw: Option<Bytes>,
+) -> Result<RequestInput, Error> {
+    let invalid = |message: String| Error::InvalidRequest {
+        model: model.to_owned(),
+        message,
+    };
+    // The codec caps dims at the wire; requests built in process meet the same cap.
+    if input.shape.len() > MAX_DIMS {
+        return Err(invalid(format!(
+            "input '{}' has {} dims, more than the {MAX_DIMS} allowed",
+            clip(&input.name),
+            input.shape.len()
+        )));
+    }
+    let data = match raw {
+        Some(bytes) => {
+            if input.contents.is_some() {
+                return Err(invalid(format!(
+                    "input '{}' has both contents and raw_input_contents",
+                    clip(&input.name)
+                )));
+            }
+            bytes
+        }
+        // Taken out of the message so each input's typed values are freed as soon as
+        // its bytes exist, instead of living until the whole request is done.
+        None => {
+            let contents = input.contents.take().unwrap_or_default();
+            typed_contents(model, &input, contents)?
+        }
+    };
+    Ok(RequestInput {
+        name: input.name,
+        datatype: input.datatype,
+        shape: input.shape,
+        data,
     })
 }
 
@@ -177,11 +190,18 @@ fn typed_contents(
         ))
     })?;
     let mut out = BytesMut::with_capacity(size);
-    let narrow = |v: &dyn fmt::Display| {
+    put_values(&mut out, dtype, &c).map_err(|v| {
         invalid(format!(
             "input '{name}': {field} value {v} does not fit {dtype}"
         ))
-    };
+    })?;
+    debug_assert_eq!(out.len(), size);
+    Ok(out.freeze())
+}
+
+/// The typed values of `dtype`'s field as little-endian bytes; a value that does not
+/// fit the datatype is returned as the error.
+fn put_values(out: &mut BytesMut, dtype: DataType, c: &InferTensorContents) -> Result<(), String> {
     match dtype {
         DataType::Bool => c
             .bool_contents
@@ -189,28 +209,27 @@ fn typed_contents(
             .for_each(|&b| out.put_u8(u8::from(b))),
         DataType::Uint8 => {
             for &v in &c.uint_contents {
-                out.put_u8(u8::try_from(v).map_err(|_| narrow(&v))?);
+                out.put_u8(u8::try_from(v).map_err(|_| v.to_string())?);
             }
         }
         DataType::Int8 => {
             for &v in &c.int_contents {
-                out.put_i8(i8::try_from(v).map_err(|_| narrow(&v))?);
+                out.put_i8(i8::try_from(v).map_err(|_| v.to_string())?);
             }
         }
         DataType::Int16 => {
             for &v in &c.int_contents {
-                out.put_i16_le(i16::try_from(v).map_err(|_| narrow(&v))?);
+                out.put_i16_le(i16::try_from(v).map_err(|_| v.to_string())?);
             }
         }
         DataType::Int32 => c.int_contents.iter().for_each(|&v| out.put_i32_le(v)),
         DataType::Int64 => c.int64_contents.iter().for_each(|&v| out.put_i64_le(v)),
         DataType::Fp32 => c.fp32_contents.iter().for_each(|&v| out.put_f32_le(v)),
         DataType::Fp64 => c.fp64_contents.iter().for_each(|&v| out.put_f64_le(v)),
-        // Refused above: no typed field carries these.
+        // Refused before: no typed field carries these.
         DataType::Fp16 | DataType::Bf16 => {}
     }
-    debug_assert_eq!(out.len(), size);
-    Ok(out.freeze())
+    Ok(())
 }
 
 /// Encode a response with every output in `raw_output_contents`.

@@ -41,6 +41,35 @@ impl InferenceService {
         }
     }
 
+    /// One request of a stream, answered in Triton's form: a failure travels in
+    /// `error_message`, with the request's model, version and id.
+    async fn stream_answer(
+        admission: InferService,
+        req: ModelInferRequest,
+        received: Instant,
+    ) -> ModelStreamInferResponse {
+        let (name, version, id) = (
+            req.model_name.clone(),
+            req.model_version.clone(),
+            req.id.clone(),
+        );
+        match Self::infer(admission, req, None, received).await {
+            Ok(resp) => ModelStreamInferResponse {
+                error_message: String::new(),
+                infer_response: Some(convert::infer_response(resp)),
+            },
+            Err(e) => ModelStreamInferResponse {
+                error_message: e.client_message(),
+                infer_response: Some(ModelInferResponse {
+                    model_name: name,
+                    model_version: version,
+                    id,
+                    ..Default::default()
+                }),
+            },
+        }
+    }
+
     /// Run one decoded request through the admission stack.
     async fn infer(
         admission: InferService,
@@ -283,28 +312,7 @@ impl GrpcInferenceService for InferenceService {
                 let admission = admission.clone();
                 let received = Instant::now();
                 answering.spawn(async move {
-                    let (name, version, id) = (
-                        req.model_name.clone(),
-                        req.model_version.clone(),
-                        req.id.clone(),
-                    );
-                    let answer = Self::infer(admission, req, None, received).await;
-                    let message = match answer {
-                        Ok(resp) => ModelStreamInferResponse {
-                            error_message: String::new(),
-                            infer_response: Some(convert::infer_response(resp)),
-                        },
-                        Err(e) => ModelStreamInferResponse {
-                            error_message: e.client_message(),
-                            infer_response: Some(ModelInferResponse {
-                                model_name: name,
-                                model_version: version,
-                                id,
-                                ..Default::default()
-                            }),
-                        },
-                    };
-                    permit.send(Ok(message));
+                    permit.send(Ok(Self::stream_answer(admission, req, received).await));
                 });
             }
             if let Some(status) = ended {

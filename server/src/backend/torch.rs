@@ -58,6 +58,7 @@ impl TorchBackend {
 /// executor, the tensor fuser): the first model that sets each one wins, as in Triton's
 /// PyTorch backend; a later model asking for another value is told so in the log. The
 /// inter-op pool can only be sized before it first runs work, so it is set at most once.
+// Kept whole: one block per process-wide libtorch setting, each with its first-wins rule.
 fn apply_process_wide(path: &Path, params: &TorchParams) {
     use std::sync::{Mutex, OnceLock};
     #[derive(Default)]

@@ -30,6 +30,7 @@ pub(super) struct Actor {
 }
 
 impl Actor {
+    // Kept whole: the actor's loop; one iteration (dispatch, scale, sleep until the next event) reads top to bottom.
     pub(super) async fn run(mut self) {
         let mut open = true;
         loop {

@@ -150,36 +150,7 @@ impl Batcher {
             priority: level,
             ..request
         };
-        if self.limits.predict_wait {
-            if let Some(deadline) = request.deadline {
-                let live = self.instances.0.load(Ordering::Acquire);
-                let wait = (live > 0)
-                    .then(|| {
-                        predicted_wait(
-                            &self.policy,
-                            &self.estimate,
-                            self.counts.ahead_of(level) + request.samples,
-                            self.counts.requests.load(Ordering::Acquire) + 1,
-                            request.samples,
-                            live,
-                        )
-                    })
-                    .flatten();
-                let now = Instant::now();
-                if let Some(wait) = wait.filter(|w| now + *w > deadline) {
-                    metrics::rejected(&self.model, RejectReason::PredictedWait, Some(level));
-                    return Err(Error::Overloaded {
-                        model: self.model.clone(),
-                        reason: format!(
-                            "predicted wait {:.1} ms exceeds the remaining deadline {:.1} ms",
-                            wait.as_secs_f64() * 1e3,
-                            deadline.saturating_duration_since(now).as_secs_f64() * 1e3
-                        ),
-                        retry_after: wait,
-                    });
-                }
-            }
-        }
+        self.check_predicted_wait(&request)?;
         let depth = self.counts.requests.fetch_add(1, Ordering::AcqRel);
         if depth >= self.limits.max_queue_size {
             self.counts.requests.fetch_sub(1, Ordering::AcqRel);
@@ -195,25 +166,65 @@ impl Batcher {
         }
         self.counts.add(&request);
         metrics::queue_depth(&self.model, depth + 1);
-        self.tx.try_send(request).map_err(|e| {
-            self.counts.requests.fetch_sub(1, Ordering::AcqRel);
-            let q = match &e {
-                mpsc::error::TrySendError::Closed(q) | mpsc::error::TrySendError::Full(q) => q,
-            };
-            self.counts.remove(q);
-            match e {
-                mpsc::error::TrySendError::Closed(_) => Error::Restarting {
-                    model: self.model.clone(),
-                    reason: "this model version is unloading".into(),
-                },
-                // Unreachable while the counter bounds the channel; refuse rather than wait.
-                mpsc::error::TrySendError::Full(_) => Error::Overloaded {
-                    model: self.model.clone(),
-                    reason: "queue full".into(),
-                    retry_after: Duration::from_millis(10),
-                },
-            }
+        self.tx.try_send(request).map_err(|e| self.not_sent(e))
+    }
+
+    /// With `predict_wait`: refuse at once a request whose predicted wait (what is
+    /// queued ahead of it, in rounds of batches on the live instances, at the measured
+    /// execution times) ends past its deadline.
+    fn check_predicted_wait(&self, request: &Queued) -> Result<(), Error> {
+        let (Some(deadline), true) = (request.deadline, self.limits.predict_wait) else {
+            return Ok(());
+        };
+        let level = request.priority;
+        let live = self.instances.0.load(Ordering::Acquire);
+        let wait = (live > 0)
+            .then(|| {
+                predicted_wait(
+                    &self.policy,
+                    &self.estimate,
+                    self.counts.ahead_of(level) + request.samples,
+                    self.counts.requests.load(Ordering::Acquire) + 1,
+                    request.samples,
+                    live,
+                )
+            })
+            .flatten();
+        let now = Instant::now();
+        let Some(wait) = wait.filter(|w| now + *w > deadline) else {
+            return Ok(());
+        };
+        metrics::rejected(&self.model, RejectReason::PredictedWait, Some(level));
+        Err(Error::Overloaded {
+            model: self.model.clone(),
+            reason: format!(
+                "predicted wait {:.1} ms exceeds the remaining deadline {:.1} ms",
+                wait.as_secs_f64() * 1e3,
+                deadline.saturating_duration_since(now).as_secs_f64() * 1e3
+            ),
+            retry_after: wait,
         })
+    }
+
+    /// A request the channel did not take: counted out again, and refused.
+    fn not_sent(&self, e: mpsc::error::TrySendError<Queued>) -> Error {
+        self.counts.requests.fetch_sub(1, Ordering::AcqRel);
+        let q = match &e {
+            mpsc::error::TrySendError::Closed(q) | mpsc::error::TrySendError::Full(q) => q,
+        };
+        self.counts.remove(q);
+        match e {
+            mpsc::error::TrySendError::Closed(_) => Error::Restarting {
+                model: self.model.clone(),
+                reason: "this model version is unloading".into(),
+            },
+            // Unreachable while the counter bounds the channel; refuse rather than wait.
+            mpsc::error::TrySendError::Full(_) => Error::Overloaded {
+                model: self.model.clone(),
+                reason: "queue full".into(),
+                retry_after: Duration::from_millis(10),
+            },
+        }
     }
 
     /// Requests waiting now (queued, not yet dispatched).

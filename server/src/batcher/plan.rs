@@ -45,6 +45,7 @@ pub struct Plan {
 }
 
 /// Decide the next batch. `None` when the queue is empty.
+// Kept whole: the batching rules in the order they apply (shape, level, size, preferred size, delay).
 pub fn plan<P: Pending>(policy: &BatchPolicy, queue: &[P], now: Instant) -> Option<Plan> {
     let head = queue.first()?;
     if !policy.combine {

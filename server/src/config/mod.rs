@@ -220,6 +220,7 @@ impl Config {
         .validate_unchecked()
     }
 
+    // Kept whole: the checks that relate settings to each other, one after another.
     fn check(&self) -> Result<(), ConfigError> {
         let invalid = |setting, message: String| Err(ConfigError::Invalid { setting, message });
         if !self.model_repository.is_dir() {

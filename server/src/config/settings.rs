@@ -262,6 +262,7 @@ impl Settings {
     }
 
     /// Each setting from `self` where set, else from `lower`.
+    // Kept whole: one line per setting; split, a setting could be left out of the merge.
     pub fn or(self, lower: Settings) -> Settings {
         Settings {
             config: self.config.or(lower.config),

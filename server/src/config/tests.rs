@@ -148,6 +148,7 @@ fn model_control_settings() {
 }
 
 #[test]
+// Kept whole: a table of control settings and whether each starts.
 fn explicit_model_control_needs_a_token_or_the_opt_in() {
     let dir = repo();
     let explicit = || Settings {
@@ -383,6 +384,7 @@ fn invalid_values_are_named() {
 }
 
 #[test]
+// Kept whole: a table of invalid settings and the message each gets.
 fn invalid_admission_settings_are_named() {
     let dir = repo();
     let base = || Settings {

@@ -33,6 +33,7 @@ pub(super) fn max_execution(secs: Option<f64>) -> Result<Option<Duration>, Confi
 impl Settings {
     /// The edge limits, each checked on its own; how they relate to other settings is
     /// checked in [`Config::check`].
+    // Kept whole: one check per edge setting, in the order of the README's table.
     pub(super) fn edge(&self) -> Result<EdgeLimits, ConfigError> {
         let d = EdgeLimits::default();
         let invalid = |setting, message: String| ConfigError::Invalid { setting, message };
@@ -185,6 +186,7 @@ impl Settings {
         })
     }
 
+    // Kept whole: one check per admission setting, in the order of the README's table.
     pub(super) fn admission(&self) -> Result<AdmissionConfig, ConfigError> {
         let defaults = AdmissionConfig::default();
         let invalid = |setting, message: String| ConfigError::Invalid { setting, message };

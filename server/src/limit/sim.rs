@@ -99,6 +99,7 @@ struct Running {
 
 /// Offer each `(rate, seconds)` phase in turn to `model` behind a limit of `mode`
 /// (min 2, max 256, automatic target: the server's defaults).
+// Kept whole: the simulated batcher's event loop (arrivals, dispatch, completions) in one place.
 fn simulate(model: Model, mode: LimitMode, phases: &[(f64, f64)]) -> Vec<Phase> {
     let config = LimitConfig {
         mode,

@@ -141,18 +141,7 @@ impl Worker {
     /// model panicked: the backend may be broken and must be replaced.
     pub(super) fn execute(&self, backend: &mut dyn Backend, job: Job) -> Result<(), String> {
         let model = &self.spec.name;
-        // Clients may have left between dispatch and now: skip their work.
-        let tasks: Vec<Task> = job
-            .tasks
-            .into_iter()
-            .filter(|t| {
-                let gone = t.reply.is_closed();
-                if gone {
-                    metrics::dropped(model, DropReason::Cancelled);
-                }
-                !gone
-            })
-            .collect();
+        let tasks = live_tasks(model, job);
         if tasks.is_empty() {
             return Ok(());
         }
@@ -173,45 +162,24 @@ impl Worker {
             .expect("stats lock is never poisoned")
             .record_execution(total, compute);
 
-        // After a stuck execution the watchdog has answered already: these sends find
-        // nobody and do nothing.
-        let fail = |tasks: Vec<Task>, message: String| {
-            for t in tasks {
-                t.reply.send(Err(Error::ModelFailed {
-                    model: model.clone(),
-                    message: message.clone(),
-                }));
-            }
-        };
         let outputs = match result {
             Ok(Ok(outputs)) => outputs,
             Ok(Err(e)) => {
-                fail(tasks, e.to_string());
+                self.fail(tasks, e.to_string());
                 return Ok(());
             }
             Err(panic) => {
                 let message = panic_message(&panic);
-                fail(tasks, BackendError::Panic(message.clone()).to_string());
+                self.fail(tasks, BackendError::Panic(message.clone()).to_string());
                 return Err(message);
             }
         };
-        // Per output, the slices for each request; a lone request keeps the tensors as is.
-        let per_request: Vec<Vec<Tensor>> = if tasks.len() == 1 {
-            vec![outputs]
-        } else {
-            let mut split = Vec::with_capacity(outputs.len());
-            for (i, out) in outputs.iter().enumerate() {
-                match split_batch(out, &sizes) {
-                    Ok(parts) => split.push(parts),
-                    Err(e) => {
-                        fail(tasks, format!("output {i}: {e}"));
-                        return Ok(());
-                    }
-                }
+        let per_request = match per_request(outputs, &sizes) {
+            Ok(split) => split,
+            Err(message) => {
+                self.fail(tasks, message);
+                return Ok(());
             }
-            (0..tasks.len())
-                .map(|r| split.iter().map(|parts| parts[r].clone()).collect())
-                .collect()
         };
         let batch_wait = tasks.iter().map(|t| t.queue_time).max().unwrap_or_default();
         for (t, outputs) in tasks.into_iter().zip(per_request) {
@@ -225,6 +193,47 @@ impl Worker {
         }
         Ok(())
     }
+
+    /// Answer every task of a failed execution. After a stuck execution the watchdog has
+    /// answered already: these sends find nobody and do nothing.
+    fn fail(&self, tasks: Vec<Task>, message: String) {
+        for t in tasks {
+            t.reply.send(Err(Error::ModelFailed {
+                model: self.spec.name.clone(),
+                message: message.clone(),
+            }));
+        }
+    }
+}
+
+/// The job's tasks whose client still waits: clients may have left between dispatch and
+/// now, and their work is skipped (counted as cancelled).
+fn live_tasks(model: &str, job: Job) -> Vec<Task> {
+    job.tasks
+        .into_iter()
+        .filter(|t| {
+            let gone = t.reply.is_closed();
+            if gone {
+                metrics::dropped(model, DropReason::Cancelled);
+            }
+            !gone
+        })
+        .collect()
+}
+
+/// Per request, its slice of every output (`sizes`: each request's samples); a lone
+/// request keeps the tensors as they are.
+fn per_request(outputs: Vec<Tensor>, sizes: &[usize]) -> Result<Vec<Vec<Tensor>>, String> {
+    if sizes.len() == 1 {
+        return Ok(vec![outputs]);
+    }
+    let mut split = Vec::with_capacity(outputs.len());
+    for (i, out) in outputs.iter().enumerate() {
+        split.push(split_batch(out, sizes).map_err(|e| format!("output {i}: {e}"))?);
+    }
+    Ok((0..sizes.len())
+        .map(|r| split.iter().map(|parts| parts[r].clone()).collect())
+        .collect())
 }
 
 pub(super) fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {

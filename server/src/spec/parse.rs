@@ -50,6 +50,7 @@ pub fn parse_json(text: &str) -> Result<ModelConfig, String> {
 /// (`input [ { ... } ]`), and nearly every Triton config is written that way; the parser
 /// we use wants `input: [ ... ]`. Insert the colon where a field name is directly
 /// followed by `[`, leaving strings and comments untouched.
+// Kept whole: one pass of a small scanner whose states (string, comment, name) read together.
 pub(super) fn colon_before_lists(text: &str) -> std::borrow::Cow<'_, str> {
     let mut out = String::with_capacity(text.len() + 16);
     let mut chars = text.chars().peekable();
@@ -169,18 +170,7 @@ pub fn spec_from_config_with(
     limits: &ModelLimits,
 ) -> Result<ModelSpec, String> {
     let model_dir = model_dir.as_ref();
-    let dir_name = model_dir
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or_default();
-    if config.name.is_empty() {
-        config.name = dir_name.to_owned();
-    } else if config.name != dir_name {
-        return Err(format!(
-            "name '{}' does not match the model directory '{dir_name}'",
-            config.name
-        ));
-    }
+    name(&mut config, model_dir)?;
     let platform = platform(&mut config)?;
     let max_batch_size = u32::try_from(config.max_batch_size)
         .map_err(|_| format!("max_batch_size {} is negative", config.max_batch_size))?;
@@ -232,6 +222,23 @@ pub fn spec_from_config_with(
         parameters,
         config,
     })
+}
+
+/// The config's name: the model directory's (filled in when the config leaves it out).
+fn name(config: &mut ModelConfig, model_dir: &Path) -> Result<(), String> {
+    let dir_name = model_dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    if config.name.is_empty() {
+        config.name = dir_name.to_owned();
+    } else if config.name != dir_name {
+        return Err(format!(
+            "name '{}' does not match the model directory '{dir_name}'",
+            config.name
+        ));
+    }
+    Ok(())
 }
 
 /// The platform or backend, normalised to Triton's pair for the ModelConfig RPC.

@@ -22,22 +22,7 @@ pub(super) fn scheduling(
         .expect("max_batch_size is bounded far below usize::MAX");
     let preferred = preferred_sizes(dynamic, max)?;
     let policy = dynamic.default_queue_policy.unwrap_or_default();
-    for (field, micros) in [
-        (
-            "dynamic_batching.max_queue_delay_microseconds",
-            dynamic.max_queue_delay_microseconds,
-        ),
-        (
-            "dynamic_batching.default_queue_policy.default_timeout_microseconds",
-            policy.default_timeout_microseconds,
-        ),
-    ] {
-        if micros > MAX_QUEUE_TIME_MICROS {
-            return Err(format!(
-                "{field} {micros} is above the longest supported, {MAX_QUEUE_TIME_MICROS} (one day)"
-            ));
-        }
-    }
+    check_queue_times(dynamic, &policy)?;
     // The queue's channel is allocated with this capacity.
     let max_queue_size = match policy.max_queue_size {
         0 => DEFAULT_MAX_QUEUE_SIZE,
@@ -64,6 +49,31 @@ pub(super) fn scheduling(
         default_priority_level: 1,
     };
     Ok((batching, priorities(dynamic, queue)?))
+}
+
+/// The batching delay and the queue timeout: at most a day, so that adding either to a
+/// point in time can never overflow.
+fn check_queue_times(
+    dynamic: &ModelDynamicBatching,
+    policy: &sluice_proto::inference::ModelQueuePolicy,
+) -> Result<(), String> {
+    for (field, micros) in [
+        (
+            "dynamic_batching.max_queue_delay_microseconds",
+            dynamic.max_queue_delay_microseconds,
+        ),
+        (
+            "dynamic_batching.default_queue_policy.default_timeout_microseconds",
+            policy.default_timeout_microseconds,
+        ),
+    ] {
+        if micros > MAX_QUEUE_TIME_MICROS {
+            return Err(format!(
+                "{field} {micros} is above the longest supported, {MAX_QUEUE_TIME_MICROS} (one day)"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// `preferred_batch_size`: each within 1..=max, ascending, once.

@@ -164,6 +164,7 @@ fn bounded(max_batch_size: u64, extra: &str, limits: &ModelLimits) -> Result<Mod
 }
 
 #[test]
+// Kept whole: a table of oversized config values and the rejection each gets.
 fn sizes_from_a_config_are_bounded() {
     let limits = ModelLimits::default();
     let bad =
@@ -241,6 +242,7 @@ fn sizes_from_a_config_are_bounded() {
 }
 
 #[test]
+// Kept whole: a table of configs at and past each limit.
 fn instances_versions_and_warm_up_stay_within_the_limits() {
     let limits = ModelLimits {
         max_model_instances: 4,

@@ -44,33 +44,47 @@ pub(super) fn warmup_samples(
             config.model_warmup.len()
         ));
     }
-    let mut samples = Vec::with_capacity(config.model_warmup.len());
-    for w in &config.model_warmup {
-        let fail = |m: String| format!("model_warmup '{}': {m}", clip(&w.name));
-        if shapes.batched && (w.batch_size < 1 || w.batch_size > max_batch_size) {
-            return Err(fail(format!(
-                "batch_size {} is not within 1..={max_batch_size}",
-                w.batch_size
-            )));
-        }
-        if w.count > MAX_WARMUP_COUNT {
-            return Err(fail(format!(
-                "count {} is above the largest supported, {MAX_WARMUP_COUNT}",
-                w.count
-            )));
-        }
-        let mut tensors = Vec::with_capacity(ordered.len());
-        for t in &ordered {
-            let tensor = configured_input(w, t, shapes, model_dir, &mut budget).map_err(&fail)?;
-            tensors.push(tensor);
-        }
-        samples.push(WarmupSample {
-            name: w.name.clone(),
-            inputs: tensors,
-            count: w.count.max(1),
-        });
+    config
+        .model_warmup
+        .iter()
+        .map(|w| {
+            configured_sample(w, &ordered, shapes, max_batch_size, model_dir, &mut budget)
+                .map_err(|m| format!("model_warmup '{}': {m}", clip(&w.name)))
+        })
+        .collect()
+}
+
+/// One configured `model_warmup` sample: its batch size and count within bounds, then
+/// every input in the model's argument order.
+fn configured_sample(
+    w: &sluice_proto::inference::ModelWarmup,
+    ordered: &[&TensorSpec],
+    shapes: Shapes,
+    max_batch_size: u32,
+    model_dir: &Path,
+    budget: &mut WarmupBudget,
+) -> Result<WarmupSample, String> {
+    if shapes.batched && (w.batch_size < 1 || w.batch_size > max_batch_size) {
+        return Err(format!(
+            "batch_size {} is not within 1..={max_batch_size}",
+            w.batch_size
+        ));
     }
-    Ok(samples)
+    if w.count > MAX_WARMUP_COUNT {
+        return Err(format!(
+            "count {} is above the largest supported, {MAX_WARMUP_COUNT}",
+            w.count
+        ));
+    }
+    let inputs = ordered
+        .iter()
+        .map(|t| configured_input(w, t, shapes, model_dir, budget))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(WarmupSample {
+        name: w.name.clone(),
+        inputs,
+        count: w.count.max(1),
+    })
 }
 
 /// Full shapes of warm-up tensors: the batch size first when the model batches, each

@@ -225,6 +225,7 @@ impl Body for LimitedBody {
     type Data = Bytes;
     type Error = Status;
 
+    // Kept whole: the body's one state machine (header, message, end), frame by frame.
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -203,6 +203,7 @@ async fn an_execution_that_hangs_while_its_model_unloads_is_still_answered() {
 }
 
 #[tokio::test(start_paused = true)]
+// Kept whole: one scenario told in order (stuck, answered, replaced, stuck again, wedged).
 async fn a_stuck_instance_is_answered_for_replaced_once_then_the_model_is_wedged() {
     let h = harness_with("", 16, WATCHED, || Ok(())).await;
     // The gate opens for nobody: the first execution hangs.
