@@ -166,12 +166,44 @@ pub enum Error {
     #[error("model '{}' is overloaded: {reason}", clip(.model))]
     Overloaded {
         model: String,
+        /// Which bound refused it, and the request's priority level when known: the
+        /// admission stack counts every refusal from these, in one place.
+        cause: RejectReason,
+        level: Option<u32>,
         reason: String,
         retry_after: Duration,
     },
 
     #[error("server is shutting down")]
     ShuttingDown,
+}
+
+/// Why a request was refused for overload (the `reason` label of
+/// `sluice_rejected_requests_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectReason {
+    /// The model's queue held `max_queue_size` requests.
+    QueueFull,
+    /// The server's in-flight limit is reached.
+    InFlightLimit,
+    /// The model's (adaptive) concurrency limit, or its priority level's share of it.
+    ConcurrencyLimit,
+    /// The predicted wait exceeds the request's remaining deadline.
+    PredictedWait,
+    /// Shed from the queue to make room for a higher-priority request.
+    Preempted,
+}
+
+impl RejectReason {
+    pub fn label(self) -> &'static str {
+        match self {
+            RejectReason::QueueFull => "queue_full",
+            RejectReason::InFlightLimit => "in_flight_limit",
+            RejectReason::ConcurrencyLimit => "concurrency_limit",
+            RejectReason::PredictedWait => "predicted_wait",
+            RejectReason::Preempted => "preempted",
+        }
+    }
 }
 
 impl Error {
@@ -330,6 +362,8 @@ mod tests {
     fn overload_carries_retry_pushback() {
         let err = || Error::Overloaded {
             model: "m".into(),
+            cause: RejectReason::QueueFull,
+            level: Some(1),
             reason: "queue full".into(),
             retry_after: Duration::from_millis(25),
         };

@@ -55,32 +55,7 @@ const LATENCY_BUCKETS_SECONDS: &[f64] = &[
 /// Batch sizes (samples per execution): powers of two up to the largest usual max_batch_size.
 const BATCH_SIZE_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
 
-/// Why a request was refused at admission.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RejectReason {
-    /// The model's queue held `max_queue_size` requests.
-    QueueFull,
-    /// The server's in-flight limit is reached.
-    InFlightLimit,
-    /// The model's (adaptive) concurrency limit, or its priority level's share of it.
-    ConcurrencyLimit,
-    /// The predicted wait exceeds the request's remaining deadline.
-    PredictedWait,
-    /// Shed from the queue to make room for a higher-priority request.
-    Preempted,
-}
-
-impl RejectReason {
-    fn label(self) -> &'static str {
-        match self {
-            RejectReason::QueueFull => "queue_full",
-            RejectReason::InFlightLimit => "in_flight_limit",
-            RejectReason::ConcurrencyLimit => "concurrency_limit",
-            RejectReason::PredictedWait => "predicted_wait",
-            RejectReason::Preempted => "preempted",
-        }
-    }
-}
+pub use crate::error::RejectReason;
 
 /// Label values of priority levels 1..=MAX_PRIORITY_LEVELS (index 0: unknown), static
 /// so that counting a request allocates no label.

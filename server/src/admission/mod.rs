@@ -34,9 +34,10 @@ use self::deadline::DeadlineLayer;
 use self::retry::RetryTransient;
 use crate::config::AdmissionConfig;
 use crate::error::Error;
+use crate::error::RejectReason;
 use crate::gateway::Gateway;
 use crate::limit::LIMIT_PUSHBACK;
-use crate::metrics::{self, RejectReason};
+use crate::metrics;
 use crate::model::{Admission, InferRequest, InferResponse};
 
 /// One inference request as the API hands it to the stack.
@@ -86,7 +87,22 @@ pub fn stack(gateway: Arc<Gateway>, config: &AdmissionConfig) -> InferService {
             shedding: config.shedding,
         })
         .service(GatewayService { gateway });
-    BoxCloneSyncService::new(service.map_err(Error::from))
+    BoxCloneSyncService::new(service.map_err(Error::from).map_err(counted))
+}
+
+/// Every refusal for overload leaves the stack here, and is counted here: by model,
+/// cause and priority level.
+fn counted(err: Error) -> Error {
+    if let Error::Overloaded {
+        model,
+        cause,
+        level,
+        ..
+    } = &err
+    {
+        metrics::rejected(model, *cause, *level);
+    }
+    err
 }
 
 /// The global limit's layers: tower's load shed over a concurrency limit whose one
@@ -118,14 +134,13 @@ pub(crate) fn global_limit_layer(max_in_flight: usize) -> GlobalLimitLayer {
 fn global_overload(err: tower::BoxError) -> Error {
     match err.downcast::<Error>() {
         Ok(ours) => *ours,
-        Err(other) if other.is::<tower::load_shed::error::Overloaded>() => {
-            metrics::rejected(metrics::ALL_MODELS, RejectReason::InFlightLimit, None);
-            Error::Overloaded {
-                model: metrics::ALL_MODELS.to_owned(),
-                reason: "the server's in-flight request limit is reached".into(),
-                retry_after: LIMIT_PUSHBACK,
-            }
-        }
+        Err(other) if other.is::<tower::load_shed::error::Overloaded>() => Error::Overloaded {
+            model: metrics::ALL_MODELS.to_owned(),
+            cause: RejectReason::InFlightLimit,
+            level: None,
+            reason: "the server's in-flight request limit is reached".into(),
+            retry_after: LIMIT_PUSHBACK,
+        },
         Err(other) => Error::ModelFailed {
             model: metrics::ALL_MODELS.to_owned(),
             message: other.to_string(),
@@ -201,9 +216,10 @@ pub fn admit(gateway: &Gateway, timed: Timed, shedding: bool) -> Result<Admitted
             None => limit.try_acquire_without_deadline(level, levels),
         };
         let Some(permit) = permit else {
-            metrics::rejected(&call.model, RejectReason::ConcurrencyLimit, Some(level));
             return Err(Error::Overloaded {
                 model: call.model.clone(),
+                cause: RejectReason::ConcurrencyLimit,
+                level: Some(level),
                 reason: format!(
                     "concurrency limit reached ({} in flight, limit {}, priority level {level} of {levels})",
                     limit.in_flight(),

@@ -177,6 +177,8 @@ mod tests {
             },
             Error::Overloaded {
                 model: "m".into(),
+                cause: crate::error::RejectReason::QueueFull,
+                level: None,
                 reason: "full".into(),
                 retry_after: MS,
             },

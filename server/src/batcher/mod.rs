@@ -30,7 +30,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::error::Error;
-use crate::metrics::{self, RejectReason};
+use crate::error::RejectReason;
+use crate::metrics;
 use crate::pool::InstancePool;
 use crate::spec::BatchPolicy;
 use crate::tensor::{DataType, Tensor};
@@ -154,9 +155,10 @@ impl Batcher {
         let depth = self.counts.requests.fetch_add(1, Ordering::AcqRel);
         if depth >= self.limits.max_queue_size {
             self.counts.requests.fetch_sub(1, Ordering::AcqRel);
-            metrics::rejected(&self.model, RejectReason::QueueFull, Some(level));
             return Err(Error::Overloaded {
                 model: self.model.clone(),
+                cause: RejectReason::QueueFull,
+                level: Some(level),
                 reason: format!(
                     "queue full ({} requests waiting)",
                     self.limits.max_queue_size
@@ -194,9 +196,10 @@ impl Batcher {
         let Some(wait) = wait.filter(|w| now + *w > deadline) else {
             return Ok(());
         };
-        metrics::rejected(&self.model, RejectReason::PredictedWait, Some(level));
         Err(Error::Overloaded {
             model: self.model.clone(),
+            cause: RejectReason::PredictedWait,
+            level: Some(level),
             reason: format!(
                 "predicted wait {:.1} ms exceeds the remaining deadline {:.1} ms",
                 wait.as_secs_f64() * 1e3,
@@ -219,8 +222,10 @@ impl Batcher {
                 reason: "this model version is unloading".into(),
             },
             // Unreachable while the counter bounds the channel; refuse rather than wait.
-            mpsc::error::TrySendError::Full(_) => Error::Overloaded {
+            mpsc::error::TrySendError::Full(q) => Error::Overloaded {
                 model: self.model.clone(),
+                cause: RejectReason::QueueFull,
+                level: Some(q.priority),
                 reason: "queue full".into(),
                 retry_after: Duration::from_millis(10),
             },

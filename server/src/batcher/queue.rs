@@ -10,7 +10,8 @@ use tokio::time::Instant;
 
 use super::Queued;
 use crate::error::Error;
-use crate::metrics::{self, DropReason, RejectReason};
+use crate::error::RejectReason;
+use crate::metrics::{self, DropReason};
 use crate::work::ComputeEstimate;
 
 /// What waits in the queue: requests in total, samples per priority level. Shared with
@@ -115,9 +116,10 @@ impl Queue {
         }
         let shed = self.items.pop_back().expect("checked above");
         self.release(std::slice::from_ref(&shed));
-        metrics::rejected(&self.model, RejectReason::Preempted, Some(shed.priority));
         let _ = shed.reply.send(Err(Error::Overloaded {
             model: self.model.clone(),
+            cause: RejectReason::Preempted,
+            level: Some(shed.priority),
             reason: format!(
                 "shed for a priority level {level} request (this one is level {})",
                 shed.priority
