@@ -20,7 +20,10 @@ every model, on one server then the other:
    drift moves least.
 
 Prints the per-round numbers and a Markdown table of medians with the sluice / Triton
-ratios; `--variant` adds rows for sluice with other flags, beside the default row.
+ratios; `--variant` adds rows for sluice with other flags, beside the default row;
+`--baseline NAME=PATH` adds a row for another sluice binary (the build before a change,
+say) with default flags, and with `--no-triton` the ratios are against the first
+baseline instead (a before/after of one change, measured in one run).
 perf_analyzer comes from `$PERF_ANALYZER` (default scripts/tools/perf-analyzer,
 installed on first use); Triton is installed by `scripts/tools/triton setup` when missing
 (a few minutes). Needs `make build`. Loopback only; both servers are stopped on exit.
@@ -130,6 +133,10 @@ def main():
     ap.add_argument("--variant", action="append", default=[], metavar="ARGS",
                     help="also measure sluice started with these flags (repeatable), beside the "
                          "default, e.g. --variant='--intra-op-threads 1'")
+    ap.add_argument("--baseline", action="append", default=[], metavar="NAME=PATH",
+                    help="also measure this sluice binary with default flags (repeatable)")
+    ap.add_argument("--no-triton", action="store_true",
+                    help="leave Triton out; ratios against the first --baseline")
     ap.add_argument("--perf-analyzer",
                     default=os.environ.get("PERF_ANALYZER", str(ROOT / "scripts/tools/perf-analyzer")))
     args = ap.parse_args()
@@ -139,24 +146,33 @@ def main():
         sys.exit("build first: make build")
     work = Path(tempfile.mkdtemp(prefix="sluice-vs-triton-"))
     repo = triton_style_repo(work, models, args.count, args.max_batch, args.delay)
-    if subprocess.run([str(TRITON), "status", str(TRITON_PORT)], capture_output=True).returncode == 0:
+    baselines = [item.split("=", 1) for item in args.baseline]
+    if args.no_triton and not baselines:
+        sys.exit("--no-triton needs a --baseline to compare with")
+    base = baselines[0][0] if args.no_triton else "Triton"
+    if not args.no_triton and subprocess.run([str(TRITON), "status", str(TRITON_PORT)],
+                                             capture_output=True).returncode == 0:
         sys.exit(f"a Triton already runs on port {TRITON_PORT}: scripts/tools/triton stop {TRITON_PORT}")
     sluices = []
     try:
-        log("installing / checking Triton (scripts/tools/triton setup)...")
-        subprocess.run([str(TRITON), "setup"], check=True, stdout=sys.stderr)
-        log("starting Triton...")
-        started = subprocess.run([str(TRITON), "start", str(repo), str(TRITON_PORT)], check=True,
-                                 capture_output=True, text=True)
-        triton_pid = int(started.stdout.split()[-1])
-        log("starting sluice...")
         servers = {}
-        for i, variant in enumerate([""] + args.variant):
+        if not args.no_triton:
+            log("installing / checking Triton (scripts/tools/triton setup)...")
+            subprocess.run([str(TRITON), "setup"], check=True, stdout=sys.stderr)
+            log("starting Triton...")
+            started = subprocess.run([str(TRITON), "start", str(repo), str(TRITON_PORT)],
+                                     check=True, capture_output=True, text=True)
+            triton_pid = int(started.stdout.split()[-1])
+        log("starting sluice...")
+        runs = [(f"sluice {v}".strip() if v else "sluice", v.split(), BIN) for v in [""] + args.variant]
+        runs += [(name, [], Path(path)) for name, path in baselines]
+        for i, (name, flags, binary) in enumerate(runs):
             port = SLUICE_PORT + 3 * i
-            proc = start_server(repo, port, open(work / f"sluice-{i}.log", "w"), variant.split())
+            proc = start_server(repo, port, open(work / f"sluice-{i}.log", "w"), flags, binary)
             sluices.append(proc)
-            servers[f"sluice {variant}".strip() if variant else "sluice"] = (port, proc.pid)
-        servers["Triton"] = (TRITON_PORT, triton_pid)
+            servers[name] = (port, proc.pid)
+        if not args.no_triton:
+            servers["Triton"] = (TRITON_PORT, triton_pid)
         results = {}
         for r in range(args.rounds):
             for model in models:
@@ -176,18 +192,19 @@ def main():
                         + (f", {x['cpu_us']:.0f} us CPU/inference" if "cpu_us" in x else ""))
                     log(f"  closed: {show(closed)}" + (f"; fixed: {show(fixed)}" if rate else ""))
         med = lambda rs, k: statistics.median(x[k] for x in rs if x) if any(rs) else float("nan")
+        others = "" if args.no_triton else ", Triton 2.51 (Python backend, torch's default threads)"
         print(f"Repository: {', '.join(models)} with `max_batch_size: {args.max_batch}`, "
               f"`instance_group [{{ count: {args.count}, kind: KIND_CPU }}]`, "
               f"`dynamic_batching {{ max_queue_delay_microseconds: {args.delay} }}`; sluice with "
-              f"default flags, Triton 2.51 (Python backend, torch's default threads). perf_analyzer "
+              f"default flags{others}. perf_analyzer "
               f"gRPC, {args.interval_ms} ms windows; {args.rounds} rounds alternating the servers; "
               f"medians (each round's value in brackets).\n")
-        print(f"| model | server | inferences/s at c={args.concurrency} | p50 ms | p99 ms | vs Triton "
-              f"| CPU us per inference at a fixed rate | vs Triton |")
+        print(f"| model | server | inferences/s at c={args.concurrency} | p50 ms | p99 ms | vs {base} "
+              f"| CPU us per inference at a fixed rate | vs {base} |")
         print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
         for model in models:
-            base_tp = med(results[(model, "Triton", "closed")], "throughput")
-            base_cpu = med(results.get((model, "Triton", "fixed"), [None]), "cpu_us")
+            base_tp = med(results[(model, base, "closed")], "throughput")
+            base_cpu = med(results.get((model, base, "fixed"), [None]), "cpu_us")
             for name in servers:
                 closed = results[(model, name, "closed")]
                 fixed = results.get((model, name, "fixed"), [None])
@@ -201,7 +218,8 @@ def main():
         for proc in sluices:
             proc.terminate()
             proc.wait(timeout=30)
-        subprocess.run([str(TRITON), "stop", str(TRITON_PORT)], capture_output=True)
+        if not args.no_triton:
+            subprocess.run([str(TRITON), "stop", str(TRITON_PORT)], capture_output=True)
 
 
 if __name__ == "__main__":

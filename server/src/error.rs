@@ -206,6 +206,32 @@ impl RejectReason {
     }
 }
 
+/// Why a model version, or one instance of it, could not be brought up. Its message is
+/// what RepositoryIndex and the log report.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum LoadError {
+    /// The configuration was rejected, or the repository's layout does not fit it.
+    #[error("{0}")]
+    Config(String),
+    /// The backend could not load the weights.
+    #[error("{0}")]
+    Backend(String),
+    #[error("loader panicked: {0}")]
+    LoaderPanicked(String),
+    #[error("warm-up sample '{sample}' failed: {message}")]
+    WarmupFailed { sample: String, message: String },
+    #[error("warm-up sample '{sample}' panicked: {message}")]
+    WarmupPanicked { sample: String, message: String },
+    #[error("cannot start an instance thread: {0}")]
+    Thread(String),
+    /// One version of several failed.
+    #[error("version {version}: {source}")]
+    Version {
+        version: i64,
+        source: Box<LoadError>,
+    },
+}
+
 impl Error {
     /// Stable, closed-set label for metrics.
     pub fn kind(&self) -> &'static str {

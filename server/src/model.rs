@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use crate::batcher::{BatchKey, Batcher, QueueLimits, Queued, Scaling};
 use crate::config::AdmissionConfig;
 use crate::config::{BackendOptions, ModelDefaults};
-use crate::error::{clip, Error};
+use crate::error::{clip, Error, LoadError};
 use crate::limit::{AdaptiveLimit, ModelShape, Permit};
 use crate::metrics;
 use crate::pool::InstancePool;
@@ -154,7 +154,7 @@ impl LoadedModel {
         version: i64,
         version_dir: PathBuf,
         options: LoadOptions,
-    ) -> Result<LoadedModel, String> {
+    ) -> Result<LoadedModel, LoadError> {
         let scaling = options.scaling(&spec);
         let stats = Arc::new(Mutex::new(ModelStats::default()));
         let mut pool = InstancePool::new(spec.clone(), version_dir, options.backend, stats.clone());

@@ -44,7 +44,7 @@ impl Actor {
             Ok(_) => {
                 tracing::debug!(model = %self.model, live = self.pool.live(), "queue pressure: loading another instance")
             }
-            Err(reason) => self.queue.fail_all(&reason),
+            Err(reason) => self.queue.fail_all(&reason.to_string()),
         }
     }
 

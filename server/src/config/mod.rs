@@ -79,11 +79,11 @@ impl Default for EdgeLimits {
             max_request_bytes_in_flight: 256 * 1024 * 1024,
             max_connections: 1024,
             max_http_connections: 128,
-            // Four times the per-model limit's default maximum: a client on one
-            // connection (tritonclient, perf_analyzer) that offers more than a model
-            // takes is refused at once by that model's limit, instead of queuing in its
-            // own HTTP/2 layer (invisible to the server) until its deadline.
-            max_concurrent_streams: 1024,
+            // Equal to the per-model limit's default maximum, so that one connection can
+            // fill a model's limit. Each open stream holds its header block (up to
+            // max_header_list_bytes) until its body arrives, so this also bounds that
+            // memory per connection.
+            max_concurrent_streams: 256,
             max_header_list_bytes: 16 * 1024,
             http2_max_pending_reset_streams: 20,
             keepalive_interval: Duration::from_secs(60),
@@ -197,11 +197,11 @@ impl Config {
     pub fn warnings(&self) -> Vec<String> {
         let mut warnings = Vec::new();
         let streams = self.edge.max_concurrent_streams as usize;
-        if self.admission.shedding && streams <= self.admission.model_limit.max {
+        if self.admission.shedding && streams < self.admission.model_limit.max {
             warnings.push(format!(
-                "max_concurrent_streams {streams} is not above max_concurrency_limit {}: a \
-                 client on one connection that offers more than a model takes queues in its own \
-                 HTTP/2 layer until its deadline instead of being refused at once",
+                "max_concurrent_streams {streams} is below max_concurrency_limit {}: a client \
+                 on one connection can never fill a model's limit, and what it offers beyond \
+                 its streams waits in its own HTTP/2 layer, where no limit can refuse it",
                 self.admission.model_limit.max
             ));
         }

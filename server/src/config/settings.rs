@@ -75,7 +75,7 @@ pub struct Settings {
 
     /// HTTP/2 streams (calls) open at once on one gRPC connection (SETTINGS_MAX_CONCURRENT_STREAMS);
     /// clients queue beyond it, where no limit of the server can refuse their calls, so
-    /// keep it above max_concurrency_limit. [default: 1024]
+    /// keep it at least max_concurrency_limit. [default: 256]
     #[arg(long, env = "SLUICE_MAX_CONCURRENT_STREAMS", value_name = "N")]
     pub max_concurrent_streams: Option<u32>,
 

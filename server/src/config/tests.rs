@@ -7,38 +7,36 @@ fn repo() -> tempfile::TempDir {
 }
 
 #[test]
-fn by_default_one_connection_can_offer_more_than_a_model_takes() {
+fn by_default_one_connection_can_fill_a_models_limit() {
     let dir = repo();
     let config = Config::for_repository(dir.path());
     assert!(
-        config.edge.max_concurrent_streams as usize > config.admission.model_limit.max,
-        "a single-connection client must reach the model's limit, not queue in HTTP/2"
+        config.edge.max_concurrent_streams as usize >= config.admission.model_limit.max,
+        "a single-connection client must be able to reach the model's limit"
     );
     assert!(config.warnings().is_empty(), "{:?}", config.warnings());
 
-    let config = Settings {
-        model_repository: Some(dir.path().into()),
-        max_concurrent_streams: Some(64),
-        max_concurrency_limit: Some(64),
-        ..Settings::default()
-    }
-    .validate_unchecked();
-    let warnings = config.warnings();
+    let with = |streams, limit, shedding| {
+        Settings {
+            model_repository: Some(dir.path().into()),
+            max_concurrent_streams: Some(streams),
+            max_concurrency_limit: Some(limit),
+            load_shedding: Some(shedding),
+            ..Settings::default()
+        }
+        .validate_unchecked()
+        .warnings()
+    };
+    let warnings = with(64, 65, true);
     assert_eq!(warnings.len(), 1, "{warnings:?}");
     assert!(
         warnings[0].contains("max_concurrent_streams 64"),
         "{warnings:?}"
     );
-
+    // Equal is enough: one connection can fill the limit.
+    assert!(with(64, 64, true).is_empty());
     // Without shedding there is no limit to reach: nothing to warn about.
-    let config = Settings {
-        model_repository: Some(dir.path().into()),
-        max_concurrent_streams: Some(64),
-        load_shedding: Some(false),
-        ..Settings::default()
-    }
-    .validate_unchecked();
-    assert!(config.warnings().is_empty());
+    assert!(with(64, 65, false).is_empty());
 }
 
 /// The configuration from these flags alone, serving `dir`.

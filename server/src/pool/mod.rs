@@ -28,7 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::backend::{self, Backend, BackendError};
 use crate::config::BackendOptions;
-use crate::error::Error;
+use crate::error::{Error, LoadError};
 use crate::metrics::{self, DropReason};
 use crate::spec::{ModelSpec, WarmupSample};
 use crate::stats::ModelStats;
@@ -103,7 +103,7 @@ pub enum Event {
         warmup: Duration,
     },
     /// Loading or warm-up failed; the instance is gone.
-    LoadFailed { id: usize, reason: String },
+    LoadFailed { id: usize, reason: LoadError },
     /// Finished a batch: ready for the next (or, for a stuck instance, to be retired).
     Done { id: usize },
     /// The instance stopped for good (its backend could not be reloaded after a panic).
@@ -234,7 +234,7 @@ impl InstancePool {
 
     /// Load `n` instances and wait until each has loaded and warmed up. Blocking: call
     /// outside the async runtime (e.g. in `spawn_blocking`).
-    pub fn start(&mut self, n: usize) -> Result<(), String> {
+    pub fn start(&mut self, n: usize) -> Result<(), LoadError> {
         for _ in 0..n {
             self.spawn()?;
         }
@@ -256,7 +256,7 @@ impl InstancePool {
     }
 
     /// Start loading one more instance; its `Ready` or `LoadFailed` event follows.
-    pub fn spawn(&mut self) -> Result<usize, String> {
+    pub fn spawn(&mut self) -> Result<usize, LoadError> {
         let id = self.next_id;
         self.next_id += 1;
         // One slot: a job is only sent to an idle instance.
@@ -274,7 +274,7 @@ impl InstancePool {
         let thread = std::thread::Builder::new()
             .name(format!("model-{}-{id}", self.spec.name))
             .spawn(move || worker.run())
-            .map_err(|e| format!("cannot start an instance thread: {e}"))?;
+            .map_err(|e| LoadError::Thread(e.to_string()))?;
         self.slots.push(Slot {
             id,
             state: State::Loading,

@@ -55,28 +55,30 @@ pub(super) struct Worker {
 }
 
 impl Worker {
-    pub(super) fn load(&self) -> Result<Box<dyn Backend>, String> {
+    pub(super) fn load(&self) -> Result<Box<dyn Backend>, LoadError> {
         match catch_unwind(AssertUnwindSafe(|| (self.loader)())) {
-            Ok(result) => result.map_err(|e| e.to_string()),
-            Err(panic) => Err(format!("loader panicked: {}", panic_message(&panic))),
+            Ok(result) => result.map_err(|e| LoadError::Backend(e.to_string())),
+            Err(panic) => Err(LoadError::LoaderPanicked(panic_message(&panic))),
         }
     }
 
     /// Run every warm-up sample; a model that fails its warm-up never reports ready.
-    pub(super) fn warm_up(&self, backend: &mut dyn Backend) -> Result<(), String> {
+    pub(super) fn warm_up(&self, backend: &mut dyn Backend) -> Result<(), LoadError> {
         for sample in self.warmup.iter() {
             for _ in 0..sample.count.max(1) {
                 match catch_unwind(AssertUnwindSafe(|| backend.forward(&sample.inputs))) {
                     Ok(Ok(_)) => {}
                     Ok(Err(e)) => {
-                        return Err(format!("warm-up sample '{}' failed: {e}", sample.name))
+                        return Err(LoadError::WarmupFailed {
+                            sample: sample.name.clone(),
+                            message: e.to_string(),
+                        })
                     }
                     Err(panic) => {
-                        return Err(format!(
-                            "warm-up sample '{}' panicked: {}",
-                            sample.name,
-                            panic_message(&panic)
-                        ))
+                        return Err(LoadError::WarmupPanicked {
+                            sample: sample.name.clone(),
+                            message: panic_message(&panic),
+                        })
                     }
                 }
             }
@@ -86,7 +88,7 @@ impl Worker {
 
     pub(super) fn load_and_warm_up(
         &self,
-    ) -> Result<(Box<dyn Backend>, Duration, Duration), String> {
+    ) -> Result<(Box<dyn Backend>, Duration, Duration), LoadError> {
         let start = Instant::now();
         let mut backend = self.load()?;
         let load = start.elapsed();
@@ -107,7 +109,7 @@ impl Worker {
                 backend
             }
             Err(reason) => {
-                tracing::error!(model = %self.spec.name, %reason, "instance failed to load");
+                tracing::error!(model = %self.spec.name, reason = %reason, "instance failed to load");
                 let _ = self.events.blocking_send(Event::LoadFailed {
                     id: self.id,
                     reason,

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use sluice_proto::inference::ModelConfig;
 
 use crate::config::{ModelControl, ModelControlMode};
-use crate::error::Error;
+use crate::error::{Error, LoadError};
 use crate::model::{LoadOptions, LoadedModel};
 use crate::spec::{clip, ModelSpec, VersionPolicy};
 
@@ -219,7 +219,7 @@ impl Repository {
                 tracing::error!(model = %name, %reason, "model failed to load; serving the others");
                 ModelEntry {
                     state: ModelState::Unavailable {
-                        reason: self.public(&reason),
+                        reason: self.public(&reason.to_string()),
                     },
                     versions: BTreeMap::new(),
                 }
@@ -429,40 +429,45 @@ fn load_model(
     name: &str,
     options: LoadOptions,
     spec: Option<ModelSpec>,
-) -> Result<BTreeMap<i64, Arc<LoadedModel>>, String> {
+) -> Result<BTreeMap<i64, Arc<LoadedModel>>, LoadError> {
     let limits = options.defaults.limits;
     let spec = Arc::new(match spec {
         Some(spec) => spec,
         None => crate::spec::load_spec_with(dir.join(CONFIG_FILE), &limits)
-            .map_err(|e| e.to_string())?,
+            .map_err(|e| LoadError::Config(e.to_string()))?,
     });
     let available = version_dirs(dir);
     if available.is_empty() {
-        return Err(format!(
+        return Err(LoadError::Config(format!(
             "{}: no numeric version directory (e.g. {name}/1/{})",
             dir.display(),
             spec.model_filename
-        ));
+        )));
     }
-    let versions = select_versions(&spec.version_policy, &available)?;
+    let versions = select_versions(&spec.version_policy, &available).map_err(LoadError::Config)?;
     // Every version runs its own instances: the model's threads are the product.
     if versions
         .len()
         .checked_mul(spec.instance_count)
         .is_none_or(|n| n > limits.max_model_instances)
     {
-        return Err(format!(
+        return Err(LoadError::Config(format!(
             "{} versions of {} instances each are more than max_model_instances {}",
             versions.len(),
             spec.instance_count,
             limits.max_model_instances
-        ));
+        )));
     }
     let mut loaded = BTreeMap::new();
     for version in versions {
         let version_dir = dir.join(version.to_string());
-        let model = LoadedModel::load(spec.clone(), version, version_dir, options)
-            .map_err(|e| format!("version {version}: {e}"))?;
+        let model =
+            LoadedModel::load(spec.clone(), version, version_dir, options).map_err(|e| {
+                LoadError::Version {
+                    version,
+                    source: Box::new(e),
+                }
+            })?;
         loaded.insert(version, Arc::new(model));
     }
     Ok(loaded)
