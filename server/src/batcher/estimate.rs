@@ -32,17 +32,9 @@ pub fn predicted_wait(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::batcher::test_support::policy;
 
     const MS: Duration = Duration::from_millis(1);
-
-    fn policy(max: usize, preferred: &[usize], delay_ms: u64) -> BatchPolicy {
-        BatchPolicy {
-            combine: true,
-            max_batch_size: max,
-            preferred: preferred.to_vec(),
-            max_queue_delay: Duration::from_millis(delay_ms),
-        }
-    }
 
     #[test]
     fn predicted_wait_with_batching_counts_rounds_of_full_batches() {

@@ -45,6 +45,27 @@ mod scaling;
 #[cfg(test)]
 mod tests;
 
+/// Builders the batcher's unit tests share.
+#[cfg(test)]
+mod test_support {
+    use super::*;
+
+    /// The batch key of one FP32 input of `dims`.
+    pub(super) fn key(dims: &[i64]) -> BatchKey {
+        Arc::from(vec![(DataType::Fp32, dims.to_vec())])
+    }
+
+    /// Batching on, up to `max` samples, with `preferred` sizes and a `delay_ms` delay.
+    pub(super) fn policy(max: usize, preferred: &[usize], delay_ms: u64) -> BatchPolicy {
+        BatchPolicy {
+            combine: true,
+            max_batch_size: max,
+            preferred: preferred.to_vec(),
+            max_queue_delay: Duration::from_millis(delay_ms),
+        }
+    }
+}
+
 pub use estimate::predicted_wait;
 pub use plan::{plan, Pending, Plan};
 pub use scaling::Scaling;

@@ -110,11 +110,10 @@ pub fn plan<P: Pending>(policy: &BatchPolicy, queue: &[P], now: Instant) -> Opti
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use std::sync::Arc;
     use std::time::Duration;
 
-    use crate::tensor::DataType;
+    use super::*;
+    use crate::batcher::test_support::{key, policy};
 
     struct P {
         samples: usize,
@@ -131,19 +130,6 @@ mod tests {
         }
         fn arrival(&self) -> Instant {
             self.arrival
-        }
-    }
-
-    fn key(dims: &[i64]) -> BatchKey {
-        Arc::from(vec![(DataType::Fp32, dims.to_vec())])
-    }
-
-    fn policy(max: usize, preferred: &[usize], delay_ms: u64) -> BatchPolicy {
-        BatchPolicy {
-            combine: true,
-            max_batch_size: max,
-            preferred: preferred.to_vec(),
-            max_queue_delay: Duration::from_millis(delay_ms),
         }
     }
 

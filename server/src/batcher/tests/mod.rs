@@ -10,9 +10,7 @@ use crate::backend::{Backend, BackendError};
 use crate::pool::Loader;
 use crate::spec::{parse_text, spec_from_config};
 
-fn key(dims: &[i64]) -> BatchKey {
-    Arc::from(vec![(DataType::Fp32, dims.to_vec())])
-}
+use super::test_support::key;
 
 // ---- the actor, with paused time and a backend the test controls -------------------
 
