@@ -12,6 +12,7 @@ use serde::Deserialize;
 pub use crate::limit::{LimitConfig, LimitMode};
 
 mod admission;
+mod defaults;
 mod settings;
 #[cfg(test)]
 mod tests;
@@ -22,14 +23,14 @@ pub use settings::Settings;
 pub use validate::idle_timeout;
 use validate::*;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum ModelControlMode {
     None,
     Explicit,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     Text,

@@ -7,7 +7,7 @@ use super::*;
 ///
 /// The same struct is the command line (with `--help`) and the TOML file schema, so the
 /// two cannot drift apart; TOML keys are the flag names in snake_case.
-#[derive(Debug, Default, Clone, Parser, Deserialize)]
+#[derive(Debug, Default, Clone, Parser, Deserialize, serde::Serialize)]
 #[command(name = "sluice", version, long_about = None, about = "Model-serving gRPC gateway for TorchScript models (KServe v2 / Triton protocol)")]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
@@ -17,31 +17,31 @@ pub struct Settings {
     pub config: Option<PathBuf>,
 
     /// Model repository in Triton's layout: `<dir>/<model>/config.pbtxt` and
-    /// `<dir>/<model>/<version>/model.pt`. [default: models]
+    /// `<dir>/<model>/<version>/model.pt`.
     #[arg(long, env = "SLUICE_MODEL_REPOSITORY", value_name = "DIR")]
     pub model_repository: Option<PathBuf>,
 
-    /// Address to listen on for gRPC, HTTP and metrics. Use 0.0.0.0 in containers. [default: 127.0.0.1]
+    /// Address to listen on for gRPC, HTTP and metrics. Use 0.0.0.0 in containers.
     #[arg(long, env = "SLUICE_HOST", value_name = "ADDR")]
     pub host: Option<IpAddr>,
 
-    /// gRPC port (KServe v2 inference, grpc.health.v1, reflection); 0 picks a free port. [default: 8001]
+    /// gRPC port (KServe v2 inference, grpc.health.v1, reflection); 0 picks a free port.
     #[arg(long, env = "SLUICE_GRPC_PORT", value_name = "PORT")]
     pub grpc_port: Option<u16>,
 
-    /// HTTP port for /v2/health/live, /v2/health/ready and /v2/models/<m>/ready. [default: 8000]
+    /// HTTP port for /v2/health/live, /v2/health/ready and /v2/models/<m>/ready.
     #[arg(long, env = "SLUICE_HTTP_PORT", value_name = "PORT")]
     pub http_port: Option<u16>,
 
-    /// Prometheus metrics port (/metrics). [default: 8002]
+    /// Prometheus metrics port (/metrics).
     #[arg(long, env = "SLUICE_METRICS_PORT", value_name = "PORT")]
     pub metrics_port: Option<u16>,
 
-    /// Log line format: `text` or `json`. [default: text]
+    /// Log line format: `text` or `json`.
     #[arg(long, env = "SLUICE_LOG_FORMAT", value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
 
-    /// Log filter, e.g. `info` or `sluice=debug,tower=warn`. [default: info]
+    /// Log filter, e.g. `info` or `sluice=debug,tower=warn`.
     #[arg(long, env = "SLUICE_LOG_LEVEL", value_name = "FILTER")]
     pub log_level: Option<String>,
 
@@ -50,45 +50,45 @@ pub struct Settings {
     #[arg(long, env = "SLUICE_INTRA_OP_THREADS", value_name = "N")]
     pub intra_op_threads: Option<usize>,
 
-    /// Seconds to finish in-flight work after SIGTERM/SIGINT before exiting. [default: 30]
+    /// Seconds to finish in-flight work after SIGTERM/SIGINT before exiting.
     #[arg(long, env = "SLUICE_SHUTDOWN_GRACE_PERIOD_SECS", value_name = "SECS")]
     pub shutdown_grace_period_secs: Option<u64>,
 
-    /// Largest gRPC message accepted or sent, in bytes. [default: 67108864]
+    /// Largest gRPC message accepted or sent, in bytes.
     #[arg(long, env = "SLUICE_MAX_MESSAGE_BYTES", value_name = "BYTES")]
     pub max_message_bytes: Option<usize>,
 
     /// Request bytes being received and decoded in the whole server, from each message's
     /// gRPC header until its call is answered; a message that does not fit is refused
-    /// UNAVAILABLE at once. At least max_message_bytes. [default: 268435456]
+    /// UNAVAILABLE at once. At least max_message_bytes.
     #[arg(long, env = "SLUICE_MAX_REQUEST_BYTES_IN_FLIGHT", value_name = "BYTES")]
     pub max_request_bytes_in_flight: Option<usize>,
 
-    /// Open gRPC connections; more are closed as soon as they are accepted. [default: 1024]
+    /// Open gRPC connections; more are closed as soon as they are accepted.
     #[arg(long, env = "SLUICE_MAX_CONNECTIONS", value_name = "N")]
     pub max_connections: Option<usize>,
 
     /// Open connections on each HTTP/1 port (health, metrics); more are closed as soon as
-    /// they are accepted. [default: 128]
+    /// they are accepted.
     #[arg(long, env = "SLUICE_MAX_HTTP_CONNECTIONS", value_name = "N")]
     pub max_http_connections: Option<usize>,
 
     /// HTTP/2 streams (calls) open at once on one gRPC connection (SETTINGS_MAX_CONCURRENT_STREAMS);
     /// clients queue beyond it, where no limit of the server can refuse their calls, so
-    /// keep it at least max_concurrency_limit. [default: 256]
+    /// keep it at least max_concurrency_limit.
     #[arg(long, env = "SLUICE_MAX_CONCURRENT_STREAMS", value_name = "N")]
     pub max_concurrent_streams: Option<u32>,
 
-    /// Largest header block (metadata) of one gRPC call, in bytes. [default: 16384]
+    /// Largest header block (metadata) of one gRPC call, in bytes.
     #[arg(long, env = "SLUICE_MAX_HEADER_LIST_BYTES", value_name = "BYTES")]
     pub max_header_list_bytes: Option<u32>,
 
     /// Streams a gRPC client may reset before the server reads them, per connection;
-    /// past it the connection is closed (HTTP/2 rapid-reset protection). [default: 20]
+    /// past it the connection is closed (HTTP/2 rapid-reset protection).
     #[arg(long, env = "SLUICE_HTTP2_MAX_PENDING_RESET_STREAMS", value_name = "N")]
     pub http2_max_pending_reset_streams: Option<usize>,
 
-    /// Seconds between HTTP/2 keepalive pings on a gRPC connection. [default: 60]
+    /// Seconds between HTTP/2 keepalive pings on a gRPC connection.
     #[arg(
         long,
         env = "SLUICE_HTTP2_KEEPALIVE_INTERVAL_SECS",
@@ -96,22 +96,22 @@ pub struct Settings {
     )]
     pub http2_keepalive_interval_secs: Option<u64>,
 
-    /// Seconds to wait for a keepalive ping's answer before closing the connection. [default: 20]
+    /// Seconds to wait for a keepalive ping's answer before closing the connection.
     #[arg(long, env = "SLUICE_HTTP2_KEEPALIVE_TIMEOUT_SECS", value_name = "SECS")]
     pub http2_keepalive_timeout_secs: Option<u64>,
 
     /// Seconds a connection (gRPC or HTTP/1) may stay open without a call in progress
-    /// before the server closes it. [default: 300]
+    /// before the server closes it.
     #[arg(long, env = "SLUICE_IDLE_CONNECTION_TIMEOUT_SECS", value_name = "SECS")]
     pub idle_connection_timeout_secs: Option<u64>,
 
     /// Seconds within which a gRPC request message must arrive in full, counted from the
     /// call's headers (unary) or the message's first bytes (streams); a slower body is
-    /// answered DEADLINE_EXCEEDED and its buffer freed. [default: 15]
+    /// answered DEADLINE_EXCEEDED and its buffer freed.
     #[arg(long, env = "SLUICE_BODY_READ_TIMEOUT_SECS", value_name = "SECS")]
     pub body_read_timeout_secs: Option<u64>,
 
-    /// Seconds within which an HTTP/1 request's headers must arrive. [default: 10]
+    /// Seconds within which an HTTP/1 request's headers must arrive.
     #[arg(long, env = "SLUICE_HEADER_READ_TIMEOUT_SECS", value_name = "SECS")]
     pub header_read_timeout_secs: Option<u64>,
 
@@ -122,7 +122,7 @@ pub struct Settings {
     pub min_instances: Option<usize>,
 
     /// Seconds an instance may stay idle before it is unloaded (down to the minimum), for
-    /// models whose config has no `idle_timeout_secs` parameter. [default: 300]
+    /// models whose config has no `idle_timeout_secs` parameter.
     #[arg(long, env = "SLUICE_IDLE_TIMEOUT_SECS", value_name = "SECS")]
     pub idle_timeout_secs: Option<f64>,
 
@@ -131,12 +131,12 @@ pub struct Settings {
     /// and a replacement is loaded while the model has fewer than instance_group count
     /// stuck threads; when every instance is stuck and none can be replaced, liveness
     /// turns false. 0 turns the check off (a hung model then holds its requests until
-    /// their deadlines). At most 86400. [default: 60]
+    /// their deadlines). At most 86400.
     #[arg(long, env = "SLUICE_MAX_EXECUTION_SECS", value_name = "SECS")]
     pub max_execution_secs: Option<f64>,
 
     /// `none`: load every model at start-up, no load/unload RPCs. `explicit`: load only
-    /// `--load-model` models at start-up; RepositoryModelLoad/Unload manage the rest. [default: none]
+    /// `--load-model` models at start-up; RepositoryModelLoad/Unload manage the rest.
     #[arg(long, env = "SLUICE_MODEL_CONTROL_MODE", value_name = "MODE")]
     pub model_control_mode: Option<ModelControlMode>,
 
@@ -169,7 +169,7 @@ pub struct Settings {
 
     /// Let `--model-control-mode explicit` run without a token, so that anyone who reaches
     /// the gRPC port can load and unload models. Without this, explicit mode with no token
-    /// refuses to start. [default: false]
+    /// refuses to start.
     #[arg(
         long,
         env = "SLUICE_ALLOW_UNAUTHENTICATED_MODEL_CONTROL",
@@ -178,12 +178,12 @@ pub struct Settings {
     pub allow_unauthenticated_model_control: Option<bool>,
 
     /// Most instances (threads) one model may run: its instance_group counts summed, times
-    /// the versions it serves. A config asking for more is not loaded. [default: 64]
+    /// the versions it serves. A config asking for more is not loaded.
     #[arg(long, env = "SLUICE_MAX_MODEL_INSTANCES", value_name = "N")]
     pub max_model_instances: Option<usize>,
 
     /// Most bytes of warm-up data one model may hold (all its warm-up samples together,
-    /// including the default zero-filled ones). A config asking for more is not loaded. [default: 268435456]
+    /// including the default zero-filled ones). A config asking for more is not loaded.
     #[arg(long, env = "SLUICE_MAX_WARMUP_BYTES", value_name = "BYTES")]
     pub max_warmup_bytes: Option<u64>,
 
@@ -199,24 +199,24 @@ pub struct Settings {
 
     /// Refuse excess load at once: the in-flight and concurrency limits, and refusing
     /// requests whose predicted queue wait exceeds their deadline. `false`: only each
-    /// model's max_queue_size bounds waiting requests. [default: true]
+    /// model's max_queue_size bounds waiting requests.
     #[arg(long, env = "SLUICE_LOAD_SHEDDING", value_name = "BOOL")]
     pub load_shedding: Option<bool>,
 
-    /// Inference requests in flight in the whole server; more are refused UNAVAILABLE. [default: 2048]
+    /// Inference requests in flight in the whole server; more are refused UNAVAILABLE.
     #[arg(long, env = "SLUICE_MAX_IN_FLIGHT", value_name = "N")]
     pub max_in_flight: Option<usize>,
 
     /// Per-model concurrency limit: `adaptive` (follows the model's queue delay between
-    /// the min and max) or `static` (always the max). [default: adaptive]
+    /// the min and max) or `static` (always the max).
     #[arg(long, env = "SLUICE_CONCURRENCY_LIMIT_MODE", value_name = "MODE")]
     pub concurrency_limit_mode: Option<LimitMode>,
 
-    /// Lowest per-model concurrency limit. [default: 2]
+    /// Lowest per-model concurrency limit.
     #[arg(long, env = "SLUICE_MIN_CONCURRENCY_LIMIT", value_name = "N")]
     pub min_concurrency_limit: Option<usize>,
 
-    /// Highest per-model concurrency limit (and its start value). [default: 256]
+    /// Highest per-model concurrency limit (and its start value).
     #[arg(long, env = "SLUICE_MAX_CONCURRENCY_LIMIT", value_name = "N")]
     pub max_concurrency_limit: Option<usize>,
 
@@ -227,11 +227,11 @@ pub struct Settings {
     pub target_queue_delay_ms: Option<f64>,
 
     /// Retries of transient failures allowed, as a percentage of recent requests (on
-    /// top of the minimum per second). [default: 20]
+    /// top of the minimum per second).
     #[arg(long, env = "SLUICE_RETRY_BUDGET_PERCENT", value_name = "PERCENT")]
     pub retry_budget_percent: Option<f32>,
 
-    /// Retries of transient failures always allowed per second. [default: 10]
+    /// Retries of transient failures always allowed per second.
     #[arg(long, env = "SLUICE_RETRY_MIN_PER_SEC", value_name = "N")]
     pub retry_min_per_sec: Option<u32>,
 }
@@ -239,7 +239,9 @@ pub struct Settings {
 impl Settings {
     /// Settings from the command line and environment, merged over the config file they name.
     pub fn load() -> Result<Settings, ConfigError> {
-        let cli = Settings::parse();
+        let matches = Settings::command_with_defaults().get_matches();
+        let cli = <Settings as clap::FromArgMatches>::from_arg_matches(&matches)
+            .unwrap_or_else(|e| e.exit());
         match cli.config.clone() {
             Some(path) => Ok(cli.or(Settings::from_file(&path)?)),
             None => Ok(cli),
@@ -328,8 +330,14 @@ impl Settings {
         }
     }
 
-    /// Fill in defaults and check every value once.
+    /// Fill in the defaults ([`Settings::defaults`], the lowest layer) and check every
+    /// value once.
     pub fn validate(self) -> Result<Config, ConfigError> {
+        self.or(Settings::defaults()).validate_merged()
+    }
+
+    fn validate_merged(self) -> Result<Config, ConfigError> {
+        const SET: &str = "Settings::defaults sets it";
         let admission = self.admission()?;
         let edge = self.edge()?;
         let control = self.model_control()?;
@@ -337,25 +345,21 @@ impl Settings {
         let config = Config {
             admission,
             edge,
-            model_repository: self
-                .model_repository
-                .unwrap_or_else(|| PathBuf::from("models")),
-            host: self.host.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)),
-            grpc_port: self.grpc_port.unwrap_or(8001),
-            http_port: self.http_port.unwrap_or(8000),
-            metrics_port: self.metrics_port.unwrap_or(8002),
-            log_format: self.log_format.unwrap_or(LogFormat::Text),
-            log_level: self.log_level.unwrap_or_else(|| "info".to_owned()),
+            model_repository: self.model_repository.expect(SET),
+            host: self.host.expect(SET),
+            grpc_port: self.grpc_port.expect(SET),
+            http_port: self.http_port.expect(SET),
+            metrics_port: self.metrics_port.expect(SET),
+            log_format: self.log_format.expect(SET),
+            log_level: self.log_level.expect(SET),
             backend: BackendOptions {
                 intra_op_threads: self.intra_op_threads,
             },
-            shutdown_grace_period: Duration::from_secs(
-                self.shutdown_grace_period_secs.unwrap_or(30),
-            ),
-            max_message_bytes: self.max_message_bytes.unwrap_or(DEFAULT_MAX_MESSAGE_BYTES),
+            shutdown_grace_period: Duration::from_secs(self.shutdown_grace_period_secs.expect(SET)),
+            max_message_bytes: self.max_message_bytes.expect(SET),
             models: ModelDefaults {
                 min_instances: self.min_instances,
-                idle_timeout: idle_timeout(self.idle_timeout_secs.unwrap_or(300.0)).map_err(
+                idle_timeout: idle_timeout(self.idle_timeout_secs.expect(SET)).map_err(
                     |message| ConfigError::Invalid {
                         setting: "idle_timeout_secs",
                         message,

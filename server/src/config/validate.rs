@@ -118,7 +118,7 @@ impl Settings {
     /// opts out in so many words: an open control port lets anyone replace every model.
     pub(super) fn model_control(&self) -> Result<ModelControl, ConfigError> {
         let invalid = |setting, message: String| ConfigError::Invalid { setting, message };
-        let mode = self.model_control_mode.unwrap_or(ModelControlMode::None);
+        let mode = self.model_control_mode.expect("Settings::defaults sets it");
         let token = match (&self.model_control_token, &self.model_control_token_file) {
             (Some(_), Some(_)) => {
                 return Err(invalid(
@@ -135,7 +135,9 @@ impl Settings {
             }
             (None, None) => None,
         };
-        let open = self.allow_unauthenticated_model_control.unwrap_or(false);
+        let open = self
+            .allow_unauthenticated_model_control
+            .expect("Settings::defaults sets it");
         if mode == ModelControlMode::Explicit && token.is_none() && !open {
             return Err(invalid(
                 "model_control_mode",
