@@ -218,9 +218,9 @@ def typical_closed_loop(result):
     return statistics.median(values) if values else 0.0
 
 
-def open_loop_capacity(args, port, model, closed_best, work):
+def open_loop_capacity(args, port, model, closed, work):
     """What the server serves without refusing: the smaller of the typical closed-loop
-    throughput (`closed_best`, see typical_closed_loop) and what it serves to independent arrivals when it cannot serve them
+    throughput (`closed`, from typical_closed_loop) and what it serves to independent arrivals when it cannot serve them
     all (one open-loop Poisson point at `--probe-factor` times the best closed-loop
     throughput, the median of its per-second successes after the warm-up).
 
@@ -229,14 +229,14 @@ def open_loop_capacity(args, port, model, closed_best, work):
     picks a quiet moment, so "0.8x" of it can be the model's whole capacity a few
     seconds later. The probe overloads the server on purpose (its refusals are not
     counted)."""
-    if closed_best <= 0:
+    if closed <= 0:
         return 0.0
     out = work / "probe.json"
     out.unlink(missing_ok=True)
     warmup = 1.0
     cmd = [str(BENCH), "run", "-m", model, "-u", f"127.0.0.1:{port}", "--connections",
            str(args.connections), "-q", "--json", str(out), "--rate",
-           f"{args.probe_factor * closed_best:.1f}", "--arrival", "poisson", "--deadline",
+           f"{args.probe_factor * closed:.1f}", "--arrival", "poisson", "--deadline",
            args.deadline, "--warmup", ms(f"{warmup}s"), "--duration", ms(args.probe_duration)]
     timeout = warmup + seconds(args.probe_duration) + seconds(args.deadline) + 5 + args.tool_timeout
     try:
@@ -259,7 +259,7 @@ def open_loop_capacity(args, port, model, closed_best, work):
     # whose largest batch is slower per sample than a middle one (cnn at 32 here) loses
     # throughput when a deep queue fills every batch. The cell asks whether load below
     # what is served without shedding is refused, so it takes the smaller.
-    return float(min(shed, closed_best))
+    return float(min(shed, closed))
 
 
 def poisson_cell(args, port, model, capacity, work):

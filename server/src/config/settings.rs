@@ -337,7 +337,6 @@ impl Settings {
     }
 
     fn validate_merged(self) -> Result<Config, ConfigError> {
-        const SET: &str = "Settings::defaults sets it";
         let admission = self.admission()?;
         let edge = self.edge()?;
         let control = self.model_control()?;
@@ -345,26 +344,26 @@ impl Settings {
         let config = Config {
             admission,
             edge,
-            model_repository: self.model_repository.expect(SET),
-            host: self.host.expect(SET),
-            grpc_port: self.grpc_port.expect(SET),
-            http_port: self.http_port.expect(SET),
-            metrics_port: self.metrics_port.expect(SET),
-            log_format: self.log_format.expect(SET),
-            log_level: self.log_level.expect(SET),
+            model_repository: set(self.model_repository),
+            host: set(self.host),
+            grpc_port: set(self.grpc_port),
+            http_port: set(self.http_port),
+            metrics_port: set(self.metrics_port),
+            log_format: set(self.log_format),
+            log_level: set(self.log_level),
             backend: BackendOptions {
                 intra_op_threads: self.intra_op_threads,
             },
-            shutdown_grace_period: Duration::from_secs(self.shutdown_grace_period_secs.expect(SET)),
-            max_message_bytes: self.max_message_bytes.expect(SET),
+            shutdown_grace_period: Duration::from_secs(set(self.shutdown_grace_period_secs)),
+            max_message_bytes: set(self.max_message_bytes),
             models: ModelDefaults {
                 min_instances: self.min_instances,
-                idle_timeout: idle_timeout(self.idle_timeout_secs.expect(SET)).map_err(
-                    |message| ConfigError::Invalid {
+                idle_timeout: idle_timeout(set(self.idle_timeout_secs)).map_err(|message| {
+                    ConfigError::Invalid {
                         setting: "idle_timeout_secs",
                         message,
-                    },
-                )?,
+                    }
+                })?,
                 max_execution: max_execution(self.max_execution_secs)?,
                 limits,
             },

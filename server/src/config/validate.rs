@@ -12,7 +12,7 @@ pub(super) const MAX_EXECUTION_RANGE_SECS: std::ops::RangeInclusive<f64> = 0.001
 
 /// `max_execution_secs` checked: 0 turns the check off, otherwise within the range.
 pub(super) fn max_execution(secs: Option<f64>) -> Result<Option<Duration>, ConfigError> {
-    let secs = secs.unwrap_or(DEFAULT_MAX_EXECUTION_SECS);
+    let secs = set(secs);
     if secs == 0.0 {
         return Ok(None);
     }
@@ -30,37 +30,37 @@ pub(super) fn max_execution(secs: Option<f64>) -> Result<Option<Duration>, Confi
     }
 }
 
+/// A setting's value after [`Settings::validate`] merged the defaults under it: every
+/// setting with a fixed default is set by then.
+pub(super) fn set<T>(value: Option<T>) -> T {
+    value.expect("Settings::defaults sets every setting with a fixed default")
+}
+
 impl Settings {
     /// The edge limits, each checked on its own; how they relate to other settings is
     /// checked in [`Config::check`].
     // Kept whole: one check per edge setting, in the order of the README's table.
     pub(super) fn edge(&self) -> Result<EdgeLimits, ConfigError> {
-        let d = EdgeLimits::default();
         let invalid = |setting, message: String| ConfigError::Invalid { setting, message };
-        let count = |v: Option<usize>, default: usize, setting| match v {
-            Some(0) => Err(invalid(setting, "must be at least 1".to_owned())),
-            v => Ok(v.unwrap_or(default)),
+        let count = |v: Option<usize>, setting| match set(v) {
+            0 => Err(invalid(setting, "must be at least 1".to_owned())),
+            n => Ok(n),
         };
-        let secs = |v: Option<u64>, default: Duration, setting| match v {
-            None => Ok(default),
-            Some(s) if (1..=MAX_EDGE_SECS).contains(&s) => Ok(Duration::from_secs(s)),
-            Some(s) => Err(invalid(
+        let secs = |v: Option<u64>, setting| match set(v) {
+            s if (1..=MAX_EDGE_SECS).contains(&s) => Ok(Duration::from_secs(s)),
+            s => Err(invalid(
                 setting,
                 format!("{s} is not within 1..={MAX_EDGE_SECS} seconds"),
             )),
         };
-        let max_concurrent_streams = self
-            .max_concurrent_streams
-            .unwrap_or(d.max_concurrent_streams);
+        let max_concurrent_streams = set(self.max_concurrent_streams);
         if !(1..=65_536).contains(&max_concurrent_streams) {
             return Err(invalid(
                 "max_concurrent_streams",
                 format!("{max_concurrent_streams} is not within 1..=65536"),
             ));
         }
-        let max_header_list_bytes = self
-            .max_header_list_bytes
-            .unwrap_or(d.max_header_list_bytes);
+        let max_header_list_bytes = set(self.max_header_list_bytes);
         if !(1024..=1 << 20).contains(&max_header_list_bytes) {
             return Err(invalid(
                 "max_header_list_bytes",
@@ -70,47 +70,30 @@ impl Settings {
         Ok(EdgeLimits {
             max_request_bytes_in_flight: count(
                 self.max_request_bytes_in_flight,
-                d.max_request_bytes_in_flight,
                 "max_request_bytes_in_flight",
             )?,
-            max_connections: count(self.max_connections, d.max_connections, "max_connections")?,
-            max_http_connections: count(
-                self.max_http_connections,
-                d.max_http_connections,
-                "max_http_connections",
-            )?,
+            max_connections: count(self.max_connections, "max_connections")?,
+            max_http_connections: count(self.max_http_connections, "max_http_connections")?,
             max_concurrent_streams,
             max_header_list_bytes,
             http2_max_pending_reset_streams: count(
                 self.http2_max_pending_reset_streams,
-                d.http2_max_pending_reset_streams,
                 "http2_max_pending_reset_streams",
             )?,
             keepalive_interval: secs(
                 self.http2_keepalive_interval_secs,
-                d.keepalive_interval,
                 "http2_keepalive_interval_secs",
             )?,
             keepalive_timeout: secs(
                 self.http2_keepalive_timeout_secs,
-                d.keepalive_timeout,
                 "http2_keepalive_timeout_secs",
             )?,
             idle_connection_timeout: secs(
                 self.idle_connection_timeout_secs,
-                d.idle_connection_timeout,
                 "idle_connection_timeout_secs",
             )?,
-            body_read_timeout: secs(
-                self.body_read_timeout_secs,
-                d.body_read_timeout,
-                "body_read_timeout_secs",
-            )?,
-            header_read_timeout: secs(
-                self.header_read_timeout_secs,
-                d.header_read_timeout,
-                "header_read_timeout_secs",
-            )?,
+            body_read_timeout: secs(self.body_read_timeout_secs, "body_read_timeout_secs")?,
+            header_read_timeout: secs(self.header_read_timeout_secs, "header_read_timeout_secs")?,
         })
     }
 
@@ -118,7 +101,7 @@ impl Settings {
     /// opts out in so many words: an open control port lets anyone replace every model.
     pub(super) fn model_control(&self) -> Result<ModelControl, ConfigError> {
         let invalid = |setting, message: String| ConfigError::Invalid { setting, message };
-        let mode = self.model_control_mode.expect("Settings::defaults sets it");
+        let mode = set(self.model_control_mode);
         let token = match (&self.model_control_token, &self.model_control_token_file) {
             (Some(_), Some(_)) => {
                 return Err(invalid(
@@ -135,9 +118,7 @@ impl Settings {
             }
             (None, None) => None,
         };
-        let open = self
-            .allow_unauthenticated_model_control
-            .expect("Settings::defaults sets it");
+        let open = set(self.allow_unauthenticated_model_control);
         if mode == ModelControlMode::Explicit && token.is_none() && !open {
             return Err(invalid(
                 "model_control_mode",
@@ -157,25 +138,21 @@ impl Settings {
 
     pub(super) fn model_limits(&self) -> Result<ModelLimits, ConfigError> {
         let invalid = |setting, message: String| ConfigError::Invalid { setting, message };
-        let defaults = ModelLimits::default();
-        let max_model_instances = self
-            .max_model_instances
-            .unwrap_or(defaults.max_model_instances);
+        let max_model_instances = set(self.max_model_instances);
         if !(1..=MAX_MODEL_INSTANCES_CEILING).contains(&max_model_instances) {
             return Err(invalid(
                 "max_model_instances",
                 format!("{max_model_instances} is not within 1..={MAX_MODEL_INSTANCES_CEILING}"),
             ));
         }
-        let max_warmup_bytes = match self.max_warmup_bytes {
-            None => defaults.max_warmup_bytes,
-            Some(0) => {
+        let max_warmup_bytes = match set(self.max_warmup_bytes) {
+            0 => {
                 return Err(invalid(
                     "max_warmup_bytes",
                     "must be at least 1 (every model warms up)".to_owned(),
                 ))
             }
-            Some(bytes) => usize::try_from(bytes).map_err(|_| {
+            bytes => usize::try_from(bytes).map_err(|_| {
                 invalid(
                     "max_warmup_bytes",
                     format!("{bytes} does not fit this machine's address space"),
@@ -190,22 +167,15 @@ impl Settings {
 
     // Kept whole: one check per admission setting, in the order of the README's table.
     pub(super) fn admission(&self) -> Result<AdmissionConfig, ConfigError> {
-        let defaults = AdmissionConfig::default();
         let invalid = |setting, message: String| ConfigError::Invalid { setting, message };
         let millis = |ms: Option<u64>, setting| match ms {
             Some(0) => Err(invalid(setting, "must be above 0 ms".to_owned())),
             ms => Ok(ms.map(Duration::from_millis)),
         };
         let model_limit = LimitConfig {
-            mode: self
-                .concurrency_limit_mode
-                .unwrap_or(defaults.model_limit.mode),
-            min: self
-                .min_concurrency_limit
-                .unwrap_or(defaults.model_limit.min),
-            max: self
-                .max_concurrency_limit
-                .unwrap_or(defaults.model_limit.max),
+            mode: set(self.concurrency_limit_mode),
+            min: set(self.min_concurrency_limit),
+            max: set(self.max_concurrency_limit),
             target: match self.target_queue_delay_ms {
                 None => None,
                 Some(ms) if ms.is_finite() && ms > 0.0 && ms / 1e3 <= MAX_TIMEOUT_SECS_F64 => {
@@ -234,13 +204,11 @@ impl Settings {
                 ),
             ));
         }
-        let max_in_flight = self.max_in_flight.unwrap_or(defaults.max_in_flight);
+        let max_in_flight = set(self.max_in_flight);
         if max_in_flight == 0 {
             return Err(invalid("max_in_flight", "must be at least 1".to_owned()));
         }
-        let percent = self
-            .retry_budget_percent
-            .unwrap_or(defaults.retry.percent * 100.0);
+        let percent = set(self.retry_budget_percent);
         if !(0.0..=1000.0).contains(&percent) {
             return Err(invalid(
                 "retry_budget_percent",
@@ -252,13 +220,14 @@ impl Settings {
                 default: millis(self.default_timeout_ms, "default_timeout_ms")?,
                 max: millis(self.max_timeout_ms, "max_timeout_ms")?,
             },
-            shedding: self.load_shedding.unwrap_or(defaults.shedding),
+            shedding: set(self.load_shedding),
             max_in_flight,
             model_limit,
             retry: RetryBudget {
                 percent: percent / 100.0,
-                min_per_sec: self.retry_min_per_sec.unwrap_or(defaults.retry.min_per_sec),
-                ..defaults.retry
+                min_per_sec: set(self.retry_min_per_sec),
+                // Not a setting.
+                ttl: RetryBudget::default().ttl,
             },
         })
     }
