@@ -1,5 +1,7 @@
-"""Start a release sluice server for the benchmark scripts and wait until it is ready."""
+"""Shared by the benchmark scripts: start a release sluice server and wait until it is
+ready, write a Triton-style repository, read a server's CPU time and inference count."""
 
+import os
 import re
 import subprocess
 import sys
@@ -9,6 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / "target/release/sluice"
+TICK = os.sysconf("SC_CLK_TCK")
 
 
 def start_server(repo, port, log, extra=(), binary=BIN):
@@ -71,3 +74,44 @@ def triton_style_repo(work, models, count=1, max_batch=32, delay=2000, extra="")
             model=model, max_batch=max_batch, count=count, delay=delay, extra=extra,
             inputs=config_block(bundled, "input"), outputs=config_block(bundled, "output")))
     return repo
+
+
+def tree_cpu_seconds(root_pid):
+    """utime + stime of `root_pid` and every process below it, in seconds."""
+    children = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        children.setdefault(int(fields[1]), []).append((int(entry.name), fields))
+    total, stack = 0, [root_pid]
+    try:
+        fields = Path(f"/proc/{root_pid}/stat").read_text()
+        fields = fields[fields.rindex(")") + 2:].split()
+        total += int(fields[11]) + int(fields[12])
+    except OSError:
+        return float("nan")
+    while stack:
+        for pid, fields in children.get(stack.pop(), []):
+            total += int(fields[11]) + int(fields[12])
+            stack.append(pid)
+    return total / TICK
+
+
+def inferences(address, model):
+    """Inferences the server at `address` (host:port, or a port on 127.0.0.1) has counted
+    for `model`, all versions (its ModelStatistics: the server's own count)."""
+    import tritonclient.grpc as grpcclient  # only the scripts that ask need it
+
+    if isinstance(address, int):
+        address = f"127.0.0.1:{address}"
+    client = grpcclient.InferenceServerClient(address)
+    try:
+        stats = client.get_inference_statistics(model_name=model, as_json=True)
+        return sum(int(s.get("inference_count", 0)) for s in stats.get("model_stats", []))
+    finally:
+        client.close()

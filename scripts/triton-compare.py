@@ -39,52 +39,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import tritonclient.grpc as grpcclient
-
-from sluice_serve import BIN, ROOT, start_server, triton_style_repo
+from sluice_serve import BIN, ROOT, inferences, start_server, tree_cpu_seconds, triton_style_repo
 
 TRITON = ROOT / "scripts/tools/triton"
-TICK = os.sysconf("SC_CLK_TCK")
 SLUICE_PORT, TRITON_PORT = 39501, 39511
 
 
 def log(*a):
     print(*a, file=sys.stderr, flush=True)
-
-
-def tree_cpu_seconds(root_pid):
-    """utime + stime of `root_pid` and every process below it, in seconds."""
-    children = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        children.setdefault(int(fields[1]), []).append((int(entry.name), fields))
-    total, stack = 0, [root_pid]
-    try:
-        fields = Path(f"/proc/{root_pid}/stat").read_text()
-        fields = fields[fields.rindex(")") + 2:].split()
-        total += int(fields[11]) + int(fields[12])
-    except OSError:
-        return float("nan")
-    while stack:
-        for pid, fields in children.get(stack.pop(), []):
-            total += int(fields[11]) + int(fields[12])
-            stack.append(pid)
-    return total / TICK
-
-
-def inferences(port, model):
-    client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
-    try:
-        stats = client.get_inference_statistics(model_name=model, as_json=True)
-        return sum(int(s.get("inference_count", 0)) for s in stats.get("model_stats", []))
-    finally:
-        client.close()
 
 
 def perf_analyzer(args, port, model, load, work):

@@ -4,6 +4,13 @@
 //! and the served latency is the gateway's own overhead.
 //!
 //!     cargo run --release -p sluice --example forward -- models/mlp --batch 1,8,32
+//!
+//! With `--rate R` each instance runs R forwards per second, evenly paced, instead of
+//! back to back: the CPU per forward column then shows what a model costs at a steady
+//! request rate, the yardstick for the server's CPU per inference at the same rate
+//! (idle intra-op threads that spin between forwards show up here as they do there).
+//! Like the server, the program runs with `OMP_WAIT_POLICY=PASSIVE` unless the
+//! environment sets a wait policy.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -32,6 +39,22 @@ struct Args {
     /// Measuring time per batch size.
     #[arg(long, default_value_t = 3.0)]
     seconds: f64,
+    /// Forwards per second per instance, evenly paced; 0 runs them back to back.
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
+}
+
+/// CPU time (user + system) this process has used so far.
+fn process_cpu() -> Duration {
+    // SAFETY: getrusage writes into the struct we pass and reads nothing else.
+    #[allow(unsafe_code)]
+    let usage = unsafe {
+        let mut usage = std::mem::zeroed::<libc::rusage>();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(usage.ru_utime) + tv(usage.ru_stime)
 }
 
 fn inputs(spec: &ModelSpec, batch: i64) -> Vec<Tensor> {
@@ -50,6 +73,9 @@ fn inputs(spec: &ModelSpec, batch: i64) -> Vec<Tensor> {
 }
 
 fn main() {
+    if let Err(e) = sluice::backend::openmp::ensure_default_wait_policy() {
+        eprintln!("cannot re-execute with OMP_WAIT_POLICY=PASSIVE: {e}");
+    }
     let args = Args::parse();
     let name = args
         .model_dir
@@ -67,12 +93,15 @@ fn main() {
         args.instances, args.threads
     );
     println!(
-        "{:>6} {:>14} {:>14} {:>16}",
-        "batch", "p50 forward", "p99 forward", "inferences/s"
+        "{:>6} {:>14} {:>14} {:>16} {:>18}",
+        "batch", "p50 forward", "p99 forward", "inferences/s", "CPU per forward"
     );
+    let pace = (args.rate > 0.0).then(|| Duration::from_secs_f64(1.0 / args.rate));
     for &batch in &args.batch {
         let measure = Duration::from_secs_f64(args.seconds);
-        let barrier = Arc::new(std::sync::Barrier::new(args.instances));
+        // The instances and this thread: the CPU count starts once every copy is loaded
+        // and warm.
+        let barrier = Arc::new(std::sync::Barrier::new(args.instances + 1));
         let workers: Vec<_> = (0..args.instances)
             .map(|_| {
                 let (spec, dir, barrier) = (spec.clone(), version_dir.clone(), barrier.clone());
@@ -85,7 +114,12 @@ fn main() {
                     barrier.wait();
                     let start = Instant::now();
                     let mut times = Vec::new();
+                    let mut next = start;
                     while start.elapsed() < measure {
+                        if let Some(pace) = pace {
+                            std::thread::sleep(next.saturating_duration_since(Instant::now()));
+                            next += pace;
+                        }
                         let t = Instant::now();
                         model.forward(&input).expect("forward");
                         times.push(t.elapsed());
@@ -96,17 +130,21 @@ fn main() {
             .collect();
         let mut all = Vec::new();
         let mut rate = 0.0;
+        barrier.wait();
+        let cpu_before = process_cpu();
         for w in workers {
             let (times, wall) = w.join().expect("worker");
             rate += times.len() as f64 * batch as f64 / wall.as_secs_f64();
             all.extend(times);
         }
+        let cpu = process_cpu().saturating_sub(cpu_before);
         all.sort();
         let pct = |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)];
         println!(
-            "{batch:>6} {:>11.1} us {:>11.1} us {rate:>16.0}",
+            "{batch:>6} {:>11.1} us {:>11.1} us {rate:>16.0} {:>15.1} us",
             pct(0.5).as_secs_f64() * 1e6,
-            pct(0.99).as_secs_f64() * 1e6
+            pct(0.99).as_secs_f64() * 1e6,
+            cpu.as_secs_f64() * 1e6 / all.len().max(1) as f64
         );
     }
 }

@@ -7,6 +7,11 @@ use sluice::server::{termination_signal, Server};
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
+    // Returns only when no re-execution was needed (or it failed: then libgomp's
+    // spinning default stays, which costs CPU, not correctness).
+    if let Err(e) = sluice::backend::openmp::ensure_default_wait_policy() {
+        eprintln!("sluice: cannot re-execute with OMP_WAIT_POLICY=PASSIVE ({e}); OpenMP threads will spin between forwards");
+    }
     let config = match Settings::load().and_then(Settings::validate) {
         Ok(c) => c,
         Err(e) => {

@@ -8,6 +8,7 @@ use crate::config::BackendOptions;
 use crate::spec::{ModelSpec, Platform};
 use crate::tensor::Tensor;
 
+pub mod openmp;
 pub mod synthetic;
 pub mod torch;
 
