@@ -50,7 +50,8 @@ def log(*a):
 
 def bench(port, args, work, *load, plots=None, extra=(), warmup=None):
     out = work / "run.json"
-    cmd = [str(BENCH), "run", "-m", args.model, "-u", f"127.0.0.1:{port}",
+    pin = ["taskset", "-c", args.pin.split(":")[1]] if args.pin else []
+    cmd = [*pin, str(BENCH), "run", "-m", args.model, "-u", f"127.0.0.1:{port}",
            "--connections", str(args.connections), "--deadline", args.deadline,
            "--arrival", "poisson", "--warmup", warmup or args.warmup, "-q", "--json", str(out),
            *load, *extra]
@@ -145,7 +146,13 @@ def main():
     ap.add_argument("--level1-share", type=float, default=0.85,
                     help="share of capacity that priority level 1 offers in the 2C priority run "
                          "(level 2 offers the rest of 2C)")
+    ap.add_argument("--pin", default=None, metavar="SERVER_CPUS:CLIENT_CPUS",
+                    help="pin the servers (every thread) and the load generator to disjoint CPUs "
+                         "with taskset, e.g. 1:0, so that the generator's CPU is not taken from "
+                         "the server")
     args = ap.parse_args()
+    if args.pin and ":" not in args.pin:
+        sys.exit("--pin takes SERVER_CPUS:CLIENT_CPUS, e.g. 1:0")
     if not (BIN.exists() and BENCH.exists()):
         sys.exit("build first: make build && cargo build --release -p sluice-bench")
     plots = Path(args.plots)
@@ -165,6 +172,10 @@ def main():
                            ["--load-shedding", "false"])
         prio = start_server(prio_repo, ports["priority"], open(work / "priority.log", "w"))
         procs += [on, off, prio]
+        if args.pin:
+            for p in procs:
+                subprocess.run(["taskset", "-a", "-cp", args.pin.split(":")[0], str(p.pid)],
+                               check=True, stdout=subprocess.DEVNULL)
 
         log("capacity sweep (shedding on)...")
         sweep = bench(ports["on"], args, work, "--rate", args.rates, "--duration", args.duration,
@@ -176,8 +187,10 @@ def main():
         style = ("a Triton-style config (one instance, max_batch_size 32, "
                  "max_queue_delay_microseconds 2000, no queue policy)" if args.triton_style
                  else "the bundled config")
+        pinned = (f", servers pinned to CPUs {args.pin.split(':')[0]} and the load generator to "
+                  f"{args.pin.split(':')[1]}" if args.pin else ", unpinned")
         print(f"Model `{args.model}` ({style}), open loop (Poisson), deadline {args.deadline} on every "
-              f"request, {args.connections} connections.\n")
+              f"request, {args.connections} connections{pinned}.\n")
         print("Capacity sweep, shedding on:\n")
         print("| offered/s | goodput/s | p50 ms | p99 ms | codes |")
         print("| ---: | ---: | ---: | ---: | --- |")

@@ -21,7 +21,9 @@ CPU per success when saturated (closed loop, 32 clients, no deadline), then an o
 point at K x C with a `--deadline`. The server's CPU beyond what its successes cost at
 saturation, divided by the requests it refused: CPU per refusal = (CPU - successes x CPU
 per success at saturation) / refusals. For sluice (found by its thread names) the same is
-printed for its network threads alone, which is where a refusal's work is done.
+printed for its network threads alone, which is where a refusal's work is done, and
+(with its metrics address) the refusals' latency inside the server, from HEADERS frame to
+answer, from its `sluice_refusal_duration_seconds` histogram.
 
 With `--server NAME=BIN` (repeatable) the script serves the bundled repository, or a
 Triton-style copy with `--triton-style` (one instance, max batch 32, 2 ms batching
@@ -39,6 +41,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 from sluice_serve import ROOT, TICK, inferences, start_server, tree_cpu_seconds, triton_style_repo
@@ -68,9 +71,41 @@ def network_cpu_seconds(pid):
     return total / TICK if found else None
 
 
-def sample(pid, url, model):
+def refusal_buckets(metrics):
+    """sluice's refusal-duration histogram (both stages summed): {upper bound: count}, or
+    None when `metrics` (host:port) is not given or does not export it."""
+    if not metrics:
+        return None
+    try:
+        with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except OSError:
+        return None
+    buckets = {}
+    for line in text.splitlines():
+        if line.startswith("sluice_refusal_duration_seconds_bucket{"):
+            le = line[line.index('le="') + 4:].split('"', 1)[0]
+            bound = float("inf") if le == "+Inf" else float(le)
+            buckets[bound] = buckets.get(bound, 0) + float(line.rsplit(" ", 1)[1])
+    return buckets
+
+
+def latency_quantile(before, after, q):
+    """The histogram bucket bound under which fraction `q` of the refusals between two
+    samples were answered, and the fraction answered within 1 ms."""
+    if before is None or after is None:
+        return None, None
+    delta = {b: after.get(b, 0) - before.get(b, 0) for b in after}
+    total = delta.get(float("inf"), 0)
+    if total <= 0:
+        return None, None
+    bound = next(b for b in sorted(delta) if delta[b] >= q * total)
+    return bound, delta.get(0.001, 0) / total
+
+
+def sample(pid, url, model, metrics=None):
     return {"t": time.monotonic(), "cpu": tree_cpu_seconds(pid), "net": network_cpu_seconds(pid),
-            "n": inferences(url, model)}
+            "n": inferences(url, model), "refusals": refusal_buckets(metrics)}
 
 
 def drive(args, url, pid, model, load):
@@ -82,9 +117,9 @@ def drive(args, url, pid, model, load):
 
     def sampler():
         time.sleep(args.warmup)
-        marks["start"] = sample(pid, url, model)
+        marks["start"] = sample(pid, url, model, args.metrics)
         time.sleep(args.seconds)
-        marks["end"] = sample(pid, url, model)
+        marks["end"] = sample(pid, url, model, args.metrics)
 
     thread = threading.Thread(target=sampler)
     thread.start()
@@ -98,7 +133,9 @@ def drive(args, url, pid, model, load):
     a, b = marks["start"], marks["end"]
     codes = point["codes"]
     ok = codes.get("OK", 0)
+    p99_bound, within_1ms = latency_quantile(a["refusals"], b["refusals"], 0.99)
     return {
+        "refusal_p99_le_s": p99_bound, "refusals_within_1ms": within_1ms,
         "seconds": b["t"] - a["t"], "cpu": b["cpu"] - a["cpu"], "n": b["n"] - a["n"],
         "net": None if a["net"] is None else b["net"] - a["net"],
         # The client's counts cover its whole measured window, which the samples match.
@@ -131,6 +168,8 @@ def refusal_cost(args, url, pid, model, factor):
     cost = lambda total, each_ok: 1e6 * (total - over["n"] * each_ok) / refused
     return {"capacity": capacity, "rate": rate, "ok_per_s": over["n"] / over["seconds"],
             "refused": over["refused"], "codes": over["codes"],
+            "refusal_p99_le_s": over["refusal_p99_le_s"],
+            "refusals_within_1ms": over["refusals_within_1ms"],
             "cpu_us": cost(over["cpu"], per_ok),
             "net_us": None if net_per_ok is None or over["net"] is None else cost(over["net"], net_per_ok)}
 
@@ -157,6 +196,9 @@ def measure_server(args, url, pid):
         r = refusal_cost(args, url, pid, model, factor)
         rows.append(("refusal", model, factor, r))
         net = "" if r["net_us"] is None else f", network threads {r['net_us']:.1f} us"
+        if r["refusal_p99_le_s"] is not None:
+            net += (f"; refusal latency in the server: p99 <= {r['refusal_p99_le_s'] * 1e3:g} ms, "
+                    f"{100 * r['refusals_within_1ms']:.1f}% within 1 ms")
         print(f"  {model} at {factor:g}x capacity ({r['capacity']:.0f}/s -> {r['rate']}/s): "
               f"{r['cpu_us']:.1f} us CPU per refusal{net}; {r['ok_per_s']:.0f} served/s, "
               f"codes {r['codes']}", file=sys.stderr, flush=True)
@@ -168,6 +210,8 @@ def main():
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pid", type=int, help="a running server's process id")
     ap.add_argument("--url", default="127.0.0.1:8001", help="its gRPC address (with --pid)")
+    ap.add_argument("--metrics", default=None,
+                    help="its metrics address (with --pid), for sluice's refusal latencies")
     ap.add_argument("--server", action="append", default=[], metavar="NAME=BIN",
                     help="serve with this sluice binary (repeatable)")
     ap.add_argument("--triton-style", action="store_true")
@@ -199,6 +243,7 @@ def main():
                 print(f"round {r + 1}, {name}:", file=sys.stderr, flush=True)
                 with open(work / "server.log", "a") as log:
                     server = start_server(repo, PORT, log, binary=binary)
+                args.metrics = f"127.0.0.1:{PORT + 2}"
                 try:
                     results[name].append(measure_server(args, f"127.0.0.1:{PORT}", server.pid))
                 finally:
@@ -222,6 +267,11 @@ def print_medians(results):
                 nets = [rnd[i][3]["net_us"] for rnd in rounds]
                 print(f"| {name} | {model} at {value:g}x capacity, network threads per refusal "
                       f"| {statistics.median(nets):.1f} us | {', '.join(f'{v:.1f}' for v in nets)} |")
+            if kind == "refusal" and rounds[0][i][3]["refusals_within_1ms"] is not None:
+                fast = [100 * rnd[i][3]["refusals_within_1ms"] for rnd in rounds]
+                print(f"| {name} | {model} at {value:g}x capacity, refusals answered within 1 ms "
+                      f"in the server | {statistics.median(fast):.1f}% | "
+                      f"{', '.join(f'{v:.1f}' for v in fast)} |")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@
 
 pub mod codec;
 pub mod limits;
+pub mod peek;
 
 /// Generated messages, enums and services of protobuf package `inference`.
 #[allow(

@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use sluice::config::{LogFormat, ModelControlMode, Settings};
+use sluice::config::{Config, LogFormat, ModelControlMode, Settings};
 use sluice::server::{termination_signal, Server};
 use tokio_util::sync::CancellationToken;
 
@@ -19,18 +19,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let filter = tracing_subscriber::EnvFilter::new(&config.log_level);
-    match config.log_format {
-        // Colours only on a terminal: a file or a log collector gets plain text.
-        LogFormat::Text => tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-            .init(),
-        LogFormat::Json => tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .init(),
-    }
+    init_logging(&config);
     // Validation let this through only with allow_unauthenticated_model_control.
     if config.control.mode == ModelControlMode::Explicit && config.control.token.is_none() {
         tracing::warn!(
@@ -65,5 +54,21 @@ fn main() -> ExitCode {
             eprintln!("sluice: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Text or JSON logs at the configured level.
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::new(&config.log_level);
+    match config.log_format {
+        // Colours only on a terminal: a file or a log collector gets plain text.
+        LogFormat::Text => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+            .init(),
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init(),
     }
 }

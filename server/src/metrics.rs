@@ -37,6 +37,7 @@ pub const CONCURRENCY_LIMIT: &str = "sluice_concurrency_limit";
 pub const IN_FLIGHT_REQUESTS: &str = "sluice_in_flight_requests";
 pub const RETRIES_TOTAL: &str = "sluice_retries_total";
 
+pub const REFUSAL_DURATION_SECONDS: &str = "sluice_refusal_duration_seconds";
 pub const TRANSPORT_REFUSALS_TOTAL: &str = "sluice_transport_refusals_total";
 pub const OPEN_CONNECTIONS: &str = "sluice_open_connections";
 pub const REQUEST_BYTES_IN_FLIGHT: &str = "sluice_request_bytes_in_flight";
@@ -150,6 +151,11 @@ fn describe() {
         REQUEST_DURATION_SECONDS,
         Unit::Seconds,
         "Time from receiving an inference request to answering it, by model."
+    );
+    describe_histogram!(
+        REFUSAL_DURATION_SECONDS,
+        Unit::Seconds,
+        "Time from a ModelInfer call's HEADERS frame to its overload refusal (UNAVAILABLE), by stage: edge (judged from the body's first bytes) or admission."
     );
     describe_histogram!(
         COMPUTE_DURATION_SECONDS,
@@ -277,6 +283,12 @@ fn describe() {
 pub fn request(model: &str, outcome: &'static str, elapsed: Duration) {
     counter!(REQUESTS_TOTAL, "model" => model.to_owned(), "outcome" => outcome).increment(1);
     histogram!(REQUEST_DURATION_SECONDS, "model" => model.to_owned()).record(elapsed.as_secs_f64());
+}
+
+/// One ModelInfer call refused for overload (UNAVAILABLE), from its HEADERS frame to
+/// its answer; `stage`: `edge` (from the body's first bytes) or `admission`.
+pub fn refusal_duration(stage: &'static str, elapsed: Duration) {
+    histogram!(REFUSAL_DURATION_SECONDS, "stage" => stage).record(elapsed.as_secs_f64());
 }
 
 /// One execution of the model on a batch of `samples`.

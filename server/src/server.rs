@@ -116,7 +116,11 @@ impl Server {
             &config.edge,
             config.max_message_bytes,
             config.admission.deadline,
-        );
+        )
+        .with_early_refusal(edge::EarlyRefusal {
+            gateway: gateway.clone(),
+            shedding: config.admission.shedding,
+        });
         let budget = grpc_edge.budget.clone();
         // Plain HTTP endpoints stop only after the gRPC drain, so probes see NOT_SERVING.
         let http_stop = CancellationToken::new();

@@ -9,7 +9,9 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::{eventually, f32s, fp32_request, http_get, TestRepo, TestServer};
+use common::raw_h2::{grpc_header, grpc_status, h2_connect, open_call};
+use common::{eventually, f32s, fp32_request, http_get, metric_value, TestRepo, TestServer};
+use prost::Message;
 use sluice::limit::LimitMode;
 use sluice::Config;
 use sluice_proto::grpc_inference_service_client::GrpcInferenceServiceClient;
@@ -18,6 +20,8 @@ use sluice_proto::inference::{InferParameter, ModelInferRequest};
 use tonic::Code;
 
 const MS: Duration = Duration::from_millis(1);
+
+const INFER: &str = "/inference.GRPCInferenceService/ModelInfer";
 
 type HttpClient = hyper_util::client::legacy::Client<
     hyper_util::client::legacy::connect::HttpConnector,
@@ -275,6 +279,78 @@ async fn over_the_models_concurrency_limit_a_request_is_refused_at_once() {
         .model_infer(fp32_request("held", "INPUT__0", &[2], &[1.0, 1.0]))
         .await
         .expect("served once the limit has room");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_refusal_needs_only_the_first_bytes_of_the_body() {
+    const SLEEP: u32 = 300;
+    let repo = TestRepo::new();
+    slow_model(&repo, "early", SLEEP);
+    let mut config = Config::for_repository(repo.path());
+    config.admission.model_limit.mode = LimitMode::Static;
+    config.admission.model_limit.min = 1;
+    config.admission.model_limit.max = 1;
+    let s = TestServer::start_with(config).await;
+    let mut client = s.client.clone();
+    let held = tokio::spawn(async move {
+        client
+            .model_infer(fp32_request("early", "INPUT__0", &[2], &[1.0, 2.0]))
+            .await
+    });
+    let model = s.gateway.model("early", "").unwrap();
+    eventually(Duration::from_secs(2), "one request in flight", || {
+        model.limit.in_flight() == 1
+    })
+    .await;
+    let before = rejected(s.metrics, "early", "concurrency_limit").await;
+    let edge = "sluice_refusal_duration_seconds_count{stage=\"edge\"}";
+    let edge_before = metric_value(s.metrics, edge).await.unwrap_or(0.0);
+
+    // A request announced as 64 KiB of which only its first bytes (its name, then the
+    // start of its tensors) ever arrive: the full path would wait for the rest until
+    // the body-read timeout.
+    let wire = fp32_request("early", "INPUT__0", &[2], &[9.0, 9.0]).encode_to_vec();
+    let mut h2 = h2_connect(s.grpc).await;
+    let (response, mut body) = open_call(&mut h2, INFER, None).await;
+    body.send_data(grpc_header(64 * 1024), false).unwrap();
+    body.send_data(wire.into(), false).unwrap();
+    let start = Instant::now();
+    let (code, message) = grpc_status(response).await;
+    assert_eq!(code, Code::Unavailable, "{message}");
+    assert!(start.elapsed() < MS * (SLEEP / 2), "refused at once");
+    assert!(message.contains("concurrency limit"), "{message}");
+    // Counted once, as every refusal; timed under the edge's stage (other tests of this
+    // binary may add to that unlabelled-by-model histogram too).
+    assert_eq!(
+        rejected(s.metrics, "early", "concurrency_limit").await,
+        before + 1.0
+    );
+    assert!(metric_value(s.metrics, edge).await.unwrap_or(0.0) >= edge_before + 1.0);
+
+    let out = held.await.unwrap().expect("the held request is served");
+    assert_eq!(
+        f32s(&out.into_inner().raw_output_contents[0]),
+        vec![1.0, 2.0]
+    );
+
+    // With room again, a request whose header fields arrive in pieces, with a pause
+    // between them, is read whole and served.
+    let wire = fp32_request("early", "INPUT__0", &[2], &[3.0, 4.0]).encode_to_vec();
+    let (response, mut body) = open_call(&mut h2, INFER, None).await;
+    body.send_data(grpc_header(wire.len() as u32), false)
+        .unwrap();
+    body.send_data(bytes::Bytes::copy_from_slice(&wire[..3]), false)
+        .unwrap();
+    tokio::time::sleep(MS * 50).await;
+    body.send_data(bytes::Bytes::copy_from_slice(&wire[3..]), true)
+        .unwrap();
+    let (code, message) = grpc_status(response).await;
+    assert_eq!(code, Code::Ok, "{message}");
+    assert_eq!(
+        rejected(s.metrics, "early", "concurrency_limit").await,
+        before + 1.0
+    );
     s.stop().await;
 }
 

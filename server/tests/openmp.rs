@@ -23,7 +23,7 @@ fn spin_count_in_effect(envs: &[(&str, &str)]) -> String {
     stderr
         .lines()
         .filter_map(|l| l.trim().strip_prefix("GOMP_SPINCOUNT = "))
-        .last()
+        .next_back()
         .unwrap_or_else(|| panic!("libgomp printed no settings: {stderr}"))
         .trim_matches('\'')
         .to_owned()

@@ -36,7 +36,7 @@ use crate::config::AdmissionConfig;
 use crate::error::Error;
 use crate::error::RejectReason;
 use crate::gateway::Gateway;
-use crate::limit::LIMIT_PUSHBACK;
+use crate::limit::{AdaptiveLimit, LIMIT_PUSHBACK};
 use crate::metrics;
 use crate::model::{Admission, InferRequest, InferResponse};
 
@@ -216,17 +216,7 @@ pub fn admit(gateway: &Gateway, timed: Timed, shedding: bool) -> Result<Admitted
             None => limit.try_acquire_without_deadline(level, levels),
         };
         let Some(permit) = permit else {
-            return Err(Error::Overloaded {
-                model: call.model.clone(),
-                cause: RejectReason::ConcurrencyLimit,
-                level: Some(level),
-                reason: format!(
-                    "concurrency limit reached ({} in flight, limit {}, priority level {level} of {levels})",
-                    limit.in_flight(),
-                    limit.limit()
-                ),
-                retry_after: LIMIT_PUSHBACK,
-            });
+            return Err(limit_refusal(&call.model, limit, level, levels));
         };
         Some(permit)
     } else {
@@ -242,6 +232,50 @@ pub fn admit(gateway: &Gateway, timed: Timed, shedding: bool) -> Result<Admitted
             permit,
         },
     })
+}
+
+/// The refusal of a request of `level` by `model`'s concurrency limit.
+fn limit_refusal(model: &str, limit: &AdaptiveLimit, level: u32, levels: u32) -> Error {
+    Error::Overloaded {
+        model: model.to_owned(),
+        cause: RejectReason::ConcurrencyLimit,
+        level: Some(level),
+        reason: format!(
+            "concurrency limit reached ({} in flight, limit {}, priority level {level} of {levels})",
+            limit.in_flight(),
+            limit.limit()
+        ),
+        retry_after: LIMIT_PUSHBACK,
+    }
+}
+
+/// What the transport edge knows of a request before its body is read: the header
+/// fields at the start of the message and whether the call has a deadline.
+#[derive(Debug, Clone, Copy)]
+pub struct EarlyCall<'a> {
+    pub model: &'a str,
+    pub version: &'a str,
+    pub priority: Option<u64>,
+    pub has_deadline: bool,
+}
+
+/// The refusal [`admit`] would give `call` now by its model's concurrency limit,
+/// decided from its header fields alone, so that the edge answers it without reading
+/// or decoding the rest of its body; counted like every refusal. `None` when admission
+/// must see the whole request: the limit has room, the model is unknown (the full
+/// path answers NOT_FOUND and accounts for it), or shedding is off.
+pub fn refuse_early(gateway: &Gateway, shedding: bool, call: EarlyCall<'_>) -> Option<Error> {
+    if !shedding {
+        return None;
+    }
+    let model = gateway.model(call.model, call.version).ok()?;
+    let queue = &model.spec.queue;
+    let level = queue.priority_level(call.priority);
+    let levels = queue.priority_levels;
+    model
+        .limit
+        .refuses(level, levels, call.has_deadline)
+        .then(|| counted(limit_refusal(call.model, &model.limit, level, levels)))
 }
 
 impl<S> Service<Timed> for ModelLimit<S>

@@ -208,6 +208,24 @@ impl State {
         self.by_level.iter().sum()
     }
 
+    /// One request of level `index` (from 0) offered to the limit.
+    fn count_offer(&mut self, index: usize) {
+        self.window_offered = self.window_offered.saturating_add(1);
+        if index == 0 {
+            self.window_top_offered = self.window_top_offered.saturating_add(1);
+        }
+    }
+
+    /// One request of level `index` refused. Only a refusal of the highest level in
+    /// flight says the limit binds: one of a lower level means higher levels are taking
+    /// their precedence.
+    fn count_refusal(&mut self, index: usize) {
+        if self.by_level.iter().take(index).all(|&n| n == 0) {
+            self.window_refused = true;
+        }
+        self.window_top_refused |= index == 0;
+    }
+
     /// Start a window at `now`: its counts from zero, its peak from what is in flight.
     fn open_window(&mut self, now: Instant) {
         self.window_start = Some(now);
@@ -263,6 +281,12 @@ enum Bound {
     Adaptive,
     /// The configured maximum: requests without one.
     Maximum,
+}
+
+/// What [`AdaptiveLimit::decide`] says of one request (`index`: its level, from 0).
+enum Decision {
+    Admit { index: usize, preempts: bool },
+    Refuse { index: usize },
 }
 
 /// A slot under the limit, returned when dropped.
@@ -358,8 +382,58 @@ impl AdaptiveLimit {
         self.acquire_within(level, levels, Bound::Maximum)
     }
 
+    /// Whether a request of `level` would be refused now, decided as
+    /// [`try_acquire`](Self::try_acquire) (or, without a deadline,
+    /// [`try_acquire_without_deadline`](Self::try_acquire_without_deadline)) decides,
+    /// without taking a slot. A refusal counts as one (the limit's next adjustment sees
+    /// it); a request it would admit is not counted here but when it takes its slot.
+    pub fn refuses(&self, level: u32, levels: u32, has_deadline: bool) -> bool {
+        let bound = if has_deadline {
+            Bound::Adaptive
+        } else {
+            Bound::Maximum
+        };
+        let mut s = self.lock();
+        match self.decide(&s, level, levels, bound) {
+            Decision::Refuse { index } => {
+                s.count_offer(index);
+                s.count_refusal(index);
+                true
+            }
+            Decision::Admit { .. } => false,
+        }
+    }
+
     fn acquire_within(self: &Arc<Self>, level: u32, levels: u32, bound: Bound) -> Option<Permit> {
         let mut s = self.lock();
+        let decision = self.decide(&s, level, levels, bound);
+        match decision {
+            Decision::Refuse { index } => {
+                s.count_offer(index);
+                s.count_refusal(index);
+                None
+            }
+            Decision::Admit { index, preempts } => {
+                s.count_offer(index);
+                let in_flight = s.in_flight();
+                if s.by_level.len() <= index {
+                    s.by_level.resize(index + 1, 0);
+                }
+                s.by_level[index] += 1;
+                s.window_peak = s.window_peak.max(in_flight + 1);
+                Some(Permit {
+                    limit: self.clone(),
+                    level: index,
+                    preempts,
+                })
+            }
+        }
+    }
+
+    /// A level's share of the limit: `levels - level + 1` of `levels`, at least one slot.
+    /// Over its share, a request may still displace lower levels when its own level and
+    /// the higher ones hold less than the share.
+    fn decide(&self, s: &State, level: u32, levels: u32, bound: Bound) -> Decision {
         let levels = levels.max(1);
         let level = level.clamp(1, levels);
         let share = f64::from(levels - level + 1) / f64::from(levels);
@@ -369,36 +443,22 @@ impl AdaptiveLimit {
         };
         let allowed = (limit * share).floor().max(1.0) as usize;
         let index = level as usize - 1;
-        if s.by_level.len() <= index {
-            s.by_level.resize(index + 1, 0);
-        }
         let in_flight = s.in_flight();
-        s.window_offered = s.window_offered.saturating_add(1);
-        if index == 0 {
-            s.window_top_offered = s.window_top_offered.saturating_add(1);
-        }
         // This level and the higher ones.
-        let own: usize = s.by_level[..=index].iter().sum();
-        let preempts = if in_flight < allowed {
-            false
-        } else if own < allowed && in_flight > own {
-            true
-        } else {
-            // Only a refusal of the highest level in flight says the limit binds: one of
-            // a lower level means higher levels are taking their precedence.
-            if s.by_level[..index].iter().all(|&n| n == 0) {
-                s.window_refused = true;
+        let own: usize = s.by_level.iter().take(index + 1).sum();
+        if in_flight < allowed {
+            Decision::Admit {
+                index,
+                preempts: false,
             }
-            s.window_top_refused |= index == 0;
-            return None;
-        };
-        s.by_level[index] += 1;
-        s.window_peak = s.window_peak.max(in_flight + 1);
-        Some(Permit {
-            limit: self.clone(),
-            level: index,
-            preempts,
-        })
+        } else if own < allowed && in_flight > own {
+            Decision::Admit {
+                index,
+                preempts: true,
+            }
+        } else {
+            Decision::Refuse { index }
+        }
     }
 
     /// The queue delay target now in force.

@@ -376,3 +376,52 @@ fn a_lone_request_never_shrinks_the_limit() {
     }
     assert_eq!(limit.limit(), 64);
 }
+
+#[test]
+fn refuses_decides_as_try_acquire_without_taking_a_slot() {
+    let limit = adaptive(1, 10, 5);
+    // Three levels filled lowest first, as in the preemption test: at every step,
+    // `refuses` agrees with an acquire made in the same state, and takes nothing.
+    let mut held = Vec::new();
+    for level in [3, 2, 1] {
+        loop {
+            for asked in 1..=3 {
+                let in_flight = limit.in_flight();
+                let refused = limit.refuses(asked, 3, true);
+                assert_eq!(limit.in_flight(), in_flight, "no slot taken");
+                let acquired = limit.try_acquire(asked, 3);
+                assert_eq!(refused, acquired.is_none(), "level {asked} at {in_flight}");
+            }
+            match limit.try_acquire(level, 3) {
+                Some(permit) => held.push(permit),
+                None => break,
+            }
+        }
+    }
+    // Shares 3, 6 and 10, the higher levels admitted over the lower ones.
+    assert_eq!(limit.in_flight(), 3 + 6 + 10);
+}
+
+#[test]
+fn a_refusal_judged_early_counts_like_one_at_acquire() {
+    let limit = adaptive(1, 2, 5);
+    assert!(!limit.refuses(1, 1, true));
+    assert_eq!(
+        limit.lock().window_offered,
+        0,
+        "an admission is counted when its slot is taken"
+    );
+    let held: Vec<_> = std::iter::from_fn(|| limit.try_acquire(1, 1)).collect();
+    let offered = limit.lock().window_offered;
+    assert!(limit.refuses(1, 1, true));
+    assert!(
+        limit.refuses(1, 1, false),
+        "the maximum binds without a deadline"
+    );
+    let s = limit.lock();
+    assert_eq!(s.window_offered, offered + 2);
+    assert!(s.window_refused && s.window_top_refused);
+    drop(s);
+    drop(held);
+    assert!(!limit.refuses(1, 1, true));
+}

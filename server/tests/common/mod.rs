@@ -2,6 +2,8 @@
 //! 127.0.0.1 with free ports, driven through the generated gRPC client.
 #![allow(dead_code)] // each test binary uses a different part
 
+pub mod raw_h2;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 

@@ -126,6 +126,8 @@ pub struct LimitedBody {
     pub(super) message_due: Option<Instant>,
     pub(super) timer: Option<Pin<Box<Sleep>>>,
     pub(super) finished: bool,
+    /// Frames already read from the wire (by [`LimitedBody::peek`]), given out first.
+    pub(super) replay: std::collections::VecDeque<Result<Frame<Bytes>, Status>>,
 }
 
 impl LimitedBody {
@@ -148,6 +150,7 @@ impl LimitedBody {
             message_due: (!rules.streaming).then(|| start + limits.body_timeout),
             timer: None,
             finished: false,
+            replay: std::collections::VecDeque::new(),
         }
     }
 
@@ -225,12 +228,32 @@ impl Body for LimitedBody {
     type Data = Bytes;
     type Error = Status;
 
-    // Kept whole: the body's one state machine (header, message, end), frame by frame.
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
-        let this = &mut *self;
+        match self.replay.pop_front() {
+            Some(frame) => Poll::Ready(Some(frame)),
+            None => self.poll_wire(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.replay.is_empty() && (self.finished || self.inner.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl LimitedBody {
+    // Kept whole: the body's one state machine (header, message, end), frame by frame.
+    pub(super) fn poll_wire(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let this = self;
         if this.finished {
             return Poll::Ready(None);
         }
@@ -290,14 +313,6 @@ impl Body for LimitedBody {
                 Poll::Ready(Some(Err(status)))
             }
         }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.finished || self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }
 

@@ -42,12 +42,14 @@ use crate::metrics::{self, TransportRefusal};
 
 mod body;
 mod budget;
+mod early;
 mod service;
 #[cfg(test)]
 mod tests;
 
 pub use body::*;
 pub use budget::*;
+pub use early::*;
 pub use service::*;
 
 /// When the server received a call's HEADERS frame; request extensions carry it to the

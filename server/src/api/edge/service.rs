@@ -10,6 +10,9 @@ pub struct GrpcEdge {
     pub body_timeout: Duration,
     pub max_message_bytes: usize,
     pub deadlines: DeadlinePolicy,
+    /// Judges ModelInfer calls from their first bytes ([`super::early`]); `None`: every
+    /// call takes the full path.
+    pub early: Option<EarlyRefusal>,
 }
 
 impl GrpcEdge {
@@ -19,6 +22,37 @@ impl GrpcEdge {
             body_timeout: limits.body_read_timeout,
             max_message_bytes,
             deadlines,
+            early: None,
+        }
+    }
+
+    /// A call's `grpc-timeout` and its deadline. Inference calls get the server's
+    /// deadline policy (its default and maximum); other calls only the deadline they ask
+    /// for.
+    fn deadline<B>(
+        &self,
+        req: &hyper::Request<B>,
+        rules: BodyRules,
+        start: Instant,
+    ) -> (Option<Duration>, Option<Instant>) {
+        let header_timeout = req
+            .headers()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(crate::api::grpc::parse_grpc_timeout);
+        let deadline = if rules.free_below == 0 {
+            self.deadlines.deadline(start, header_timeout, None)
+        } else {
+            header_timeout.map(|t| start + t)
+        };
+        (header_timeout, deadline)
+    }
+
+    /// Refuse ModelInfer calls their model's limit refuses before reading their bodies.
+    pub fn with_early_refusal(self, early: EarlyRefusal) -> Self {
+        GrpcEdge {
+            early: Some(early),
+            ..self
         }
     }
 }
@@ -41,12 +75,14 @@ pub(super) type ResponseFuture<B> = Pin<
 impl<S, B> tower::Service<hyper::Request<Incoming>> for GrpcEdgeService<S>
 where
     S: tower::Service<
-        hyper::Request<LimitedBody>,
-        Response = hyper::Response<B>,
-        Error = std::convert::Infallible,
-    >,
+            hyper::Request<LimitedBody>,
+            Response = hyper::Response<B>,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
     S::Future: Send + 'static,
-    B: Body + Unpin + Send + 'static,
+    B: Body + Default + Unpin + Send + 'static,
 {
     type Response = hyper::Response<TrackedBody<B>>;
     type Error = std::convert::Infallible;
@@ -60,18 +96,7 @@ where
         let start = Instant::now();
         let call = self.activity.start();
         let rules = rules_for(req.uri().path(), self.edge.max_message_bytes);
-        let header_timeout = req
-            .headers()
-            .get("grpc-timeout")
-            .and_then(|v| v.to_str().ok())
-            .and_then(crate::api::grpc::parse_grpc_timeout);
-        // Inference calls get the server's deadline policy (its default and maximum);
-        // other calls only the deadline they ask for.
-        let deadline = if rules.free_below == 0 {
-            self.edge.deadlines.deadline(start, header_timeout, None)
-        } else {
-            header_timeout.map(|t| start + t)
-        };
+        let (header_timeout, deadline) = self.edge.deadline(&req, rules, start);
         req.extensions_mut().insert(RequestStart(start));
         let reservation = Arc::new(Reservation::default());
         let decode_budget: Arc<dyn DecodeBudget> = Arc::new(CallBudget {
@@ -90,12 +115,36 @@ where
                 deadline,
             )
         });
-        let answer = self.inner.call(req);
+        let infer = rules.free_below == 0 && !rules.streaming;
+        let early = self.edge.early.clone().filter(|_| infer);
+        // The service polled ready is the one called; a fresh clone stays behind.
+        let inner = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, inner);
+        let policy = self.edge.deadlines;
         Box::pin(DECODE_BUDGET.scope(decode_budget, async move {
-            let response = answer.await?;
+            let (parts, mut body) = req.into_parts();
+            if let Some(early) = early {
+                let refusal = early.refuse(&mut body, &policy, start, header_timeout);
+                if let Some(status) = refusal.await {
+                    drop(body);
+                    drop(reservation);
+                    metrics::refusal_duration("edge", start.elapsed());
+                    let response = status.into_http::<B>();
+                    return Ok(response.map(|inner| TrackedBody { inner, _call: call }));
+                }
+            }
+            let response = inner.call(hyper::Request::from_parts(parts, body)).await?;
             // A unary call's message bytes stay reserved until here: its decoded
             // tensors lived until the answer was ready.
             drop(reservation);
+            if infer
+                && response
+                    .headers()
+                    .get("grpc-status")
+                    .is_some_and(|s| s == UNAVAILABLE)
+            {
+                metrics::refusal_duration("admission", start.elapsed());
+            }
             Ok(response.map(|inner| TrackedBody { inner, _call: call }))
         }))
     }
