@@ -11,6 +11,7 @@ use sluice_proto::grpc_inference_service_server::GrpcInferenceServiceServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::admission;
 use crate::api::{edge, grpc::InferenceService, http};
 use crate::config::{Config, EdgeLimits};
 use crate::gateway::Gateway;
@@ -109,18 +110,11 @@ impl Server {
         let upkeep = spawn_metrics_upkeep(prometheus.clone(), shutdown.clone());
 
         let (health, health_service) = tonic_health::server::health_reporter();
-        let routes = grpc_routes(&config, &gateway, &health, health_service).await?;
+        let global = admission::global_limit(&config.admission);
+        let routes = grpc_routes(&config, &gateway, &global, &health, health_service).await?;
         let liveness = spawn_liveness(health.clone(), gateway.clone(), shutdown.clone());
 
-        let grpc_edge = edge::GrpcEdge::new(
-            &config.edge,
-            config.max_message_bytes,
-            config.admission.deadline,
-        )
-        .with_early_refusal(edge::EarlyRefusal {
-            gateway: gateway.clone(),
-            shedding: config.admission.shedding,
-        });
+        let grpc_edge = grpc_edge(&config, &gateway, global);
         let budget = grpc_edge.budget.clone();
         // Plain HTTP endpoints stop only after the gRPC drain, so probes see NOT_SERVING.
         let http_stop = CancellationToken::new();
@@ -156,11 +150,30 @@ impl Server {
     }
 }
 
+/// The gRPC port's edge, refusing inference calls early from the shared limits.
+fn grpc_edge(
+    config: &Config,
+    gateway: &Arc<Gateway>,
+    global: Option<Arc<tokio::sync::Semaphore>>,
+) -> edge::GrpcEdge {
+    edge::GrpcEdge::new(
+        &config.edge,
+        config.max_message_bytes,
+        config.admission.deadline,
+    )
+    .with_early_refusal(edge::EarlyRefusal {
+        gateway: gateway.clone(),
+        shedding: config.admission.shedding,
+        global,
+    })
+}
+
 /// The gRPC services: inference (with the admission stack and message-size limits),
 /// health (reported SERVING from now) and reflection.
 async fn grpc_routes(
     config: &Config,
     gateway: &Arc<Gateway>,
+    global: &Option<Arc<tokio::sync::Semaphore>>,
     health: &tonic_health::server::HealthReporter,
     health_service: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
@@ -175,6 +188,7 @@ async fn grpc_routes(
         gateway.clone(),
         config.control.clone(),
         &config.admission,
+        global.clone(),
     ))
     .max_decoding_message_size(config.max_message_bytes)
     .max_encoding_message_size(config.max_message_bytes);

@@ -355,6 +355,48 @@ async fn a_refusal_needs_only_the_first_bytes_of_the_body() {
 }
 
 #[tokio::test]
+async fn a_full_server_refuses_from_the_headers_frame() {
+    const SLEEP: u32 = 300;
+    let repo = TestRepo::new();
+    slow_model(&repo, "busy", SLEEP);
+    let mut config = Config::for_repository(repo.path());
+    config.admission.max_in_flight = 1;
+    let mut s = TestServer::start_with(config).await;
+    let mut client = s.client.clone();
+    let held = tokio::spawn(async move {
+        client
+            .model_infer(fp32_request("busy", "INPUT__0", &[2], &[1.0, 2.0]))
+            .await
+    });
+    let model = s.gateway.model("busy", "").unwrap();
+    eventually(Duration::from_secs(2), "one request in flight", || {
+        model.limit.in_flight() == 1
+    })
+    .await;
+    let before = rejected(s.metrics, "_all", "in_flight_limit").await;
+
+    // HEADERS only: not one byte of the body is ever sent.
+    let mut h2 = h2_connect(s.grpc).await;
+    let (response, _body) = open_call(&mut h2, INFER, None).await;
+    let start = Instant::now();
+    let (code, message) = grpc_status(response).await;
+    assert_eq!(code, Code::Unavailable, "{message}");
+    assert!(start.elapsed() < MS * (SLEEP / 2), "refused at once");
+    assert!(message.contains("in-flight request limit"), "{message}");
+    assert_eq!(
+        rejected(s.metrics, "_all", "in_flight_limit").await,
+        before + 1.0
+    );
+
+    held.await.unwrap().expect("the held request is served");
+    s.client
+        .model_infer(fp32_request("busy", "INPUT__0", &[2], &[3.0, 4.0]))
+        .await
+        .expect("served once a slot is free");
+    s.stop().await;
+}
+
+#[tokio::test]
 async fn a_closed_loop_without_deadlines_is_not_refused_and_is_not_overload() {
     const SLEEP: u32 = 20;
     const CLIENTS: usize = 24;

@@ -72,10 +72,14 @@ pub type InferService = BoxCloneSyncService<InferCall, InferResponse, Error>;
 /// The admission stack in front of `gateway`, outermost first. Retries sit outside the
 /// model's limit, so each attempt is admitted afresh: on the version then being served,
 /// with a slot of that version's limit.
-pub fn stack(gateway: Arc<Gateway>, config: &AdmissionConfig) -> InferService {
-    let global = config
-        .shedding
-        .then(|| global_limit_layer(config.max_in_flight));
+/// `global` is the server's in-flight limit ([`global_limit`]), shared with the transport
+/// edge, which refuses from a call's HEADERS frame when it has no slot free.
+pub fn stack(
+    gateway: Arc<Gateway>,
+    config: &AdmissionConfig,
+    global: Option<Arc<tokio::sync::Semaphore>>,
+) -> InferService {
+    let global = global.map(global_limit_layer);
     let service = ServiceBuilder::new()
         .layer(DeadlineLayer::new(config.deadline))
         .option_layer(global)
@@ -117,10 +121,33 @@ pub(crate) type GlobalLimitLayer = ServiceBuilder<
     >,
 >;
 
-/// At most `max_in_flight` calls at once; one more is refused at once (UNAVAILABLE with
-/// pushback), never queued.
-pub(crate) fn global_limit_layer(max_in_flight: usize) -> GlobalLimitLayer {
-    let semaphore = Arc::new(tokio::sync::Semaphore::new(max_in_flight));
+/// The server's in-flight limit when it sheds load: `max_in_flight` slots.
+pub fn global_limit(config: &AdmissionConfig) -> Option<Arc<tokio::sync::Semaphore>> {
+    config
+        .shedding
+        .then(|| Arc::new(tokio::sync::Semaphore::new(config.max_in_flight)))
+}
+
+/// The refusal of a call that finds every slot of `global` taken, decided from its
+/// HEADERS frame alone, counted like every refusal; `None` when a slot is free (the
+/// call then takes one in the stack, or is refused there if it lost the race).
+pub fn refuse_at_headers(global: &tokio::sync::Semaphore) -> Option<Error> {
+    (global.available_permits() == 0).then(|| counted(global_refusal()))
+}
+
+fn global_refusal() -> Error {
+    Error::Overloaded {
+        model: metrics::ALL_MODELS.to_owned(),
+        cause: RejectReason::InFlightLimit,
+        level: None,
+        reason: "the server's in-flight request limit is reached".into(),
+        retry_after: LIMIT_PUSHBACK,
+    }
+}
+
+/// At most as many calls at once as `semaphore` has slots; one more is refused at once
+/// (UNAVAILABLE with pushback), never queued.
+pub(crate) fn global_limit_layer(semaphore: Arc<tokio::sync::Semaphore>) -> GlobalLimitLayer {
     ServiceBuilder::new()
         .map_err(global_overload as fn(tower::BoxError) -> Error)
         .load_shed()
@@ -134,13 +161,7 @@ pub(crate) fn global_limit_layer(max_in_flight: usize) -> GlobalLimitLayer {
 fn global_overload(err: tower::BoxError) -> Error {
     match err.downcast::<Error>() {
         Ok(ours) => *ours,
-        Err(other) if other.is::<tower::load_shed::error::Overloaded>() => Error::Overloaded {
-            model: metrics::ALL_MODELS.to_owned(),
-            cause: RejectReason::InFlightLimit,
-            level: None,
-            reason: "the server's in-flight request limit is reached".into(),
-            retry_after: LIMIT_PUSHBACK,
-        },
+        Err(other) if other.is::<tower::load_shed::error::Overloaded>() => global_refusal(),
         Err(other) => Error::ModelFailed {
             model: metrics::ALL_MODELS.to_owned(),
             message: other.to_string(),
@@ -369,7 +390,9 @@ mod tests {
     ) {
         let (service, handle) = mock::pair::<InferCall, InferResponse>();
         (
-            mock::Spawn::new(global_limit_layer(max).service(service)),
+            mock::Spawn::new(
+                global_limit_layer(Arc::new(tokio::sync::Semaphore::new(max))).service(service),
+            ),
             handle,
         )
     }

@@ -29,13 +29,15 @@ pub struct InferenceService {
 }
 
 impl InferenceService {
+    /// `global`: the server's in-flight limit ([`admission::global_limit`]).
     pub fn new(
         gateway: Arc<Gateway>,
         control: ModelControl,
         admission: &AdmissionConfig,
+        global: Option<Arc<tokio::sync::Semaphore>>,
     ) -> InferenceService {
         InferenceService {
-            admission: admission::stack(gateway.clone(), admission),
+            admission: admission::stack(gateway.clone(), admission, global),
             gateway,
             control,
         }

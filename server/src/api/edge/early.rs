@@ -1,5 +1,6 @@
 //! Refusing a ModelInfer call before its body is read: under overload most calls are
-//! refused, and each refusal should cost the server as little as it can. The model's
+//! refused, and each refusal should cost the server as little as it can. A call that
+//! finds the server's in-flight limit full is refused from its HEADERS frame. The model's
 //! name, version and the request's `priority` and `timeout` parameters sit in the first
 //! bytes of the message ([`sluice_proto::peek`]); the edge reads those bytes as they
 //! arrive (usually the first DATA frame), asks admission whether the model's
@@ -14,7 +15,7 @@ use std::sync::Arc;
 use sluice_proto::peek::{peek_infer_header, Integer, Peek};
 
 use super::*;
-use crate::admission::{refuse_early, EarlyCall};
+use crate::admission::{refuse_at_headers, refuse_early, EarlyCall};
 use crate::config::DeadlinePolicy;
 use crate::gateway::Gateway;
 
@@ -27,13 +28,24 @@ pub const PEEK_BYTES: usize = 4096;
 #[derive(Clone)]
 pub struct EarlyRefusal {
     pub gateway: Arc<Gateway>,
-    /// The admission stack sheds load (`--shedding`); without it nothing is judged early.
+    /// The admission stack sheds load (`--load-shedding`); without it nothing is judged
+    /// early.
     pub shedding: bool,
+    /// The server's in-flight limit, shared with the admission stack.
+    pub global: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 impl EarlyRefusal {
-    /// Read the first bytes of `body` (kept for the full path) and refuse the call if
-    /// its model's limit refuses it now.
+    /// The refusal of a call decided from its HEADERS frame: the server's in-flight
+    /// limit has no slot free.
+    pub fn refuse_at_headers(&self) -> Option<Status> {
+        let global = self.global.as_deref()?;
+        refuse_at_headers(global).map(Status::from)
+    }
+
+    /// Refuse the call from its HEADERS frame when the server is full; else read the
+    /// first bytes of `body` (kept for the full path) and refuse the call if its model's
+    /// limit refuses it now.
     pub async fn refuse(
         &self,
         body: &mut LimitedBody,
@@ -41,6 +53,9 @@ impl EarlyRefusal {
         start: Instant,
         header_timeout: Option<Duration>,
     ) -> Option<Status> {
+        if let Some(status) = self.refuse_at_headers() {
+            return Some(status);
+        }
         let enough = |p: &[u8]| !matches!(peek_infer_header(p), Peek::NeedMore);
         let prefix = body.peek(PEEK_BYTES, enough).await;
         self.judge(&prefix, policy, start, header_timeout)
