@@ -150,22 +150,25 @@ impl Server {
     }
 }
 
-/// The gRPC port's edge, refusing inference calls early from the shared limits.
+/// The gRPC port's edge; when the server sheds load (it has a global limit), it refuses
+/// inference calls early from the shared limits.
 fn grpc_edge(
     config: &Config,
     gateway: &Arc<Gateway>,
     global: Option<Arc<tokio::sync::Semaphore>>,
 ) -> edge::GrpcEdge {
-    edge::GrpcEdge::new(
+    let edge = edge::GrpcEdge::new(
         &config.edge,
         config.max_message_bytes,
         config.admission.deadline,
-    )
-    .with_early_refusal(edge::EarlyRefusal {
-        gateway: gateway.clone(),
-        shedding: config.admission.shedding,
-        global,
-    })
+    );
+    match global {
+        Some(global) => edge.with_early_refusal(edge::EarlyRefusal {
+            gateway: gateway.clone(),
+            global,
+        }),
+        None => edge,
+    }
 }
 
 /// The gRPC services: inference (with the admission stack and message-size limits),

@@ -16,7 +16,7 @@ use sluice::limit::LimitMode;
 use sluice::Config;
 use sluice_proto::grpc_inference_service_client::GrpcInferenceServiceClient;
 use sluice_proto::inference::infer_parameter::ParameterChoice;
-use sluice_proto::inference::{InferParameter, ModelInferRequest};
+use sluice_proto::inference::{InferParameter, ModelInferRequest, ModelInferResponse};
 use tonic::Code;
 
 const MS: Duration = Duration::from_millis(1);
@@ -282,6 +282,27 @@ async fn over_the_models_concurrency_limit_a_request_is_refused_at_once() {
     s.stop().await;
 }
 
+/// One request of `model` (values 1 and 2) sent and held in flight by the model's slow
+/// execution: resolves once the model's limit counts it.
+async fn hold_one(
+    s: &TestServer,
+    model: &str,
+) -> tokio::task::JoinHandle<Result<tonic::Response<ModelInferResponse>, tonic::Status>> {
+    let mut client = s.client.clone();
+    let name = model.to_owned();
+    let held = tokio::spawn(async move {
+        client
+            .model_infer(fp32_request(&name, "INPUT__0", &[2], &[1.0, 2.0]))
+            .await
+    });
+    let model = s.gateway.model(model, "").unwrap();
+    eventually(Duration::from_secs(2), "one request in flight", || {
+        model.limit.in_flight() == 1
+    })
+    .await;
+    held
+}
+
 #[tokio::test]
 async fn a_refusal_needs_only_the_first_bytes_of_the_body() {
     const SLEEP: u32 = 300;
@@ -292,17 +313,7 @@ async fn a_refusal_needs_only_the_first_bytes_of_the_body() {
     config.admission.model_limit.min = 1;
     config.admission.model_limit.max = 1;
     let s = TestServer::start_with(config).await;
-    let mut client = s.client.clone();
-    let held = tokio::spawn(async move {
-        client
-            .model_infer(fp32_request("early", "INPUT__0", &[2], &[1.0, 2.0]))
-            .await
-    });
-    let model = s.gateway.model("early", "").unwrap();
-    eventually(Duration::from_secs(2), "one request in flight", || {
-        model.limit.in_flight() == 1
-    })
-    .await;
+    let held = hold_one(&s, "early").await;
     let before = rejected(s.metrics, "early", "concurrency_limit").await;
     let edge = "sluice_refusal_duration_seconds_count{stage=\"edge\"}";
     let edge_before = metric_value(s.metrics, edge).await.unwrap_or(0.0);
@@ -362,17 +373,7 @@ async fn a_full_server_refuses_from_the_headers_frame() {
     let mut config = Config::for_repository(repo.path());
     config.admission.max_in_flight = 1;
     let mut s = TestServer::start_with(config).await;
-    let mut client = s.client.clone();
-    let held = tokio::spawn(async move {
-        client
-            .model_infer(fp32_request("busy", "INPUT__0", &[2], &[1.0, 2.0]))
-            .await
-    });
-    let model = s.gateway.model("busy", "").unwrap();
-    eventually(Duration::from_secs(2), "one request in flight", || {
-        model.limit.in_flight() == 1
-    })
-    .await;
+    let held = hold_one(&s, "busy").await;
     let before = rejected(s.metrics, "_all", "in_flight_limit").await;
 
     // HEADERS only: not one byte of the body is ever sent.

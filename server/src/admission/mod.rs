@@ -283,12 +283,9 @@ pub struct EarlyCall<'a> {
 /// The refusal [`admit`] would give `call` now by its model's concurrency limit,
 /// decided from its header fields alone, so that the edge answers it without reading
 /// or decoding the rest of its body; counted like every refusal. `None` when admission
-/// must see the whole request: the limit has room, the model is unknown (the full
-/// path answers NOT_FOUND and accounts for it), or shedding is off.
-pub fn refuse_early(gateway: &Gateway, shedding: bool, call: EarlyCall<'_>) -> Option<Error> {
-    if !shedding {
-        return None;
-    }
+/// must see the whole request: the limit has room, or the model is unknown (the full
+/// path answers NOT_FOUND and accounts for it). Only for a stack that sheds load.
+pub fn refuse_early(gateway: &Gateway, call: EarlyCall<'_>) -> Option<Error> {
     let model = gateway.model(call.model, call.version).ok()?;
     let queue = &model.spec.queue;
     let level = queue.priority_level(call.priority);

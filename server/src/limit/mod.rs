@@ -216,10 +216,11 @@ impl State {
         }
     }
 
-    /// One request of level `index` refused. Only a refusal of the highest level in
-    /// flight says the limit binds: one of a lower level means higher levels are taking
-    /// their precedence.
+    /// One request of level `index` offered and refused. Only a refusal of the highest
+    /// level in flight says the limit binds: one of a lower level means higher levels are
+    /// taking their precedence.
     fn count_refusal(&mut self, index: usize) {
+        self.count_offer(index);
         if self.by_level.iter().take(index).all(|&n| n == 0) {
             self.window_refused = true;
         }
@@ -396,7 +397,6 @@ impl AdaptiveLimit {
         let mut s = self.lock();
         match self.decide(&s, level, levels, bound) {
             Decision::Refuse { index } => {
-                s.count_offer(index);
                 s.count_refusal(index);
                 true
             }
@@ -409,7 +409,6 @@ impl AdaptiveLimit {
         let decision = self.decide(&s, level, levels, bound);
         match decision {
             Decision::Refuse { index } => {
-                s.count_offer(index);
                 s.count_refusal(index);
                 None
             }

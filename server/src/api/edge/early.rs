@@ -24,23 +24,20 @@ use crate::gateway::Gateway;
 /// full way.
 pub const PEEK_BYTES: usize = 4096;
 
-/// What the edge needs to judge a call early.
+/// What the edge needs to judge a call early. Installed only when the admission stack
+/// sheds load (without it nothing is refused for overload).
 #[derive(Clone)]
 pub struct EarlyRefusal {
     pub gateway: Arc<Gateway>,
-    /// The admission stack sheds load (`--load-shedding`); without it nothing is judged
-    /// early.
-    pub shedding: bool,
     /// The server's in-flight limit, shared with the admission stack.
-    pub global: Option<Arc<tokio::sync::Semaphore>>,
+    pub global: Arc<tokio::sync::Semaphore>,
 }
 
 impl EarlyRefusal {
     /// The refusal of a call decided from its HEADERS frame: the server's in-flight
     /// limit has no slot free.
     pub fn refuse_at_headers(&self) -> Option<Status> {
-        let global = self.global.as_deref()?;
-        refuse_at_headers(global).map(Status::from)
+        refuse_at_headers(&self.global).map(Status::from)
     }
 
     /// Refuse the call from its HEADERS frame when the server is full; else read the
@@ -90,7 +87,7 @@ impl EarlyRefusal {
             priority,
             has_deadline: policy.deadline(start, header_timeout, timeout).is_some(),
         };
-        refuse_early(&self.gateway, self.shedding, call).map(Status::from)
+        refuse_early(&self.gateway, call).map(Status::from)
     }
 }
 
