@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::admission;
-use crate::api::{edge, grpc::InferenceService, http};
+use crate::api::{edge, grpc::InferenceService, http, rest};
 use crate::config::{Config, EdgeLimits};
 use crate::gateway::Gateway;
 use crate::metrics;
@@ -111,18 +111,31 @@ impl Server {
 
         let (health, health_service) = tonic_health::server::health_reporter();
         let global = admission::global_limit(&config.admission);
-        let routes = grpc_routes(&config, &gateway, &global, &health, health_service).await?;
+        let inference = Arc::new(InferenceService::new(
+            gateway.clone(),
+            config.control.clone(),
+            &config.admission,
+            global.clone(),
+        ));
+        let routes = grpc_routes(&config, inference.clone(), &health, health_service).await?;
         let liveness = spawn_liveness(health.clone(), gateway.clone(), shutdown.clone());
 
         let grpc_edge = grpc_edge(&config, &gateway, global);
         let budget = grpc_edge.budget.clone();
         // Plain HTTP endpoints stop only after the gRPC drain, so probes see NOT_SERVING.
         let http_stop = CancellationToken::new();
+        let rest = Arc::new(rest::Rest {
+            service: inference,
+            gateway: gateway.clone(),
+            budget: budget.clone(),
+            max_body_bytes: config.max_message_bytes,
+            body_read_timeout: config.edge.body_read_timeout,
+        });
         let refresh: Arc<dyn Fn() + Send + Sync> = Arc::new(move || budget.report());
         let http_tasks = spawn_http(
             &config,
             (http, metrics),
-            &gateway,
+            rest,
             prometheus,
             refresh,
             &http_stop,
@@ -175,8 +188,7 @@ fn grpc_edge(
 /// health (reported SERVING from now) and reflection.
 async fn grpc_routes(
     config: &Config,
-    gateway: &Arc<Gateway>,
-    global: &Option<Arc<tokio::sync::Semaphore>>,
+    inference: Arc<InferenceService>,
     health: &tonic_health::server::HealthReporter,
     health_service: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
@@ -187,14 +199,9 @@ async fn grpc_routes(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .context("cannot build the reflection service")?;
-    let inference = GrpcInferenceServiceServer::new(InferenceService::new(
-        gateway.clone(),
-        config.control.clone(),
-        &config.admission,
-        global.clone(),
-    ))
-    .max_decoding_message_size(config.max_message_bytes)
-    .max_encoding_message_size(config.max_message_bytes);
+    let inference = GrpcInferenceServiceServer::from_arc(inference)
+        .max_decoding_message_size(config.max_message_bytes)
+        .max_encoding_message_size(config.max_message_bytes);
     health
         .set_serving::<GrpcInferenceServiceServer<InferenceService>>()
         .await;
@@ -207,12 +214,11 @@ async fn grpc_routes(
         .prepare())
 }
 
-/// The health endpoints on the HTTP port and `/metrics` on the metrics port, until
-/// `stop`.
+/// The REST endpoints on the HTTP port and `/metrics` on the metrics port, until `stop`.
 fn spawn_http(
     config: &Config,
     (http, metrics): (TcpListener, TcpListener),
-    gateway: &Arc<Gateway>,
+    rest: Arc<rest::Rest>,
     prometheus: metrics_exporter_prometheus::PrometheusHandle,
     refresh_gauges: Arc<dyn Fn() + Send + Sync>,
     stop: &CancellationToken,
@@ -222,11 +228,11 @@ fn spawn_http(
         tokio::spawn(http::serve(acceptor, router, config.edge, stop.clone()))
     };
     (
-        serve(http, "http", http::health_router(gateway.clone())),
+        serve(http, "http", rest.handler()),
         serve(
             metrics,
             "metrics",
-            http::metrics_router(prometheus, refresh_gauges),
+            http::handler(http::metrics_router(prometheus, refresh_gauges)),
         ),
     )
 }

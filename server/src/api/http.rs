@@ -1,7 +1,10 @@
-//! Plain HTTP/1.1 endpoints: health on the HTTP port, Prometheus text on the metrics
-//! port. Routing is a pure function so it is tested without sockets.
+//! Serving HTTP/1.1 connections (the REST port and the metrics port), and `/metrics` in
+//! the Prometheus text format. The metrics route is a pure function, tested without
+//! sockets.
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -14,7 +17,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::edge::{Acceptor, Activity, CLOSE_GRACE};
 use crate::config::EdgeLimits;
-use crate::gateway::Gateway;
+
+/// Read buffer of an HTTP/1.1 connection: bounds a request's line and headers.
+const HTTP1_BUFFER_BYTES: usize = 64 * 1024;
 
 /// What an endpoint answers: status, content type and body.
 pub struct Reply {
@@ -32,46 +37,32 @@ impl Reply {
         }
     }
 
-    fn ok_if(ok: bool) -> Reply {
-        if ok {
-            Reply::text(StatusCode::OK, "")
-        } else {
-            Reply::text(StatusCode::SERVICE_UNAVAILABLE, "")
-        }
+    /// The reply as an HTTP response.
+    pub fn into_response(self) -> Response<Full<Bytes>> {
+        Response::builder()
+            .status(self.status)
+            .header(hyper::header::CONTENT_TYPE, self.content_type)
+            .body(Full::new(Bytes::from(self.body)))
+            .expect("status and header are valid")
     }
 }
 
 /// A router: method and path in, reply out.
 pub type Router = Arc<dyn Fn(&Method, &str) -> Reply + Send + Sync>;
 
-/// KServe v2 health endpoints: `/v2/health/live`, `/v2/health/ready`,
-/// `/v2/models/<m>[/versions/<v>]/ready`.
-pub fn health_router(gateway: Arc<Gateway>) -> Router {
-    Arc::new(move |method, path| {
-        if method != Method::GET && method != Method::HEAD {
-            return Reply::text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n");
-        }
-        let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
-        match parts.as_slice() {
-            ["v2", "health", "live"] => Reply::ok_if(gateway.is_live()),
-            ["v2", "health", "ready"] => Reply::ok_if(gateway.is_ready()),
-            ["v2", "models", name, "ready"] => model_ready(&gateway, name, ""),
-            ["v2", "models", name, "versions", version, "ready"] => {
-                model_ready(&gateway, name, version)
-            }
-            _ => Reply::text(StatusCode::NOT_FOUND, format!("no route for {path}\n")),
-        }
-    })
-}
+/// What answers one HTTP request, whole (a response is built in memory and sent).
+pub type Handler = Arc<
+    dyn Fn(Request<Incoming>) -> Pin<Box<dyn Future<Output = Response<Full<Bytes>>> + Send>>
+        + Send
+        + Sync,
+>;
 
-fn model_ready(gateway: &Gateway, name: &str, version: &str) -> Reply {
-    if !gateway.repository.is_known(name) {
-        return Reply::text(
-            StatusCode::NOT_FOUND,
-            format!("model '{name}' is not in the repository\n"),
-        );
-    }
-    Reply::ok_if(gateway.is_ready() && gateway.model(name, version).is_ok())
+/// A [`Router`] as a [`Handler`]: the request's body is not read.
+pub fn handler(router: Router) -> Handler {
+    Arc::new(move |req: Request<Incoming>| {
+        let response = router(req.method(), req.uri().path()).into_response();
+        Box::pin(async move { response })
+    })
 }
 
 /// `/metrics` in the Prometheus text format. `refresh` sets the gauges that are read at
@@ -90,37 +81,38 @@ pub fn metrics_router(handle: PrometheusHandle, refresh: Arc<dyn Fn() + Send + S
     })
 }
 
-/// Serve `router` on the connections `acceptor` admits until `shutdown` is cancelled.
+/// Serve `handler` on the connections `acceptor` admits until `shutdown` is cancelled.
 /// A request's headers must arrive within the header-read timeout; a connection without
 /// a request in progress for the idle timeout is closed.
 pub async fn serve(
     mut acceptor: Acceptor,
-    router: Router,
+    handler: Handler,
     limits: EdgeLimits,
     shutdown: CancellationToken,
 ) {
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout);
+        .header_read_timeout(limits.header_read_timeout)
+        // The request line and headers must fit this buffer (431 otherwise).
+        .max_buf_size(HTTP1_BUFFER_BYTES);
     loop {
         let (stream, slot) = tokio::select! {
             _ = shutdown.cancelled() => return,
             accepted = acceptor.next() => accepted,
         };
-        let router = router.clone();
+        let handler = handler.clone();
         let shutdown = shutdown.clone();
         let activity = Activity::new();
         let calls = activity.clone();
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-            let _call = calls.start();
-            let reply = router(req.method(), req.uri().path());
-            let response = Response::builder()
-                .status(reply.status)
-                .header(hyper::header::CONTENT_TYPE, reply.content_type)
-                .body(Full::new(Bytes::from(reply.body)))
-                .expect("status and header are valid");
-            async move { Ok::<_, Infallible>(response) }
+            let call = calls.start();
+            let response = handler(req);
+            async move {
+                let response = response.await;
+                drop(call);
+                Ok::<_, Infallible>(response)
+            }
         });
         let conn = builder.serve_connection(TokioIo::new(stream), service);
         let idle_timeout = limits

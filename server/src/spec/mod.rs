@@ -32,6 +32,7 @@ mod tests;
 pub mod torch_params;
 mod warmup;
 
+pub(crate) use parse::descriptor_pool;
 pub use parse::{
     clip, config_dtype_name, load_spec, load_spec_with, parse_json, parse_text, spec_from_config,
     spec_from_config_with,

@@ -3,7 +3,7 @@
 
 use super::*;
 
-pub(super) fn descriptor_pool() -> &'static DescriptorPool {
+pub(crate) fn descriptor_pool() -> &'static DescriptorPool {
     static POOL: OnceLock<DescriptorPool> = OnceLock::new();
     POOL.get_or_init(|| {
         DescriptorPool::decode(sluice_proto::FILE_DESCRIPTOR_SET)

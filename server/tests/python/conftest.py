@@ -45,6 +45,21 @@ def wait_ready(server: Sluice, timeout_s: float = 60.0) -> None:
 
 @pytest.fixture(scope="session")
 def sluice():
+    yield from serve()
+
+
+#: The model control token of the `sluice_explicit` server.
+CONTROL_TOKEN = "test-token-0123"
+
+
+@pytest.fixture(scope="module")
+def sluice_explicit():
+    """A server in explicit model control mode with a token, only mlp loaded."""
+    yield from serve(["--model-control-mode", "explicit", "--load-model", "mlp",
+                      "--model-control-token", CONTROL_TOKEN])
+
+
+def serve(extra=()):
     binary = os.environ.get("SLUICE_BIN", str(ROOT / "target" / "debug" / "sluice"))
     ports = [free_port() for _ in range(3)]
     cmd = [
@@ -54,6 +69,7 @@ def sluice():
         "--http-port", str(ports[1]),
         "--metrics-port", str(ports[2]),
         "--log-level", "warn",
+        *extra,
     ]
     proc = subprocess.Popen(cmd)
     server = Sluice(proc, *ports)

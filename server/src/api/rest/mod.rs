@@ -1,0 +1,583 @@
+//! The KServe v2 REST protocol on the HTTP port, with Triton's extensions (binary tensor
+//! data, model statistics, repository index and model control).
+//!
+//! Every endpoint calls the gRPC service's handler for the same operation, so REST and
+//! gRPC share one admission stack (limits, priorities, deadlines), one set of checks and
+//! one status table; this module only translates JSON to protocol messages and back, and
+//! a `tonic::Status` to an HTTP status with a JSON `{"error": "..."}` body.
+//!
+//! A request body is bounded before it is read: it may be at most the server's
+//! `max_message_bytes`, its bytes (and what its JSON `data` arrays decode to) are
+//! reserved from the same server-wide budget as gRPC messages, and it must arrive within
+//! the body-read timeout.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use hyper::{Method, Request, Response, StatusCode};
+use prost_reflect::{DynamicMessage, SerializeOptions};
+use serde_json::Value;
+use sluice_proto::grpc_inference_service_server::GrpcInferenceService;
+use sluice_proto::inference::*;
+use tokio::time::Instant;
+use tonic::{Code, Status};
+
+use super::edge::{Budget, RequestStart};
+use super::grpc::InferenceService;
+use super::http::Handler;
+use crate::error::RETRY_PUSHBACK_HEADER;
+use crate::gateway::Gateway;
+
+mod infer;
+#[cfg(test)]
+mod tests;
+
+pub use infer::{decode, encode, AnswerForm, Decoded};
+
+/// The header that gives the length of a body's JSON part when binary data follows it.
+pub const HEADER_LENGTH: &str = "inference-header-content-length";
+
+/// The REST endpoints and what bounds their requests.
+pub struct Rest {
+    pub service: Arc<InferenceService>,
+    pub gateway: Arc<Gateway>,
+    /// Shared with the gRPC port's edge.
+    pub budget: Budget,
+    pub max_body_bytes: usize,
+    pub body_read_timeout: Duration,
+}
+
+type Answer = Response<Full<Bytes>>;
+
+/// The route of a request: what the path names.
+#[derive(Debug, PartialEq, Eq)]
+enum Route {
+    Server,
+    Live,
+    Ready,
+    AllStats,
+    Model {
+        name: String,
+        version: String,
+        action: ModelAction,
+    },
+    Index,
+    Load(String),
+    Unload(String),
+}
+
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+enum ModelAction {
+    Metadata,
+    Ready,
+    Config,
+    Stats,
+    Infer,
+}
+
+impl Rest {
+    /// The HTTP port's handler.
+    pub fn handler(self: Arc<Self>) -> Handler {
+        Arc::new(move |req| {
+            let rest = self.clone();
+            Box::pin(async move { rest.answer(req).await })
+        })
+    }
+
+    async fn answer(&self, req: Request<Incoming>) -> Answer {
+        let received = Instant::now();
+        let route = match route(req.uri().path()) {
+            Ok(route) => route,
+            Err(message) => return error(StatusCode::NOT_FOUND, &message),
+        };
+        let post = matches!(
+            route,
+            Route::Index
+                | Route::Load(_)
+                | Route::Unload(_)
+                | Route::Model {
+                    action: ModelAction::Infer,
+                    ..
+                }
+        );
+        let allowed = if post {
+            req.method() == Method::POST
+        } else {
+            req.method() == Method::GET || req.method() == Method::HEAD
+        };
+        if !allowed {
+            let wanted = if post { "POST" } else { "GET" };
+            return error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &format!("{} takes {wanted}", req.uri().path()),
+            );
+        }
+        let result = match route {
+            Route::Model {
+                name,
+                version,
+                action: ModelAction::Infer,
+            } => self.infer(req, name, version, received).await,
+            Route::Index | Route::Load(_) | Route::Unload(_) => self.control(req, route).await,
+            _ => self.read(route).await,
+        };
+        result.unwrap_or_else(|status| status_answer(&status))
+    }
+
+    /// The endpoints that read state (GET).
+    async fn read(&self, route: Route) -> Result<Answer, Status> {
+        let s = &self.service;
+        let json = match route {
+            Route::Live => {
+                return Ok(health(
+                    s.server_live(tonic::Request::new(ServerLiveRequest {}))
+                        .await?
+                        .into_inner()
+                        .live,
+                ))
+            }
+            Route::Ready => {
+                return Ok(health(
+                    s.server_ready(tonic::Request::new(ServerReadyRequest {}))
+                        .await?
+                        .into_inner()
+                        .ready,
+                ))
+            }
+            Route::Server => message_json(
+                &s.server_metadata(tonic::Request::new(ServerMetadataRequest {}))
+                    .await?
+                    .into_inner(),
+                "ServerMetadataResponse",
+            ),
+            Route::AllStats => message_json(
+                &s.model_statistics(tonic::Request::new(ModelStatisticsRequest::default()))
+                    .await?
+                    .into_inner(),
+                "ModelStatisticsResponse",
+            ),
+            Route::Model {
+                name,
+                version,
+                action,
+            } => match action {
+                ModelAction::Ready => {
+                    if !self.gateway.repository.is_known(&name) {
+                        return Err(crate::error::Error::ModelNotFound { model: name }.into());
+                    }
+                    let ready = s
+                        .model_ready(tonic::Request::new(ModelReadyRequest { name, version }))
+                        .await?
+                        .into_inner()
+                        .ready;
+                    return Ok(health(ready));
+                }
+                ModelAction::Metadata => message_json(
+                    &s.model_metadata(tonic::Request::new(ModelMetadataRequest { name, version }))
+                        .await?
+                        .into_inner(),
+                    "ModelMetadataResponse",
+                ),
+                ModelAction::Config => {
+                    let config = s
+                        .model_config(tonic::Request::new(ModelConfigRequest { name, version }))
+                        .await?
+                        .into_inner()
+                        .config
+                        .unwrap_or_default();
+                    message_json(&config, "ModelConfig")
+                }
+                ModelAction::Stats => message_json(
+                    &s.model_statistics(tonic::Request::new(ModelStatisticsRequest {
+                        name,
+                        version,
+                    }))
+                    .await?
+                    .into_inner(),
+                    "ModelStatisticsResponse",
+                ),
+                ModelAction::Infer => unreachable!("inference is routed to Rest::infer"),
+            },
+            Route::Index | Route::Load(_) | Route::Unload(_) => {
+                unreachable!("model control is routed to Rest::control")
+            }
+        };
+        Ok(json_answer(StatusCode::OK, &json))
+    }
+
+    /// Repository index and model load/unload (POST, with an optional JSON body).
+    async fn control(&self, req: Request<Incoming>, route: Route) -> Result<Answer, Status> {
+        let authorization = req.headers().get(hyper::header::AUTHORIZATION).cloned();
+        let (body, _reserved) = self.body(req).await?;
+        let json: Value = if body.is_empty() {
+            Value::Object(Default::default())
+        } else {
+            serde_json::from_slice(&body)
+                .map_err(|e| Status::invalid_argument(format!("the body is not JSON: {e}")))?
+        };
+        let parameters = || repository_parameters(json.get("parameters"));
+        match route {
+            Route::Index => {
+                let ready = match json.get("ready") {
+                    None => false,
+                    Some(Value::Bool(b)) => *b,
+                    Some(_) => {
+                        return Err(Status::invalid_argument("'ready' must be true or false"))
+                    }
+                };
+                let index = self
+                    .service
+                    .repository_index(tonic::Request::new(RepositoryIndexRequest {
+                        repository_name: String::new(),
+                        ready,
+                    }))
+                    .await?
+                    .into_inner();
+                let models: Vec<Value> = index
+                    .models
+                    .iter()
+                    .map(|m| message_json(m, "RepositoryIndexResponse.ModelIndex"))
+                    .collect();
+                Ok(json_answer(StatusCode::OK, &Value::Array(models)))
+            }
+            Route::Load(model_name) => {
+                let request = RepositoryModelLoadRequest {
+                    repository_name: String::new(),
+                    model_name,
+                    parameters: parameters()?,
+                };
+                let request = with_authorization(request, authorization.as_ref());
+                self.service.repository_model_load(request).await?;
+                Ok(empty_ok())
+            }
+            Route::Unload(model_name) => {
+                let request = RepositoryModelUnloadRequest {
+                    repository_name: String::new(),
+                    model_name,
+                    parameters: parameters()?,
+                };
+                let request = with_authorization(request, authorization.as_ref());
+                self.service.repository_model_unload(request).await?;
+                Ok(empty_ok())
+            }
+            _ => unreachable!("only model control is routed here"),
+        }
+    }
+
+    async fn infer(
+        &self,
+        req: Request<Incoming>,
+        model: String,
+        version: String,
+        received: Instant,
+    ) -> Result<Answer, Status> {
+        let header_len = match req.headers().get(HEADER_LENGTH) {
+            None => None,
+            Some(v) => Some(
+                v.to_str()
+                    .ok()
+                    .and_then(|s| s.trim().parse::<usize>().ok())
+                    .ok_or_else(|| {
+                        Status::invalid_argument(
+                            "Inference-Header-Content-Length must be a byte count",
+                        )
+                    })?,
+            ),
+        };
+        let grpc_timeout = req.headers().get("grpc-timeout").cloned();
+        let (body, reserved) = self.body(req).await?;
+        // What JSON `data` arrays decode to is bounded by the body's own limit, and
+        // reserved from the budget before it is allocated.
+        let decoded = decode(&model, &version, &body, header_len, self.max_body_bytes)
+            .map_err(Status::invalid_argument)?;
+        let _decoded_reservation = match decoded.decoded_bytes {
+            0 => None,
+            bytes => Some(self.reserve(bytes)?),
+        };
+        drop(body);
+        let mut request = tonic::Request::new(decoded.request);
+        request.extensions_mut().insert(RequestStart(received));
+        if let Some(value) = grpc_timeout.and_then(|v| v.to_str().ok()?.parse().ok()) {
+            request.metadata_mut().insert("grpc-timeout", value);
+        }
+        let response = self.service.model_infer(request).await?.into_inner();
+        drop(reserved);
+        Ok(infer_answer(infer::encode(response, &decoded.answer)))
+    }
+
+    /// The request's body, whole, with its bytes reserved from the budget.
+    async fn body(
+        &self,
+        req: Request<Incoming>,
+    ) -> Result<(Bytes, Option<super::edge::Reserved>), Status> {
+        let declared = req
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+        if let Some(length) = declared.filter(|&l| l > self.max_body_bytes) {
+            return Err(too_large(length, self.max_body_bytes));
+        }
+        // Without a length the largest body is reserved: it cannot be known sooner.
+        let reserved = match declared {
+            Some(0) => None,
+            Some(length) => Some(self.reserve(length)?),
+            None => Some(self.reserve(self.max_body_bytes)?),
+        };
+        let limited = Limited::new(req.into_body(), self.max_body_bytes);
+        let body = match tokio::time::timeout(self.body_read_timeout, limited.collect()).await {
+            Err(_) => {
+                return Err(Status::deadline_exceeded(format!(
+                    "the request body did not arrive within {} s",
+                    self.body_read_timeout.as_secs_f64()
+                )))
+            }
+            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+                return Err(too_large(self.max_body_bytes + 1, self.max_body_bytes))
+            }
+            Ok(Err(e)) => return Err(Status::cancelled(format!("reading the body failed: {e}"))),
+            Ok(Ok(collected)) => collected.to_bytes(),
+        };
+        Ok((body, reserved))
+    }
+
+    fn reserve(&self, bytes: usize) -> Result<super::edge::Reserved, Status> {
+        self.budget.try_reserve(bytes).ok_or_else(|| {
+            let mut status = Status::unavailable(format!(
+                "the server is receiving too many request bytes to take {bytes} more; retry later"
+            ));
+            status
+                .metadata_mut()
+                .insert(RETRY_PUSHBACK_HEADER, "100".parse().expect("a number"));
+            status
+        })
+    }
+}
+
+/// `message` as a gRPC request carrying the HTTP request's `Authorization` header.
+fn with_authorization<T>(message: T, authorization: Option<&HeaderValue>) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    let value = authorization.and_then(|v| v.to_str().ok()?.parse().ok());
+    if let Some(value) = value {
+        request.metadata_mut().insert("authorization", value);
+    }
+    request
+}
+
+/// Model control parameters: strings, booleans and integers (a `config` travels as a
+/// JSON string, as Triton's clients send it).
+fn repository_parameters(
+    json: Option<&Value>,
+) -> Result<std::collections::HashMap<String, ModelRepositoryParameter>, Status> {
+    use model_repository_parameter::ParameterChoice;
+    let Some(json) = json else {
+        return Ok(Default::default());
+    };
+    let object = json
+        .as_object()
+        .ok_or_else(|| Status::invalid_argument("'parameters' must be an object"))?;
+    let mut out = std::collections::HashMap::new();
+    for (key, value) in object {
+        let choice = match value {
+            Value::String(s) => ParameterChoice::StringParam(s.clone()),
+            Value::Bool(b) => ParameterChoice::BoolParam(*b),
+            Value::Number(n) if n.is_i64() => {
+                ParameterChoice::Int64Param(n.as_i64().unwrap_or_default())
+            }
+            _ => {
+                return Err(Status::invalid_argument(format!(
+                    "parameter '{}' must be a string, a boolean or an integer",
+                    crate::error::clip(key)
+                )))
+            }
+        };
+        out.insert(
+            key.clone(),
+            ModelRepositoryParameter {
+                parameter_choice: Some(choice),
+            },
+        );
+    }
+    Ok(out)
+}
+
+fn too_large(length: usize, max: usize) -> Status {
+    Status::resource_exhausted(format!(
+        "the request body ({length} bytes or more) is larger than the {max} bytes allowed"
+    ))
+}
+
+/// The route a path names, or the 404 message.
+fn route(path: &str) -> Result<Route, String> {
+    let parts: Vec<String> = path
+        .trim_end_matches('/')
+        .split('/')
+        .skip(1)
+        .map(percent_decode)
+        .collect::<Option<_>>()
+        .ok_or_else(|| {
+            format!(
+                "the path {} is not valid percent-encoded UTF-8",
+                clip_path(path)
+            )
+        })?;
+    let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
+    let model = |name: &str, version: &str, action| Route::Model {
+        name: name.to_owned(),
+        version: version.to_owned(),
+        action,
+    };
+    let action = |tail: &[&str]| match tail {
+        [] => Some(ModelAction::Metadata),
+        ["ready"] => Some(ModelAction::Ready),
+        ["config"] => Some(ModelAction::Config),
+        ["stats"] => Some(ModelAction::Stats),
+        ["infer"] => Some(ModelAction::Infer),
+        _ => None,
+    };
+    let found = match parts.as_slice() {
+        ["v2"] => Some(Route::Server),
+        ["v2", "health", "live"] => Some(Route::Live),
+        ["v2", "health", "ready"] => Some(Route::Ready),
+        ["v2", "models", "stats"] => Some(Route::AllStats),
+        ["v2", "repository", "index"] => Some(Route::Index),
+        ["v2", "repository", "models", name, "load"] => Some(Route::Load((*name).to_owned())),
+        ["v2", "repository", "models", name, "unload"] => Some(Route::Unload((*name).to_owned())),
+        ["v2", "models", name, "versions", version, tail @ ..] => {
+            action(tail).map(|a| model(name, version, a))
+        }
+        ["v2", "models", name, tail @ ..] => action(tail).map(|a| model(name, "", a)),
+        _ => None,
+    };
+    found.ok_or_else(|| format!("no endpoint at {}", clip_path(path)))
+}
+
+fn clip_path(path: &str) -> std::borrow::Cow<'_, str> {
+    crate::error::clip(path)
+}
+
+/// `%XX` escapes decoded; `None` when an escape is malformed or the result is not UTF-8.
+fn percent_decode(segment: &str) -> Option<String> {
+    let bytes = segment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = segment.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// A protocol message in JSON with its proto field names, every field present and
+/// 64-bit integers as numbers (the form Triton's HTTP endpoints answer in).
+fn message_json<M: prost::Message>(message: &M, name: &str) -> Value {
+    let descriptor = crate::spec::descriptor_pool()
+        .get_message_by_name(&format!("inference.{name}"))
+        .expect("every message of the protocol is in its descriptor pool");
+    let dynamic = DynamicMessage::decode(descriptor, message.encode_to_vec().as_slice())
+        .expect("a message re-decodes under its own descriptor");
+    let options = SerializeOptions::new()
+        .use_proto_field_name(true)
+        .stringify_64_bit_integers(false)
+        .skip_default_fields(false);
+    dynamic
+        .serialize_with_options(serde_json::value::Serializer, &options)
+        .expect("a protocol message serializes to JSON")
+}
+
+fn json_answer(status: StatusCode, json: &Value) -> Answer {
+    Response::builder()
+        .status(status)
+        .header(CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(
+            serde_json::to_vec(json).expect("a JSON value serializes"),
+        )))
+        .expect("status and headers are valid")
+}
+
+fn empty_ok() -> Answer {
+    json_answer(StatusCode::OK, &Value::Object(Default::default()))
+}
+
+fn health(ok: bool) -> Answer {
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    Response::builder()
+        .status(status)
+        .body(Full::new(Bytes::new()))
+        .expect("a status is a valid response")
+}
+
+fn infer_answer(encoded: infer::Encoded) -> Answer {
+    if encoded.binary.is_empty() {
+        return Response::builder()
+            .header(CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(encoded.json)))
+            .expect("headers are valid");
+    }
+    let json_len = encoded.json.len();
+    let total = json_len + encoded.binary.iter().map(Bytes::len).sum::<usize>();
+    let mut body = Vec::with_capacity(total);
+    body.extend_from_slice(&encoded.json);
+    for part in &encoded.binary {
+        body.extend_from_slice(part);
+    }
+    Response::builder()
+        .header(CONTENT_TYPE, "application/octet-stream")
+        .header(HEADER_LENGTH, json_len)
+        .body(Full::new(Bytes::from(body)))
+        .expect("headers are valid")
+}
+
+/// The HTTP status for a gRPC code (the README's status table).
+pub fn http_status(code: Code) -> StatusCode {
+    match code {
+        Code::Ok => StatusCode::OK,
+        Code::NotFound => StatusCode::NOT_FOUND,
+        Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        Code::ResourceExhausted => StatusCode::PAYLOAD_TOO_LARGE,
+        Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+        Code::Unauthenticated => StatusCode::UNAUTHORIZED,
+        Code::PermissionDenied => StatusCode::FORBIDDEN,
+        Code::Unimplemented => StatusCode::NOT_IMPLEMENTED,
+        Code::Internal | Code::DataLoss | Code::Unknown => StatusCode::INTERNAL_SERVER_ERROR,
+        Code::Aborted => StatusCode::CONFLICT,
+        Code::InvalidArgument
+        | Code::FailedPrecondition
+        | Code::OutOfRange
+        | Code::AlreadyExists
+        | Code::Cancelled => StatusCode::BAD_REQUEST,
+    }
+}
+
+/// A status as an HTTP answer: `{"error": message}`, and for overload a `Retry-After`
+/// (whole seconds, rounded up) beside the exact `retry-after-ms`.
+fn status_answer(status: &Status) -> Answer {
+    let mut answer = error(http_status(status.code()), status.message());
+    let pushback = status
+        .metadata()
+        .get(RETRY_PUSHBACK_HEADER)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if let Some(ms) = pushback {
+        let headers = answer.headers_mut();
+        headers.insert(RETRY_AFTER, HeaderValue::from(ms.div_ceil(1000).max(1)));
+        headers.insert("retry-after-ms", HeaderValue::from(ms));
+    }
+    answer
+}
+
+fn error(status: StatusCode, message: &str) -> Answer {
+    json_answer(status, &serde_json::json!({ "error": message }))
+}
