@@ -131,15 +131,7 @@ impl Server {
             max_body_bytes: config.max_message_bytes,
             body_read_timeout: config.edge.body_read_timeout,
         });
-        let refresh: Arc<dyn Fn() + Send + Sync> = Arc::new(move || budget.report());
-        let http_tasks = spawn_http(
-            &config,
-            (http, metrics),
-            rest,
-            prometheus,
-            refresh,
-            &http_stop,
-        );
+        let http_tasks = spawn_http(&config, (http, metrics), rest, prometheus, &http_stop);
         let drain_start = CancellationToken::new();
         let grpc_task = tokio::spawn(serve_grpc(
             grpc,
@@ -220,9 +212,10 @@ fn spawn_http(
     (http, metrics): (TcpListener, TcpListener),
     rest: Arc<rest::Rest>,
     prometheus: metrics_exporter_prometheus::PrometheusHandle,
-    refresh_gauges: Arc<dyn Fn() + Send + Sync>,
     stop: &CancellationToken,
 ) -> (tokio::task::JoinHandle<()>, tokio::task::JoinHandle<()>) {
+    let budget = rest.budget.clone();
+    let refresh_gauges: Arc<dyn Fn() + Send + Sync> = Arc::new(move || budget.report());
     let serve = |listener, name, router| {
         let acceptor = edge::Acceptor::new(listener, name, config.edge.max_http_connections);
         tokio::spawn(http::serve(acceptor, router, config.edge, stop.clone()))

@@ -4,6 +4,7 @@ user would call it, checked against the gRPC answers for the same requests."""
 from __future__ import annotations
 
 import json
+import socket
 import urllib.request
 
 import numpy as np
@@ -116,6 +117,12 @@ def test_errors_come_as_triton_does(client, sluice):
             urllib.request.urlopen(req, timeout=10)
         assert e.value.code == 400
         assert fragment in json.loads(e.value.read())["error"]
+    # A body announced larger than any message is refused before any of it is read.
+    host, port = sluice.http_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000000\r\n\r\n")
+        head = s.recv(4096).decode()
+    assert head.startswith("HTTP/1.1 413"), head
     x, expected = reference("mlp")
     np.testing.assert_allclose(http_infer(client, "mlp", x).as_numpy("OUTPUT__0"), expected, rtol=0, atol=1e-5)
 

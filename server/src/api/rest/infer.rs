@@ -132,29 +132,7 @@ pub fn decode(
             binary.len()
         ));
     }
-    let mut answer = AnswerForm {
-        binary_by_default,
-        binary: HashMap::new(),
-    };
-    let mut outputs = Vec::new();
-    for output in request.outputs.unwrap_or_default() {
-        let mut params = parameters(output.parameters.as_ref())?;
-        if let Some(p) = params.remove(BINARY_DATA) {
-            answer
-                .binary
-                .insert(output.name.clone(), bool_parameter(BINARY_DATA, &p)?);
-        }
-        if params.contains_key("classification") {
-            return Err(format!(
-                "output '{}': the classification extension is not supported",
-                clip(&output.name)
-            ));
-        }
-        outputs.push(InferRequestedOutputTensor {
-            name: output.name,
-            parameters: params,
-        });
-    }
+    let (answer, outputs) = requested_outputs(request.outputs, binary_by_default)?;
     Ok(Decoded {
         request: ModelInferRequest {
             model_name: model.to_owned(),
@@ -168,6 +146,37 @@ pub fn decode(
         answer,
         decoded_bytes,
     })
+}
+
+/// The outputs a request names, and which of them are answered as binary data.
+fn requested_outputs(
+    outputs: Option<Vec<JsonOutput>>,
+    binary_by_default: bool,
+) -> Result<(AnswerForm, Vec<InferRequestedOutputTensor>), String> {
+    let mut answer = AnswerForm {
+        binary_by_default,
+        binary: HashMap::new(),
+    };
+    let mut requested = Vec::new();
+    for output in outputs.unwrap_or_default() {
+        let mut params = parameters(output.parameters.as_ref())?;
+        if let Some(p) = params.remove(BINARY_DATA) {
+            answer
+                .binary
+                .insert(output.name.clone(), bool_parameter(BINARY_DATA, &p)?);
+        }
+        if params.contains_key("classification") {
+            return Err(format!(
+                "output '{}': the classification extension is not supported",
+                clip(&output.name)
+            ));
+        }
+        requested.push(InferRequestedOutputTensor {
+            name: output.name,
+            parameters: params,
+        });
+    }
+    Ok((answer, requested))
 }
 
 /// One input and its bytes (`true` when they were decoded from a `data` array).
@@ -216,22 +225,7 @@ fn json_data(
     data: &RawValue,
     max_decoded: usize,
 ) -> Result<Bytes, String> {
-    let dtype = match DataType::from_wire_name(&input.datatype) {
-        Some(DataType::Fp16 | DataType::Bf16) => {
-            return Err(format!(
-                "input '{name}': {} values cannot be sent as JSON; send them as binary data",
-                input.datatype
-            ))
-        }
-        Some(dtype) => dtype,
-        None => {
-            return Err(format!(
-                "input '{name}' has datatype '{}', which no model here takes (one of {})",
-                clip(&input.datatype),
-                DataType::ALL.map(DataType::wire_name).join(", ")
-            ))
-        }
-    };
+    let dtype = json_dtype(name, &input.datatype)?;
     let count = checked_element_count(&input.shape)
         .map_err(|e| format!("input '{name}' shape {}: {e}", shape_string(&input.shape)))?;
     // Every value takes at least one character of the text: a larger count cannot match,
@@ -272,6 +266,21 @@ fn json_data(
         ));
     }
     Ok(fill.out.freeze())
+}
+
+/// The datatype of an input sent as JSON values.
+fn json_dtype(name: &str, datatype: &str) -> Result<DataType, String> {
+    match DataType::from_wire_name(datatype) {
+        Some(DataType::Fp16 | DataType::Bf16) => Err(format!(
+            "input '{name}': {datatype} values cannot be sent as JSON; send them as binary data"
+        )),
+        Some(dtype) => Ok(dtype),
+        None => Err(format!(
+            "input '{name}' has datatype '{}', which no model here takes (one of {})",
+            clip(datatype),
+            DataType::ALL.map(DataType::wire_name).join(", ")
+        )),
+    }
 }
 
 /// Writes a (nested) JSON array of values into little-endian bytes of `dtype`, at most

@@ -164,47 +164,59 @@ impl Rest {
                 name,
                 version,
                 action,
-            } => match action {
-                ModelAction::Ready => {
-                    if !self.gateway.repository.is_known(&name) {
-                        return Err(crate::error::Error::ModelNotFound { model: name }.into());
-                    }
-                    let ready = s
-                        .model_ready(tonic::Request::new(ModelReadyRequest { name, version }))
-                        .await?
-                        .into_inner()
-                        .ready;
-                    return Ok(health(ready));
-                }
-                ModelAction::Metadata => message_json(
-                    &s.model_metadata(tonic::Request::new(ModelMetadataRequest { name, version }))
-                        .await?
-                        .into_inner(),
-                    "ModelMetadataResponse",
-                ),
-                ModelAction::Config => {
-                    let config = s
-                        .model_config(tonic::Request::new(ModelConfigRequest { name, version }))
-                        .await?
-                        .into_inner()
-                        .config
-                        .unwrap_or_default();
-                    message_json(&config, "ModelConfig")
-                }
-                ModelAction::Stats => message_json(
-                    &s.model_statistics(tonic::Request::new(ModelStatisticsRequest {
-                        name,
-                        version,
-                    }))
-                    .await?
-                    .into_inner(),
-                    "ModelStatisticsResponse",
-                ),
-                ModelAction::Infer => unreachable!("inference is routed to Rest::infer"),
-            },
+            } => return self.read_model(name, version, action).await,
             Route::Index | Route::Load(_) | Route::Unload(_) => {
                 unreachable!("model control is routed to Rest::control")
             }
+        };
+        Ok(json_answer(StatusCode::OK, &json))
+    }
+
+    /// A model's metadata, readiness, config or statistics.
+    async fn read_model(
+        &self,
+        name: String,
+        version: String,
+        action: ModelAction,
+    ) -> Result<Answer, Status> {
+        let s = &self.service;
+        let json = match action {
+            ModelAction::Ready => {
+                if !self.gateway.repository.is_known(&name) {
+                    return Err(crate::error::Error::ModelNotFound { model: name }.into());
+                }
+                let ready = s
+                    .model_ready(tonic::Request::new(ModelReadyRequest { name, version }))
+                    .await?
+                    .into_inner()
+                    .ready;
+                return Ok(health(ready));
+            }
+            ModelAction::Metadata => message_json(
+                &s.model_metadata(tonic::Request::new(ModelMetadataRequest { name, version }))
+                    .await?
+                    .into_inner(),
+                "ModelMetadataResponse",
+            ),
+            ModelAction::Config => {
+                let config = s
+                    .model_config(tonic::Request::new(ModelConfigRequest { name, version }))
+                    .await?
+                    .into_inner()
+                    .config
+                    .unwrap_or_default();
+                message_json(&config, "ModelConfig")
+            }
+            ModelAction::Stats => message_json(
+                &s.model_statistics(tonic::Request::new(ModelStatisticsRequest {
+                    name,
+                    version,
+                }))
+                .await?
+                .into_inner(),
+                "ModelStatisticsResponse",
+            ),
+            ModelAction::Infer => unreachable!("inference is routed to Rest::infer"),
         };
         Ok(json_answer(StatusCode::OK, &json))
     }
