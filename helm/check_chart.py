@@ -233,8 +233,15 @@ def check_invariants(objs: list[dict[str, Any]]) -> list[str]:
     want = {"http": conf["http_port"], "grpc": conf["grpc_port"], "metrics": conf["metrics_port"]}
     if ports != want:
         problems.append(f"container ports {ports} do not match sluice.toml {want}")
+    tls = any(e.get("name") == "SLUICE_TLS_CERT_FILE" for e in main.get("env", []))
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-        if probe in main and main[probe].get("grpc", {}).get("port") != conf["grpc_port"]:
+        if probe not in main:
+            continue
+        if tls:
+            # The kubelet's gRPC probes speak no TLS: HTTP on the plain metrics port.
+            if main[probe].get("httpGet", {}).get("port") != conf["metrics_port"]:
+                problems.append(f"{probe} is not an HTTP probe on the metrics port (TLS)")
+        elif main[probe].get("grpc", {}).get("port") != conf["grpc_port"]:
             problems.append(f"{probe} is not a gRPC probe on the gRPC port")
     if main.get("args") != ["--config", "/etc/sluice/sluice.toml"]:
         problems.append(f"unexpected args {main.get('args')}")

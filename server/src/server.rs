@@ -26,6 +26,28 @@ pub struct Server {
     grpc: TcpListener,
     http: TcpListener,
     metrics: TcpListener,
+    tls: PortTls,
+}
+
+/// TLS of the gRPC and HTTP ports (the metrics port stays plain).
+#[derive(Default)]
+struct PortTls {
+    grpc: Option<Arc<edge::Tls>>,
+    http: Option<Arc<edge::Tls>>,
+}
+
+impl PortTls {
+    /// Read the TLS files now, so that a bad certificate stops the start.
+    fn load(config: &Config) -> anyhow::Result<PortTls> {
+        let Some(files) = &config.tls else {
+            return Ok(PortTls::default());
+        };
+        let port = |alpn| edge::Tls::new(files.clone(), alpn).map_err(anyhow::Error::msg);
+        Ok(PortTls {
+            grpc: Some(port(edge::ALPN_H2)?),
+            http: Some(port(edge::ALPN_HTTP1)?),
+        })
+    }
 }
 
 /// The gRPC health service name that reports liveness (ServerLive), for probes.
@@ -38,6 +60,7 @@ const METRICS_UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
 impl Server {
     pub async fn bind(config: Config) -> anyhow::Result<Server> {
+        let tls = PortTls::load(&config).context("cannot set up TLS")?;
         let root = config.model_repository.clone();
         let options = LoadOptions {
             backend: config.backend,
@@ -67,6 +90,7 @@ impl Server {
             grpc,
             http,
             metrics,
+            tls,
         })
     }
 
@@ -102,6 +126,7 @@ impl Server {
             grpc,
             http,
             metrics,
+            tls,
         } = self;
         for warning in config.warnings() {
             tracing::warn!("{warning}");
@@ -111,33 +136,33 @@ impl Server {
 
         let (health, health_service) = tonic_health::server::health_reporter();
         let global = admission::global_limit(&config.admission);
-        let inference = Arc::new(InferenceService::new(
-            gateway.clone(),
-            config.control.clone(),
-            &config.admission,
-            global.clone(),
-        ));
+        let inference = InferenceService::shared(&gateway, &config, global.clone());
         let routes = grpc_routes(&config, inference.clone(), &health, health_service).await?;
         let liveness = spawn_liveness(health.clone(), gateway.clone(), shutdown.clone());
 
         let grpc_edge = grpc_edge(&config, &gateway, global);
-        let budget = grpc_edge.budget.clone();
         // Plain HTTP endpoints stop only after the gRPC drain, so probes see NOT_SERVING.
         let http_stop = CancellationToken::new();
-        let rest = Arc::new(rest::Rest {
-            service: inference,
-            gateway: gateway.clone(),
-            budget: budget.clone(),
-            max_body_bytes: config.max_message_bytes,
-            body_read_timeout: config.edge.body_read_timeout,
-        });
-        let http_tasks = spawn_http(&config, (http, metrics), rest, prometheus, &http_stop);
+        let rest = Arc::new(rest::Rest::new(
+            &config,
+            inference,
+            &gateway,
+            &grpc_edge.budget,
+        ));
+        let http_tasks = spawn_http(
+            &config,
+            (http, metrics),
+            (rest, tls.http),
+            prometheus,
+            &http_stop,
+        );
         let drain_start = CancellationToken::new();
         let grpc_task = tokio::spawn(serve_grpc(
             grpc,
             routes,
             grpc_edge,
             config.edge,
+            tls.grpc,
             drain_start.clone(),
         ));
         gateway.set_ready();
@@ -210,22 +235,30 @@ async fn grpc_routes(
 fn spawn_http(
     config: &Config,
     (http, metrics): (TcpListener, TcpListener),
-    rest: Arc<rest::Rest>,
+    (rest, tls): (Arc<rest::Rest>, Option<Arc<edge::Tls>>),
     prometheus: metrics_exporter_prometheus::PrometheusHandle,
     stop: &CancellationToken,
 ) -> (tokio::task::JoinHandle<()>, tokio::task::JoinHandle<()>) {
     let budget = rest.budget.clone();
+    let gateway = rest.gateway.clone();
     let refresh_gauges: Arc<dyn Fn() + Send + Sync> = Arc::new(move || budget.report());
-    let serve = |listener, name, router| {
+    let serve = |listener, name, router, tls| {
         let acceptor = edge::Acceptor::new(listener, name, config.edge.max_http_connections);
-        tokio::spawn(http::serve(acceptor, router, config.edge, stop.clone()))
+        tokio::spawn(http::serve(
+            acceptor,
+            router,
+            config.edge,
+            tls,
+            stop.clone(),
+        ))
     };
     (
-        serve(http, "http", rest.handler()),
+        serve(http, "http", rest.handler(), tls),
         serve(
             metrics,
             "metrics",
-            http::handler(http::metrics_router(prometheus, refresh_gauges)),
+            http::handler(http::metrics_router(prometheus, refresh_gauges, gateway)),
+            None,
         ),
     )
 }
@@ -329,6 +362,7 @@ async fn serve_grpc(
     routes: tonic::service::Routes,
     edge_config: edge::GrpcEdge,
     limits: EdgeLimits,
+    tls: Option<Arc<edge::Tls>>,
     stop: CancellationToken,
 ) {
     let builder = http2_builder(&limits);
@@ -350,38 +384,70 @@ async fn serve_grpc(
             edge: edge_config.clone(),
             activity: activity.clone(),
         });
-        let connection = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let stop = stop.clone();
-        let idle_timeout = limits.idle_connection_timeout;
-        let first_call_timeout = limits.header_read_timeout.min(idle_timeout);
-        connections.spawn(async move {
-            let _slot = slot;
-            tokio::pin!(connection);
-            let result = tokio::select! {
-                result = connection.as_mut() => result,
-                _ = stop.cancelled() => {
-                    connection.as_mut().graceful_shutdown();
-                    connection.await
-                }
-                _ = activity.idle_for(first_call_timeout, idle_timeout) => {
-                    tracing::debug!("closing an idle gRPC connection");
-                    connection.as_mut().graceful_shutdown();
-                    // A client that never finished its handshake never answers either.
-                    tokio::time::timeout(edge::CLOSE_GRACE, connection)
-                        .await
-                        .unwrap_or(Ok(()))
-                }
-            };
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "gRPC connection ended with an error");
-            }
-        });
+        let connection = GrpcConnection {
+            builder: builder.clone(),
+            tls: tls.clone(),
+            activity,
+            limits,
+            stop: stop.clone(),
+        };
+        connections.spawn(connection.serve(stream, slot, service));
     }
     drop(acceptor);
     connections.close();
     connections.wait().await;
+}
+
+/// The gRPC port's service, as hyper serves it.
+type GrpcService =
+    hyper_util::service::TowerToHyperService<edge::GrpcEdgeService<tonic::service::Routes>>;
+
+/// What serving one gRPC connection needs.
+struct GrpcConnection {
+    builder: hyper_util::server::conn::auto::Builder<TokioExecutor>,
+    tls: Option<Arc<edge::Tls>>,
+    activity: Arc<edge::Activity>,
+    limits: EdgeLimits,
+    stop: CancellationToken,
+}
+
+impl GrpcConnection {
+    /// TLS handshake (on a TLS port), then HTTP/2 until the client leaves, the server
+    /// stops (graceful close) or the connection is idle too long.
+    async fn serve(
+        self,
+        stream: tokio::net::TcpStream,
+        slot: edge::ConnectionSlot,
+        service: GrpcService,
+    ) {
+        let _slot = slot;
+        let idle_timeout = self.limits.idle_connection_timeout;
+        let first_call_timeout = self.limits.header_read_timeout.min(idle_timeout);
+        let tls = self.tls.as_deref();
+        let Some(stream) = edge::Conn::accept(stream, tls, first_call_timeout).await else {
+            return;
+        };
+        let connection = self.builder.serve_connection(TokioIo::new(stream), service);
+        tokio::pin!(connection);
+        let result = tokio::select! {
+            result = connection.as_mut() => result,
+            _ = self.stop.cancelled() => {
+                connection.as_mut().graceful_shutdown();
+                connection.await
+            }
+            _ = self.activity.idle_for(first_call_timeout, idle_timeout) => {
+                tracing::debug!("closing an idle gRPC connection");
+                connection.as_mut().graceful_shutdown();
+                // A client that never finished its handshake never answers either.
+                tokio::time::timeout(edge::CLOSE_GRACE, connection)
+                    .await
+                    .unwrap_or(Ok(()))
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "gRPC connection ended with an error");
+        }
+    }
 }
 
 /// The HTTP/2 settings of the gRPC port. Large DATA frames: a client may send a whole

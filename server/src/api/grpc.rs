@@ -43,6 +43,20 @@ impl InferenceService {
         }
     }
 
+    /// The service as the gRPC and REST endpoints share it.
+    pub fn shared(
+        gateway: &Arc<Gateway>,
+        config: &crate::config::Config,
+        global: Option<Arc<tokio::sync::Semaphore>>,
+    ) -> Arc<InferenceService> {
+        Arc::new(InferenceService::new(
+            gateway.clone(),
+            config.control.clone(),
+            &config.admission,
+            global,
+        ))
+    }
+
     /// One request of a stream, answered in Triton's form: a failure travels in
     /// `error_message`, with the request's model, version and id.
     async fn stream_answer(

@@ -15,8 +15,9 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::edge::{Acceptor, Activity, CLOSE_GRACE};
+use super::edge::{Acceptor, Activity, Conn, Tls, CLOSE_GRACE};
 use crate::config::EdgeLimits;
+use crate::gateway::Gateway;
 
 /// Read buffer of an HTTP/1.1 connection: bounds a request's line and headers.
 const HTTP1_BUFFER_BYTES: usize = 64 * 1024;
@@ -29,6 +30,15 @@ pub struct Reply {
 }
 
 impl Reply {
+    fn ok_if(ok: bool) -> Reply {
+        let status = if ok {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        Reply::text(status, "")
+    }
+
     fn text(status: StatusCode, body: impl Into<String>) -> Reply {
         Reply {
             status,
@@ -65,9 +75,15 @@ pub fn handler(router: Router) -> Handler {
     })
 }
 
-/// `/metrics` in the Prometheus text format. `refresh` sets the gauges that are read at
-/// scrape time instead of being updated on every request.
-pub fn metrics_router(handle: PrometheusHandle, refresh: Arc<dyn Fn() + Send + Sync>) -> Router {
+/// `/metrics` in the Prometheus text format, and `/v2/health/live|ready` for probes that
+/// cannot speak TLS (the metrics port stays plain when the others use TLS). `refresh`
+/// sets the gauges that are read at scrape time instead of being updated on every
+/// request.
+pub fn metrics_router(
+    handle: PrometheusHandle,
+    refresh: Arc<dyn Fn() + Send + Sync>,
+    gateway: Arc<Gateway>,
+) -> Router {
     Arc::new(move |method, path| match (method, path) {
         (&Method::GET, "/metrics") => Reply {
             status: StatusCode::OK,
@@ -77,7 +93,12 @@ pub fn metrics_router(handle: PrometheusHandle, refresh: Arc<dyn Fn() + Send + S
                 handle.render()
             },
         },
-        _ => Reply::text(StatusCode::NOT_FOUND, "metrics are at GET /metrics\n"),
+        (&Method::GET | &Method::HEAD, "/v2/health/live") => Reply::ok_if(gateway.is_live()),
+        (&Method::GET | &Method::HEAD, "/v2/health/ready") => Reply::ok_if(gateway.is_ready()),
+        _ => Reply::text(
+            StatusCode::NOT_FOUND,
+            "metrics are at GET /metrics, health at GET /v2/health/live and /v2/health/ready\n",
+        ),
     })
 }
 
@@ -88,6 +109,7 @@ pub async fn serve(
     mut acceptor: Acceptor,
     handler: Handler,
     limits: EdgeLimits,
+    tls: Option<Arc<Tls>>,
     shutdown: CancellationToken,
 ) {
     let mut builder = hyper::server::conn::http1::Builder::new();
@@ -114,12 +136,16 @@ pub async fn serve(
                 Ok::<_, Infallible>(response)
             }
         });
-        let conn = builder.serve_connection(TokioIo::new(stream), service);
         let idle_timeout = limits
             .idle_connection_timeout
             .min(limits.header_read_timeout);
+        let (builder, tls) = (builder.clone(), tls.clone());
         tokio::spawn(async move {
             let _slot = slot;
+            let Some(stream) = Conn::accept(stream, tls.as_deref(), idle_timeout).await else {
+                return;
+            };
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
             tokio::pin!(conn);
             tokio::select! {
                 _ = conn.as_mut() => {}

@@ -54,6 +54,16 @@ pub struct Config {
     pub models: ModelDefaults,
     pub control: ModelControl,
     pub admission: AdmissionConfig,
+    /// TLS on the gRPC and HTTP ports; `None`: plain TCP.
+    pub tls: Option<TlsFiles>,
+}
+
+/// Where TLS's certificate, key and (for mutual TLS) client CAs are read from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
 }
 
 /// What the server accepts from the network before any request handler runs: the

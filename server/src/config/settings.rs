@@ -29,7 +29,7 @@ pub struct Settings {
     #[arg(long, env = "SLUICE_GRPC_PORT", value_name = "PORT")]
     pub grpc_port: Option<u16>,
 
-    /// HTTP port for /v2/health/live, /v2/health/ready and /v2/models/<m>/ready.
+    /// HTTP port: the KServe v2 REST protocol (health, metadata, inference, repository).
     #[arg(long, env = "SLUICE_HTTP_PORT", value_name = "PORT")]
     pub http_port: Option<u16>,
 
@@ -166,6 +166,21 @@ pub struct Settings {
     /// a mounted Kubernetes Secret. Not together with `--model-control-token`.
     #[arg(long, env = "SLUICE_MODEL_CONTROL_TOKEN_FILE", value_name = "FILE")]
     pub model_control_token_file: Option<PathBuf>,
+
+    /// PEM certificate chain for TLS on the gRPC and HTTP ports (with `--tls-key-file`).
+    /// The files are read again when they change: the next connection gets the new
+    /// certificate, open connections keep theirs. [default: none, plain TCP]
+    #[arg(long, env = "SLUICE_TLS_CERT_FILE", value_name = "FILE")]
+    pub tls_cert_file: Option<PathBuf>,
+
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of `--tls-cert-file`.
+    #[arg(long, env = "SLUICE_TLS_KEY_FILE", value_name = "FILE")]
+    pub tls_key_file: Option<PathBuf>,
+
+    /// PEM certificates of the CAs whose client certificates are accepted: mutual TLS,
+    /// a client without a certificate signed by one of them is refused. [default: none]
+    #[arg(long, env = "SLUICE_TLS_CLIENT_CA_FILE", value_name = "FILE")]
+    pub tls_client_ca_file: Option<PathBuf>,
 
     /// Let `--model-control-mode explicit` run without a token, so that anyone who reaches
     /// the gRPC port can load and unload models. Without this, explicit mode with no token
@@ -315,6 +330,9 @@ impl Settings {
             allow_unauthenticated_model_control: self
                 .allow_unauthenticated_model_control
                 .or(lower.allow_unauthenticated_model_control),
+            tls_cert_file: self.tls_cert_file.or(lower.tls_cert_file),
+            tls_key_file: self.tls_key_file.or(lower.tls_key_file),
+            tls_client_ca_file: self.tls_client_ca_file.or(lower.tls_client_ca_file),
             max_model_instances: self.max_model_instances.or(lower.max_model_instances),
             max_warmup_bytes: self.max_warmup_bytes.or(lower.max_warmup_bytes),
             default_timeout_ms: self.default_timeout_ms.or(lower.default_timeout_ms),
@@ -341,7 +359,9 @@ impl Settings {
         let edge = self.edge()?;
         let control = self.model_control()?;
         let limits = self.model_limits()?;
+        let tls = self.tls()?;
         let config = Config {
+            tls,
             admission,
             edge,
             model_repository: set(self.model_repository),

@@ -97,6 +97,28 @@ impl Settings {
         })
     }
 
+    /// TLS files: a certificate and its key together, client CAs only beside them.
+    pub(super) fn tls(&self) -> Result<Option<TlsFiles>, ConfigError> {
+        let invalid = |setting, message: &str| ConfigError::Invalid {
+            setting,
+            message: message.to_owned(),
+        };
+        match (&self.tls_cert_file, &self.tls_key_file) {
+            (Some(cert), Some(key)) => Ok(Some(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: self.tls_client_ca_file.clone(),
+            })),
+            (None, None) if self.tls_client_ca_file.is_some() => Err(invalid(
+                "tls_client_ca_file",
+                "mutual TLS needs the server's own tls_cert_file and tls_key_file",
+            )),
+            (None, None) => Ok(None),
+            (Some(_), None) => Err(invalid("tls_key_file", "tls_cert_file needs tls_key_file")),
+            (None, Some(_)) => Err(invalid("tls_cert_file", "tls_key_file needs tls_cert_file")),
+        }
+    }
+
     /// Who may load and unload models. Explicit mode needs a token unless the operator
     /// opts out in so many words: an open control port lets anyone replace every model.
     pub(super) fn model_control(&self) -> Result<ModelControl, ConfigError> {

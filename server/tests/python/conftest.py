@@ -21,10 +21,12 @@ def free_port() -> int:
 
 
 class Sluice:
-    def __init__(self, proc: subprocess.Popen, grpc_port: int, http_port: int, metrics_port: int):
+    def __init__(self, proc: subprocess.Popen, grpc_port: int, http_port: int, metrics_port: int,
+                 tls_context=None):
         self.proc = proc
+        self.tls_context = tls_context
         self.grpc_url = f"127.0.0.1:{grpc_port}"
-        self.http_url = f"http://127.0.0.1:{http_port}"
+        self.http_url = f"{'https' if tls_context else 'http'}://127.0.0.1:{http_port}"
         self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
 
 
@@ -34,7 +36,8 @@ def wait_ready(server: Sluice, timeout_s: float = 60.0) -> None:
         if server.proc.poll() is not None:
             raise RuntimeError(f"sluice exited early with code {server.proc.returncode}")
         try:
-            with urllib.request.urlopen(server.http_url + "/v2/health/ready", timeout=1) as r:
+            with urllib.request.urlopen(server.http_url + "/v2/health/ready", timeout=1,
+                                        context=server.tls_context) as r:
                 if r.status == 200:
                     return
         except OSError:
@@ -59,7 +62,9 @@ def sluice_explicit():
                       "--model-control-token", CONTROL_TOKEN])
 
 
-def serve(extra=()):
+def serve(extra=(), tls_context=None):
+    """Run sluice with `extra` flags until the generator is closed; `tls_context` (an
+    ssl.SSLContext that trusts its certificate) when it serves TLS."""
     binary = os.environ.get("SLUICE_BIN", str(ROOT / "target" / "debug" / "sluice"))
     ports = [free_port() for _ in range(3)]
     cmd = [
@@ -72,7 +77,7 @@ def serve(extra=()):
         *extra,
     ]
     proc = subprocess.Popen(cmd)
-    server = Sluice(proc, *ports)
+    server = Sluice(proc, *ports, tls_context=tls_context)
     try:
         wait_ready(server)
         yield server

@@ -46,11 +46,13 @@ mod early;
 mod service;
 #[cfg(test)]
 mod tests;
+mod tls;
 
 pub use body::*;
 pub use budget::*;
 pub use early::*;
 pub use service::*;
+pub use tls::{Conn, Tls, ALPN_H2, ALPN_HTTP1};
 
 /// When the server received a call's HEADERS frame; request extensions carry it to the
 /// handlers, whose deadlines count from it.

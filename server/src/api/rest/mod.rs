@@ -15,16 +15,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
-use hyper::{Method, Request, Response, StatusCode};
-use prost_reflect::{DynamicMessage, SerializeOptions};
+use hyper::header::{HeaderValue, CONTENT_LENGTH};
+use hyper::{Method, Request, StatusCode};
 use serde_json::Value;
 use sluice_proto::grpc_inference_service_server::GrpcInferenceService;
 use sluice_proto::inference::*;
 use tokio::time::Instant;
-use tonic::{Code, Status};
+use tonic::Status;
 
 use super::edge::{Budget, RequestStart};
 use super::grpc::InferenceService;
@@ -32,11 +31,17 @@ use super::http::Handler;
 use crate::error::RETRY_PUSHBACK_HEADER;
 use crate::gateway::Gateway;
 
+mod answer;
 mod infer;
+mod route;
 #[cfg(test)]
 mod tests;
 
+pub use answer::http_status;
 pub use infer::{decode, encode, AnswerForm, Decoded};
+
+use answer::*;
+use route::*;
 
 /// The header that gives the length of a body's JSON part when binary data follows it.
 pub const HEADER_LENGTH: &str = "inference-header-content-length";
@@ -51,35 +56,23 @@ pub struct Rest {
     pub body_read_timeout: Duration,
 }
 
-type Answer = Response<Full<Bytes>>;
-
-/// The route of a request: what the path names.
-#[derive(Debug, PartialEq, Eq)]
-enum Route {
-    Server,
-    Live,
-    Ready,
-    AllStats,
-    Model {
-        name: String,
-        version: String,
-        action: ModelAction,
-    },
-    Index,
-    Load(String),
-    Unload(String),
-}
-
-#[derive(Debug, PartialEq, Eq, Clone, Copy)]
-enum ModelAction {
-    Metadata,
-    Ready,
-    Config,
-    Stats,
-    Infer,
-}
-
 impl Rest {
+    /// The REST endpoints of `service`, sharing the gRPC port's request-byte `budget`.
+    pub fn new(
+        config: &crate::config::Config,
+        service: Arc<InferenceService>,
+        gateway: &Arc<Gateway>,
+        budget: &Budget,
+    ) -> Rest {
+        Rest {
+            service,
+            gateway: gateway.clone(),
+            budget: budget.clone(),
+            max_body_bytes: config.max_message_bytes,
+            body_read_timeout: config.edge.body_read_timeout,
+        }
+    }
+
     /// The HTTP port's handler.
     pub fn handler(self: Arc<Self>) -> Handler {
         Arc::new(move |req| {
@@ -123,7 +116,11 @@ impl Rest {
                 action: ModelAction::Infer,
             } => self.infer(req, name, version, received).await,
             Route::Index | Route::Load(_) | Route::Unload(_) => self.control(req, route).await,
-            _ => self.read(route).await,
+            route @ (Route::Server
+            | Route::Live
+            | Route::Ready
+            | Route::AllStats
+            | Route::Model { .. }) => self.read(route).await,
         };
         result.unwrap_or_else(|status| status_answer(&status))
     }
@@ -276,7 +273,9 @@ impl Rest {
                 self.service.repository_model_unload(request).await?;
                 Ok(empty_ok())
             }
-            _ => unreachable!("only model control is routed here"),
+            Route::Server | Route::Live | Route::Ready | Route::AllStats | Route::Model { .. } => {
+                unreachable!("only model control is routed here")
+            }
         }
     }
 
@@ -399,7 +398,7 @@ fn repository_parameters(
             Value::Number(n) if n.is_i64() => {
                 ParameterChoice::Int64Param(n.as_i64().unwrap_or_default())
             }
-            _ => {
+            Value::Null | Value::Number(_) | Value::Array(_) | Value::Object(_) => {
                 return Err(Status::invalid_argument(format!(
                     "parameter '{}' must be a string, a boolean or an integer",
                     crate::error::clip(key)
@@ -420,176 +419,4 @@ fn too_large(length: usize, max: usize) -> Status {
     Status::resource_exhausted(format!(
         "the request body ({length} bytes or more) is larger than the {max} bytes allowed"
     ))
-}
-
-/// The route a path names, or the 404 message.
-fn route(path: &str) -> Result<Route, String> {
-    let parts: Vec<String> = path
-        .trim_end_matches('/')
-        .split('/')
-        .skip(1)
-        .map(percent_decode)
-        .collect::<Option<_>>()
-        .ok_or_else(|| {
-            format!(
-                "the path {} is not valid percent-encoded UTF-8",
-                clip_path(path)
-            )
-        })?;
-    let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
-    let model = |name: &str, version: &str, action| Route::Model {
-        name: name.to_owned(),
-        version: version.to_owned(),
-        action,
-    };
-    let action = |tail: &[&str]| match tail {
-        [] => Some(ModelAction::Metadata),
-        ["ready"] => Some(ModelAction::Ready),
-        ["config"] => Some(ModelAction::Config),
-        ["stats"] => Some(ModelAction::Stats),
-        ["infer"] => Some(ModelAction::Infer),
-        _ => None,
-    };
-    let found = match parts.as_slice() {
-        ["v2"] => Some(Route::Server),
-        ["v2", "health", "live"] => Some(Route::Live),
-        ["v2", "health", "ready"] => Some(Route::Ready),
-        ["v2", "models", "stats"] => Some(Route::AllStats),
-        ["v2", "repository", "index"] => Some(Route::Index),
-        ["v2", "repository", "models", name, "load"] => Some(Route::Load((*name).to_owned())),
-        ["v2", "repository", "models", name, "unload"] => Some(Route::Unload((*name).to_owned())),
-        ["v2", "models", name, "versions", version, tail @ ..] => {
-            action(tail).map(|a| model(name, version, a))
-        }
-        ["v2", "models", name, tail @ ..] => action(tail).map(|a| model(name, "", a)),
-        _ => None,
-    };
-    found.ok_or_else(|| format!("no endpoint at {}", clip_path(path)))
-}
-
-fn clip_path(path: &str) -> std::borrow::Cow<'_, str> {
-    crate::error::clip(path)
-}
-
-/// `%XX` escapes decoded; `None` when an escape is malformed or the result is not UTF-8.
-fn percent_decode(segment: &str) -> Option<String> {
-    let bytes = segment.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = segment.get(i + 1..i + 3)?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
-}
-
-/// A protocol message in JSON with its proto field names, every field present and
-/// 64-bit integers as numbers (the form Triton's HTTP endpoints answer in).
-fn message_json<M: prost::Message>(message: &M, name: &str) -> Value {
-    let descriptor = crate::spec::descriptor_pool()
-        .get_message_by_name(&format!("inference.{name}"))
-        .expect("every message of the protocol is in its descriptor pool");
-    let dynamic = DynamicMessage::decode(descriptor, message.encode_to_vec().as_slice())
-        .expect("a message re-decodes under its own descriptor");
-    let options = SerializeOptions::new()
-        .use_proto_field_name(true)
-        .stringify_64_bit_integers(false)
-        .skip_default_fields(false);
-    dynamic
-        .serialize_with_options(serde_json::value::Serializer, &options)
-        .expect("a protocol message serializes to JSON")
-}
-
-fn json_answer(status: StatusCode, json: &Value) -> Answer {
-    Response::builder()
-        .status(status)
-        .header(CONTENT_TYPE, "application/json")
-        .body(Full::new(Bytes::from(
-            serde_json::to_vec(json).expect("a JSON value serializes"),
-        )))
-        .expect("status and headers are valid")
-}
-
-fn empty_ok() -> Answer {
-    json_answer(StatusCode::OK, &Value::Object(Default::default()))
-}
-
-fn health(ok: bool) -> Answer {
-    let status = if ok {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    Response::builder()
-        .status(status)
-        .body(Full::new(Bytes::new()))
-        .expect("a status is a valid response")
-}
-
-fn infer_answer(encoded: infer::Encoded) -> Answer {
-    if encoded.binary.is_empty() {
-        return Response::builder()
-            .header(CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(encoded.json)))
-            .expect("headers are valid");
-    }
-    let json_len = encoded.json.len();
-    let total = json_len + encoded.binary.iter().map(Bytes::len).sum::<usize>();
-    let mut body = Vec::with_capacity(total);
-    body.extend_from_slice(&encoded.json);
-    for part in &encoded.binary {
-        body.extend_from_slice(part);
-    }
-    Response::builder()
-        .header(CONTENT_TYPE, "application/octet-stream")
-        .header(HEADER_LENGTH, json_len)
-        .body(Full::new(Bytes::from(body)))
-        .expect("headers are valid")
-}
-
-/// The HTTP status for a gRPC code (the README's status table).
-pub fn http_status(code: Code) -> StatusCode {
-    match code {
-        Code::Ok => StatusCode::OK,
-        Code::NotFound => StatusCode::NOT_FOUND,
-        Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-        Code::ResourceExhausted => StatusCode::PAYLOAD_TOO_LARGE,
-        Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
-        Code::Unauthenticated => StatusCode::UNAUTHORIZED,
-        Code::PermissionDenied => StatusCode::FORBIDDEN,
-        Code::Unimplemented => StatusCode::NOT_IMPLEMENTED,
-        Code::Internal | Code::DataLoss | Code::Unknown => StatusCode::INTERNAL_SERVER_ERROR,
-        Code::Aborted => StatusCode::CONFLICT,
-        Code::InvalidArgument
-        | Code::FailedPrecondition
-        | Code::OutOfRange
-        | Code::AlreadyExists
-        | Code::Cancelled => StatusCode::BAD_REQUEST,
-    }
-}
-
-/// A status as an HTTP answer: `{"error": message}`, and for overload a `Retry-After`
-/// (whole seconds, rounded up) beside the exact `retry-after-ms`.
-fn status_answer(status: &Status) -> Answer {
-    let mut answer = error(http_status(status.code()), status.message());
-    let pushback = status
-        .metadata()
-        .get(RETRY_PUSHBACK_HEADER)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if let Some(ms) = pushback {
-        let headers = answer.headers_mut();
-        headers.insert(RETRY_AFTER, HeaderValue::from(ms.div_ceil(1000).max(1)));
-        headers.insert("retry-after-ms", HeaderValue::from(ms));
-    }
-    answer
-}
-
-fn error(status: StatusCode, message: &str) -> Answer {
-    json_answer(status, &serde_json::json!({ "error": message }))
 }

@@ -1,6 +1,8 @@
 use super::*;
+use hyper::header::RETRY_AFTER;
 use sluice_proto::inference::infer_parameter::ParameterChoice;
 use sluice_proto::inference::model_infer_response::InferOutputTensor;
+use tonic::Code;
 
 fn decode_json(json: &str) -> Result<Decoded, String> {
     decode("m", "", &Bytes::from(json.to_owned()), None, 1 << 20)
