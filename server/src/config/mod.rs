@@ -89,7 +89,9 @@ impl Default for EdgeLimits {
         EdgeLimits {
             max_request_bytes_in_flight: 256 * 1024 * 1024,
             max_connections: 1024,
-            max_http_connections: 128,
+            // The HTTP port serves REST inference: one request at a time per connection,
+            // so as many clients as the gRPC port's connections.
+            max_http_connections: 1024,
             // Equal to the per-model limit's default maximum, so that one connection can
             // fill a model's limit. Each open stream holds its header block (up to
             // max_header_list_bytes) until its body arrives, so this also bounds that

@@ -68,7 +68,7 @@ pub struct Settings {
     #[arg(long, env = "SLUICE_MAX_CONNECTIONS", value_name = "N")]
     pub max_connections: Option<usize>,
 
-    /// Open connections on each HTTP/1 port (health, metrics); more are closed as soon as
+    /// Open connections on each HTTP/1 port (REST, metrics); more are closed as soon as
     /// they are accepted.
     #[arg(long, env = "SLUICE_MAX_HTTP_CONNECTIONS", value_name = "N")]
     pub max_http_connections: Option<usize>,
