@@ -72,7 +72,12 @@ async fn json_inference_metadata_and_errors() {
     assert!(body.contains(r#""shape":[2]"#), "{body}");
     for (path, json, want, fragment) in [
         ("/v2/models/nope/infer", GOOD, 404, "nope"),
-        ("/v2/models/id/infer", "{", 400, "not a valid inference request"),
+        (
+            "/v2/models/id/infer",
+            "{",
+            400,
+            "not a valid inference request",
+        ),
         (
             "/v2/models/id/infer",
             r#"{"inputs":[{"name":"INPUT__0","shape":[3],"datatype":"FP32","data":[1,2,3]}]}"#,
