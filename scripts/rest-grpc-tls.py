@@ -30,11 +30,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
 
-from sluice_serve import BIN, ROOT, tree_cpu_seconds
+from sluice_serve import BIN, ROOT, start_server, tree_cpu_seconds
 
 PORT = 39661
 PA = os.environ.get("PERF_ANALYZER", str(ROOT / "scripts/tools/perf-analyzer"))
@@ -65,22 +64,8 @@ def self_signed(work):
 
 
 def start(work, tls):
-    cmd = [str(BIN), "--model-repository", str(ROOT / "models"), "--grpc-port", str(PORT),
-           "--http-port", str(PORT + 1), "--metrics-port", str(PORT + 2), "--log-level", "warn"]
-    if tls:
-        cmd += ["--tls-cert-file", str(tls[0]), "--tls-key-file", str(tls[1])]
-    proc = subprocess.Popen(cmd, stdout=(work / "server.log").open("a"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{PORT + 2}/metrics", timeout=1):
-                return proc
-        except OSError:
-            if proc.poll() is not None:
-                break
-            time.sleep(0.2)
-    proc.kill()
-    sys.exit(f"sluice did not start (log: {work / 'server.log'})")
+    extra = ["--tls-cert-file", str(tls[0]), "--tls-key-file", str(tls[1])] if tls else []
+    return start_server(ROOT / "models", PORT, (work / "server.log").open("a"), extra)
 
 
 def inferences(model):
@@ -148,7 +133,7 @@ def main():
             finally:
                 proc.terminate()
                 proc.wait(timeout=60)
-    base = {k: statistics.median(m[k] for m in results[("grpc", "plain")]) for k in ("throughput", "cpu_us")}
+    base = {k: statistics.median(m[k] for m in results[("grpc", "plain TCP")]) for k in ("throughput", "cpu_us")}
     print(f"\n| {args.model} | throughput at c={args.concurrency} | vs gRPC plain "
           f"| CPU per inference at {args.rate}/s | vs gRPC plain |")
     print("| --- | ---: | ---: | ---: | ---: |")

@@ -25,7 +25,8 @@ def start_server(repo, port, log, extra=(), binary=BIN):
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port + 1}/v2/health/ready", timeout=1):
+            # On the metrics port, which stays plain when the others serve TLS.
+            with urllib.request.urlopen(f"http://127.0.0.1:{port + 2}/v2/health/ready", timeout=1):
                 return proc
         except OSError:
             if proc.poll() is not None:
