@@ -8,12 +8,14 @@ import ipaddress
 import os
 import socket
 import ssl
+import time
 import urllib.request
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -128,8 +130,9 @@ def test_probes_answer_on_the_plain_metrics_port(tls_server):
 
 def test_plain_clients_are_not_served_on_a_tls_port(tls_server):
     grpc = grpcclient.InferenceServerClient(tls_server.grpc_url)
-    with pytest.raises(Exception):
+    with pytest.raises(InferenceServerException) as e:
         grpc.is_server_live(client_timeout=5)
+    assert "UNAVAILABLE" in str(e.value.status()), e.value
     grpc.close()
 
 
@@ -172,3 +175,20 @@ def test_mutual_tls_refuses_a_client_without_a_certificate(pki):
         grpc.close()
     finally:
         gen.close()
+
+
+def test_a_change_that_does_not_load_keeps_the_previous_certificate(pki, tls_server):
+    d, ca = pki
+    address = ("127.0.0.1", port(tls_server.http_url))
+    before = peer_name(d, address)
+    # A key that does not match the certificate: refused, the previous pair still served.
+    key, cert = certificate("third", issuer=ca)
+    other_key, _ = certificate("unused", issuer=ca)
+    write(d / "server", other_key, cert)
+    assert peer_name(d, address) == before
+    # Once the pair matches again it is taken (after the retry pause).
+    write(d / "server", key, cert)
+    deadline = time.monotonic() + 10
+    while peer_name(d, address) != "third":
+        assert time.monotonic() < deadline, "the repaired pair was never taken"
+        time.sleep(0.2)

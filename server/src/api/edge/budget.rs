@@ -136,7 +136,7 @@ impl DecodeBudget for CallBudget {
 pub struct CallDecodeBudget(pub Arc<dyn DecodeBudget>);
 
 /// UNAVAILABLE with pushback: the budget of request bytes in flight is full.
-pub(super) fn budget_full(what: String) -> Status {
+pub fn budget_full(what: String) -> Status {
     let mut status = Status::unavailable(format!(
         "server is overloaded: its budget of request bytes in flight is full ({what})"
     ));

@@ -42,7 +42,13 @@ pub struct Tls {
 struct Loaded {
     stamps: Vec<Option<Stamp>>,
     acceptor: TlsAcceptor,
+    /// After a change that did not load: when to try it again.
+    retry_at: Option<std::time::Instant>,
 }
+
+/// How long a change that did not load waits before it is tried again (a file being
+/// replaced, a Secret being swapped): the files are not re-read on every connection.
+const RETRY_FAILED_RELOAD: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// What tells that a file changed: modification time, length and inode.
 type Stamp = (SystemTime, u64, u64);
@@ -56,23 +62,36 @@ impl Tls {
         Ok(Arc::new(Tls {
             files,
             alpn,
-            current: Mutex::new(Loaded { stamps, acceptor }),
+            current: Mutex::new(Loaded {
+                stamps,
+                acceptor,
+                retry_at: None,
+            }),
         }))
     }
 
-    /// The acceptor for the next connection: reloaded first if a file changed.
+    /// The acceptor for the next connection: reloaded first if a file changed. A change
+    /// that does not load leaves the previous certificate in service and is tried again
+    /// after [`RETRY_FAILED_RELOAD`] (a read that failed for a moment is not final).
     pub fn acceptor(&self) -> TlsAcceptor {
         let mut current = self.current.lock().expect("never poisoned");
+        let waiting = current
+            .retry_at
+            .is_some_and(|at| std::time::Instant::now() < at);
         let now = stamps(&self.files);
-        if now != current.stamps {
-            current.stamps = now;
+        if now != current.stamps && !waiting {
             match server_config(&self.files, &self.alpn) {
                 Ok(config) => {
                     current.acceptor = TlsAcceptor::from(Arc::new(config));
+                    current.stamps = now;
+                    current.retry_at = None;
                     tracing::info!(cert = %self.files.cert.display(), "TLS certificate reloaded");
                 }
-                Err(e) => tracing::error!(error = %e,
-                    "TLS files changed but do not load; the previous certificate stays in service"),
+                Err(e) => {
+                    current.retry_at = Some(std::time::Instant::now() + RETRY_FAILED_RELOAD);
+                    tracing::error!(error = %e,
+                        "TLS files changed but do not load; the previous certificate stays in service");
+                }
             }
         }
         current.acceptor.clone()

@@ -115,5 +115,6 @@ pub(super) fn status_answer(status: &Status) -> Answer {
 }
 
 pub(super) fn error(status: StatusCode, message: &str) -> Answer {
+    let message = crate::error::bound_message(message.to_owned());
     json_answer(status, &serde_json::json!({ "error": message }))
 }

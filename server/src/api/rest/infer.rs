@@ -16,13 +16,14 @@ use bytes::{BufMut, Bytes, BytesMut};
 use serde::de::{self, DeserializeSeed, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use serde_json::{Map, Value};
+use serde_json::Value;
 use sluice_proto::inference::infer_parameter::ParameterChoice;
 use sluice_proto::inference::model_infer_request::{InferInputTensor, InferRequestedOutputTensor};
 use sluice_proto::inference::{InferParameter, ModelInferRequest, ModelInferResponse};
 
 use crate::error::clip;
 use crate::tensor::{checked_element_count, shape_string, DataType};
+use sluice_proto::limits::MAX_DIMS;
 
 /// The request parameter that asks for every output as binary data.
 const BINARY_OUTPUT: &str = "binary_data_output";
@@ -31,12 +32,15 @@ const BINARY_DATA: &str = "binary_data";
 /// An input's parameter: the length of its binary data.
 const BINARY_SIZE: &str = "binary_data_size";
 
+/// Parameters as a request carries them: names to scalars.
+type JsonParameters = HashMap<String, Scalar>;
+
 #[derive(Deserialize)]
 struct JsonRequest<'a> {
     #[serde(default)]
     id: Option<String>,
     #[serde(default)]
-    parameters: Option<Map<String, Value>>,
+    parameters: Option<JsonParameters>,
     #[serde(borrow)]
     inputs: Vec<JsonInput<'a>>,
     #[serde(default)]
@@ -46,10 +50,11 @@ struct JsonRequest<'a> {
 #[derive(Deserialize)]
 struct JsonInput<'a> {
     name: String,
+    #[serde(deserialize_with = "bounded_shape")]
     shape: Vec<i64>,
     datatype: String,
     #[serde(default)]
-    parameters: Option<Map<String, Value>>,
+    parameters: Option<JsonParameters>,
     #[serde(default, borrow)]
     data: Option<&'a RawValue>,
 }
@@ -58,7 +63,32 @@ struct JsonInput<'a> {
 struct JsonOutput {
     name: String,
     #[serde(default)]
-    parameters: Option<Map<String, Value>>,
+    parameters: Option<JsonParameters>,
+}
+
+/// A shape of at most [`MAX_DIMS`] dims: a longer one is refused as it is read, before
+/// it takes memory.
+fn bounded_shape<'de, D: de::Deserializer<'de>>(d: D) -> Result<Vec<i64>, D::Error> {
+    struct Dims;
+    impl<'de> Visitor<'de> for Dims {
+        type Value = Vec<i64>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            write!(f, "a list of at most {MAX_DIMS} integers")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<i64>, A::Error> {
+            let mut dims = Vec::new();
+            while let Some(dim) = seq.next_element()? {
+                if dims.len() == MAX_DIMS {
+                    return Err(de::Error::custom(format!(
+                        "a shape has at most {MAX_DIMS} dims"
+                    )));
+                }
+                dims.push(dim);
+            }
+            Ok(dims)
+        }
+    }
+    d.deserialize_seq(Dims)
 }
 
 /// A decoded REST inference request: the protocol message and how to answer it.
@@ -92,12 +122,16 @@ impl AnswerForm {
 /// Decode a request body for `model` (`version` may be empty). `header_len` is the
 /// `Inference-Header-Content-Length` header, when present. `max_decoded` bounds the
 /// bytes `data` arrays may decode to. `Err` is a message for a 400 answer.
+///
+/// `reserve(bytes)` is asked before a `data` array's buffer is allocated; when it says
+/// no, decoding stops with an error (the caller knows why).
 pub fn decode(
     model: &str,
     version: &str,
     body: &Bytes,
     header_len: Option<usize>,
     max_decoded: usize,
+    reserve: &mut dyn FnMut(usize) -> bool,
 ) -> Result<Decoded, String> {
     let json_len = header_len.unwrap_or(body.len());
     if json_len > body.len() {
@@ -119,7 +153,7 @@ pub fn decode(
     let mut decoded_bytes = 0usize;
     for input in request.inputs {
         let room = max_decoded.saturating_sub(decoded_bytes);
-        let (tensor, bytes) = decode_input(input, &mut binary, room)?;
+        let (tensor, bytes) = decode_input(input, &mut binary, room, reserve)?;
         if tensor.1 {
             decoded_bytes += bytes.len();
         }
@@ -184,6 +218,7 @@ fn decode_input(
     input: JsonInput,
     binary: &mut Bytes,
     max_decoded: usize,
+    reserve: &mut dyn FnMut(usize) -> bool,
 ) -> Result<((InferInputTensor, bool), Bytes), String> {
     let name = clip(&input.name).into_owned();
     let mut params = parameters(input.parameters.as_ref())?;
@@ -205,7 +240,7 @@ fn decode_input(
             }
             (binary.split_to(size), false)
         }
-        (None, Some(data)) => (json_data(&name, &input, data, max_decoded)?, true),
+        (None, Some(data)) => (json_data(&name, &input, data, max_decoded, reserve)?, true),
         (None, None) => return Err(format!("input '{name}' has neither data nor {BINARY_SIZE}")),
     };
     let tensor = InferInputTensor {
@@ -224,6 +259,7 @@ fn json_data(
     input: &JsonInput,
     data: &RawValue,
     max_decoded: usize,
+    reserve: &mut dyn FnMut(usize) -> bool,
 ) -> Result<Bytes, String> {
     let dtype = json_dtype(name, &input.datatype)?;
     let count = checked_element_count(&input.shape)
@@ -249,6 +285,11 @@ fn json_data(
                 input.datatype
             )
         })?;
+    if !reserve(bytes) {
+        return Err(format!(
+            "input '{name}': no room in the request-byte budget for {bytes} bytes"
+        ));
+    }
     let mut fill = Fill {
         dtype,
         out: BytesMut::with_capacity(bytes),
@@ -291,43 +332,43 @@ struct Fill {
     left: usize,
 }
 
-/// A JSON scalar as serde hands it over.
+/// A JSON number or boolean of a `data` array, as serde hands it over.
 #[derive(Clone, Copy)]
-enum Scalar {
+enum Number {
     Bool(bool),
     Int(i64),
     Uint(u64),
     Float(f64),
 }
 
-impl fmt::Display for Scalar {
+impl fmt::Display for Number {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Scalar::Bool(v) => write!(f, "{v}"),
-            Scalar::Int(v) => write!(f, "{v}"),
-            Scalar::Uint(v) => write!(f, "{v}"),
-            Scalar::Float(v) => write!(f, "{v}"),
+            Number::Bool(v) => write!(f, "{v}"),
+            Number::Int(v) => write!(f, "{v}"),
+            Number::Uint(v) => write!(f, "{v}"),
+            Number::Float(v) => write!(f, "{v}"),
         }
     }
 }
 
 impl Fill {
-    fn put<E: de::Error>(&mut self, v: Scalar) -> Result<(), E> {
+    fn put<E: de::Error>(&mut self, v: Number) -> Result<(), E> {
         if self.left == 0 {
             return Err(E::custom("more values than the shape holds"));
         }
         self.left -= 1;
         let bad = || E::custom(format!("{v} is not a {} value", self.dtype.wire_name()));
         let int = match v {
-            Scalar::Int(i) => Some(i128::from(i)),
-            Scalar::Uint(u) => Some(i128::from(u)),
-            Scalar::Bool(_) | Scalar::Float(_) => None,
+            Number::Int(i) => Some(i128::from(i)),
+            Number::Uint(u) => Some(i128::from(u)),
+            Number::Bool(_) | Number::Float(_) => None,
         };
         let float = match v {
-            Scalar::Int(i) => Some(i as f64),
-            Scalar::Uint(u) => Some(u as f64),
-            Scalar::Float(x) => Some(x),
-            Scalar::Bool(_) => None,
+            Number::Int(i) => Some(i as f64),
+            Number::Uint(u) => Some(u as f64),
+            Number::Float(x) => Some(x),
+            Number::Bool(_) => None,
         };
         macro_rules! put_int {
             ($t:ty, $put:ident) => {{
@@ -337,8 +378,8 @@ impl Fill {
         }
         match self.dtype {
             DataType::Bool => match v {
-                Scalar::Bool(b) => self.out.put_u8(u8::from(b)),
-                Scalar::Int(_) | Scalar::Uint(_) | Scalar::Float(_) => return Err(bad()),
+                Number::Bool(b) => self.out.put_u8(u8::from(b)),
+                Number::Int(_) | Number::Uint(_) | Number::Float(_) => return Err(bad()),
             },
             DataType::Uint8 => put_int!(u8, put_u8),
             DataType::Int8 => put_int!(i8, put_i8),
@@ -374,43 +415,71 @@ impl<'de> Visitor<'de> for &mut Fill {
     }
 
     fn visit_bool<E: de::Error>(self, v: bool) -> Result<(), E> {
-        self.put(Scalar::Bool(v))
+        self.put(Number::Bool(v))
     }
 
     fn visit_i64<E: de::Error>(self, v: i64) -> Result<(), E> {
-        self.put(Scalar::Int(v))
+        self.put(Number::Int(v))
     }
 
     fn visit_u64<E: de::Error>(self, v: u64) -> Result<(), E> {
-        self.put(Scalar::Uint(v))
+        self.put(Number::Uint(v))
     }
 
     fn visit_f64<E: de::Error>(self, v: f64) -> Result<(), E> {
-        self.put(Scalar::Float(v))
+        self.put(Number::Float(v))
+    }
+}
+
+/// A parameter's value: a JSON scalar. Arrays, objects and null are refused as they are
+/// read, before they take memory.
+pub enum Scalar {
+    Bool(bool),
+    Int(i64),
+    Uint(u64),
+    Float(f64),
+    Str(String),
+}
+
+impl<'de> Deserialize<'de> for Scalar {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Scalar, D::Error> {
+        struct Value;
+        impl Visitor<'_> for Value {
+            type Value = Scalar;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string, a boolean or a number")
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<Scalar, E> {
+                Ok(Scalar::Bool(v))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Scalar, E> {
+                Ok(Scalar::Int(v))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Scalar, E> {
+                // As Triton's clients mean it: an integer is INT64 unless it needs 64 bits.
+                Ok(i64::try_from(v).map_or(Scalar::Uint(v), Scalar::Int))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Scalar, E> {
+                Ok(Scalar::Float(v))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Scalar, E> {
+                Ok(Scalar::Str(v.to_owned()))
+            }
+        }
+        d.deserialize_any(Value)
     }
 }
 
 /// JSON parameters as protocol parameters (string, bool, integer or double).
-pub fn parameters(
-    json: Option<&Map<String, Value>>,
-) -> Result<HashMap<String, InferParameter>, String> {
+fn parameters(json: Option<&JsonParameters>) -> Result<HashMap<String, InferParameter>, String> {
     let mut out = HashMap::new();
     for (key, value) in json.into_iter().flatten() {
         let choice = match value {
-            Value::Bool(b) => ParameterChoice::BoolParam(*b),
-            Value::String(s) => ParameterChoice::StringParam(s.clone()),
-            Value::Number(n) => match (n.as_i64(), n.as_u64(), n.as_f64()) {
-                (Some(i), _, _) => ParameterChoice::Int64Param(i),
-                (None, Some(u), _) => ParameterChoice::Uint64Param(u),
-                (None, None, Some(f)) => ParameterChoice::DoubleParam(f),
-                (None, None, None) => return Err(format!("parameter '{}': bad number", clip(key))),
-            },
-            Value::Null | Value::Array(_) | Value::Object(_) => {
-                return Err(format!(
-                    "parameter '{}' must be a string, a boolean or a number",
-                    clip(key)
-                ))
-            }
+            Scalar::Bool(b) => ParameterChoice::BoolParam(*b),
+            Scalar::Str(s) => ParameterChoice::StringParam(s.clone()),
+            Scalar::Int(i) => ParameterChoice::Int64Param(*i),
+            Scalar::Uint(u) => ParameterChoice::Uint64Param(*u),
+            Scalar::Float(f) => ParameterChoice::DoubleParam(*f),
         };
         out.insert(
             key.clone(),

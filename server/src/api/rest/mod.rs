@@ -16,8 +16,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
+use hyper::body::Body;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CONTENT_LENGTH};
+use hyper::header::{HeaderValue, CONTENT_ENCODING, CONTENT_LENGTH};
 use hyper::{Method, Request, StatusCode};
 use serde_json::Value;
 use sluice_proto::grpc_inference_service_server::GrpcInferenceService;
@@ -28,7 +29,6 @@ use tonic::Status;
 use super::edge::{Budget, RequestStart};
 use super::grpc::InferenceService;
 use super::http::Handler;
-use crate::error::RETRY_PUSHBACK_HEADER;
 use crate::gateway::Gateway;
 
 mod answer;
@@ -42,6 +42,10 @@ pub use infer::{decode, encode, AnswerForm, Decoded};
 
 use answer::*;
 use route::*;
+
+/// Largest body of a repository index or model control request (as for their gRPC
+/// calls): a `config` override is a few KiB.
+const CONTROL_BODY_BYTES: usize = 1 << 20;
 
 /// The header that gives the length of a body's JSON part when binary data follows it.
 pub const HEADER_LENGTH: &str = "inference-header-content-length";
@@ -221,7 +225,7 @@ impl Rest {
     /// Repository index and model load/unload (POST, with an optional JSON body).
     async fn control(&self, req: Request<Incoming>, route: Route) -> Result<Answer, Status> {
         let authorization = req.headers().get(hyper::header::AUTHORIZATION).cloned();
-        let (body, _reserved) = self.body(req).await?;
+        let (body, _reserved) = self.body(req, CONTROL_BODY_BYTES).await?;
         let json: Value = if body.is_empty() {
             Value::Object(Default::default())
         } else {
@@ -286,28 +290,35 @@ impl Rest {
         version: String,
         received: Instant,
     ) -> Result<Answer, Status> {
-        let header_len = match req.headers().get(HEADER_LENGTH) {
-            None => None,
-            Some(v) => Some(
-                v.to_str()
-                    .ok()
-                    .and_then(|s| s.trim().parse::<usize>().ok())
-                    .ok_or_else(|| {
-                        Status::invalid_argument(
-                            "Inference-Header-Content-Length must be a byte count",
-                        )
-                    })?,
-            ),
-        };
+        let header_len = header_length(&req)?;
         let grpc_timeout = req.headers().get("grpc-timeout").cloned();
-        let (body, reserved) = self.body(req).await?;
+        let (body, reserved) = self.body(req, self.max_body_bytes).await?;
         // What JSON `data` arrays decode to is bounded by the body's own limit, and
         // reserved from the budget before it is allocated.
-        let decoded = decode(&model, &version, &body, header_len, self.max_body_bytes)
-            .map_err(Status::invalid_argument)?;
-        let _decoded_reservation = match decoded.decoded_bytes {
-            0 => None,
-            bytes => Some(self.reserve(bytes)?),
+        let mut held = Vec::new();
+        let mut refused = None;
+        let mut reserve = |bytes| match self.reserve(bytes) {
+            Ok(r) => {
+                held.push(r);
+                true
+            }
+            Err(status) => {
+                refused = Some(status);
+                false
+            }
+        };
+        let decoded = decode(
+            &model,
+            &version,
+            &body,
+            header_len,
+            self.max_body_bytes,
+            &mut reserve,
+        );
+        let decoded = match (decoded, refused) {
+            (Ok(decoded), _) => decoded,
+            (Err(_), Some(status)) => return Err(status),
+            (Err(message), None) => return Err(Status::invalid_argument(message)),
         };
         drop(body);
         let mut request = tonic::Request::new(decoded.request);
@@ -316,29 +327,58 @@ impl Rest {
             request.metadata_mut().insert("grpc-timeout", value);
         }
         let response = self.service.model_infer(request).await?.into_inner();
-        drop(reserved);
+        drop((reserved, held));
+        self.check_response_size(&response)?;
         Ok(infer_answer(infer::encode(response, &decoded.answer)))
+    }
+
+    /// A response whose outputs exceed what a message may hold is refused (as gRPC
+    /// refuses to encode it).
+    fn check_response_size(&self, response: &ModelInferResponse) -> Result<(), Status> {
+        let bytes = response
+            .raw_output_contents
+            .iter()
+            .fold(0usize, |sum, b| sum.saturating_add(b.len()));
+        if bytes > self.max_body_bytes {
+            return Err(Status::resource_exhausted(format!(
+                "the response's outputs ({bytes} bytes) are larger than the {} bytes a message may hold",
+                self.max_body_bytes
+            )));
+        }
+        Ok(())
     }
 
     /// The request's body, whole, with its bytes reserved from the budget.
     async fn body(
         &self,
         req: Request<Incoming>,
+        limit: usize,
     ) -> Result<(Bytes, Option<super::edge::Reserved>), Status> {
+        if let Some(encoding) = req
+            .headers()
+            .get(CONTENT_ENCODING)
+            .filter(|v| v.as_bytes() != b"identity")
+        {
+            return Err(Status::invalid_argument(format!(
+                "Content-Encoding '{}' is not supported: send the body uncompressed",
+                crate::error::clip(&String::from_utf8_lossy(encoding.as_bytes()))
+            )));
+        }
         let declared = req
             .headers()
             .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
-        if let Some(length) = declared.filter(|&l| l > self.max_body_bytes) {
-            return Err(too_large(length, self.max_body_bytes));
+            .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+            .or_else(|| usize::try_from(req.body().size_hint().exact()?).ok());
+        if let Some(length) = declared.filter(|&l| l > limit) {
+            return Err(too_large(length, limit));
         }
         // Without a length the largest body is reserved: it cannot be known sooner.
         let reserved = match declared {
             Some(0) => None,
             Some(length) => Some(self.reserve(length)?),
-            None => Some(self.reserve(self.max_body_bytes)?),
+            None => Some(self.reserve(limit)?),
         };
-        let limited = Limited::new(req.into_body(), self.max_body_bytes);
+        let limited = Limited::new(req.into_body(), limit);
         let body = match tokio::time::timeout(self.body_read_timeout, limited.collect()).await {
             Err(_) => {
                 return Err(Status::deadline_exceeded(format!(
@@ -347,7 +387,7 @@ impl Rest {
                 )))
             }
             Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-                return Err(too_large(self.max_body_bytes + 1, self.max_body_bytes))
+                return Err(too_large(limit.saturating_add(1), limit))
             }
             Ok(Err(e)) => return Err(Status::cancelled(format!("reading the body failed: {e}"))),
             Ok(Ok(collected)) => collected.to_bytes(),
@@ -356,16 +396,25 @@ impl Rest {
     }
 
     fn reserve(&self, bytes: usize) -> Result<super::edge::Reserved, Status> {
-        self.budget.try_reserve(bytes).ok_or_else(|| {
-            let mut status = Status::unavailable(format!(
-                "the server is receiving too many request bytes to take {bytes} more; retry later"
-            ));
-            status
-                .metadata_mut()
-                .insert(RETRY_PUSHBACK_HEADER, "100".parse().expect("a number"));
-            status
-        })
+        self.budget
+            .try_reserve(bytes)
+            .ok_or_else(|| super::edge::budget_full(format!("a REST request of {bytes} bytes")))
     }
+}
+
+/// The `Inference-Header-Content-Length` header, when present.
+fn header_length(req: &Request<Incoming>) -> Result<Option<usize>, Status> {
+    let Some(value) = req.headers().get(HEADER_LENGTH) else {
+        return Ok(None);
+    };
+    value
+        .to_str()
+        .ok()
+        .and_then(|s| s.trim().parse::<usize>().ok())
+        .map(Some)
+        .ok_or_else(|| {
+            Status::invalid_argument("Inference-Header-Content-Length must be a byte count")
+        })
 }
 
 /// `message` as a gRPC request carrying the HTTP request's `Authorization` header.

@@ -1,11 +1,19 @@
 use super::*;
+use crate::error::RETRY_PUSHBACK_HEADER;
 use hyper::header::RETRY_AFTER;
 use sluice_proto::inference::infer_parameter::ParameterChoice;
 use sluice_proto::inference::model_infer_response::InferOutputTensor;
 use tonic::Code;
 
 fn decode_json(json: &str) -> Result<Decoded, String> {
-    decode("m", "", &Bytes::from(json.to_owned()), None, 1 << 20)
+    decode(
+        "m",
+        "",
+        &Bytes::from(json.to_owned()),
+        None,
+        1 << 20,
+        &mut |_| true,
+    )
 }
 
 fn f32s(bytes: &[u8]) -> Vec<f32> {
@@ -78,7 +86,15 @@ fn binary_data_follows_the_json_header_in_input_order() {
     let mut body = json.as_bytes().to_vec();
     body.extend_from_slice(&1.5f32.to_le_bytes());
     body.extend_from_slice(&[9, 10]);
-    let d = decode("m", "1", &Bytes::from(body), Some(json.len()), 1024).unwrap();
+    let d = decode(
+        "m",
+        "1",
+        &Bytes::from(body),
+        Some(json.len()),
+        1024,
+        &mut |_| true,
+    )
+    .unwrap();
     let r = &d.request;
     assert_eq!(f32s(&r.raw_input_contents[0]), [1.5]);
     assert_eq!(&r.raw_input_contents[2][..], [9, 10]);
@@ -157,13 +173,20 @@ fn bad_requests_are_refused_with_the_reason() {
             .unwrap_or_else(|| panic!("accepted {json}"));
         assert!(err.contains(fragment), "{json}: {err}");
     }
-    let err = decode("m", "", &Bytes::from_static(b"{}xx"), Some(9), 64)
-        .err()
-        .unwrap();
+    let err = decode(
+        "m",
+        "",
+        &Bytes::from_static(b"{}xx"),
+        Some(9),
+        64,
+        &mut |_| true,
+    )
+    .err()
+    .unwrap();
     assert!(err.contains("has only 4 bytes"), "{err}");
     let leftover = r#"{"inputs":[]}"#;
     let body = Bytes::from(format!("{leftover}abc"));
-    let err = decode("m", "", &body, Some(leftover.len()), 64)
+    let err = decode("m", "", &body, Some(leftover.len()), 64, &mut |_| true)
         .err()
         .unwrap();
     assert!(err.contains("3 bytes of binary data"), "{err}");
@@ -184,7 +207,9 @@ fn a_huge_shape_is_refused_before_its_buffer_exists() {
     assert!(err.contains("shape"), "{err}");
     // What the data would decode to is bounded as well.
     let json = r#"{"inputs":[{"name":"x","shape":[4],"datatype":"FP64","data":[1,2,3,4]}]}"#;
-    let err = decode("m", "", &Bytes::from(json), None, 31).err().unwrap();
+    let err = decode("m", "", &Bytes::from(json), None, 31, &mut |_| true)
+        .err()
+        .unwrap();
     assert!(err.contains("exceed the 31 bytes"), "{err}");
 }
 
@@ -285,8 +310,38 @@ fn deeply_nested_data_is_refused_without_exhausting_the_stack() {
         "[".repeat(depth),
         "]".repeat(depth)
     );
-    let err = decode("m", "", &Bytes::from(json), None, 1 << 20)
+    let err = decode("m", "", &Bytes::from(json), None, 1 << 20, &mut |_| true)
         .err()
         .unwrap();
     assert!(err.contains("recursion limit"), "{err}");
+}
+
+#[test]
+fn the_budget_is_asked_before_a_data_buffer_exists() {
+    let json = r#"{"inputs":[{"name":"x","shape":[4],"datatype":"FP64","data":[1,2,3,4]}]}"#;
+    let mut asked = Vec::new();
+    let mut refuse = |bytes| {
+        asked.push(bytes);
+        false
+    };
+    let err = decode("m", "", &Bytes::from(json), None, 1 << 20, &mut refuse)
+        .err()
+        .unwrap();
+    assert!(err.contains("budget"), "{err}");
+    assert_eq!(asked, [32]);
+}
+
+#[test]
+fn parameters_and_shapes_are_bounded_as_they_are_read() {
+    let nested = format!(
+        r#"{{"inputs":[],"parameters":{{"p":[{}]}}}}"#,
+        "[],".repeat(1000) + "[]"
+    );
+    let err = decode_json(&nested).err().unwrap();
+    assert!(err.contains("a string, a boolean or a number"), "{err}");
+    let dims = vec!["1"; 100].join(",");
+    let json =
+        format!(r#"{{"inputs":[{{"name":"x","shape":[{dims}],"datatype":"FP32","data":[1]}}]}}"#);
+    let err = decode_json(&json).err().unwrap();
+    assert!(err.contains("at most"), "{err}");
 }
