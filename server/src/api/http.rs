@@ -15,7 +15,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::edge::{Acceptor, Activity, Conn, Tls, CLOSE_GRACE};
+use super::edge::{Acceptor, Activity, Conn, Tls, TrackedBody, CLOSE_GRACE};
 use crate::config::EdgeLimits;
 use crate::gateway::Gateway;
 
@@ -102,6 +102,17 @@ pub fn metrics_router(
     })
 }
 
+/// The HTTP/1.1 settings: a request's headers within the header-read timeout, its
+/// request line and headers within [`HTTP1_BUFFER_BYTES`] (431 otherwise).
+fn http1_builder(limits: &EdgeLimits) -> hyper::server::conn::http1::Builder {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(HTTP1_BUFFER_BYTES);
+    builder
+}
+
 /// Serve `handler` on the connections `acceptor` admits until `shutdown` is cancelled.
 /// A request's headers must arrive within the header-read timeout; a connection without
 /// a request in progress for the idle timeout is closed.
@@ -112,15 +123,11 @@ pub async fn serve(
     tls: Option<Arc<Tls>>,
     shutdown: CancellationToken,
 ) {
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        // The request line and headers must fit this buffer (431 otherwise).
-        .max_buf_size(HTTP1_BUFFER_BYTES);
+    let builder = http1_builder(&limits);
+    let connections = tokio_util::task::TaskTracker::new();
     loop {
         let (stream, slot) = tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => break,
             accepted = acceptor.next() => accepted,
         };
         let handler = handler.clone();
@@ -130,17 +137,15 @@ pub async fn serve(
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
             let call = calls.start();
             let response = handler(req);
-            async move {
-                let response = response.await;
-                drop(call);
-                Ok::<_, Infallible>(response)
-            }
+            // The call stays active until its response has been sent, so that the idle
+            // timer does not close a connection still writing a large answer.
+            async move { Ok::<_, Infallible>(response.await.map(|b| TrackedBody::new(b, call))) }
         });
         let idle_timeout = limits
             .idle_connection_timeout
             .min(limits.header_read_timeout);
         let (builder, tls) = (builder.clone(), tls.clone());
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let _slot = slot;
             let Some(stream) = Conn::accept(stream, tls.as_deref(), idle_timeout).await else {
                 return;
@@ -162,4 +167,9 @@ pub async fn serve(
             }
         });
     }
+    // Answers being written when the server stops are finished (each connection closes
+    // gracefully on `shutdown`), for at most the close grace.
+    drop(acceptor);
+    connections.close();
+    let _ = tokio::time::timeout(CLOSE_GRACE, connections.wait()).await;
 }

@@ -323,6 +323,13 @@ pub struct TrackedBody<B> {
     pub(super) _call: ActiveCall,
 }
 
+impl<B> TrackedBody<B> {
+    /// `inner`, keeping `call` active until it has been sent.
+    pub fn new(inner: B, call: ActiveCall) -> TrackedBody<B> {
+        TrackedBody { inner, _call: call }
+    }
+}
+
 impl<B: Body + Unpin> Body for TrackedBody<B> {
     type Data = B::Data;
     type Error = B::Error;
