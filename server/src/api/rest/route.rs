@@ -1,5 +1,7 @@
 //! Which endpoint a request path names.
 
+use crate::error::clip;
+
 /// The route of a request: what the path names.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Route {
@@ -34,12 +36,7 @@ pub(super) fn route(path: &str) -> Result<Route, String> {
         .skip(1)
         .map(percent_decode)
         .collect::<Option<_>>()
-        .ok_or_else(|| {
-            format!(
-                "the path {} is not valid percent-encoded UTF-8",
-                clip_path(path)
-            )
-        })?;
+        .ok_or_else(|| format!("the path {} is not valid percent-encoded UTF-8", clip(path)))?;
     let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
     let model = |name: &str, version: &str, action| Route::Model {
         name: name.to_owned(),
@@ -68,11 +65,7 @@ pub(super) fn route(path: &str) -> Result<Route, String> {
         ["v2", "models", name, tail @ ..] => action(tail).map(|a| model(name, "", a)),
         _ => None,
     };
-    found.ok_or_else(|| format!("no endpoint at {}", clip_path(path)))
-}
-
-fn clip_path(path: &str) -> std::borrow::Cow<'_, str> {
-    crate::error::clip(path)
+    found.ok_or_else(|| format!("no endpoint at {}", clip(path)))
 }
 
 /// `%XX` escapes decoded; `None` when an escape is malformed or the result is not UTF-8.
