@@ -15,6 +15,8 @@ pub struct Gateway {
     pub repository: Repository,
     ready: AtomicBool,
     shutting_down: AtomicBool,
+    /// Cancelled when shutdown begins, for work that must stop waiting for more.
+    stopping: tokio_util::sync::CancellationToken,
     /// Inference requests admitted and not yet answered.
     in_flight: AtomicUsize,
     idle: tokio::sync::Notify,
@@ -33,12 +35,20 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// The repository, for the tasks that keep it current (repository polling).
+impl AsRef<Repository> for Gateway {
+    fn as_ref(&self) -> &Repository {
+        &self.repository
+    }
+}
+
 impl Gateway {
     pub fn new(repository: Repository) -> Arc<Gateway> {
         Arc::new(Gateway {
             repository,
             ready: AtomicBool::new(false),
             shutting_down: AtomicBool::new(false),
+            stopping: tokio_util::sync::CancellationToken::new(),
             in_flight: AtomicUsize::new(0),
             idle: tokio::sync::Notify::new(),
         })
@@ -64,6 +74,12 @@ impl Gateway {
     /// From now on inference is refused with UNAVAILABLE and readiness is false.
     pub fn begin_shutdown(&self) {
         self.shutting_down.store(true, Ordering::Release);
+        self.stopping.cancel();
+    }
+
+    /// Cancelled once shutdown begins: open streams stop reading new requests.
+    pub fn stopping(&self) -> tokio_util::sync::CancellationToken {
+        self.stopping.clone()
     }
 
     /// Resolves once no admitted inference request is left (after `begin_shutdown`,

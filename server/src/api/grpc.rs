@@ -1,11 +1,9 @@
 //! `inference.GRPCInferenceService`: the KServe v2 / Triton gRPC protocol.
 
-use std::pin::Pin;
 use std::sync::Arc;
 
 use sluice_proto::grpc_inference_service_server::GrpcInferenceService;
 use sluice_proto::inference::*;
-use tokio_stream::{wrappers::ReceiverStream, Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use std::time::Duration;
@@ -13,7 +11,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tower::ServiceExt;
 
-use super::convert;
+use super::{convert, stream};
 use crate::admission::{self, InferCall, InferService};
 use crate::config::AdmissionConfig;
 use crate::config::{ModelControl, ModelControlMode};
@@ -57,37 +55,8 @@ impl InferenceService {
         ))
     }
 
-    /// One request of a stream, answered in Triton's form: a failure travels in
-    /// `error_message`, with the request's model, version and id.
-    async fn stream_answer(
-        admission: InferService,
-        req: ModelInferRequest,
-        received: Instant,
-    ) -> ModelStreamInferResponse {
-        let (name, version, id) = (
-            req.model_name.clone(),
-            req.model_version.clone(),
-            req.id.clone(),
-        );
-        match Self::infer(admission, req, None, received).await {
-            Ok(resp) => ModelStreamInferResponse {
-                error_message: String::new(),
-                infer_response: Some(convert::infer_response(resp)),
-            },
-            Err(e) => ModelStreamInferResponse {
-                error_message: e.client_message(),
-                infer_response: Some(ModelInferResponse {
-                    model_name: name,
-                    model_version: version,
-                    id,
-                    ..Default::default()
-                }),
-            },
-        }
-    }
-
     /// Run one decoded request through the admission stack.
-    async fn infer(
+    pub(super) async fn infer(
         admission: InferService,
         req: ModelInferRequest,
         header_timeout: Option<Duration>,
@@ -126,12 +95,17 @@ impl InferenceService {
                 ));
             }
         }
-        if self.control.mode != ModelControlMode::Explicit {
-            return Err(Status::failed_precondition(
+        match self.control.mode {
+            ModelControlMode::Explicit => Ok(()),
+            ModelControlMode::None => Err(Status::failed_precondition(
                 "model control is off: start sluice with --model-control-mode explicit to load and unload models",
-            ));
+            )),
+            ModelControlMode::Poll => Err(Status::failed_precondition(
+                "models follow the repository (--model-control-mode poll): change its directories \
+                 to load, reload or unload models, or start sluice with --model-control-mode \
+                 explicit to load and unload them by request",
+            )),
         }
-        Ok(())
     }
 }
 
@@ -189,11 +163,6 @@ const EXTENSIONS: &[&str] = &[
     "statistics",
     "binary_tensor_data",
 ];
-
-type StreamOf<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
-
-/// In-flight requests of one ModelStreamInfer stream whose answers have not been sent yet.
-const STREAM_WINDOW: usize = 64;
 
 #[tonic::async_trait]
 impl GrpcInferenceService for InferenceService {
@@ -286,67 +255,30 @@ impl GrpcInferenceService for InferenceService {
         Ok(Response::new(convert::infer_response(response)))
     }
 
-    type ModelStreamInferStream = StreamOf<ModelStreamInferResponse>;
+    type ModelStreamInferStream = stream::Answers;
 
-    /// Each request on the stream is answered on it; failures travel in `error_message`
-    /// (as Triton does) so one bad request does not end the stream. A message that cannot
-    /// be decoded (malformed, or over the codec's caps) does end it: the requests already
-    /// admitted are answered first, then the stream closes with the decode error's status.
+    /// Each request on the stream is answered on it, as [`stream`] describes.
     async fn model_stream_infer(
         &self,
         req: Request<Streaming<ModelInferRequest>>,
     ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
-        // A stream's `grpc-timeout` is the whole stream's; each request on it is bounded
-        // by its `timeout` parameter and the server's default.
-        // The edge's budget reserves each message's decoded heap as this task reads it.
+        let received = req
+            .extensions()
+            .get::<super::edge::RequestStart>()
+            .map_or_else(Instant::now, |start| start.0);
+        // The stream's `grpc-timeout` covers the whole stream.
+        let deadline = grpc_timeout(req.metadata())?.map(|t| received + t);
+        // The edge's budget reserves each message's decoded heap as the reader reads it.
         let budget = req
             .extensions()
             .get::<super::edge::CallDecodeBudget>()
             .map(|b| b.0.clone());
-        let mut inbound = req.into_inner();
-        let (tx, rx) = tokio::sync::mpsc::channel(STREAM_WINDOW);
-        let admission = self.admission.clone();
-        let reader = async move {
-            // The answering tasks, so the closing status can wait for them. At most
-            // STREAM_WINDOW run at once (each holds a reserved slot); finished ones are
-            // reaped as the loop goes, so the set stays that small.
-            let mut answering = tokio::task::JoinSet::new();
-            let mut ended = None;
-            while let Some(next) = inbound.next().await {
-                let req = match next {
-                    Ok(req) => req,
-                    Err(status) => {
-                        ended = Some(status);
-                        break;
-                    }
-                };
-                // Reserve the answer's slot first: back-pressure reaches the reader.
-                let Ok(permit) = tx.clone().reserve_owned().await else {
-                    break;
-                };
-                while answering.try_join_next().is_some() {}
-                let admission = admission.clone();
-                let received = Instant::now();
-                answering.spawn(async move {
-                    permit.send(Ok(Self::stream_answer(admission, req, received).await));
-                });
-            }
-            if let Some(status) = ended {
-                // Answers first, in whatever order they finish; the status last, since
-                // it ends the stream for the client.
-                while answering.join_next().await.is_some() {}
-                let _ = tx.send(Err(status)).await;
-            } else {
-                // The client closed its side (or went away): the answers still in flight
-                // are sent as they finish; dropping the set would cancel them.
-                answering.detach_all();
-            }
+        let call = stream::StreamCall {
+            admission: self.admission.clone(),
+            deadline,
+            stopping: self.gateway.stopping(),
         };
-        match budget {
-            Some(budget) => tokio::spawn(sluice_proto::codec::DECODE_BUDGET.scope(budget, reader)),
-            None => tokio::spawn(reader),
-        };
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(stream::serve(call, req.into_inner(), budget)))
     }
 
     async fn model_config(

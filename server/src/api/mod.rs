@@ -7,3 +7,4 @@ pub mod edge;
 pub mod grpc;
 pub mod http;
 pub mod rest;
+pub mod stream;

@@ -26,9 +26,10 @@ impl GrpcEdge {
         }
     }
 
-    /// A call's `grpc-timeout` and its deadline. Inference calls get the server's
-    /// deadline policy (its default and maximum); other calls only the deadline they ask
-    /// for.
+    /// A call's `grpc-timeout` and its deadline. Unary inference calls get the server's
+    /// deadline policy (its default and maximum); other calls, ModelStreamInfer included
+    /// (the policy bounds each request on a stream, not the stream), only the deadline
+    /// they ask for.
     fn deadline<B>(
         &self,
         req: &hyper::Request<B>,
@@ -40,7 +41,7 @@ impl GrpcEdge {
             .get("grpc-timeout")
             .and_then(|v| v.to_str().ok())
             .and_then(crate::api::grpc::parse_grpc_timeout);
-        let deadline = if rules.free_below == 0 {
+        let deadline = if rules.free_below == 0 && !rules.streaming {
             self.deadlines.deadline(start, header_timeout, None)
         } else {
             header_timeout.map(|t| start + t)

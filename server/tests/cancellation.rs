@@ -1,0 +1,177 @@
+//! A client that goes away takes its queued work with it: unary calls cancelled by the
+//! client (RST_STREAM) and a ModelStreamInfer stream cancelled with requests queued are
+//! dropped before they reach the model, and `/metrics` counts them.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{eventually, fp32_request, metric_value, TestRepo, TestServer};
+use sluice_proto::inference::ModelInferRequest;
+
+/// How long each execution of the slow model takes.
+const EXECUTION_MS: u64 = 400;
+/// Requests queued behind the one executing, then cancelled.
+const QUEUED: usize = 8;
+
+/// A synthetic model with one instance that runs one request per execution, slowly.
+fn slow_model(repo: &TestRepo, name: &str) {
+    let config = format!(
+        "backend: \"sluice_synthetic\"\nmax_batch_size: 1\n\
+         input [ {{ name: \"INPUT__0\" data_type: TYPE_FP32 dims: [ 4 ] }} ]\n\
+         output [ {{ name: \"OUTPUT__0\" data_type: TYPE_FP32 dims: [ 4 ] }} ]\n\
+         instance_group [ {{ count: 1 kind: KIND_CPU }} ]\n\
+         parameters {{ key: \"sleep_ms\" value: {{ string_value: \"{EXECUTION_MS}\" }} }}\n"
+    );
+    repo.model(name, &config, None);
+}
+
+fn request(model: &str) -> ModelInferRequest {
+    fp32_request(model, "INPUT__0", &[1, 4], &[1.0; 4])
+}
+
+/// The counters that tell what happened to a model's requests.
+struct Counts {
+    /// Samples the model executed.
+    inferences: f64,
+    /// Requests dropped because their caller went away.
+    cancelled: f64,
+    successes: f64,
+}
+
+async fn counts(s: &TestServer, model: &str) -> Counts {
+    let value = |name: &str, labels: &str| {
+        let prefix = format!("{name}{{model=\"{model}\"{labels}}}");
+        async move { metric_value(s.metrics, &prefix).await.unwrap_or(0.0) }
+    };
+    Counts {
+        inferences: value("sluice_inferences_total", "").await,
+        cancelled: value("sluice_dropped_requests_total", ",reason=\"cancelled\"").await,
+        successes: value("sluice_requests_total", ",outcome=\"success\"").await,
+    }
+}
+
+/// Wait until `n` requests are admitted (queued or running).
+async fn admitted(s: &TestServer, n: usize) {
+    let gateway = s.gateway.clone();
+    eventually(Duration::from_secs(10), "requests admitted", || {
+        gateway.in_flight() == n
+    })
+    .await;
+}
+
+/// The counts once `sluice_dropped_requests_total{reason="cancelled"}` has reached `n`.
+async fn cancelled_counted(s: &TestServer, model: &str, n: f64) -> Counts {
+    let start = std::time::Instant::now();
+    loop {
+        let now = counts(s, model).await;
+        if now.cancelled >= n {
+            return now;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{} cancelled requests counted, {n} expected",
+            now.cancelled
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_unary_calls_never_reach_the_model() {
+    let repo = TestRepo::new();
+    slow_model(&repo, "slow_unary");
+    let s = TestServer::start(repo.path()).await;
+    let before = counts(&s, "slow_unary").await;
+
+    // One request occupies the only instance; the others queue behind it.
+    let mut client = s.client.clone();
+    let running = tokio::spawn(async move { client.model_infer(request("slow_unary")).await });
+    admitted(&s, 1).await;
+    let queued: Vec<_> = (0..QUEUED)
+        .map(|_| {
+            let mut client = s.client.clone();
+            tokio::spawn(async move { client.model_infer(request("slow_unary")).await })
+        })
+        .collect();
+    admitted(&s, 1 + QUEUED).await;
+    // The clients give up: each call's future is dropped, which resets its HTTP/2 stream.
+    for call in &queued {
+        call.abort();
+    }
+    for call in queued {
+        assert!(call.await.unwrap_err().is_cancelled());
+    }
+    running
+        .await
+        .unwrap()
+        .expect("the running request is answered");
+
+    // Every cancelled request is counted as it leaves the queue; none executed.
+    let after = cancelled_counted(&s, "slow_unary", before.cancelled + QUEUED as f64).await;
+    assert_eq!(after.cancelled - before.cancelled, QUEUED as f64);
+    assert_eq!(
+        after.inferences - before.inferences,
+        1.0,
+        "only the running one executed"
+    );
+    assert_eq!(after.successes - before.successes, 1.0);
+    assert_eq!(s.gateway.in_flight(), 0);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_stream_drops_its_queued_requests() {
+    let repo = TestRepo::new();
+    slow_model(&repo, "slow_stream");
+    let s = TestServer::start(repo.path()).await;
+    let before = counts(&s, "slow_stream").await;
+
+    let (outbound, rx) = tokio::sync::mpsc::channel(16);
+    let mut client = s.client.clone();
+    let mut answers = client
+        .model_stream_infer(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("the stream opens")
+        .into_inner();
+    for i in 0..=QUEUED {
+        let mut req = request("slow_stream");
+        req.id = format!("r{i}");
+        outbound.send(req).await.unwrap();
+    }
+    // One runs, the others wait in the model's queue.
+    admitted(&s, 1 + QUEUED).await;
+    // The client cancels the stream: both halves dropped, the call is reset.
+    drop(answers);
+    drop(outbound);
+    let after = cancelled_counted(&s, "slow_stream", before.cancelled + QUEUED as f64).await;
+    assert_eq!(after.cancelled - before.cancelled, QUEUED as f64);
+    assert_eq!(
+        after.inferences - before.inferences,
+        1.0,
+        "only the running one executed"
+    );
+    let gateway = s.gateway.clone();
+    eventually(Duration::from_secs(10), "the stream's work ended", || {
+        gateway.in_flight() == 0
+    })
+    .await;
+    // The server goes on serving streams.
+    let (outbound, rx) = tokio::sync::mpsc::channel(1);
+    answers = s
+        .client
+        .clone()
+        .model_stream_infer(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    outbound.send(request("slow_stream")).await.unwrap();
+    drop(outbound);
+    let answer = answers.message().await.unwrap().expect("an answer");
+    assert_eq!(answer.error_message, "");
+    assert!(
+        answers.message().await.unwrap().is_none(),
+        "then the stream ends OK"
+    );
+    s.stop().await;
+}
