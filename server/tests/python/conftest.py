@@ -62,14 +62,15 @@ def sluice_explicit():
                       "--model-control-token", CONTROL_TOKEN])
 
 
-def serve(extra=(), tls_context=None):
+def serve(extra=(), tls_context=None, repository=None):
     """Run sluice with `extra` flags until the generator is closed; `tls_context` (an
-    ssl.SSLContext that trusts its certificate) when it serves TLS."""
+    ssl.SSLContext that trusts its certificate) when it serves TLS; `repository`: the
+    model repository (default: the bundled models)."""
     binary = os.environ.get("SLUICE_BIN", str(ROOT / "target" / "debug" / "sluice"))
     ports = [free_port() for _ in range(3)]
     cmd = [
         binary,
-        "--model-repository", str(ROOT / "models"),
+        "--model-repository", str(repository or ROOT / "models"),
         "--grpc-port", str(ports[0]),
         "--http-port", str(ports[1]),
         "--metrics-port", str(ports[2]),
