@@ -1,9 +1,10 @@
-//! The `sluice` binary: resolve the configuration, set up logging, serve until SIGTERM.
+//! The `sluice` binary: resolve the configuration, set up logging, serve until SIGTERM
+//! (or SIGINT), then drain; a second such signal during the drain exits at once.
 
 use std::process::ExitCode;
 
 use sluice::config::{Config, LogFormat, ModelControlMode, Settings};
-use sluice::server::{termination_signal, Server};
+use sluice::server::Server;
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
@@ -40,11 +41,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         let server = Server::bind(config).await?;
         let shutdown = CancellationToken::new();
-        let trigger = shutdown.clone();
-        tokio::spawn(async move {
-            termination_signal().await;
-            trigger.cancel();
-        });
+        spawn_signal_handler(shutdown.clone());
         server.serve(shutdown).await
     });
     match result {
@@ -70,5 +67,73 @@ fn init_logging(config: &Config) {
             .json()
             .with_env_filter(filter)
             .init(),
+    }
+}
+
+/// The first SIGTERM or SIGINT starts the drain (cancels `shutdown`); a second one ends
+/// the process at once, with exit status 128 + its number, as a shell reports a process
+/// killed by it: 143 for SIGTERM, 130 for SIGINT. The signals are listened for from
+/// this call on, so none is missed between the two.
+fn spawn_signal_handler(shutdown: CancellationToken) {
+    let mut signals = match Signals::listen() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM and SIGINT; they stop the process at once");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        let (first, _) = signals.next().await;
+        tracing::info!("received {first}");
+        shutdown.cancel();
+        let (second, status) = signals.next().await;
+        tracing::warn!(
+            exit_status = status,
+            "received {second} while draining; exiting at once"
+        );
+        eprintln!("sluice: received {second} while draining; exiting at once");
+        std::process::exit(i32::from(status));
+    });
+}
+
+/// The termination signals, SIGTERM and SIGINT (Ctrl-C where there are no Unix signals).
+struct Signals {
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    #[cfg(unix)]
+    fn listen() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    #[cfg(not(unix))]
+    fn listen() -> std::io::Result<Signals> {
+        Ok(Signals {})
+    }
+
+    /// The next signal: its name and the exit status that reports it.
+    #[cfg(unix)]
+    async fn next(&mut self) -> (&'static str, u8) {
+        tokio::select! {
+            _ = self.term.recv() => ("SIGTERM", 128 + 15),
+            _ = self.int.recv() => ("SIGINT", 128 + 2),
+        }
+    }
+
+    #[cfg(not(unix))]
+    async fn next(&mut self) -> (&'static str, u8) {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+        ("Ctrl-C", 128 + 2)
     }
 }
