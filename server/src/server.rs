@@ -139,6 +139,7 @@ impl Server {
         let inference = InferenceService::shared(&gateway, &config, global.clone());
         let routes = grpc_routes(&config, inference.clone(), &health, health_service).await?;
         let liveness = spawn_liveness(health.clone(), gateway.clone(), shutdown.clone());
+        let poll = crate::repository::poll::spawn(gateway.clone(), &config, shutdown.clone());
 
         let grpc_edge = grpc_edge(&config, &gateway, global);
         // Plain HTTP endpoints stop only after the gRPC drain, so probes see NOT_SERVING.
@@ -175,7 +176,7 @@ impl Server {
         let grace = config.shutdown_grace_period;
         drain(&gateway, &health, grace, drain_start, grpc_task).await;
         http_stop.cancel();
-        let _ = tokio::join!(http_tasks.0, http_tasks.1, upkeep, liveness);
+        let _ = tokio::join!(http_tasks.0, http_tasks.1, upkeep, liveness, poll);
         Ok(())
     }
 }

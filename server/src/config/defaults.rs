@@ -52,6 +52,9 @@ impl Settings {
             max_execution_secs: Some(DEFAULT_MAX_EXECUTION_SECS),
             model_control_mode: Some(ModelControlMode::None),
             load_model: None,
+            // 15 s in mode poll; a value given in another mode is refused, so the
+            // default is applied after the merge (`repository_poll_interval`).
+            repository_poll_secs: None,
             model_control_token: None,
             model_control_token_file: None,
             tls_cert_file: None,

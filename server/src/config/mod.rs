@@ -28,6 +28,18 @@ use validate::*;
 pub enum ModelControlMode {
     None,
     Explicit,
+    Poll,
+}
+
+impl ModelControlMode {
+    /// The mode as the setting spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            ModelControlMode::None => "none",
+            ModelControlMode::Explicit => "explicit",
+            ModelControlMode::Poll => "poll",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, clap::ValueEnum)]
@@ -53,6 +65,8 @@ pub struct Config {
     pub edge: EdgeLimits,
     pub models: ModelDefaults,
     pub control: ModelControl,
+    /// With [`ModelControlMode::Poll`]: time between two scans of the repository.
+    pub repository_poll_interval: Duration,
     pub admission: AdmissionConfig,
     /// TLS on the gRPC and HTTP ports; `None`: plain TCP.
     pub tls: Option<TlsFiles>,
@@ -154,6 +168,11 @@ pub const MAX_MODEL_INSTANCES_CEILING: usize = 4096;
 const DEFAULT_MAX_WARMUP_BYTES: usize = 256 * 1024 * 1024;
 /// Longest model control token accepted: it travels in one HTTP/2 header.
 pub const MAX_TOKEN_BYTES: usize = 4096;
+/// Triton's default `--repository-poll-secs`.
+pub const DEFAULT_REPOSITORY_POLL_SECS: u64 = 15;
+/// Bounds of `repository_poll_secs`: at least a second (a scan reads every model
+/// directory), at most a day.
+pub const REPOSITORY_POLL_SECS_RANGE: std::ops::RangeInclusive<u64> = 1..=86_400;
 /// A token file may add a CRLF to the token.
 const MAX_TOKEN_FILE_BYTES: u64 = 4096 + 2;
 
@@ -284,10 +303,13 @@ impl Config {
                 ),
             );
         }
-        if self.control.mode == ModelControlMode::None && !self.control.load_models.is_empty() {
+        if self.control.mode != ModelControlMode::Explicit && !self.control.load_models.is_empty() {
             return invalid(
                 "load_model",
-                "needs model_control_mode explicit (in mode none every model loads)".to_owned(),
+                format!(
+                    "needs model_control_mode explicit (in mode {} every model loads)",
+                    self.control.mode.name()
+                ),
             );
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {

@@ -137,8 +137,16 @@ pub struct Settings {
 
     /// `none`: load every model at start-up, no load/unload RPCs. `explicit`: load only
     /// `--load-model` models at start-up; RepositoryModelLoad/Unload manage the rest.
+    /// `poll`: load every model at start-up, then follow the repository: models whose
+    /// directories appear, change or go are loaded, reloaded or unloaded (every
+    /// `--repository-poll-secs`); no load/unload RPCs.
     #[arg(long, env = "SLUICE_MODEL_CONTROL_MODE", value_name = "MODE")]
     pub model_control_mode: Option<ModelControlMode>,
+
+    /// With `--model-control-mode poll`: seconds between two scans of the repository
+    /// (1..=86400); refused in the other modes. [default: 15, in mode poll]
+    #[arg(long, env = "SLUICE_REPOSITORY_POLL_SECS", value_name = "SECS")]
+    pub repository_poll_secs: Option<u64>,
 
     /// With `--model-control-mode explicit`: a model to load at start-up (repeat the flag,
     /// or separate names with commas; `*` loads all).
@@ -323,6 +331,7 @@ impl Settings {
             max_execution_secs: self.max_execution_secs.or(lower.max_execution_secs),
             model_control_mode: self.model_control_mode.or(lower.model_control_mode),
             load_model: self.load_model.or(lower.load_model),
+            repository_poll_secs: self.repository_poll_secs.or(lower.repository_poll_secs),
             model_control_token: self.model_control_token.or(lower.model_control_token),
             model_control_token_file: self
                 .model_control_token_file
@@ -358,6 +367,7 @@ impl Settings {
         let admission = self.admission()?;
         let edge = self.edge()?;
         let control = self.model_control()?;
+        let repository_poll_interval = self.repository_poll_interval()?;
         let limits = self.model_limits()?;
         let tls = self.tls()?;
         let config = Config {
@@ -388,6 +398,7 @@ impl Settings {
                 limits,
             },
             control,
+            repository_poll_interval,
         };
         config.check()?;
         Ok(config)

@@ -544,3 +544,52 @@ fn max_execution_secs_defaults_to_a_minute_and_is_checked() {
     let file = Settings::from_toml("max_execution_secs = 0").unwrap();
     assert_eq!(file.max_execution_secs, Some(0.0));
 }
+
+#[test]
+fn poll_mode_and_its_interval() {
+    let dir = repo();
+    let poll = |flags: &[&str]| {
+        let flags = [&["--model-control-mode", "poll"], flags].concat();
+        from_command_line(dir.path(), &flags).repository_poll_interval
+    };
+    assert_eq!(
+        poll(&["--repository-poll-secs", "2"]),
+        Duration::from_secs(2)
+    );
+    // Triton's default interval; no token needed (nothing can be loaded by request).
+    assert_eq!(poll(&[]), Duration::from_secs(15));
+    let toml = "model_control_mode = \"poll\"\nrepository_poll_secs = 86400";
+    let c = Settings {
+        model_repository: Some(dir.path().into()),
+        ..Settings::from_toml(toml).unwrap()
+    };
+    let c = c.validate().unwrap();
+    assert_eq!(c.control.mode, ModelControlMode::Poll);
+    assert_eq!(c.repository_poll_interval.as_secs(), 86_400);
+    let refused = |mode, secs, load: Option<Vec<String>>| {
+        let settings = Settings {
+            model_repository: Some(dir.path().into()),
+            model_control_mode: Some(mode),
+            allow_unauthenticated_model_control: Some(true),
+            repository_poll_secs: secs,
+            load_model: load,
+            ..Default::default()
+        };
+        settings.validate().unwrap_err().to_string()
+    };
+    use ModelControlMode::{Explicit, None as Off, Poll};
+    let needs = "needs model_control_mode poll (in mode";
+    for (mode, secs, why) in [
+        (Poll, 0, "0 is not within 1..=86400".to_owned()),
+        (Poll, 86_401, "86401 is not within".to_owned()),
+        (Off, 5, format!("{needs} none")),
+        (Explicit, 5, format!("{needs} explicit")),
+    ] {
+        let err = refused(mode, Some(secs), None);
+        let named = err.starts_with("invalid setting repository_poll_secs: ");
+        assert!(named && err.contains(&why), "{err}");
+    }
+    let err = refused(Poll, None, Some(vec!["mlp".into()]));
+    let why = "load_model: needs model_control_mode explicit (in mode poll";
+    assert!(err.contains(why), "{err}");
+}

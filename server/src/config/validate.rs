@@ -158,6 +158,30 @@ impl Settings {
         })
     }
 
+    /// `repository_poll_secs`: only with mode poll (elsewhere nothing would poll, and a
+    /// silently ignored setting hides a mistake), within its range; 15 s when not given.
+    pub(super) fn repository_poll_interval(&self) -> Result<Duration, ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            setting: "repository_poll_secs",
+            message,
+        };
+        let mode = set(self.model_control_mode);
+        match self.repository_poll_secs {
+            Some(_) if mode != ModelControlMode::Poll => Err(invalid(format!(
+                "needs model_control_mode poll (in mode {} the repository is not polled)",
+                mode.name()
+            ))),
+            Some(secs) if !REPOSITORY_POLL_SECS_RANGE.contains(&secs) => Err(invalid(format!(
+                "{secs} is not within {}..={} seconds",
+                REPOSITORY_POLL_SECS_RANGE.start(),
+                REPOSITORY_POLL_SECS_RANGE.end()
+            ))),
+            secs => Ok(Duration::from_secs(
+                secs.unwrap_or(DEFAULT_REPOSITORY_POLL_SECS),
+            )),
+        }
+    }
+
     pub(super) fn model_limits(&self) -> Result<ModelLimits, ConfigError> {
         let invalid = |setting, message: String| ConfigError::Invalid { setting, message };
         let max_model_instances = set(self.max_model_instances);

@@ -6,6 +6,8 @@
 //! It also owns what reaches callers about the repository: model names from requests are
 //! checked before anything touches the disk or the index, and reasons name paths relative
 //! to the repository, never where it lies on disk (the logs keep the full paths).
+//!
+//! In model control mode `poll`, [`poll`] keeps the models in step with their directories.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -17,6 +19,8 @@ use crate::config::{ModelControl, ModelControlMode};
 use crate::error::{Error, LoadError};
 use crate::model::{LoadOptions, LoadedModel};
 use crate::spec::{clip, ModelSpec, VersionPolicy};
+
+pub mod poll;
 
 pub const CONFIG_FILE: &str = "config.pbtxt";
 /// Longest model name: a directory name on every common file system.
@@ -68,6 +72,11 @@ struct ModelEntry {
     state: ModelState,
     /// Loaded versions, newest last.
     versions: BTreeMap<i64, Arc<LoadedModel>>,
+    /// Why the last load failed while these versions kept serving; cleared by the next
+    /// load that succeeds.
+    reload_error: Option<String>,
+    /// Mode poll: the model's directory as read before the last load was tried.
+    source: Option<poll::Observed>,
 }
 
 /// One row of the repository index.
@@ -92,6 +101,8 @@ pub struct Repository {
 
 /// Reason shown for a model that is in the repository but not loaded.
 pub const NOT_LOADED: &str = "unloaded";
+/// How the reason of a failed reload starts, while the versions loaded before serve.
+pub const RELOAD_FAILED: &str = "reload failed (the versions loaded before keep serving)";
 
 impl Repository {
     /// Scan `root` and load the models `control` asks for (all of them in mode `none`).
@@ -121,7 +132,7 @@ impl Repository {
             })
             .collect();
         let wanted = |name: &str| match control.mode {
-            ModelControlMode::None => true,
+            ModelControlMode::None | ModelControlMode::Poll => true,
             ModelControlMode::Explicit => control.load_models.iter().any(|m| m == name || m == "*"),
         };
         if let Some(missing) = control
@@ -142,8 +153,13 @@ impl Repository {
             control: Mutex::new(()),
         };
         for name in names {
-            if wanted(&name) {
-                repository.load_entry(&name, None);
+            if control.mode == ModelControlMode::Poll {
+                // Read before it loads, so that a change made meanwhile is seen.
+                let observed = poll::observe(&root.join(&name));
+                repository.apply(&name, observed);
+            } else if wanted(&name) {
+                // A model that fails is kept with its reason (logged there).
+                let _ = repository.load_entry(&name, None);
             } else {
                 repository.set(&name, ModelEntry::unloaded());
             }
@@ -151,7 +167,9 @@ impl Repository {
         Ok(repository)
     }
 
-    /// Load (or reload) a model from disk; the old versions, if any, drain and stop.
+    /// Load (or reload) a model from disk; the old versions, if any, serve until the new
+    /// ones are ready, then drain and stop. If the load fails they keep serving, with
+    /// the reason in the index (Triton's behaviour); a model without any is UNAVAILABLE.
     /// `config`, when given, replaces the model's config.pbtxt (Triton's `config` load
     /// parameter): it is validated like the file, and an invalid one is the caller's
     /// error, answered before the model being served is touched. Blocking: loads weights.
@@ -177,13 +195,11 @@ impl Repository {
                     })?,
             ),
         };
-        match &self.load_entry(name, spec) {
-            ModelState::Ready => Ok(()),
-            ModelState::Unavailable { reason } => Err(Error::ModelUnavailable {
+        self.load_entry(name, spec)
+            .map_err(|reason| Error::ModelUnavailable {
                 model: name.to_owned(),
-                reason: reason.clone(),
-            }),
-        }
+                reason,
+            })
     }
 
     /// Unload a model: new requests get UNAVAILABLE at once; requests already admitted
@@ -205,29 +221,74 @@ impl Repository {
     }
 
     /// `spec`: a configuration given with the load request, else config.pbtxt is read.
-    fn load_entry(&self, name: &str, spec: Option<ModelSpec>) -> ModelState {
-        let entry = match load_model(&self.root.join(name), name, self.options, spec) {
+    /// The new versions load beside the ones serving, which are swapped out only once
+    /// the new ones are ready; if the load fails, they keep serving. `Err`: the reason.
+    fn load_entry(&self, name: &str, spec: Option<ModelSpec>) -> Result<(), String> {
+        let loaded = load_model(
+            &self.root.join(name),
+            name,
+            self.options,
+            spec,
+            BTreeMap::new(),
+        );
+        self.settle(name, loaded, None)
+    }
+
+    /// Serve what a load produced, or record why it failed (see [`Repository::failed`]),
+    /// remembering `source`, the directory as read before the load.
+    fn settle(
+        &self,
+        name: &str,
+        loaded: Result<BTreeMap<i64, Arc<LoadedModel>>, LoadError>,
+        source: Option<poll::Observed>,
+    ) -> Result<(), String> {
+        match loaded {
             Ok(versions) => {
                 let list: Vec<String> = versions.keys().map(i64::to_string).collect();
                 tracing::info!(model = %name, versions = %list.join(","), "model ready");
-                ModelEntry {
-                    state: ModelState::Ready,
-                    versions,
-                }
-            }
-            Err(reason) => {
-                tracing::error!(model = %name, %reason, "model failed to load; serving the others");
-                ModelEntry {
-                    state: ModelState::Unavailable {
-                        reason: self.public(&reason.to_string()),
+                self.set(
+                    name,
+                    ModelEntry {
+                        state: ModelState::Ready,
+                        versions,
+                        reload_error: None,
+                        source,
                     },
-                    versions: BTreeMap::new(),
-                }
+                );
+                Ok(())
             }
-        };
-        let state = entry.state.clone();
-        self.set(name, entry);
-        state
+            Err(e) => Err(self.failed(name, &self.public(&e.to_string()), source)),
+        }
+    }
+
+    /// A load of `name` failed for `reason`: versions already serving keep serving,
+    /// with the reason shown beside them (Triton keeps a model whose reload fails); a
+    /// model without any is UNAVAILABLE with the reason. Returns the reason as shown.
+    fn failed(&self, name: &str, reason: &str, source: Option<poll::Observed>) -> String {
+        let mut models = self
+            .models
+            .write()
+            .expect("repository lock is never poisoned");
+        match models.get_mut(name) {
+            Some(entry) if !entry.versions.is_empty() => {
+                tracing::error!(model = %name, %reason, "model failed to reload; its loaded versions keep serving");
+                let shown = format!("{RELOAD_FAILED}: {reason}");
+                entry.reload_error = Some(shown.clone());
+                entry.source = source;
+                shown
+            }
+            Some(_) | None => {
+                tracing::error!(model = %name, %reason, "model failed to load; serving the others");
+                let entry = ModelEntry {
+                    source,
+                    ..ModelEntry::unavailable(reason.to_owned())
+                };
+                let old = models.insert(name.to_owned(), entry);
+                drop(models);
+                drop(old);
+                reason.to_owned()
+            }
+        }
     }
 
     fn set(&self, name: &str, entry: ModelEntry) {
@@ -325,7 +386,7 @@ impl Repository {
                     name: name.clone(),
                     version: v.to_string(),
                     state: entry.state.name(),
-                    reason: String::new(),
+                    reason: entry.reload_error.clone().unwrap_or_default(),
                 })),
                 ModelState::Unavailable { reason } => rows.push(IndexEntry {
                     name: name.clone(),
@@ -341,11 +402,15 @@ impl Repository {
 
 impl ModelEntry {
     fn unloaded() -> ModelEntry {
+        ModelEntry::unavailable(NOT_LOADED.to_owned())
+    }
+
+    fn unavailable(reason: String) -> ModelEntry {
         ModelEntry {
-            state: ModelState::Unavailable {
-                reason: NOT_LOADED.to_owned(),
-            },
+            state: ModelState::Unavailable { reason },
             versions: BTreeMap::new(),
+            reload_error: None,
+            source: None,
         }
     }
 }
@@ -424,11 +489,14 @@ fn select_versions(policy: &VersionPolicy, available: &[i64]) -> Result<Vec<i64>
     }
 }
 
+/// Load the versions of the model in `dir` that its version policy selects; a version in
+/// `reusable` (loaded from files that have not changed since) is taken over as it is.
 fn load_model(
     dir: &Path,
     name: &str,
     options: LoadOptions,
     spec: Option<ModelSpec>,
+    mut reusable: BTreeMap<i64, Arc<LoadedModel>>,
 ) -> Result<BTreeMap<i64, Arc<LoadedModel>>, LoadError> {
     let limits = options.defaults.limits;
     let spec = Arc::new(match spec {
@@ -460,6 +528,10 @@ fn load_model(
     }
     let mut loaded = BTreeMap::new();
     for version in versions {
+        if let Some(model) = reusable.remove(&version) {
+            loaded.insert(version, model);
+            continue;
+        }
         let version_dir = dir.join(version.to_string());
         let model =
             LoadedModel::load(spec.clone(), version, version_dir, options).map_err(|e| {
@@ -474,71 +546,4 @@ fn load_model(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn model_names() {
-        assert!(check_model_name("mlp").is_ok());
-        assert!(check_model_name("resnet-50_v1.2").is_ok());
-        assert!(check_model_name(&"m".repeat(MAX_MODEL_NAME_BYTES)).is_ok());
-        for (name, why) in [
-            ("", "empty"),
-            ("a/b", "'/'"),
-            ("..\\x", "'/'"),
-            ("../x", "'/'"),
-            ("..", "start with '.'"),
-            (".hidden", "start with '.'"),
-            ("tab\there", "control characters"),
-        ] {
-            let err = check_model_name(name).unwrap_err();
-            assert!(err.contains(why), "{name:?}: {err}");
-        }
-        let err = check_model_name(&"m".repeat(MAX_MODEL_NAME_BYTES + 1)).unwrap_err();
-        assert!(err.contains("256 bytes"), "{err}");
-        assert_eq!(clip(&"m".repeat(100)).len(), 64 + 3);
-        assert_eq!(clip("a\nb"), "a\\nb");
-    }
-
-    #[test]
-    fn reasons_hide_where_the_repository_lies() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("repo");
-        std::fs::create_dir_all(&root).unwrap();
-        let prefixes = hidden_prefixes(&root);
-        let text = format!(
-            "{}/mlp/config.pbtxt: bad; {}/mlp/1/model.pt: missing",
-            root.display(),
-            root.canonicalize().unwrap().display()
-        );
-        let shown = prefixes.iter().fold(text, |t, p| t.replace(p.as_str(), ""));
-        assert_eq!(shown, "mlp/config.pbtxt: bad; mlp/1/model.pt: missing");
-        // A root of "." or "/" is never cut out of unrelated text.
-        assert!(hidden_prefixes(Path::new("/")).is_empty());
-        assert!(hidden_prefixes(Path::new(".")).iter().all(|p| p.len() > 2));
-    }
-
-    #[test]
-    fn version_policies() {
-        let avail = [1, 2, 5];
-        assert_eq!(
-            select_versions(&VersionPolicy::Latest(1), &avail).unwrap(),
-            vec![5]
-        );
-        assert_eq!(
-            select_versions(&VersionPolicy::Latest(2), &avail).unwrap(),
-            vec![2, 5]
-        );
-        assert_eq!(
-            select_versions(&VersionPolicy::All, &avail).unwrap(),
-            vec![1, 2, 5]
-        );
-        assert_eq!(
-            select_versions(&VersionPolicy::Specific(vec![2]), &avail).unwrap(),
-            vec![2]
-        );
-        assert!(select_versions(&VersionPolicy::Specific(vec![3]), &avail)
-            .unwrap_err()
-            .contains('3'));
-    }
-}
+mod tests;
