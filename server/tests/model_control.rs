@@ -1,7 +1,8 @@
 //! Locked-down model control: explicit mode needs a token (from a setting or a file) or
 //! an explicit opt-in; the token is checked; model names are checked before anything
 //! touches the disk or the index; the `config` load parameter is applied and `file:`
-//! overrides are refused. After every refusal the server still answers a good request.
+//! overrides are refused; a reload that fails leaves the loaded version serving. After
+//! every refusal the server still answers a good request.
 
 mod common;
 
@@ -427,5 +428,46 @@ async fn the_config_parameter_replaces_the_file_and_file_overrides_are_refused()
         .unwrap();
     assert_eq!(max_batch_size(&mut s).await, 32);
     s.client.model_infer(batch(8)).await.unwrap();
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_reload_that_fails_leaves_the_loaded_version_serving() {
+    let repo = TestRepo::new();
+    repo.synthetic("m", "[ 2 ]", 8, &[]);
+    let config = Settings {
+        model_control_token: Some(TOKEN.into()),
+        load_model: Some(vec!["m".into()]),
+        ..explicit(repo.path())
+    }
+    .validate()
+    .unwrap();
+    let mut s = TestServer::start_with(config).await;
+    let infer = || fp32_request("m", "INPUT__0", &[1, 2], &[1.0, 2.0]);
+    std::fs::write(repo.path().join("m/config.pbtxt"), "max_batch_size: { nope").unwrap();
+    let load = load_request("m", Some(TOKEN), Default::default());
+    let err = s.client.repository_model_load(load).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("reload failed"), "{}", err.message());
+    assert_hides_root(repo.path(), err.message());
+    // As in Triton: the loaded version keeps serving, the index shows why the reload failed.
+    s.client
+        .model_infer(infer())
+        .await
+        .expect("version 1 serves");
+    let rows = index(&mut s).await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!((rows[0].0.as_str(), rows[0].1.as_str()), ("m", "READY"));
+    assert!(rows[0].2.contains("config.pbtxt"), "{rows:?}");
+
+    // A load that succeeds clears the reason.
+    repo.synthetic("m", "[ 2 ]", 4, &[]);
+    let load = load_request("m", Some(TOKEN), Default::default());
+    s.client.repository_model_load(load).await.unwrap();
+    assert_eq!(
+        index(&mut s).await,
+        vec![("m".into(), "READY".into(), String::new())]
+    );
+    s.client.model_infer(infer()).await.unwrap();
     s.stop().await;
 }
