@@ -670,6 +670,14 @@ def main() -> int:
                    bad_values({"server": {"maxMessageBytes": 67108864,
                                           "edge": {"maxRequestBytesInFlight": 1048576}}}),
                    "maxRequestBytesInFlight")
+    expect_failure(report, "server.loadModels with modelControlMode poll (fail in template; "
+                   "the server refuses load_model in mode poll)",
+                   bad_values({"server": {"modelControlMode": "poll", "loadModels": ["mlp"]}}),
+                   "modelControlMode is poll")
+    expect_failure(report, "server.repositoryPollSeconds: 0 (schema)",
+                   bad_values({"server": {"modelControlMode": "poll",
+                                          "repositoryPollSeconds": 0}}),
+                   "repositoryPollSeconds")
     expect_failure(report, "server.modelControlMode: auto (schema enum)",
                    bad_values({"server": {"modelControlMode": "auto"}}), "modelControlMode")
     expect_failure(report, "server.idleTimeoutSeconds: 0 (schema, must be positive)",

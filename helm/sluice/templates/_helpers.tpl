@@ -142,8 +142,8 @@ so every render runs them.
 {{- end }}
 {{- end }}
 {{- $srv := .Values.server }}
-{{- if and (eq $srv.modelControlMode "none") $srv.loadModels }}
-{{- fail (printf "server.loadModels is %s but server.modelControlMode is none: in mode none every model loads at start-up and the server refuses load_model. Set server.modelControlMode to explicit, or server.loadModels to []." (toJson $srv.loadModels)) }}
+{{- if and (ne $srv.modelControlMode "explicit") $srv.loadModels }}
+{{- fail (printf "server.loadModels is %s but server.modelControlMode is %s: in mode %s every model loads at start-up and the server refuses load_model. Set server.modelControlMode to explicit, or server.loadModels to []." (toJson $srv.loadModels) $srv.modelControlMode $srv.modelControlMode) }}
 {{- end }}
 {{- $tok := $srv.modelControlToken }}
 {{- if and $tok.existingSecret $tok.value }}
