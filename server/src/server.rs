@@ -324,6 +324,8 @@ async fn drain(
         grace_period_secs = grace.as_secs(),
         "shutting down: draining in-flight work"
     );
+    const GRPC_INFERENCE_SERVICE: &str =
+        <GrpcInferenceServiceServer<InferenceService> as tonic::server::NamedService>::NAME;
     let deadline = tokio::time::Instant::now() + grace;
     gateway.begin_shutdown();
     health
@@ -340,6 +342,12 @@ async fn drain(
             in_flight = gateway.in_flight(),
             "grace period over with requests in flight; exiting"
         );
+    }
+    // A health Watch is a call that never ends by itself, and an open call keeps its
+    // connection from closing: forget the statuses, which ends every Watch.
+    let mut watched = health.clone();
+    for service in [GRPC_INFERENCE_SERVICE, "", LIVENESS_SERVICE] {
+        watched.clear_service_status(service).await;
     }
     drain_start.cancel();
     match tokio::time::timeout_at(deadline, grpc_task).await {
