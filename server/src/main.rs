@@ -44,6 +44,9 @@ fn main() -> ExitCode {
         spawn_signal_handler(shutdown.clone());
         server.serve(shutdown).await
     });
+    // The drain has had its grace period: a model load still running on a blocking
+    // thread (a poll, or a load call) is not waited for.
+    runtime.shutdown_background();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -298,16 +298,21 @@ fn spawn_liveness(
             }
             let live = gateway.is_live();
             if was_live != Some(live) {
-                let status = if live {
-                    tonic_health::ServingStatus::Serving
-                } else {
-                    tonic_health::ServingStatus::NotServing
-                };
-                health.set_service_status(LIVENESS_SERVICE, status).await;
+                health
+                    .set_service_status(LIVENESS_SERVICE, liveness_status(live))
+                    .await;
                 was_live = Some(live);
             }
         }
     })
+}
+
+fn liveness_status(live: bool) -> tonic_health::ServingStatus {
+    if live {
+        tonic_health::ServingStatus::Serving
+    } else {
+        tonic_health::ServingStatus::NotServing
+    }
 }
 
 /// Refuse new inference, report NOT_SERVING, let admitted work finish within `grace`,
@@ -344,10 +349,21 @@ async fn drain(
         );
     }
     // A health Watch is a call that never ends by itself, and an open call keeps its
-    // connection from closing: forget the statuses, which ends every Watch.
+    // connection from closing: forget the statuses, which ends every Watch, then set
+    // them again for the Checks that come while the connections close.
     let mut watched = health.clone();
     for service in [GRPC_INFERENCE_SERVICE, "", LIVENESS_SERVICE] {
         watched.clear_service_status(service).await;
+    }
+    for (service, status) in [
+        (
+            GRPC_INFERENCE_SERVICE,
+            tonic_health::ServingStatus::NotServing,
+        ),
+        ("", tonic_health::ServingStatus::NotServing),
+        (LIVENESS_SERVICE, liveness_status(gateway.is_live())),
+    ] {
+        watched.set_service_status(service, status).await;
     }
     drain_start.cancel();
     match tokio::time::timeout_at(deadline, grpc_task).await {

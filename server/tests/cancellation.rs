@@ -9,25 +9,34 @@ use std::time::Duration;
 use common::{eventually, fp32_request, metric_value, TestRepo, TestServer};
 use sluice_proto::inference::ModelInferRequest;
 
-/// How long each execution of the slow model takes.
-const EXECUTION_MS: u64 = 400;
-/// Requests queued behind the one executing, then cancelled.
+/// How long the running request holds the model's only instance: the cancelled
+/// requests stay queued behind it for that long, however slow the machine.
+const HOLD_MS: u64 = 3000;
+/// Requests queued behind the one running, then cancelled.
 const QUEUED: usize = 8;
 
-/// A synthetic model with one instance that runs one request per execution, slowly.
+/// A synthetic model with one instance that runs one request per execution: a request
+/// with a negative input holds it for [`HOLD_MS`], others are answered at once.
 fn slow_model(repo: &TestRepo, name: &str) {
     let config = format!(
         "backend: \"sluice_synthetic\"\nmax_batch_size: 1\n\
          input [ {{ name: \"INPUT__0\" data_type: TYPE_FP32 dims: [ 4 ] }} ]\n\
          output [ {{ name: \"OUTPUT__0\" data_type: TYPE_FP32 dims: [ 4 ] }} ]\n\
          instance_group [ {{ count: 1 kind: KIND_CPU }} ]\n\
-         parameters {{ key: \"sleep_ms\" value: {{ string_value: \"{EXECUTION_MS}\" }} }}\n"
+         parameters {{ key: \"behavior\" value: {{ string_value: \"hang\" }} }}\n\
+         parameters {{ key: \"hang_ms\" value: {{ string_value: \"{HOLD_MS}\" }} }}\n"
     );
     repo.model(name, &config, None);
 }
 
+/// A request answered at once.
 fn request(model: &str) -> ModelInferRequest {
     fp32_request(model, "INPUT__0", &[1, 4], &[1.0; 4])
+}
+
+/// A request that holds the instance for [`HOLD_MS`].
+fn holding(model: &str) -> ModelInferRequest {
+    fp32_request(model, "INPUT__0", &[1, 4], &[-1.0; 4])
 }
 
 /// The counters that tell what happened to a model's requests.
@@ -60,18 +69,28 @@ async fn admitted(s: &TestServer, n: usize) {
     .await;
 }
 
-/// The counts once `sluice_dropped_requests_total{reason="cancelled"}` has reached `n`.
-async fn cancelled_counted(s: &TestServer, model: &str, n: f64) -> Counts {
+/// The counts once `sluice_dropped_requests_total{reason="cancelled"}` has grown by
+/// `cancelled` and `sluice_inferences_total` by `inferences` since `before`.
+async fn counted(
+    s: &TestServer,
+    model: &str,
+    before: &Counts,
+    cancelled: f64,
+    inferences: f64,
+) -> Counts {
     let start = std::time::Instant::now();
     loop {
         let now = counts(s, model).await;
-        if now.cancelled >= n {
+        let grown = (
+            now.cancelled - before.cancelled,
+            now.inferences - before.inferences,
+        );
+        if grown.0 >= cancelled && grown.1 >= inferences {
             return now;
         }
         assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "{} cancelled requests counted, {n} expected",
-            now.cancelled
+            start.elapsed() < Duration::from_secs(15),
+            "(cancelled, inferred) grew by {grown:?}, ({cancelled}, {inferences}) expected"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -86,7 +105,7 @@ async fn cancelled_unary_calls_never_reach_the_model() {
 
     // One request occupies the only instance; the others queue behind it.
     let mut client = s.client.clone();
-    let running = tokio::spawn(async move { client.model_infer(request("slow_unary")).await });
+    let running = tokio::spawn(async move { client.model_infer(holding("slow_unary")).await });
     admitted(&s, 1).await;
     let queued: Vec<_> = (0..QUEUED)
         .map(|_| {
@@ -108,7 +127,7 @@ async fn cancelled_unary_calls_never_reach_the_model() {
         .expect("the running request is answered");
 
     // Every cancelled request is counted as it leaves the queue; none executed.
-    let after = cancelled_counted(&s, "slow_unary", before.cancelled + QUEUED as f64).await;
+    let after = counted(&s, "slow_unary", &before, QUEUED as f64, 1.0).await;
     assert_eq!(after.cancelled - before.cancelled, QUEUED as f64);
     assert_eq!(
         after.inferences - before.inferences,
@@ -134,17 +153,18 @@ async fn a_cancelled_stream_drops_its_queued_requests() {
         .await
         .expect("the stream opens")
         .into_inner();
-    for i in 0..=QUEUED {
-        let mut req = request("slow_stream");
-        req.id = format!("r{i}");
-        outbound.send(req).await.unwrap();
+    // One holds the instance, then the others wait in the model's queue.
+    outbound.send(holding("slow_stream")).await.unwrap();
+    admitted(&s, 1).await;
+    for _ in 0..QUEUED {
+        outbound.send(request("slow_stream")).await.unwrap();
     }
-    // One runs, the others wait in the model's queue.
     admitted(&s, 1 + QUEUED).await;
     // The client cancels the stream: both halves dropped, the call is reset.
     drop(answers);
     drop(outbound);
-    let after = cancelled_counted(&s, "slow_stream", before.cancelled + QUEUED as f64).await;
+    // The holding request finishes on its instance; the queued ones never start.
+    let after = counted(&s, "slow_stream", &before, QUEUED as f64, 1.0).await;
     assert_eq!(after.cancelled - before.cancelled, QUEUED as f64);
     assert_eq!(
         after.inferences - before.inferences,

@@ -13,7 +13,8 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Streaming};
 
-const EXECUTION_MS: u64 = 300;
+/// Each execution of the slow model; long against the scheduling noise of a busy machine.
+const EXECUTION_MS: u64 = 1000;
 
 fn slow_model(repo: &TestRepo) {
     repo.model(

@@ -11,7 +11,8 @@
 //! - At most [`STREAM_WINDOW`] requests of one stream are in flight (received and not yet
 //!   answered); the reader waits for a slot before it reads on, so back-pressure reaches
 //!   the client through HTTP/2 flow control.
-//! - The client half-closes: the answers in flight are still sent, then the stream ends OK.
+//! - The client half-closes: the answers in flight are still sent, then the stream ends
+//!   OK (DEADLINE_EXCEEDED if its deadline passed before the last answer).
 //! - The client cancels the stream or goes away (its answers can no longer be delivered):
 //!   every request of the stream still queued is dropped before it reaches the model and
 //!   counted in `sluice_dropped_requests_total{reason="cancelled"}`; one already executing
@@ -125,6 +126,12 @@ async fn run(
             next = answering.join_next() => if next.is_none() { break },
         }
     }
+    // A stream the client finished still ends with its deadline when that passed
+    // before every answer was sent (the late ones answered DEADLINE_EXCEEDED).
+    let end = match end {
+        End::Finished if call.deadline.is_some_and(|d| d <= Instant::now()) => past_deadline(),
+        other => other,
+    };
     match end {
         End::Failed(status) => {
             // Last: it ends the stream for the client.
@@ -147,9 +154,7 @@ async fn read(
         let next = tokio::select! {
             biased;
             _ = gone.cancelled() => return End::Gone,
-            _ = until(call.deadline) => return End::Failed(Status::deadline_exceeded(
-                "the stream's deadline (grpc-timeout) passed; requests after it were not read",
-            )),
+            _ = until(call.deadline) => return past_deadline(),
             _ = call.stopping.cancelled() => return End::Failed(Status::unavailable(
                 "the server is shutting down; the requests received on this stream were \
                  answered, later ones were not read",
@@ -166,6 +171,7 @@ async fn read(
         let permit = tokio::select! {
             biased;
             _ = gone.cancelled() => return End::Gone,
+            _ = until(call.deadline) => return past_deadline(),
             permit = tx.clone().reserve_owned() => match permit {
                 Ok(permit) => permit,
                 Err(_) => return End::Gone,
@@ -178,6 +184,13 @@ async fn read(
             permit.send(Ok(answer(admission, req, left, received).await));
         });
     }
+}
+
+/// How a stream whose deadline passed ends.
+fn past_deadline() -> End {
+    End::Failed(Status::deadline_exceeded(
+        "the stream's deadline (grpc-timeout) passed; requests after it were not read",
+    ))
 }
 
 /// Resolves at `deadline`; never without one.

@@ -178,7 +178,7 @@ impl Repository {
             model: clip(name),
             message,
         })?;
-        let _one_at_a_time = self.control.lock().expect("control lock is never poisoned");
+        let _one_at_a_time = self.one_at_a_time();
         let dir = self.root.join(name);
         if !dir.is_dir() {
             return Err(Error::ModelNotFound {
@@ -209,7 +209,7 @@ impl Repository {
             model: clip(name),
             message,
         })?;
-        let _one_at_a_time = self.control.lock().expect("control lock is never poisoned");
+        let _one_at_a_time = self.one_at_a_time();
         if !self.is_known(name) {
             return Err(Error::ModelNotFound {
                 model: name.to_owned(),
@@ -298,6 +298,14 @@ impl Repository {
             .expect("repository lock is never poisoned")
             .insert(name.to_owned(), entry);
         drop(old); // outside the lock: the old versions' batchers drain on their own
+    }
+
+    /// The control lock. It guards no data, only the order of loads and unloads, so a
+    /// load that panicked while holding it leaves nothing inconsistent: later loads go on.
+    fn one_at_a_time(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.control
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     pub fn root(&self) -> &Path {

@@ -10,7 +10,7 @@
 //! of every entry of the model directory, of each numeric version directory and of
 //! `warmup/` (one level: files deeper down are seen through their folder only). Hidden
 //! entries (`.name`) are left out, as editors and copy tools park their temporary files
-//! there. At most [`MAX_ENTRIES`] entries are read per model; a larger directory is
+//! there. At most [`MAX_ENTRIES`] entries are read per model (hidden ones counted); a larger directory is
 //! reported with the reason instead of being read without bound.
 //!
 //! **When a change is acted on.** Only once two consecutive scans read the same
@@ -194,7 +194,7 @@ impl Repository {
     /// Load the model `name` from what `observed` read of its directory, beside the
     /// versions serving (see [`Repository::failed`] for a load that fails). Blocking.
     pub(super) fn apply(&self, name: &str, observed: Observed) {
-        let _one_at_a_time = self.control.lock().expect("control lock is never poisoned");
+        let _one_at_a_time = self.one_at_a_time();
         let fingerprint = match &observed {
             Ok(fingerprint) => fingerprint.clone(),
             Err(reason) => {
@@ -231,7 +231,7 @@ impl Repository {
     /// The model's directory is gone: new requests get NOT_FOUND, requests already
     /// admitted finish on the versions they hold.
     fn forget(&self, name: &str) {
-        let _one_at_a_time = self.control.lock().expect("control lock is never poisoned");
+        let _one_at_a_time = self.one_at_a_time();
         let old = self
             .models
             .write()

@@ -15,8 +15,9 @@ from tritonclient.utils import InferenceServerException
 
 from conftest import serve
 
-#: Each execution of the slow model takes this long.
-SLOW_MS = 300
+#: A request with a negative input holds the slow model's only instance this long;
+#: others are answered at once.
+HOLD_MS = 3000
 
 SLOW_CONFIG = f"""
 backend: "sluice_synthetic"
@@ -24,7 +25,8 @@ max_batch_size: 1
 input [ {{ name: "INPUT__0" data_type: TYPE_FP32 dims: [ 4 ] }} ]
 output [ {{ name: "OUTPUT__0" data_type: TYPE_FP32 dims: [ 4 ] }} ]
 instance_group [ {{ count: 1 kind: KIND_CPU }} ]
-parameters {{ key: "sleep_ms" value: {{ string_value: "{SLOW_MS}" }} }}
+parameters {{ key: "behavior" value: {{ string_value: "hang" }} }}
+parameters {{ key: "hang_ms" value: {{ string_value: "{HOLD_MS}" }} }}
 """
 
 
@@ -130,20 +132,24 @@ def test_closing_a_stream_drops_its_queued_requests(slow_server):
     client = grpcclient.InferenceServerClient(slow_server.grpc_url)
     answers: queue.Queue = queue.Queue()
     client.start_stream(callback=lambda result, error: answers.put((result, error)))
-    x = np.ones((1, 4), dtype=np.float32)
-    for i in range(queued):
+
+    def send(value: float, request_id: str) -> None:
         inp = grpcclient.InferInput("INPUT__0", [1, 4], "FP32")
-        inp.set_data_from_numpy(x)
-        client.async_stream_infer("slow", [inp], request_id=str(i))
-    # One request runs (the model has one instance), the others wait in its queue.
-    wait_for(lambda: in_flight() == queued, "the stream's requests admitted")
+        inp.set_data_from_numpy(np.full((1, 4), value, dtype=np.float32))
+        client.async_stream_infer("slow", [inp], request_id=request_id)
+
+    # One request holds the model's only instance; the others wait in its queue.
+    send(-1.0, "holding")
+    wait_for(lambda: in_flight() == 1, "the holding request admitted")
+    for i in range(queued):
+        send(1.0, str(i))
+    wait_for(lambda: in_flight() == 1 + queued, "the stream's requests admitted")
     client.stop_stream(cancel_requests=True)
     client.close()
-    # Every queued request is dropped as the queue reaches it: at most the one that was
-    # running (and one the instance may have taken just before) executed.
+    # Every queued request is dropped when the queue reaches it: only the holding one ran.
     dropped = lambda: cancelled() - cancelled_before
     ran = lambda: executed() - executed_before
-    wait_for(lambda: dropped() + ran() == queued, "every request dropped or executed")
-    assert ran() <= 2, (dropped(), ran())
-    assert dropped() >= queued - 2, (dropped(), ran())
+    wait_for(lambda: dropped() == queued, "every queued request dropped")
+    wait_for(lambda: ran() == 1, "the holding request executed")
     wait_for(lambda: in_flight() == 0, "nothing left in flight")
+    assert (dropped(), ran()) == (queued, 1)
