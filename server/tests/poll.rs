@@ -13,7 +13,7 @@ use std::time::Duration;
 use common::{assert_hides_root, eventually, f32s, fp32_request, index_row, load_request};
 use common::{TestRepo, TestServer};
 use sluice::config::{ModelControlMode, Settings};
-use sluice_proto::inference::{ModelConfigRequest, ModelInferResponse, RepositoryIndexRequest};
+use sluice_proto::inference::{ModelConfigRequest, ModelInferResponse};
 use tonic::Code;
 
 /// How long a request with a negative value stalls in an instance: far beyond the
@@ -248,13 +248,8 @@ async fn a_removed_model_finishes_its_requests_then_is_gone() {
     let request = fp32_request("gone", "INPUT__0", &[1, 2], &[1.0, 2.0]);
     let err = s.client.model_infer(request).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
-    let index = s
-        .client
-        .repository_index(RepositoryIndexRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    let names: Vec<&str> = index.models.iter().map(|m| m.name.as_str()).collect();
+    let index = common::index(&mut s).await;
+    let names: Vec<&str> = index.iter().map(|m| m.name.as_str()).collect();
     assert_eq!(names, vec!["stays"]);
     answered(&mut s, "stays").await;
     s.stop().await;

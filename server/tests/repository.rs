@@ -32,15 +32,9 @@ async fn broken_models_are_reported_and_the_rest_serve() {
         );
     let mut s = TestServer::start(repo.path()).await;
 
-    let index = s
-        .client
-        .repository_index(RepositoryIndexRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let index = common::index(&mut s).await;
     let row = |name: &str| {
         index
-            .models
             .iter()
             .find(|m| m.name == name)
             .unwrap_or_else(|| panic!("{name} in index"))

@@ -4,86 +4,14 @@
 
 mod common;
 
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{fp32_request, http_get, TestRepo};
+use common::process::Process;
+use common::{fp32_request, TestRepo};
 use sluice_proto::grpc_inference_service_client::GrpcInferenceServiceClient;
 
 /// Long enough that only the second signal can end the drain within the test.
 const GRACE: Duration = Duration::from_secs(60);
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// The server process, killed if the test ends while it still runs.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Running {
-    fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{name}"), &self.0.id().to_string()])
-            .status()
-            .expect("kill runs");
-        assert!(status.success(), "kill -{name} failed");
-    }
-
-    /// The exit status, if the process ends within `limit`.
-    async fn exit_within(&mut self, limit: Duration) -> Option<ExitStatus> {
-        let start = Instant::now();
-        while start.elapsed() < limit {
-            if let Some(status) = self.0.try_wait().expect("wait") {
-                return Some(status);
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        None
-    }
-}
-
-/// Start the binary on `repo` with a long grace period; wait until it is ready.
-async fn start(repo: &TestRepo) -> (Running, u16, u16, u16) {
-    let (grpc, http, metrics) = (free_port(), free_port(), free_port());
-    let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["--model-repository", repo.path().to_str().unwrap()])
-        .args(["--grpc-port", &grpc.to_string()])
-        .args(["--http-port", &http.to_string()])
-        .args(["--metrics-port", &metrics.to_string()])
-        .args(["--log-level", "warn"])
-        .args(["--shutdown-grace-period-secs", &GRACE.as_secs().to_string()])
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("sluice starts");
-    let mut server = Running(child);
-    let http_addr = format!("127.0.0.1:{http}").parse().unwrap();
-    let start = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", http)).is_err()
-        || http_get(http_addr, "/v2/health/ready").await.0 != 200
-    {
-        assert!(
-            server.0.try_wait().unwrap().is_none(),
-            "server exited while starting"
-        );
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "server never turned ready"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    (server, grpc, http, metrics)
-}
 
 /// SIGTERM with a request in flight, then `second` while draining: the process ends at
 /// once with exit status `expected`.
@@ -96,8 +24,8 @@ async fn second_signal_exits_at_once(second: &str, expected: i32) {
         4,
         &[("behavior", "hang"), ("hang_ms", "30000")],
     );
-    let (mut server, grpc, http, metrics) = start(&repo).await;
-    let mut client = GrpcInferenceServiceClient::connect(format!("http://127.0.0.1:{grpc}"))
+    let mut server = Process::start(&repo, GRACE).await;
+    let mut client = GrpcInferenceServiceClient::connect(format!("http://{}", server.grpc))
         .await
         .expect("client connects");
 
@@ -107,32 +35,11 @@ async fn second_signal_exits_at_once(second: &str, expected: i32) {
             .model_infer(fp32_request("slow", "INPUT__0", &[1, 2], &[-1.0, -2.0]))
             .await
     });
-    let metrics_addr = format!("127.0.0.1:{metrics}").parse().unwrap();
-    let dispatched = "sluice_queue_duration_seconds_count{model=\"slow\"}";
-    let start = Instant::now();
-    while common::metric_value(metrics_addr, dispatched)
-        .await
-        .unwrap_or(0.0)
-        < 1.0
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "request never reached the model"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    server.dispatched("slow").await;
 
     server.signal("TERM");
     // Draining: readiness turns false, and the process stays up for the request.
-    let http_addr = format!("127.0.0.1:{http}").parse().unwrap();
-    let term_at = Instant::now();
-    while http_get(http_addr, "/v2/health/ready").await.0 != 503 {
-        assert!(
-            term_at.elapsed() < Duration::from_secs(5),
-            "readiness never turned false"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    server.draining().await;
     assert_eq!(
         server.exit_within(Duration::from_millis(500)).await,
         None,

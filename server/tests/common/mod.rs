@@ -2,6 +2,7 @@
 //! 127.0.0.1 with free ports, driven through the generated gRPC client.
 #![allow(dead_code)] // each test binary uses a different part
 
+pub mod process;
 pub mod raw_h2;
 
 use std::net::SocketAddr;
@@ -10,8 +11,9 @@ use std::path::{Path, PathBuf};
 use sluice::{Config, Server};
 use sluice_proto::grpc_inference_service_client::GrpcInferenceServiceClient;
 use sluice_proto::inference::{
-    model_infer_request::InferInputTensor, ModelInferRequest, ModelRepositoryParameter,
-    RepositoryIndexRequest, RepositoryModelLoadRequest, RepositoryModelUnloadRequest,
+    model_infer_request::InferInputTensor, repository_index_response, ModelInferRequest,
+    ModelRepositoryParameter, RepositoryIndexRequest, RepositoryModelLoadRequest,
+    RepositoryModelUnloadRequest,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
@@ -253,16 +255,20 @@ pub fn unload_request(name: &str, token: &str) -> tonic::Request<RepositoryModel
     req
 }
 
-/// State and reason of `name` in RepositoryIndex (the model must be listed).
-pub async fn index_row(s: &mut TestServer, name: &str) -> (String, String) {
-    let index = s
-        .client
+/// Every row of RepositoryIndex.
+pub async fn index(s: &mut TestServer) -> Vec<repository_index_response::ModelIndex> {
+    s.client
         .repository_index(RepositoryIndexRequest::default())
         .await
         .unwrap()
-        .into_inner();
-    let row = index
+        .into_inner()
         .models
+}
+
+/// State and reason of `name` in RepositoryIndex (the model must be listed).
+pub async fn index_row(s: &mut TestServer, name: &str) -> (String, String) {
+    let row = index(s)
+        .await
         .into_iter()
         .find(|m| m.name == name)
         .unwrap_or_else(|| panic!("{name} in the index"));
