@@ -128,9 +128,10 @@ async fn run(
     }
     // A stream the client finished still ends with its deadline when that passed
     // before every answer was sent (the late ones answered DEADLINE_EXCEEDED).
+    let late = call.deadline.is_some_and(|d| d <= Instant::now());
     let end = match end {
-        End::Finished if call.deadline.is_some_and(|d| d <= Instant::now()) => past_deadline(),
-        other => other,
+        End::Finished if late => past_deadline(),
+        End::Finished | End::Gone | End::Failed(_) => end,
     };
     match end {
         End::Failed(status) => {
