@@ -100,20 +100,16 @@ async fn the_streams_deadline_bounds_each_request_on_it() {
     for i in 0..5 {
         assert!(ids.contains(&format!("r{i}").as_str()), "{ids:?}");
     }
-    let first = got
-        .iter()
-        .find(|a| a.infer_response.as_ref().unwrap().id == "r0");
-    assert_eq!(
-        first.unwrap().error_message,
-        "",
-        "the first fits in the deadline"
-    );
-    // The last ones cannot finish in time: answered with the deadline, not left hanging.
+    // The instance runs them one at a time, in whatever order they reached its queue:
+    // the first fits in the deadline, the last ones cannot finish in time and are
+    // answered with the deadline, not left hanging.
+    let served = got.iter().filter(|a| a.error_message.is_empty()).count();
     let late = got
         .iter()
         .filter(|a| a.error_message.contains("deadline"))
         .count();
-    assert!(late >= 2, "{got:?}");
+    assert!(served >= 1 && late >= 2, "{got:?}");
+    assert_eq!(served + late, 5, "{got:?}");
     drop(outbound);
     s.stop().await;
 }
