@@ -294,13 +294,14 @@ def priority_part(args, ports, work, probe):
           f"shedding on, at 2C = {prio_capacity * 2:.0f}/s in total (C = that server's "
           f"capacity measured just before, {prio_capacity:.0f}/s): level 1 offers "
           f"{share1}% of C, level 2 the rest:\n")
-    print("| priority | sent | ok | success | goodput/s | p99 ok ms |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| priority | sent | ok | success | goodput/s | p99 ok ms | codes |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for level in run["points"][0].get("by_priority", []):
         ok = (level["latency_ms"]["ok"] or {}).get("p99", float("nan"))
         ratio = level["success_ratio"]
         print(f"| {level['priority']} | {level['sent']} | {level['ok']} | "
-              f"{'-' if ratio is None else f'{100 * ratio:.1f}%'} | {level['goodput_rps']:.0f} | {ok:.1f} |")
+              f"{'-' if ratio is None else f'{100 * ratio:.1f}%'} | {level['goodput_rps']:.0f} | {ok:.1f} "
+              f"| {fmt_codes(level.get('codes', {}))} |")
 
 
 
