@@ -52,6 +52,12 @@ impl PortTls {
 
 /// The gRPC health service name that reports liveness (ServerLive), for probes.
 pub const LIVENESS_SERVICE: &str = "liveness";
+/// The gRPC health service names that report readiness: the server's (`""`) and the
+/// inference service's.
+const READINESS_SERVICES: [&str; 2] = [
+    "",
+    <GrpcInferenceServiceServer<InferenceService> as tonic::server::NamedService>::NAME,
+];
 /// How often liveness is re-read for the gRPC health service.
 const LIVENESS_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -220,12 +226,7 @@ async fn grpc_routes(
     let inference = GrpcInferenceServiceServer::from_arc(inference)
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
-    health
-        .set_serving::<GrpcInferenceServiceServer<InferenceService>>()
-        .await;
-    health
-        .set_service_status("", tonic_health::ServingStatus::Serving)
-        .await;
+    report_readiness(health, tonic_health::ServingStatus::Serving).await;
     Ok(tonic::service::Routes::new(health_service)
         .add_service(reflection)
         .add_service(inference)
@@ -307,6 +308,16 @@ fn spawn_liveness(
     })
 }
 
+/// Report `status` for every readiness service name.
+async fn report_readiness(
+    health: &tonic_health::server::HealthReporter,
+    status: tonic_health::ServingStatus,
+) {
+    for service in READINESS_SERVICES {
+        health.set_service_status(service, status).await;
+    }
+}
+
 fn liveness_status(live: bool) -> tonic_health::ServingStatus {
     if live {
         tonic_health::ServingStatus::Serving
@@ -329,16 +340,9 @@ async fn drain(
         grace_period_secs = grace.as_secs(),
         "shutting down: draining in-flight work"
     );
-    const GRPC_INFERENCE_SERVICE: &str =
-        <GrpcInferenceServiceServer<InferenceService> as tonic::server::NamedService>::NAME;
     let deadline = tokio::time::Instant::now() + grace;
     gateway.begin_shutdown();
-    health
-        .set_not_serving::<GrpcInferenceServiceServer<InferenceService>>()
-        .await;
-    health
-        .set_service_status("", tonic_health::ServingStatus::NotServing)
-        .await;
+    report_readiness(health, tonic_health::ServingStatus::NotServing).await;
     if tokio::time::timeout_at(deadline, gateway.drained())
         .await
         .is_err()
@@ -352,19 +356,13 @@ async fn drain(
     // connection from closing: forget the statuses, which ends every Watch, then set
     // them again for the Checks that come while the connections close.
     let mut watched = health.clone();
-    for service in [GRPC_INFERENCE_SERVICE, "", LIVENESS_SERVICE] {
+    for service in READINESS_SERVICES.into_iter().chain([LIVENESS_SERVICE]) {
         watched.clear_service_status(service).await;
     }
-    for (service, status) in [
-        (
-            GRPC_INFERENCE_SERVICE,
-            tonic_health::ServingStatus::NotServing,
-        ),
-        ("", tonic_health::ServingStatus::NotServing),
-        (LIVENESS_SERVICE, liveness_status(gateway.is_live())),
-    ] {
-        watched.set_service_status(service, status).await;
-    }
+    report_readiness(&watched, tonic_health::ServingStatus::NotServing).await;
+    watched
+        .set_service_status(LIVENESS_SERVICE, liveness_status(gateway.is_live()))
+        .await;
     drain_start.cancel();
     match tokio::time::timeout_at(deadline, grpc_task).await {
         Ok(Ok(())) => tracing::info!("drained"),

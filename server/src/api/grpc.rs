@@ -239,11 +239,7 @@ impl GrpcInferenceService for InferenceService {
         &self,
         req: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
-        // Timeouts count from the call's HEADERS frame, before its body arrived.
-        let received = req
-            .extensions()
-            .get::<super::edge::RequestStart>()
-            .map_or_else(Instant::now, |start| start.0);
+        let received = call_start(&req);
         let header_timeout = grpc_timeout(req.metadata())?;
         let response = Self::infer(
             self.admission.clone(),
@@ -262,10 +258,7 @@ impl GrpcInferenceService for InferenceService {
         &self,
         req: Request<Streaming<ModelInferRequest>>,
     ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
-        let received = req
-            .extensions()
-            .get::<super::edge::RequestStart>()
-            .map_or_else(Instant::now, |start| start.0);
+        let received = call_start(&req);
         // The stream's `grpc-timeout` covers the whole stream.
         let deadline = grpc_timeout(req.metadata())?.map(|t| received + t);
         // The edge's budget reserves each message's decoded heap as the reader reads it.
@@ -429,6 +422,13 @@ impl GrpcInferenceService for InferenceService {
 
 /// The call's timeout from its `grpc-timeout` header (gRPC over HTTP/2:
 /// up to 8 digits and a unit, H M S m u n).
+/// When the call's HEADERS frame arrived (before its body), which timeouts count from.
+fn call_start<T>(req: &Request<T>) -> Instant {
+    req.extensions()
+        .get::<super::edge::RequestStart>()
+        .map_or_else(Instant::now, |start| start.0)
+}
+
 fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Result<Option<Duration>, Status> {
     let Some(value) = metadata.get("grpc-timeout") else {
         return Ok(None);

@@ -126,19 +126,18 @@ async fn run(
             next = answering.join_next() => if next.is_none() { break },
         }
     }
-    // A stream the client finished still ends with its deadline when that passed
-    // before every answer was sent (the late ones answered DEADLINE_EXCEEDED).
-    let late = call.deadline.is_some_and(|d| d <= Instant::now());
-    let end = match end {
-        End::Finished if late => past_deadline(),
-        End::Finished | End::Gone | End::Failed(_) => end,
-    };
-    match end {
-        End::Failed(status) => {
-            // Last: it ends the stream for the client.
-            let _ = tx.send(Err(status)).await;
+    let closing = match end {
+        End::Failed(status) => Some(status),
+        // A stream the client finished still ends with its deadline when that passed
+        // before every answer was sent (the late ones answered DEADLINE_EXCEEDED).
+        End::Finished if call.deadline.is_some_and(|d| d <= Instant::now()) => {
+            Some(deadline_passed())
         }
-        End::Finished | End::Gone => {}
+        End::Finished | End::Gone => None,
+    };
+    if let Some(status) = closing {
+        // Last: it ends the stream for the client.
+        let _ = tx.send(Err(status)).await;
     }
 }
 
@@ -155,7 +154,7 @@ async fn read(
         let next = tokio::select! {
             biased;
             _ = gone.cancelled() => return End::Gone,
-            _ = until(call.deadline) => return past_deadline(),
+            _ = until(call.deadline) => return End::Failed(deadline_passed()),
             _ = call.stopping.cancelled() => return End::Failed(Status::unavailable(
                 "the server is shutting down; the requests received on this stream were \
                  answered, later ones were not read",
@@ -172,7 +171,7 @@ async fn read(
         let permit = tokio::select! {
             biased;
             _ = gone.cancelled() => return End::Gone,
-            _ = until(call.deadline) => return past_deadline(),
+            _ = until(call.deadline) => return End::Failed(deadline_passed()),
             permit = tx.clone().reserve_owned() => match permit {
                 Ok(permit) => permit,
                 Err(_) => return End::Gone,
@@ -187,11 +186,11 @@ async fn read(
     }
 }
 
-/// How a stream whose deadline passed ends.
-fn past_deadline() -> End {
-    End::Failed(Status::deadline_exceeded(
+/// The status a stream whose deadline passed ends with.
+fn deadline_passed() -> Status {
+    Status::deadline_exceeded(
         "the stream's deadline (grpc-timeout) passed; requests after it were not read",
-    ))
+    )
 }
 
 /// Resolves at `deadline`; never without one.
