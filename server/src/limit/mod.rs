@@ -14,7 +14,7 @@
 //! each window:
 //!
 //! ```text
-//! standing, overloaded, peak > L_min:  L <- max(L_min, min(L, peak) * max(beta, target / d))
+//! standing, overloaded, peak > L_min:  L <- max(L_min, F, min(L, peak) * max(beta, target / d))
 //! refused, not overloaded:             L <- min(L_max, L * g)
 //! (d <= target or not overloaded),
 //!   peak >= u * L:                     L <- min(L_max, L + sqrt(L))
@@ -35,7 +35,12 @@
 //! served at the rate it asks, the limit grows by `g` even though lower levels
 //! overload the model (preemption sheds their queued work to make the room), so a
 //! flood of low-priority traffic cannot hold level 1 under a limit sized for the
-//! flood.
+//! flood. For the same reason a decrease stops at `F = peak_1 / u`, `peak_1` the most
+//! level-1 requests in flight during the window, while level 1 alone is served at the
+//! rate it asks (else `F = 0`): lower levels' overload shrinks the room they may take,
+//! not the room level 1 used, and the `1 / u` headroom takes its next burst without
+//! a refusal. With one level, level 1 is all the traffic and `F` never applies (a
+//! decrease needs the model overloaded).
 //!
 //! The queue is `standing` when `d > 2 * target`, or `d > target` in this window
 //! and the one before (the persistence test of CoDel, Nichols & Jacobson, 2012: a
@@ -128,6 +133,10 @@ pub const TARGET_EXECUTIONS: u32 = 4;
 /// How long a client refused for being over a limit is asked to wait before retrying.
 pub const LIMIT_PUSHBACK: Duration = Duration::from_millis(20);
 
+mod state;
+
+use state::{Load, State};
+
 #[cfg(test)]
 mod sim;
 #[cfg(test)]
@@ -162,87 +171,6 @@ impl Default for LimitConfig {
             max: 256,
             target: None,
         }
-    }
-}
-
-#[derive(Debug)]
-struct State {
-    limit: f64,
-    window_start: Option<Instant>,
-    window_sum: Duration,
-    window_count: u32,
-    window_peak: usize,
-    /// The model's fastest reported execution time for one sample.
-    unit: Option<Duration>,
-    /// In flight per priority level (index `level - 1`).
-    by_level: Vec<usize>,
-    /// Windows in a row whose mean wait was over the target.
-    over_streak: u32,
-    /// A request was refused in the window.
-    window_refused: bool,
-    /// Requests that asked for a slot in the window, admitted or not,
-    window_offered: u32,
-    /// and those served in it (answered, not expired).
-    window_served: u32,
-    /// The same two for priority level 1 alone,
-    window_top_offered: u32,
-    window_top_served: u32,
-    /// and whether a level-1 request was refused in the window.
-    window_top_refused: bool,
-    /// Offered and finished requests, summed over windows with weights decaying over
-    /// [`LOAD_TAU`].
-    offered: f64,
-    finished: f64,
-    top_offered: f64,
-    top_finished: f64,
-    /// In flight (all levels, level 1) when the window opened,
-    window_start_in_flight: (usize, usize),
-    /// and how much that count grew, summed over windows like the counts above: the
-    /// part of what was offered that is still in flight, not yet to be judged.
-    growth: f64,
-    top_growth: f64,
-}
-
-impl State {
-    fn in_flight(&self) -> usize {
-        self.by_level.iter().sum()
-    }
-
-    /// One request of level `index` (from 0) offered to the limit.
-    fn count_offer(&mut self, index: usize) {
-        self.window_offered = self.window_offered.saturating_add(1);
-        if index == 0 {
-            self.window_top_offered = self.window_top_offered.saturating_add(1);
-        }
-    }
-
-    /// One request of level `index` offered and refused. Only a refusal of the highest
-    /// level in flight says the limit binds: one of a lower level means higher levels are
-    /// taking their precedence.
-    fn count_refusal(&mut self, index: usize) {
-        self.count_offer(index);
-        if self.by_level.iter().take(index).all(|&n| n == 0) {
-            self.window_refused = true;
-        }
-        self.window_top_refused |= index == 0;
-    }
-
-    /// Start a window at `now`: its counts from zero, its peak from what is in flight.
-    fn open_window(&mut self, now: Instant) {
-        self.window_start = Some(now);
-        self.window_sum = Duration::ZERO;
-        self.window_count = 0;
-        self.window_refused = false;
-        self.window_offered = 0;
-        self.window_served = 0;
-        self.window_top_offered = 0;
-        self.window_top_served = 0;
-        self.window_top_refused = false;
-        self.window_start_in_flight = (
-            self.in_flight(),
-            self.by_level.first().copied().unwrap_or(0),
-        );
-        self.window_peak = self.in_flight();
     }
 }
 
@@ -326,29 +254,7 @@ impl AdaptiveLimit {
                 round: model.round.max(1),
                 ..model
             },
-            state: Mutex::new(State {
-                limit: config.max as f64,
-                window_start: None,
-                window_sum: Duration::ZERO,
-                window_count: 0,
-                window_peak: 0,
-                unit: None,
-                by_level: Vec::new(),
-                over_streak: 0,
-                window_refused: false,
-                window_offered: 0,
-                window_served: 0,
-                window_top_offered: 0,
-                window_top_served: 0,
-                window_top_refused: false,
-                offered: 0.0,
-                finished: 0.0,
-                top_offered: 0.0,
-                top_finished: 0.0,
-                window_start_in_flight: (0, 0),
-                growth: 0.0,
-                top_growth: 0.0,
-            }),
+            state: Mutex::new(State::new(config.max as f64)),
         }
     }
 
@@ -420,6 +326,9 @@ impl AdaptiveLimit {
                 }
                 s.by_level[index] += 1;
                 s.window_peak = s.window_peak.max(in_flight + 1);
+                if index == 0 {
+                    s.window_top_peak = s.window_top_peak.max(s.by_level[0]);
+                }
                 Some(Permit {
                     limit: self.clone(),
                     level: index,
@@ -543,7 +452,11 @@ impl AdaptiveLimit {
         // Without refusals, a queue that one round of full batches clears is not a
         // backlog, however long it took to form.
         let backlog = s.window_refused || s.window_peak > self.model.round;
-        let (overloaded, top_held_back) = Self::load(s, start, now);
+        let Load {
+            overloaded,
+            top_keeps_up,
+        } = s.load(start, now);
+        let top_held_back = s.window_top_refused && top_keeps_up;
         let standing = overloaded
             && backlog
             && over
@@ -552,7 +465,16 @@ impl AdaptiveLimit {
             s.limit = (s.limit * GROWTH).min(max);
         } else if standing && peak > min {
             let factor = (target.as_secs_f64() / d_mean.as_secs_f64()).max(BETA);
-            s.limit = (s.limit.min(peak) * factor).max(min);
+            // While level 1 is served at the rate it asks, the overload is the lower
+            // levels': the limit need not shrink below what level 1 itself used, with
+            // room for its bursts (its share is the whole limit, so whatever lower
+            // levels hold above that is preempted for it).
+            let top_floor = if top_keeps_up {
+                s.window_top_peak as f64 / UTILIZATION
+            } else {
+                0.0
+            };
+            s.limit = (s.limit.min(peak) * factor).max(top_floor).max(min);
         } else if !overloaded && s.window_refused {
             // Refused while the model kept up with what it was offered: the limit is
             // in the way of serveable load.
@@ -570,30 +492,5 @@ impl AdaptiveLimit {
             "concurrency limit window"
         );
         s.open_window(now);
-    }
-
-    /// Fold the window's counts into the smoothed ones and judge the load: whether the
-    /// model is overloaded, and whether level 1 was held back while served at its rate.
-    fn load(s: &mut State, start: Instant, now: Instant) -> (bool, bool) {
-        // True overload: more is asked of the model than it finishes. Below capacity
-        // a queue, however long, is served at the rate it is offered.
-        let decay = (-now.duration_since(start).as_secs_f64() / LOAD_TAU.as_secs_f64()).exp();
-        s.offered = s.offered * decay + f64::from(s.window_offered);
-        s.finished = s.finished * decay + f64::from(s.window_served);
-        // What is still in flight of what was offered is not judged yet: a load that
-        // starts fills the pipeline before anything finishes.
-        let top_in_flight = s.by_level.first().copied().unwrap_or(0);
-        let (was, was_top) = s.window_start_in_flight;
-        s.growth = s.growth * decay + (s.in_flight() as f64 - was as f64);
-        s.top_growth = s.top_growth * decay + (top_in_flight as f64 - was_top as f64);
-        let overloaded = s.offered - s.growth.max(0.0) > OVERLOAD * s.finished;
-        s.top_offered = s.top_offered * decay + f64::from(s.window_top_offered);
-        s.top_finished = s.top_finished * decay + f64::from(s.window_top_served);
-        // Level 1 refused while it alone is served at the rate it asks: the overload
-        // is the lower levels', which preemption makes room against; the limit is in
-        // level 1's way.
-        let top_held_back = s.window_top_refused
-            && s.top_offered - s.top_growth.max(0.0) <= OVERLOAD * s.top_finished;
-        (overloaded, top_held_back)
     }
 }

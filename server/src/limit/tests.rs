@@ -425,3 +425,35 @@ fn a_refusal_judged_early_counts_like_one_at_acquire() {
     drop(held);
     assert!(!limit.refuses(1, 1, true));
 }
+
+#[test]
+fn a_lower_levels_flood_does_not_shrink_the_limit_under_what_level_1_uses() {
+    let limit = adaptive(1, 100, 5);
+    let mut now = Instant::now();
+    limit.on_finished(1, MS, None, now, true);
+    for window in 0..10 {
+        // Level 1 holds 20 slots and is served as fast as it asks; level 2 takes its
+        // share and asks for far more, and what it got expires after long waits.
+        let top: Vec<_> = (0..20)
+            .map(|i| {
+                limit
+                    .try_acquire(1, 2)
+                    .unwrap_or_else(|| panic!("window {window}: level 1's request {i} refused"))
+            })
+            .collect();
+        for _ in 0..40 {
+            drop(limit.try_acquire(2, 2));
+        }
+        drop(top);
+        for _ in 0..20 {
+            limit.on_finished(1, MS, None, now, true);
+        }
+        for _ in 0..40 {
+            limit.on_finished(2, MS * 50, None, now, false);
+        }
+        now += WINDOW;
+        limit.on_finished(1, MS, None, now, true);
+    }
+    // The overload shrank the limit, but not below level 1's peak with 1/u headroom.
+    assert_eq!(limit.limit(), 25);
+}

@@ -1,0 +1,150 @@
+//! The adaptive limit's bookkeeping: what is in flight per level, the counts of the
+//! current window, and the smoothed load they fold into.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::{LOAD_TAU, OVERLOAD};
+
+/// The load of the windows up to now, smoothed over [`LOAD_TAU`].
+pub(super) struct Load {
+    /// More is asked of the model than it finishes.
+    pub(super) overloaded: bool,
+    /// Priority level 1 alone is finished at the rate it is asked (the overload, if
+    /// any, is the lower levels').
+    pub(super) top_keeps_up: bool,
+}
+
+#[derive(Debug)]
+pub(super) struct State {
+    pub(super) limit: f64,
+    pub(super) window_start: Option<Instant>,
+    pub(super) window_sum: Duration,
+    pub(super) window_count: u32,
+    pub(super) window_peak: usize,
+    /// The most level-1 requests in flight during the window.
+    pub(super) window_top_peak: usize,
+    /// The model's fastest reported execution time for one sample.
+    pub(super) unit: Option<Duration>,
+    /// In flight per priority level (index `level - 1`).
+    pub(super) by_level: Vec<usize>,
+    /// Windows in a row whose mean wait was over the target.
+    pub(super) over_streak: u32,
+    /// A request was refused in the window.
+    pub(super) window_refused: bool,
+    /// Requests that asked for a slot in the window, admitted or not,
+    pub(super) window_offered: u32,
+    /// and those served in it (answered, not expired).
+    pub(super) window_served: u32,
+    /// The same two for priority level 1 alone,
+    pub(super) window_top_offered: u32,
+    pub(super) window_top_served: u32,
+    /// and whether a level-1 request was refused in the window.
+    pub(super) window_top_refused: bool,
+    /// Offered and finished requests, summed over windows with weights decaying over
+    /// [`LOAD_TAU`].
+    pub(super) offered: f64,
+    pub(super) finished: f64,
+    pub(super) top_offered: f64,
+    pub(super) top_finished: f64,
+    /// In flight (all levels, level 1) when the window opened,
+    pub(super) window_start_in_flight: (usize, usize),
+    /// and how much that count grew, summed over windows like the counts above: the
+    /// part of what was offered that is still in flight, not yet to be judged.
+    pub(super) growth: f64,
+    pub(super) top_growth: f64,
+}
+
+impl State {
+    pub(super) fn new(limit: f64) -> State {
+        State {
+            limit,
+            window_start: None,
+            window_sum: Duration::ZERO,
+            window_count: 0,
+            window_peak: 0,
+            window_top_peak: 0,
+            unit: None,
+            by_level: Vec::new(),
+            over_streak: 0,
+            window_refused: false,
+            window_offered: 0,
+            window_served: 0,
+            window_top_offered: 0,
+            window_top_served: 0,
+            window_top_refused: false,
+            offered: 0.0,
+            finished: 0.0,
+            top_offered: 0.0,
+            top_finished: 0.0,
+            window_start_in_flight: (0, 0),
+            growth: 0.0,
+            top_growth: 0.0,
+        }
+    }
+
+    pub(super) fn in_flight(&self) -> usize {
+        self.by_level.iter().sum()
+    }
+
+    /// One request of level `index` (from 0) offered to the limit.
+    pub(super) fn count_offer(&mut self, index: usize) {
+        self.window_offered = self.window_offered.saturating_add(1);
+        if index == 0 {
+            self.window_top_offered = self.window_top_offered.saturating_add(1);
+        }
+    }
+
+    /// One request of level `index` offered and refused. Only a refusal of the highest
+    /// level in flight says the limit binds: one of a lower level means higher levels are
+    /// taking their precedence.
+    pub(super) fn count_refusal(&mut self, index: usize) {
+        self.count_offer(index);
+        if self.by_level.iter().take(index).all(|&n| n == 0) {
+            self.window_refused = true;
+        }
+        self.window_top_refused |= index == 0;
+    }
+
+    /// Start a window at `now`: its counts from zero, its peak from what is in flight.
+    pub(super) fn open_window(&mut self, now: Instant) {
+        self.window_start = Some(now);
+        self.window_sum = Duration::ZERO;
+        self.window_count = 0;
+        self.window_refused = false;
+        self.window_offered = 0;
+        self.window_served = 0;
+        self.window_top_offered = 0;
+        self.window_top_served = 0;
+        self.window_top_refused = false;
+        self.window_start_in_flight = (
+            self.in_flight(),
+            self.by_level.first().copied().unwrap_or(0),
+        );
+        self.window_peak = self.in_flight();
+        self.window_top_peak = self.by_level.first().copied().unwrap_or(0);
+    }
+
+    /// Fold the window's counts into the smoothed ones and judge the load.
+    pub(super) fn load(&mut self, start: Instant, now: Instant) -> Load {
+        // True overload: more is asked of the model than it finishes. Below capacity
+        // a queue, however long, is served at the rate it is offered.
+        let decay = (-now.duration_since(start).as_secs_f64() / LOAD_TAU.as_secs_f64()).exp();
+        self.offered = self.offered * decay + f64::from(self.window_offered);
+        self.finished = self.finished * decay + f64::from(self.window_served);
+        // What is still in flight of what was offered is not judged yet: a load that
+        // starts fills the pipeline before anything finishes.
+        let top_in_flight = self.by_level.first().copied().unwrap_or(0);
+        let (was, was_top) = self.window_start_in_flight;
+        self.growth = self.growth * decay + (self.in_flight() as f64 - was as f64);
+        self.top_growth = self.top_growth * decay + (top_in_flight as f64 - was_top as f64);
+        self.top_offered = self.top_offered * decay + f64::from(self.window_top_offered);
+        self.top_finished = self.top_finished * decay + f64::from(self.window_top_served);
+        Load {
+            overloaded: self.offered - self.growth.max(0.0) > OVERLOAD * self.finished,
+            top_keeps_up: self.top_offered - self.top_growth.max(0.0)
+                <= OVERLOAD * self.top_finished,
+        }
+    }
+}
