@@ -288,6 +288,7 @@ def priority_part(args, ports, work, probe):
     log("priorities at 2C...")
     prio_capacity = capacity_now(ports["priority"], args, work, probe)
     share1 = round(100 * args.level1_share)
+    before = refusal_reasons(ports["priority"] + 2, args.model)
     run = bench(ports["priority"], args, work, "--rate", f"{prio_capacity * 2:.0f}", "--duration",
                 args.duration, extra=["--priority-mix", f"1:{share1},2:{200 - share1}"])
     print(f"\nTwo priority levels (a copy of `{args.model}` with `priority_levels: 2`), "
@@ -302,6 +303,30 @@ def priority_part(args, ports, work, probe):
         print(f"| {level['priority']} | {level['sent']} | {level['ok']} | "
               f"{'-' if ratio is None else f'{100 * ratio:.1f}%'} | {level['goodput_rps']:.0f} | {ok:.1f} "
               f"| {fmt_codes(level.get('codes', {}))} |")
+    after = refusal_reasons(ports["priority"] + 2, args.model)
+    reasons = {k: n - before.get(k, 0) for k, n in after.items() if n > before.get(k, 0)}
+    if reasons:
+        print("\nThe server's refusals in this run, by level and reason "
+              "(`sluice_rejected_requests_total`): "
+              + "; ".join(f"level {p} {r} {n:.0f}" for (p, r), n in sorted(reasons.items())) + ".")
+
+
+def refusal_reasons(metrics_port, model):
+    """`sluice_rejected_requests_total` of `model` by (priority, reason), from the server's
+    metrics port."""
+    import re
+    import urllib.request
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if not line.startswith("sluice_rejected_requests_total{"):
+            continue
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', line[:line.index("}")]))
+        if labels.get("model") == model:
+            key = (labels.get("priority", "-"), labels.get("reason", "-"))
+            out[key] = out.get(key, 0) + float(line.rsplit(" ", 1)[1])
+    return out
 
 
 

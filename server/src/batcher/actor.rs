@@ -3,13 +3,15 @@
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::queue::Queue;
-use super::{plan, Plan, Queued, Scaling};
+use super::{plan_capped, LowerLevelCap, Plan, Queued, Scaling};
 use crate::error::Error;
+use crate::limit::TARGET_EXECUTIONS;
 use crate::metrics;
 use crate::pool::{Event, InstancePool, Job, Reply, Task};
 use crate::spec::BatchPolicy;
@@ -27,7 +29,19 @@ pub(super) struct Actor {
     pub(super) pool: InstancePool,
     /// Set while the model has no instance and one is loading for waiting requests.
     pub(super) cold_since: Option<Instant>,
+    /// When a request of each priority level (index `level - 1`) last arrived.
+    pub(super) arrivals: Vec<Option<Instant>>,
 }
+
+/// How recently a higher level must have sent a request for lower levels' batches to be
+/// held to [`LOWER_LEVEL_BATCH`].
+const RECENT: Duration = Duration::from_secs(1);
+/// The most samples in a lower level's batch while a higher level is active: the queueing
+/// the concurrency limit allows ([`TARGET_EXECUTIONS`] single-sample executions), so a
+/// higher-level request that arrives as the batch starts waits no longer than that for
+/// the instance. Full batches of a lower level would hold the instance for up to
+/// `max_batch_size` executions (on `cnn`, 32 of them: over 100 ms on a small machine).
+pub(super) const LOWER_LEVEL_BATCH: usize = TARGET_EXECUTIONS as usize;
 
 impl Actor {
     // Kept whole: the actor's loop; one iteration (dispatch, scale, sleep until the next event) reads top to bottom.
@@ -40,7 +54,8 @@ impl Actor {
             // Once the channel has closed nothing more can join: flush what is there.
             let ready = |p: &Plan| p.ready || !open;
             let plan = loop {
-                let plan = plan(&self.policy, self.queue.as_slice(), now);
+                let cap = self.lower_level_cap(now);
+                let plan = plan_capped(&self.policy, self.queue.as_slice(), now, cap);
                 match (plan.as_ref().filter(|p| ready(p)), self.pool.idle()) {
                     (Some(p), Some(id)) => {
                         let take = self.queue.fit_deadlines(&p.take, &self.estimate, now);
@@ -84,7 +99,10 @@ impl Actor {
                 // New requests first: a batch grows with everything already sent.
                 biased;
                 received = self.rx.recv(), if open => match received {
-                    Some(q) => self.queue.push(q),
+                    Some(q) => {
+                        self.arrived(q.priority, Instant::now());
+                        self.queue.push(q);
+                    }
                     None => open = false,
                 },
                 Some(event) = self.pool.events.recv() => self.on_event(event),
@@ -92,6 +110,28 @@ impl Actor {
             }
         }
         // Dropping the pool lets the instances finish and stop, joined off the runtime.
+    }
+
+    fn arrived(&mut self, level: u32, now: Instant) {
+        let index = level.max(1) as usize - 1;
+        // The level is within the model's priority_levels (bounded when it loads).
+        if self.arrivals.len() <= index {
+            self.arrivals.resize(index + 1, None);
+        }
+        self.arrivals[index] = Some(now);
+    }
+
+    /// The cap on lower levels' batches: set by the highest level that sent a request
+    /// within [`RECENT`].
+    fn lower_level_cap(&self, now: Instant) -> Option<LowerLevelCap> {
+        let index = self
+            .arrivals
+            .iter()
+            .position(|at| at.is_some_and(|at| now.saturating_duration_since(at) < RECENT))?;
+        Some(LowerLevelCap {
+            level: index as u32 + 1,
+            samples: LOWER_LEVEL_BATCH,
+        })
     }
 
     fn on_event(&mut self, event: Event) {

@@ -67,7 +67,7 @@ mod test_support {
 }
 
 pub use estimate::predicted_wait;
-pub use plan::{plan, Pending, Plan};
+pub use plan::{plan, plan_capped, LowerLevelCap, Pending, Plan};
 pub use scaling::Scaling;
 
 use actor::Actor;
@@ -148,6 +148,7 @@ impl Batcher {
             estimate: estimate.clone(),
             pool,
             cold_since: None,
+            arrivals: Vec::new(),
         };
         tokio::spawn(actor.run());
         Batcher {

@@ -44,10 +44,32 @@ pub struct Plan {
     pub ready_at: Option<Instant>,
 }
 
+/// While requests of priority `level` or higher keep arriving, a batch of a lower level
+/// takes at most `samples`: it holds an instance that such a request may need next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LowerLevelCap {
+    pub level: u32,
+    pub samples: usize,
+}
+
 /// Decide the next batch. `None` when the queue is empty.
-// Kept whole: the batching rules in the order they apply (shape, level, size, preferred size, delay).
 pub fn plan<P: Pending>(policy: &BatchPolicy, queue: &[P], now: Instant) -> Option<Plan> {
+    plan_capped(policy, queue, now, None)
+}
+
+/// [`plan`], with lower-level batches held to `cap` where it applies to the head's level.
+// Kept whole: the batching rules in the order they apply (shape, level, size, preferred size, delay).
+pub fn plan_capped<P: Pending>(
+    policy: &BatchPolicy,
+    queue: &[P],
+    now: Instant,
+    cap: Option<LowerLevelCap>,
+) -> Option<Plan> {
     let head = queue.first()?;
+    let max = match cap {
+        Some(cap) if head.priority() > cap.level => cap.samples.clamp(1, policy.max_batch_size),
+        _ => policy.max_batch_size,
+    };
     if !policy.combine {
         return Some(Plan {
             take: vec![0],
@@ -63,15 +85,17 @@ pub fn plan<P: Pending>(policy: &BatchPolicy, queue: &[P], now: Instant) -> Opti
     let mut take = Vec::new();
     let mut samples = 0;
     for (i, p) in queue.iter().enumerate() {
+        // The head always goes (a request is never split, and its own size is within
+        // max_batch_size); the rest only as they fit.
         if p.key() != head.key()
             || p.priority() != head.priority()
-            || samples + p.samples() > policy.max_batch_size
+            || (i > 0 && samples + p.samples() > max)
         {
             continue;
         }
         take.push(i);
         samples += p.samples();
-        if samples == policy.max_batch_size {
+        if samples >= max {
             return Some(Plan {
                 take,
                 samples,
@@ -119,11 +143,15 @@ mod tests {
         samples: usize,
         key: BatchKey,
         arrival: Instant,
+        priority: u32,
     }
 
     impl Pending for P {
         fn samples(&self) -> usize {
             self.samples
+        }
+        fn priority(&self) -> u32 {
+            self.priority
         }
         fn key(&self) -> &BatchKey {
             &self.key
@@ -140,8 +168,62 @@ mod tests {
                 samples,
                 key: key(dims),
                 arrival: t0 + Duration::from_millis(at_ms),
+                priority: 1,
             })
             .collect()
+    }
+
+    fn at_level(mut q: Vec<P>, level: u32) -> Vec<P> {
+        q.iter_mut().for_each(|p| p.priority = level);
+        q
+    }
+
+    const CAP: Option<LowerLevelCap> = Some(LowerLevelCap {
+        level: 1,
+        samples: 4,
+    });
+
+    #[test]
+    fn while_a_higher_level_is_active_a_lower_levels_batch_is_capped() {
+        let t0 = Instant::now();
+        let q = at_level(queue(t0, &[(1, &[4][..], 0); 10]), 2);
+        // Without the cap: all ten (under max_batch_size 32), after the delay.
+        let p = plan_capped(&policy(32, &[], 5), &q, t0, None).unwrap();
+        assert_eq!((p.take.len(), p.ready), (10, false));
+        // With it: four, at once, as a full batch would go.
+        let p = plan_capped(&policy(32, &[], 5), &q, t0, CAP).unwrap();
+        assert_eq!(p.take, vec![0, 1, 2, 3]);
+        assert_eq!((p.samples, p.ready), (4, true));
+        // Level 1 itself, or a level at or above the cap's, is not held to it.
+        let q = queue(t0, &[(1, &[4][..], 0); 10]);
+        let p = plan_capped(&policy(32, &[], 5), &q, t0, CAP).unwrap();
+        assert_eq!(p.take.len(), 10);
+        let q = at_level(queue(t0, &[(1, &[4][..], 0); 10]), 2);
+        let cap = Some(LowerLevelCap {
+            level: 2,
+            samples: 4,
+        });
+        assert_eq!(
+            plan_capped(&policy(32, &[], 5), &q, t0, cap)
+                .unwrap()
+                .take
+                .len(),
+            10
+        );
+    }
+
+    #[test]
+    fn a_lower_level_request_larger_than_the_cap_goes_alone() {
+        let t0 = Instant::now();
+        let q = at_level(queue(t0, &[(6, &[4], 0), (1, &[4], 0), (2, &[4], 1)]), 2);
+        let p = plan_capped(&policy(32, &[], 5), &q, t0, CAP).unwrap();
+        assert_eq!(p.take, vec![0]);
+        assert_eq!((p.samples, p.ready), (6, true));
+        // Smaller ones fill up to the cap and no further.
+        let q = at_level(queue(t0, &[(1, &[4], 0), (2, &[4], 0), (2, &[4], 1)]), 2);
+        let p = plan_capped(&policy(32, &[], 5), &q, t0, CAP).unwrap();
+        assert_eq!(p.take, vec![0, 1]);
+        assert_eq!((p.samples, p.ready), (3, false));
     }
 
     #[test]

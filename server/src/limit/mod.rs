@@ -485,8 +485,10 @@ impl AdaptiveLimit {
         tracing::debug!(
             limit = s.limit,
             peak,
-            offered = s.offered,
-            finished = s.finished,
+            top_peak = s.window_top_peak,
+            overloaded,
+            top_keeps_up,
+            standing,
             d_mean_ms = d_mean.as_secs_f64() * 1e3,
             target_ms = target.as_secs_f64() * 1e3,
             "concurrency limit window"

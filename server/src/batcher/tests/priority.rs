@@ -117,6 +117,51 @@ async fn a_batch_carries_one_priority_level() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn while_a_higher_level_is_active_a_lower_level_runs_in_small_batches() {
+    let h = harness("dynamic_batching { }", 16).await;
+    // Level 1 keeps an instance busy while six single-sample level-2 requests queue.
+    let (busy, rbusy) = at_priority(request(1, 2, None), 1);
+    h.batcher.submit(busy).unwrap();
+    assert_eq!(forwards(&h, 1).await, vec![1]);
+    let submit_low = |n: usize| {
+        (0..n)
+            .map(|_| {
+                let (q, r) = at_priority(request(1, 2, None), 2);
+                h.batcher.submit(q).unwrap();
+                r
+            })
+            .collect::<Vec<_>>()
+    };
+    let low = submit_low(6);
+    settle().await;
+    for _ in 0..3 {
+        h.permits.send(()).unwrap();
+    }
+    rbusy.await.unwrap().unwrap();
+    for r in low {
+        r.await.unwrap().unwrap();
+    }
+    // Batches of at most LOWER_LEVEL_BATCH (4), not one of six.
+    assert_eq!(*h.seen.lock().unwrap(), vec![1, 4, 2]);
+
+    // Once level 1 has been quiet for a while, level 2 gets whole batches again.
+    tokio::time::advance(Duration::from_secs(2)).await;
+    let (busy, rbusy) = at_priority(request(1, 2, None), 2);
+    h.batcher.submit(busy).unwrap();
+    assert_eq!(forwards(&h, 4).await, vec![1, 4, 2, 1]);
+    let low = submit_low(6);
+    settle().await;
+    for _ in 0..2 {
+        h.permits.send(()).unwrap();
+    }
+    rbusy.await.unwrap().unwrap();
+    for r in low {
+        r.await.unwrap().unwrap();
+    }
+    assert_eq!(*h.seen.lock().unwrap(), vec![1, 4, 2, 1, 6]);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_deadline_nearer_than_the_measured_wait_is_refused_at_submit() {
     let h = harness("dynamic_batching { }", 16).await;
     // Before any execution nothing is predicted: a near deadline is not refused.
