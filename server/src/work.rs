@@ -75,6 +75,23 @@ impl ComputeEstimate {
         };
         Some(Duration::from_nanos(ns.max(1.0) as u64))
     }
+
+    /// The largest batch whose estimated execution takes at most `budget` (at least 1),
+    /// found by bisection on the estimate, which grows with the batch. `None` before any
+    /// execution.
+    pub fn most_within(&self, budget: Duration) -> Option<usize> {
+        self.estimate(1)?;
+        let (mut fits, mut over) = (1, self.by_size.len());
+        while over - fits > 1 {
+            let mid = fits + (over - fits) / 2;
+            if self.estimate(mid).is_some_and(|t| t <= budget) {
+                fits = mid;
+            } else {
+                over = mid;
+            }
+        }
+        Some(fits)
+    }
 }
 
 #[cfg(test)]
@@ -82,6 +99,23 @@ mod tests {
     use super::*;
 
     const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn the_largest_batch_within_a_budget() {
+        let e = ComputeEstimate::new(32);
+        assert_eq!(e.most_within(MS * 10), None, "nothing measured yet");
+        // Per-sample cost (a compute-bound model): four samples in 4 ms.
+        e.record(1, MS);
+        e.record(32, MS * 32);
+        assert_eq!(e.most_within(MS * 4), Some(4));
+        // Mostly fixed cost (a small model): 32 samples cost twice one.
+        let e = ComputeEstimate::new(32);
+        e.record(1, MS);
+        e.record(32, MS * 2);
+        assert_eq!(e.most_within(MS * 4), Some(32));
+        // A budget below one execution still allows one sample.
+        assert_eq!(e.most_within(MS / 2), Some(1));
+    }
 
     #[test]
     fn the_estimate_is_the_measured_size_or_derived_from_the_nearest() {

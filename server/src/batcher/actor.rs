@@ -34,14 +34,8 @@ pub(super) struct Actor {
 }
 
 /// How recently a higher level must have sent a request for lower levels' batches to be
-/// held to [`LOWER_LEVEL_BATCH`].
+/// held short (see [`Actor::lower_level_cap`]).
 const RECENT: Duration = Duration::from_secs(1);
-/// The most samples in a lower level's batch while a higher level is active: the queueing
-/// the concurrency limit allows ([`TARGET_EXECUTIONS`] single-sample executions), so a
-/// higher-level request that arrives as the batch starts waits no longer than that for
-/// the instance. Full batches of a lower level would hold the instance for up to
-/// `max_batch_size` executions (on `cnn`, 32 of them: over 100 ms on a small machine).
-pub(super) const LOWER_LEVEL_BATCH: usize = TARGET_EXECUTIONS as usize;
 
 impl Actor {
     // Kept whole: the actor's loop; one iteration (dispatch, scale, sleep until the next event) reads top to bottom.
@@ -121,17 +115,29 @@ impl Actor {
         self.arrivals[index] = Some(now);
     }
 
-    /// The cap on lower levels' batches: set by the highest level that sent a request
-    /// within [`RECENT`].
+    /// The cap on lower levels' batches, set by the highest level that sent a request
+    /// within [`RECENT`] and applied when the head of the queue is of a lower level: the
+    /// largest batch whose measured execution takes no longer than the queueing the
+    /// concurrency limit allows ([`TARGET_EXECUTIONS`] single-sample executions), so a
+    /// higher-level request that arrives as it starts waits no longer than that for the
+    /// instance. A full batch of a lower level would hold it for up to `max_batch_size`
+    /// executions on a compute-bound model (on `cnn`, 32 of them: over 100 ms on a small
+    /// machine); on a model whose cost is mostly fixed the cap allows large batches.
     fn lower_level_cap(&self, now: Instant) -> Option<LowerLevelCap> {
         let index = self
             .arrivals
             .iter()
             .position(|at| at.is_some_and(|at| now.saturating_duration_since(at) < RECENT))?;
-        Some(LowerLevelCap {
-            level: index as u32 + 1,
-            samples: LOWER_LEVEL_BATCH,
-        })
+        let level = index as u32 + 1;
+        if self.queue.iter().next()?.priority <= level {
+            return None;
+        }
+        let samples = self
+            .estimate
+            .estimate(1)
+            .and_then(|one| self.estimate.most_within(one * TARGET_EXECUTIONS))
+            .unwrap_or(TARGET_EXECUTIONS as usize);
+        Some(LowerLevelCap { level, samples })
     }
 
     fn on_event(&mut self, event: Event) {

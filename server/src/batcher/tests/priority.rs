@@ -141,7 +141,8 @@ async fn while_a_higher_level_is_active_a_lower_level_runs_in_small_batches() {
     for r in low {
         r.await.unwrap().unwrap();
     }
-    // Batches of at most LOWER_LEVEL_BATCH (4), not one of six.
+    // Batches that run within four single-sample executions (four samples, the fake
+    // model's cost being per sample as far as the estimate knows), not one of six.
     assert_eq!(*h.seen.lock().unwrap(), vec![1, 4, 2]);
 
     // Once level 1 has been quiet for a while, level 2 gets whole batches again.
