@@ -30,12 +30,14 @@ Prints Markdown; plots go to `--plots` (default docs/admission). Needs `make bui
 
 import argparse
 import json
+import re
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
+import urllib.request
 from pathlib import Path
 
 from sluice_serve import BIN, start_server, triton_style_repo
@@ -314,8 +316,6 @@ def priority_part(args, ports, work, probe):
 def refusal_reasons(metrics_port, model):
     """`sluice_rejected_requests_total` of `model` by (priority, reason), from the server's
     metrics port."""
-    import re
-    import urllib.request
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
         text = r.read().decode()
     out = {}

@@ -94,7 +94,7 @@ impl Actor {
                 biased;
                 received = self.rx.recv(), if open => match received {
                     Some(q) => {
-                        self.arrived(q.priority, Instant::now());
+                        self.arrived(q.priority, q.arrival);
                         self.queue.push(q);
                     }
                     None => open = false,
@@ -106,13 +106,13 @@ impl Actor {
         // Dropping the pool lets the instances finish and stop, joined off the runtime.
     }
 
-    fn arrived(&mut self, level: u32, now: Instant) {
+    fn arrived(&mut self, level: u32, at: Instant) {
         let index = level.max(1) as usize - 1;
         // The level is within the model's priority_levels (bounded when it loads).
         if self.arrivals.len() <= index {
             self.arrivals.resize(index + 1, None);
         }
-        self.arrivals[index] = Some(now);
+        self.arrivals[index] = Some(at);
     }
 
     /// The cap on lower levels' batches, set by the highest level that sent a request
