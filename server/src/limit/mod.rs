@@ -92,7 +92,12 @@
 //! admitted as long as its own and the higher levels stay within its share; its permit
 //! then [preempts](Permit::preempts): the batcher sheds the newest queued request of a
 //! lower level to make room. So the highest level can always use the whole limit, and a
-//! lower level's traffic never takes capacity from a higher one.
+//! lower level's traffic never takes capacity from a higher one. Level 1 may displace
+//! lower levels even beyond the whole limit (up to `max` of its own) while it alone is
+//! served at the rate it asks (`top_keeps_up` of the last window): a limit sized by the
+//! windows before would otherwise refuse its Poisson bursts while lower levels hold
+//! room it could take, and the overload that made the limit small is theirs. Once
+//! level 1 alone asks more than is finished, the limit binds it like any level.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -359,7 +364,7 @@ impl AdaptiveLimit {
                 index,
                 preempts: false,
             }
-        } else if own < allowed && in_flight > own {
+        } else if in_flight > own && (own < allowed || self.top_displaces(s, index)) {
             Decision::Admit {
                 index,
                 preempts: true,
@@ -367,6 +372,14 @@ impl AdaptiveLimit {
         } else {
             Decision::Refuse { index }
         }
+    }
+
+    /// Whether a request of level `index` (from 0), over its share, may still displace
+    /// lower levels: level 1 while it alone is served at the rate it asks, up to the
+    /// configured maximum. Its bursts are then no overload of its own, and what the
+    /// limit holds back is the lower levels' work, which makes the room.
+    fn top_displaces(&self, s: &State, index: usize) -> bool {
+        index == 0 && s.top_keeps_up && s.by_level.first().copied().unwrap_or(0) < self.config.max
     }
 
     /// The queue delay target now in force.
@@ -456,6 +469,7 @@ impl AdaptiveLimit {
             overloaded,
             top_keeps_up,
         } = s.load(start, now);
+        s.top_keeps_up = top_keeps_up;
         let top_held_back = s.window_top_refused && top_keeps_up;
         let standing = overloaded
             && backlog

@@ -42,6 +42,9 @@ pub(super) struct State {
     pub(super) window_top_served: u32,
     /// and whether a level-1 request was refused in the window.
     pub(super) window_top_refused: bool,
+    /// Level 1 alone was served at the rate it asked, as last judged (at the end of the
+    /// last window; true before the first).
+    pub(super) top_keeps_up: bool,
     /// Offered and finished requests, summed over windows with weights decaying over
     /// [`LOAD_TAU`].
     pub(super) offered: f64,
@@ -74,6 +77,7 @@ impl State {
             window_top_offered: 0,
             window_top_served: 0,
             window_top_refused: false,
+            top_keeps_up: true,
             offered: 0.0,
             finished: 0.0,
             top_offered: 0.0,

@@ -457,3 +457,54 @@ fn a_lower_levels_flood_does_not_shrink_the_limit_under_what_level_1_uses() {
     // The overload shrank the limit, but not below level 1's peak with 1/u headroom.
     assert_eq!(limit.limit(), 25);
 }
+
+#[test]
+fn level_1_displaces_lower_levels_beyond_the_limit_while_it_keeps_up() {
+    let limit = adaptive(1, 100, 5);
+    let mut now = Instant::now();
+    // A level-2 flood, refused and expiring, shrinks the limit; level 1 (two requests a
+    // window, all served) keeps up.
+    limit.on_finished(1, MS, None, now, true);
+    for _ in 0..8 {
+        let top: Vec<_> = (0..2).map(|_| limit.try_acquire(1, 2).unwrap()).collect();
+        let low: Vec<_> = std::iter::from_fn(|| limit.try_acquire(2, 2)).collect();
+        for _ in 0..40 {
+            drop(limit.try_acquire(2, 2));
+        }
+        drop((top, low));
+        limit.on_finished(1, MS, None, now, true);
+        for _ in 0..40 {
+            limit.on_finished(2, MS * 50, None, now, false);
+        }
+        now += WINDOW;
+        limit.on_finished(1, MS, None, now, true);
+    }
+    let small = limit.limit();
+    assert!(small < 10, "{small}");
+    // Level 2 holds its share; a burst of level 1 three times the limit is admitted,
+    // every request displacing lower-level work, while no lower level would be.
+    let low: Vec<_> = std::iter::from_fn(|| limit.try_acquire(2, 2)).collect();
+    assert!(!low.is_empty());
+    let burst: Vec<_> = (0..3 * small)
+        .map(|i| {
+            let full = limit.in_flight() >= small;
+            let permit = limit
+                .try_acquire(1, 2)
+                .unwrap_or_else(|| panic!("level 1's request {i} refused at limit {small}"));
+            assert_eq!(permit.preempts(), full, "request {i}: over the limit, it displaces");
+            permit
+        })
+        .collect();
+    assert!(limit.try_acquire(2, 2).is_none());
+    // Level 1 alone now asks far more than is finished: the limit binds it again.
+    for _ in 0..4 {
+        for _ in 0..100 {
+            drop(limit.try_acquire(1, 2));
+        }
+        now += WINDOW;
+        limit.on_finished(1, MS * 50, None, now, false);
+    }
+    assert!(!limit.lock().top_keeps_up);
+    assert!(limit.try_acquire(1, 2).is_none(), "level 1's own overload is refused");
+    drop((burst, low));
+}
