@@ -39,8 +39,11 @@
 //! level-1 requests in flight during the window, while level 1 alone is served at the
 //! rate it asks (else `F = 0`): lower levels' overload shrinks the room they may take,
 //! not the room level 1 used, and the `1 / u` headroom takes its next burst without
-//! a refusal. With one level, level 1 is all the traffic and `F` never applies (a
-//! decrease needs the model overloaded).
+//! a refusal; and a window in which level 1 went past the limit (by displacing lower
+//! levels, see Priorities below) lifts the limit to at least `F`, so that the limit
+//! level 1 meets if it stops keeping up is what it used. With one level, level 1 is
+//! all the traffic and `F` never applies (a decrease needs the model overloaded, and
+//! one level never goes past the limit).
 //!
 //! The queue is `standing` when `d > 2 * target`, or `d > target` in this window
 //! and the one before (the persistence test of CoDel, Nichols & Jacobson, 2012: a
@@ -333,6 +336,8 @@ impl AdaptiveLimit {
                 s.window_peak = s.window_peak.max(in_flight + 1);
                 if index == 0 {
                     s.window_top_peak = s.window_top_peak.max(s.by_level[0]);
+                    // Past the whole limit: only by displacing lower levels.
+                    s.window_top_over |= s.by_level[0] as f64 > s.limit.floor();
                 }
                 Some(Permit {
                     limit: self.clone(),
@@ -471,6 +476,15 @@ impl AdaptiveLimit {
         } = s.load(start, now);
         s.top_keeps_up = top_keeps_up;
         let top_held_back = s.window_top_refused && top_keeps_up;
+        // While level 1 is served at the rate it asks, the overload is the lower
+        // levels': the limit need not shrink below what level 1 itself used, with room
+        // for its bursts (its share is the whole limit, so whatever lower levels hold
+        // above that is preempted for it).
+        let top_floor = if top_keeps_up {
+            (s.window_top_peak as f64 / UTILIZATION).min(max)
+        } else {
+            0.0
+        };
         let standing = overloaded
             && backlog
             && over
@@ -479,15 +493,6 @@ impl AdaptiveLimit {
             s.limit = (s.limit * GROWTH).min(max);
         } else if standing && peak > min {
             let factor = (target.as_secs_f64() / d_mean.as_secs_f64()).max(BETA);
-            // While level 1 is served at the rate it asks, the overload is the lower
-            // levels': the limit need not shrink below what level 1 itself used, with
-            // room for its bursts (its share is the whole limit, so whatever lower
-            // levels hold above that is preempted for it).
-            let top_floor = if top_keeps_up {
-                s.window_top_peak as f64 / UTILIZATION
-            } else {
-                0.0
-            };
             s.limit = (s.limit.min(peak) * factor).max(top_floor).max(min);
         } else if !overloaded && s.window_refused {
             // Refused while the model kept up with what it was offered: the limit is
@@ -495,6 +500,12 @@ impl AdaptiveLimit {
             s.limit = (s.limit * GROWTH).min(max);
         } else if (!over || !overloaded) && peak >= UTILIZATION * s.limit.floor() {
             s.limit = (s.limit + s.limit.sqrt().max(1.0)).min(max);
+        }
+        if s.window_top_over {
+            // Level 1 went past the limit by displacing lower levels: the limit it
+            // will be held to if it stops keeping up is what it used, not what the
+            // lower levels' flood left.
+            s.limit = s.limit.max(top_floor);
         }
         tracing::debug!(
             limit = s.limit,

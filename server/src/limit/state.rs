@@ -40,8 +40,10 @@ pub(super) struct State {
     /// The same two for priority level 1 alone,
     pub(super) window_top_offered: u32,
     pub(super) window_top_served: u32,
-    /// and whether a level-1 request was refused in the window.
+    /// and whether a level-1 request was refused in the window,
     pub(super) window_top_refused: bool,
+    /// or admitted past the whole limit (displacing lower levels).
+    pub(super) window_top_over: bool,
     /// Level 1 alone was served at the rate it asked, as last judged (at the end of the
     /// last window; true before the first).
     pub(super) top_keeps_up: bool,
@@ -77,6 +79,7 @@ impl State {
             window_top_offered: 0,
             window_top_served: 0,
             window_top_refused: false,
+            window_top_over: false,
             top_keeps_up: true,
             offered: 0.0,
             finished: 0.0,
@@ -122,6 +125,7 @@ impl State {
         self.window_top_offered = 0;
         self.window_top_served = 0;
         self.window_top_refused = false;
+        self.window_top_over = false;
         self.window_start_in_flight = (
             self.in_flight(),
             self.by_level.first().copied().unwrap_or(0),

@@ -496,6 +496,12 @@ fn level_1_displaces_lower_levels_beyond_the_limit_while_it_keeps_up() {
         })
         .collect();
     assert!(limit.try_acquire(2, 2).is_none());
+    // The window closes with level 1 still keeping up: the limit it would be held to
+    // if it stopped is what it used, with the 1/u headroom.
+    now += WINDOW;
+    limit.on_finished(1, MS, None, now, true);
+    let lifted = limit.limit();
+    assert_eq!(lifted, (3 * small) * 5 / 4, "lifted from {small}");
     // Level 1 alone now asks far more than is finished: the limit binds it again.
     for _ in 0..4 {
         for _ in 0..100 {
@@ -505,6 +511,7 @@ fn level_1_displaces_lower_levels_beyond_the_limit_while_it_keeps_up() {
         limit.on_finished(1, MS * 50, None, now, false);
     }
     assert!(!limit.lock().top_keeps_up);
+    assert!(limit.limit() <= lifted, "{}", limit.limit());
     assert!(limit.try_acquire(1, 2).is_none(), "level 1's own overload is refused");
     drop((burst, low));
 }
