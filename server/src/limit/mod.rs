@@ -452,14 +452,13 @@ impl AdaptiveLimit {
         Some(s.limit as usize)
     }
 
-    /// Judge the window that ends at `now` (see the module's formula), then open the next.
-    fn close_window(&self, s: &mut State, start: Instant, now: Instant, target: Duration) {
-        let d_mean = s.window_sum / s.window_count.max(1);
-        let (min, max) = (self.config.min as f64, self.config.max as f64);
-        let peak = s.window_peak as f64;
-        // A window over the target is a standing queue when the ones before it were
-        // over too, or when it is far over: a single burst (Poisson arrivals at 80% load
-        // make them) shrinks nothing. Without refusals it takes more to convince.
+    /// Whether the window's mean wait `d_mean` makes a standing queue (counting the
+    /// window into the streak of windows over `target`). A window over the target is a
+    /// standing queue when the ones before it were over too, or when it is far over: a
+    /// single burst (Poisson arrivals at 80% load make them) shrinks nothing. Without
+    /// refusals it takes more to convince, and a queue that one round of full batches
+    /// clears is not a backlog, however long it took to form.
+    fn queue_stands(&self, s: &mut State, d_mean: Duration, target: Duration) -> bool {
         let over = d_mean > target;
         s.over_streak = if over { s.over_streak + 1 } else { 0 };
         let (persistence, clear) = if s.window_refused {
@@ -467,13 +466,21 @@ impl AdaptiveLimit {
         } else {
             (PERSISTENCE_UNREFUSED, CLEAR_OVERSHOOT_UNREFUSED)
         };
-        // Without refusals, a queue that one round of full batches clears is not a
-        // backlog, however long it took to form.
         let backlog = s.window_refused || s.window_peak > self.model.round;
+        backlog && over && (s.over_streak >= persistence || d_mean > target * clear)
+    }
+
+    /// Judge the window that ends at `now` (see the module's formula), then open the next.
+    fn close_window(&self, s: &mut State, start: Instant, now: Instant, target: Duration) {
+        let d_mean = s.window_sum / s.window_count.max(1);
+        let (min, max) = (self.config.min as f64, self.config.max as f64);
+        let peak = s.window_peak as f64;
+        let over = d_mean > target;
         let Load {
             overloaded,
             top_keeps_up,
         } = s.load(start, now);
+        let standing = overloaded && self.queue_stands(s, d_mean, target);
         s.top_keeps_up = top_keeps_up;
         let top_held_back = s.window_top_refused && top_keeps_up;
         // While level 1 is served at the rate it asks, the overload is the lower
@@ -485,10 +492,6 @@ impl AdaptiveLimit {
         } else {
             0.0
         };
-        let standing = overloaded
-            && backlog
-            && over
-            && (s.over_streak >= persistence || d_mean > target * clear);
         if top_held_back {
             s.limit = (s.limit * GROWTH).min(max);
         } else if standing && peak > min {

@@ -462,25 +462,7 @@ fn a_lower_levels_flood_does_not_shrink_the_limit_under_what_level_1_uses() {
 fn level_1_displaces_lower_levels_beyond_the_limit_while_it_keeps_up() {
     let limit = adaptive(1, 100, 5);
     let mut now = Instant::now();
-    // A level-2 flood, refused and expiring, shrinks the limit; level 1 (two requests a
-    // window, all served) keeps up.
-    limit.on_finished(1, MS, None, now, true);
-    for _ in 0..8 {
-        let top: Vec<_> = (0..2).map(|_| limit.try_acquire(1, 2).unwrap()).collect();
-        let low: Vec<_> = std::iter::from_fn(|| limit.try_acquire(2, 2)).collect();
-        for _ in 0..40 {
-            drop(limit.try_acquire(2, 2));
-        }
-        drop((top, low));
-        limit.on_finished(1, MS, None, now, true);
-        for _ in 0..40 {
-            limit.on_finished(2, MS * 50, None, now, false);
-        }
-        now += WINDOW;
-        limit.on_finished(1, MS, None, now, true);
-    }
-    let small = limit.limit();
-    assert!(small < 10, "{small}");
+    let small = shrunk_by_a_level_2_flood(&limit, &mut now);
     // Level 2 holds its share; a burst of level 1 three times the limit is admitted,
     // every request displacing lower-level work, while no lower level would be.
     let low: Vec<_> = std::iter::from_fn(|| limit.try_acquire(2, 2)).collect();
@@ -491,7 +473,11 @@ fn level_1_displaces_lower_levels_beyond_the_limit_while_it_keeps_up() {
             let permit = limit
                 .try_acquire(1, 2)
                 .unwrap_or_else(|| panic!("level 1's request {i} refused at limit {small}"));
-            assert_eq!(permit.preempts(), full, "request {i}: over the limit, it displaces");
+            assert_eq!(
+                permit.preempts(),
+                full,
+                "request {i}: over the limit, it displaces"
+            );
             permit
         })
         .collect();
@@ -512,6 +498,32 @@ fn level_1_displaces_lower_levels_beyond_the_limit_while_it_keeps_up() {
     }
     assert!(!limit.lock().top_keeps_up);
     assert!(limit.limit() <= lifted, "{}", limit.limit());
-    assert!(limit.try_acquire(1, 2).is_none(), "level 1's own overload is refused");
+    assert!(
+        limit.try_acquire(1, 2).is_none(),
+        "level 1's own overload is refused"
+    );
     drop((burst, low));
+}
+
+/// A level-2 flood, refused and expiring, shrinks the limit while level 1 (two requests
+/// a window, all served) keeps up; returns the limit it leaves.
+fn shrunk_by_a_level_2_flood(limit: &Arc<AdaptiveLimit>, now: &mut Instant) -> usize {
+    limit.on_finished(1, MS, None, *now, true);
+    for _ in 0..8 {
+        let top: Vec<_> = (0..2).map(|_| limit.try_acquire(1, 2).unwrap()).collect();
+        let low: Vec<_> = std::iter::from_fn(|| limit.try_acquire(2, 2)).collect();
+        for _ in 0..40 {
+            drop(limit.try_acquire(2, 2));
+        }
+        drop((top, low));
+        limit.on_finished(1, MS, None, *now, true);
+        for _ in 0..40 {
+            limit.on_finished(2, MS * 50, None, *now, false);
+        }
+        *now += WINDOW;
+        limit.on_finished(1, MS, None, *now, true);
+    }
+    let small = limit.limit();
+    assert!(small < 10, "{small}");
+    small
 }
