@@ -476,11 +476,13 @@ impl AdaptiveLimit {
         let (min, max) = (self.config.min as f64, self.config.max as f64);
         let peak = s.window_peak as f64;
         let over = d_mean > target;
+        // Judged every window: it counts the window into the streak.
+        let stands = self.queue_stands(s, d_mean, target);
         let Load {
             overloaded,
             top_keeps_up,
         } = s.load(start, now);
-        let standing = overloaded && self.queue_stands(s, d_mean, target);
+        let standing = overloaded && stands;
         s.top_keeps_up = top_keeps_up;
         let top_held_back = s.window_top_refused && top_keeps_up;
         // While level 1 is served at the rate it asks, the overload is the lower
