@@ -527,3 +527,28 @@ fn shrunk_by_a_level_2_flood(limit: &Arc<AdaptiveLimit>, now: &mut Instant) -> u
     assert!(small < 10, "{small}");
     small
 }
+
+#[test]
+fn a_queue_over_the_target_before_the_overload_counts_toward_persistence() {
+    let limit = adaptive(1, 16, 5);
+    let mut now = Instant::now();
+    limit.on_sample(MS * 8, None, now);
+    // Two windows 1.6x over the target, every slot in use, all of it served: no
+    // overload, nothing shrinks, but the queue has stood for two windows.
+    for _ in 0..2 {
+        drop(std::iter::from_fn(|| limit.try_acquire(1, 1)).collect::<Vec<_>>());
+        for _ in 0..limit.limit() {
+            limit.on_sample(MS * 8, None, now + WINDOW / 2);
+        }
+        now += WINDOW;
+        limit.on_sample(MS * 8, None, now);
+    }
+    assert_eq!(limit.limit(), 16);
+    // The first overloaded window with the same wait shrinks at once (x 5/8).
+    let held: Vec<_> = std::iter::from_fn(|| limit.try_acquire(1, 1)).collect();
+    unserved(&limit, 200);
+    drop(held);
+    now += WINDOW;
+    limit.on_sample(MS * 8, None, now);
+    assert_eq!(limit.limit(), 10);
+}
