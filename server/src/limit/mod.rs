@@ -369,7 +369,7 @@ impl AdaptiveLimit {
                 index,
                 preempts: false,
             }
-        } else if in_flight > own && (own < allowed || self.top_displaces(s, index)) {
+        } else if in_flight > own && (own < allowed || self.top_displaces(s, index, own)) {
             Decision::Admit {
                 index,
                 preempts: true,
@@ -379,12 +379,13 @@ impl AdaptiveLimit {
         }
     }
 
-    /// Whether a request of level `index` (from 0), over its share, may still displace
-    /// lower levels: level 1 while it alone is served at the rate it asks, up to the
-    /// configured maximum. Its bursts are then no overload of its own, and what the
-    /// limit holds back is the lower levels' work, which makes the room.
-    fn top_displaces(&self, s: &State, index: usize) -> bool {
-        index == 0 && s.top_keeps_up && s.by_level.first().copied().unwrap_or(0) < self.config.max
+    /// Whether a request of level `index` (from 0), over its share with `own` of its
+    /// level and the higher ones in flight, may still displace lower levels: level 1
+    /// while it alone is served at the rate it asks, up to the configured maximum. Its
+    /// bursts are then no overload of its own, and what the limit holds back is the
+    /// lower levels' work, which makes the room.
+    fn top_displaces(&self, s: &State, index: usize, own: usize) -> bool {
+        index == 0 && s.top_keeps_up && own < self.config.max
     }
 
     /// The queue delay target now in force.

@@ -41,6 +41,20 @@ fn windows(limit: &Arc<AdaptiveLimit>, now: &mut Instant, delay: Duration, n: us
     }
 }
 
+/// As [`windows`], but as many requests finish in each window as asked for a slot (the
+/// refused one included, the last of them closing the window): the model keeps up.
+fn served_windows(limit: &Arc<AdaptiveLimit>, now: &mut Instant, delay: Duration, n: usize) {
+    limit.on_sample(delay, None, *now);
+    for _ in 0..n {
+        drop(std::iter::from_fn(|| limit.try_acquire(1, 1)).collect::<Vec<_>>());
+        for _ in 0..limit.limit() {
+            limit.on_sample(delay, None, *now + WINDOW / 2);
+        }
+        *now += WINDOW;
+        limit.on_sample(delay, None, *now);
+    }
+}
+
 #[test]
 fn starts_at_max_and_admits_up_to_it() {
     let limit = adaptive(2, 4, 5);
@@ -324,19 +338,7 @@ fn long_waits_of_load_the_model_keeps_up_with_shrink_nothing() {
     // As many requests ask as finish (a closed loop, or arrivals below capacity),
     // every slot in use and refusing, with waits far over the target.
     let limit = adaptive(1, 16, 5);
-    let mut now = Instant::now();
-    limit.on_sample(MS * 50, None, now);
-    for _ in 0..20 {
-        let held: Vec<_> = std::iter::from_fn(|| limit.try_acquire(1, 1)).collect();
-        drop(held);
-        // One finished request for each that asked (the refused one included), the
-        // last of them closing the window.
-        for _ in 0..limit.limit() {
-            limit.on_sample(MS * 50, None, now + WINDOW / 2);
-        }
-        now += WINDOW;
-        limit.on_sample(MS * 50, None, now);
-    }
+    served_windows(&limit, &mut Instant::now(), MS * 50, 20);
     assert_eq!(limit.limit(), 16);
 }
 
@@ -532,17 +534,9 @@ fn shrunk_by_a_level_2_flood(limit: &Arc<AdaptiveLimit>, now: &mut Instant) -> u
 fn a_queue_over_the_target_before_the_overload_counts_toward_persistence() {
     let limit = adaptive(1, 16, 5);
     let mut now = Instant::now();
-    limit.on_sample(MS * 8, None, now);
     // Two windows 1.6x over the target, every slot in use, all of it served: no
     // overload, nothing shrinks, but the queue has stood for two windows.
-    for _ in 0..2 {
-        drop(std::iter::from_fn(|| limit.try_acquire(1, 1)).collect::<Vec<_>>());
-        for _ in 0..limit.limit() {
-            limit.on_sample(MS * 8, None, now + WINDOW / 2);
-        }
-        now += WINDOW;
-        limit.on_sample(MS * 8, None, now);
-    }
+    served_windows(&limit, &mut now, MS * 8, 2);
     assert_eq!(limit.limit(), 16);
     // The first overloaded window with the same wait shrinks at once (x 5/8).
     let held: Vec<_> = std::iter::from_fn(|| limit.try_acquire(1, 1)).collect();

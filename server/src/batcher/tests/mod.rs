@@ -171,6 +171,21 @@ async fn settle() {
     }
 }
 
+/// Let the instance run `n` executions, then wait for every one of `answers` to
+/// succeed, in order.
+async fn run_and_answer(
+    h: &Harness,
+    n: usize,
+    answers: impl IntoIterator<Item = oneshot::Receiver<Result<Done, Error>>>,
+) {
+    for _ in 0..n {
+        h.permits.send(()).unwrap();
+    }
+    for r in answers {
+        r.await.unwrap().unwrap();
+    }
+}
+
 /// Wait (in real time, bounded) until the instance has started `n` forwards.
 async fn forwards(h: &Harness, n: usize) -> Vec<i64> {
     for _ in 0..2000 {

@@ -17,12 +17,7 @@ async fn a_higher_priority_is_dispatched_first_and_each_level_in_arrival_order()
         h.batcher.submit(q).unwrap();
     }
     settle().await;
-    for _ in 0..4 {
-        h.permits.send(()).unwrap();
-    }
-    for r in [rbusy, rlow, rhigh_a, rhigh_b] {
-        r.await.unwrap().unwrap();
-    }
+    run_and_answer(&h, 4, [rbusy, rlow, rhigh_a, rhigh_b]).await;
     assert_eq!(
         *h.seen.lock().unwrap(),
         vec![1, 3, 4, 2],
@@ -59,12 +54,7 @@ async fn a_preempting_request_sheds_the_newest_lower_level_request_at_once() {
         other => panic!("the newest level-2 request should be shed, got {other:?}"),
     }
     assert_eq!(h.batcher.depth(), 3);
-    for _ in 0..4 {
-        h.permits.send(()).unwrap();
-    }
-    for r in [rbusy, rfirst, rhigh, rlow_old] {
-        r.await.unwrap().unwrap();
-    }
+    run_and_answer(&h, 4, [rbusy, rfirst, rhigh, rlow_old]).await;
     assert_eq!(*h.seen.lock().unwrap(), vec![1, 5, 4, 2]);
 }
 
@@ -134,13 +124,7 @@ async fn while_a_higher_level_is_active_a_lower_level_runs_in_small_batches() {
     };
     let low = submit_low(6);
     settle().await;
-    for _ in 0..3 {
-        h.permits.send(()).unwrap();
-    }
-    rbusy.await.unwrap().unwrap();
-    for r in low {
-        r.await.unwrap().unwrap();
-    }
+    run_and_answer(&h, 3, std::iter::once(rbusy).chain(low)).await;
     // Batches that run within four single-sample executions (four samples, the fake
     // model's cost being per sample as far as the estimate knows), not one of six.
     assert_eq!(*h.seen.lock().unwrap(), vec![1, 4, 2]);
@@ -152,13 +136,7 @@ async fn while_a_higher_level_is_active_a_lower_level_runs_in_small_batches() {
     assert_eq!(forwards(&h, 4).await, vec![1, 4, 2, 1]);
     let low = submit_low(6);
     settle().await;
-    for _ in 0..2 {
-        h.permits.send(()).unwrap();
-    }
-    rbusy.await.unwrap().unwrap();
-    for r in low {
-        r.await.unwrap().unwrap();
-    }
+    run_and_answer(&h, 2, std::iter::once(rbusy).chain(low)).await;
     assert_eq!(*h.seen.lock().unwrap(), vec![1, 4, 2, 1, 6]);
 }
 
