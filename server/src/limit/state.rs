@@ -22,6 +22,9 @@ pub(super) struct State {
     pub(super) window_start: Option<Instant>,
     pub(super) window_sum: Duration,
     pub(super) window_count: u32,
+    /// The same two for the requests of priority level 1 alone.
+    pub(super) window_top_sum: Duration,
+    pub(super) window_top_count: u32,
     pub(super) window_peak: usize,
     /// The most level-1 requests in flight during the window.
     pub(super) window_top_peak: usize,
@@ -68,6 +71,8 @@ impl State {
             window_start: None,
             window_sum: Duration::ZERO,
             window_count: 0,
+            window_top_sum: Duration::ZERO,
+            window_top_count: 0,
             window_peak: 0,
             window_top_peak: 0,
             unit: None,
@@ -119,6 +124,8 @@ impl State {
         self.window_start = Some(now);
         self.window_sum = Duration::ZERO;
         self.window_count = 0;
+        self.window_top_sum = Duration::ZERO;
+        self.window_top_count = 0;
         self.window_refused = false;
         self.window_offered = 0;
         self.window_served = 0;
