@@ -106,8 +106,7 @@
 //! is the lower levels'. That holds even when none of their work is in flight: a limit
 //! shrunk by their flood and then filled by a burst of level 1 alone (a window's peak of
 //! level 1 varies twofold at a steady rate) would refuse level 1 for an overload that is
-//! not its own. Once level 1 alone asks more than is finished, the limit binds it like
-//! any level.
+//! not its own. Once level 1 stops keeping up, the limit binds it like any level.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -393,7 +392,7 @@ impl AdaptiveLimit {
 
     /// Whether a request of level `index` (from 0) of `levels`, over its share with
     /// `own` of its level and the higher ones in flight, is still admitted: level 1 of a
-    /// model with lower levels, while it alone is served at the rate it asks, up to the
+    /// model with lower levels, while it keeps up (see the module's text), up to the
     /// configured maximum (displacing lower levels' queued work where they hold slots).
     /// Its bursts are then no overload of its own: the limit was sized by the lower
     /// levels' overload, and level 1 may need more room than their flood left it even
