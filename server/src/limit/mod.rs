@@ -31,11 +31,8 @@
 //! loop of many clients all make, therefore never shrinks the limit; and a limit that
 //! refused while the model kept up is in the way of serveable load and grows by
 //! `g = 1.5` at once (after an overload, the first bursts of normal traffic lift it
-//! back). Priority level 1 is judged the same way on its own, and more strictly: it keeps
-//! up while it alone is served at the rate it asks and its own requests' mean wait in the
-//! window is within `2 * target` (a queue of level 1 that far over the target is its own
-//! overload before the counts can show it, since what piles up in flight is not judged
-//! by them yet). Refused while it keeps up, the limit grows by `g` even though lower levels
+//! back). Priority level 1 is judged the same way on its own: refused while it alone is
+//! served at the rate it asks, the limit grows by `g` even though lower levels
 //! overload the model (preemption sheds their queued work to make the room), so a
 //! flood of low-priority traffic cannot hold level 1 under a limit sized for the
 //! flood. For the same reason a decrease stops at `F = peak_1 / u`, `peak_1` the most
@@ -98,15 +95,12 @@
 //! admitted as long as its own and the higher levels stay within its share; its permit
 //! then [preempts](Permit::preempts): the batcher sheds the newest queued request of a
 //! lower level to make room. So the highest level can always use the whole limit, and a
-//! lower level's traffic never takes capacity from a higher one. In a model with lower
-//! levels, level 1 is not held to the limit at all (only to `max` of its own, displacing
-//! lower levels' queued work where they hold slots) while it alone is served at the rate
-//! it asks (`top_keeps_up` of the last window): a limit sized by the windows before
-//! would otherwise refuse its Poisson bursts, and the overload that made the limit small
-//! is the lower levels'. That holds even when none of their work is in flight: a limit
-//! shrunk by their flood and then filled by a burst of level 1 alone (a window's peak of
-//! level 1 varies twofold at a steady rate) would refuse level 1 for an overload that is
-//! not its own. Once level 1 stops keeping up, the limit binds it like any level.
+//! lower level's traffic never takes capacity from a higher one. Level 1 may displace
+//! lower levels even beyond the whole limit (up to `max` of its own) while it alone is
+//! served at the rate it asks (`top_keeps_up` of the last window): a limit sized by the
+//! windows before would otherwise refuse its Poisson bursts while lower levels hold
+//! room it could take, and the overload that made the limit small is theirs. Once
+//! level 1 alone asks more than is finished, the limit binds it like any level.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -375,30 +369,23 @@ impl AdaptiveLimit {
                 index,
                 preempts: false,
             }
-        } else if in_flight > own && own < allowed {
+        } else if in_flight > own && (own < allowed || self.top_displaces(s, index, own)) {
             Decision::Admit {
                 index,
                 preempts: true,
-            }
-        } else if self.top_unbound(s, index, levels, own) {
-            Decision::Admit {
-                index,
-                preempts: in_flight > own,
             }
         } else {
             Decision::Refuse { index }
         }
     }
 
-    /// Whether a request of level `index` (from 0) of `levels`, over its share with
-    /// `own` of its level and the higher ones in flight, is still admitted: level 1 of a
-    /// model with lower levels, while it keeps up (see the module's text), up to the
-    /// configured maximum (displacing lower levels' queued work where they hold slots).
-    /// Its bursts are then no overload of its own: the limit was sized by the lower
-    /// levels' overload, and level 1 may need more room than their flood left it even
-    /// when none of their work is in flight to make way.
-    fn top_unbound(&self, s: &State, index: usize, levels: u32, own: usize) -> bool {
-        index == 0 && levels > 1 && s.top_keeps_up && own < self.config.max
+    /// Whether a request of level `index` (from 0), over its share with `own` of its
+    /// level and the higher ones in flight, may still displace lower levels: level 1
+    /// while it alone is served at the rate it asks, up to the configured maximum. Its
+    /// bursts are then no overload of its own, and what the limit holds back is the
+    /// lower levels' work, which makes the room.
+    fn top_displaces(&self, s: &State, index: usize, own: usize) -> bool {
+        index == 0 && s.top_keeps_up && own < self.config.max
     }
 
     /// The queue delay target now in force.
@@ -498,10 +485,6 @@ impl AdaptiveLimit {
             overloaded,
             top_keeps_up,
         } = s.load(start, now);
-        // Level 1's own queue far over the target is its own overload even while the
-        // counts do not show it yet (what piles up in flight is not judged by them).
-        let top_wait = s.window_top_sum / s.window_top_count.max(1);
-        let top_keeps_up = top_keeps_up && top_wait <= target * CLEAR_OVERSHOOT;
         let standing = overloaded && stands;
         s.top_keeps_up = top_keeps_up;
         let top_held_back = s.window_top_refused && top_keeps_up;
@@ -541,7 +524,7 @@ impl AdaptiveLimit {
             top_refused = s.window_top_refused,
             standing,
             d_mean_ms = d_mean.as_secs_f64() * 1e3,
-            top_wait_ms = top_wait.as_secs_f64() * 1e3,
+            top_wait_ms = (s.window_top_sum / s.window_top_count.max(1)).as_secs_f64() * 1e3,
             target_ms = target.as_secs_f64() * 1e3,
             "concurrency limit window"
         );

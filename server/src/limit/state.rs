@@ -22,7 +22,8 @@ pub(super) struct State {
     pub(super) window_start: Option<Instant>,
     pub(super) window_sum: Duration,
     pub(super) window_count: u32,
-    /// The same two for the requests of priority level 1 alone.
+    /// The same two for the requests of priority level 1 alone (its mean wait, shown in
+    /// the window log).
     pub(super) window_top_sum: Duration,
     pub(super) window_top_count: u32,
     pub(super) window_peak: usize,

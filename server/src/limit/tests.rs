@@ -507,43 +507,6 @@ fn level_1_displaces_lower_levels_beyond_the_limit_while_it_keeps_up() {
     drop((burst, low));
 }
 
-#[test]
-fn level_1_alone_goes_past_a_limit_the_lower_levels_shrank_while_it_keeps_up() {
-    let limit = adaptive(1, 100, 5);
-    let mut now = Instant::now();
-    let small = shrunk_by_a_level_2_flood(&limit, &mut now);
-    // None of level 2's work is in flight: a burst of level 1 alone, twice the limit,
-    // is admitted with nothing to displace, and level 2 stays refused.
-    let burst: Vec<_> = (0..2 * small)
-        .map(|i| {
-            let permit = limit
-                .try_acquire(1, 2)
-                .unwrap_or_else(|| panic!("level 1's request {i} refused at limit {small}"));
-            assert!(!permit.preempts(), "request {i}: no lower level to shed");
-            permit
-        })
-        .collect();
-    assert!(limit.try_acquire(2, 2).is_none());
-    // A window in which level 1's own requests waited over twice the target: its own
-    // queue stands, and the limit binds it again, although all of them were served.
-    now += WINDOW;
-    limit.on_finished(1, MS * 11, None, now, true);
-    assert!(!limit.lock().top_keeps_up);
-    assert!(limit.limit() < 2 * small, "{}", limit.limit());
-    assert!(limit.try_acquire(1, 2).is_none());
-    drop(burst);
-    // With one level the limit is the bound: a model without lower levels refuses at it.
-    let single = adaptive(1, 100, 5);
-    let mut now = Instant::now();
-    windows(&single, &mut now, MS * 20, 1);
-    unserved(&single, 400);
-    windows(&single, &mut now, MS * 20, 3);
-    let bound = single.limit();
-    assert!(bound < 50, "{bound}");
-    let held: Vec<_> = std::iter::from_fn(|| single.try_acquire(1, 1)).collect();
-    assert_eq!(held.len(), bound);
-}
-
 /// A level-2 flood, refused and expiring, shrinks the limit while level 1 (two requests
 /// a window, all served) keeps up; returns the limit it leaves.
 fn shrunk_by_a_level_2_flood(limit: &Arc<AdaptiveLimit>, now: &mut Instant) -> usize {
