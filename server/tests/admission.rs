@@ -527,3 +527,50 @@ async fn a_higher_priority_request_over_the_limit_sheds_a_queued_lower_one_at_on
     .await;
     s.stop().await;
 }
+
+#[tokio::test]
+async fn calls_their_clients_abandon_count_as_unserved_and_shrink_the_limit() {
+    // One request at a time, 50 ms each: calls queue behind the one running.
+    let repo = TestRepo::new();
+    slow_model(&repo, "abandoned", 50);
+    let mut config = Config::for_repository(repo.path());
+    config.admission.model_limit.target = Some(MS);
+    let s = TestServer::start_with(config).await;
+    let model = s.gateway.model("abandoned", "").unwrap();
+    let max = model.limit.limit();
+    // Two waves of calls, each abandoned by its client after 30 ms (no deadline is
+    // sent: the server never ends them itself), the second wave after the first's
+    // window (ten targets) has passed. Every call waited and none was served: an
+    // overload seen only through the clients giving up. Abandoned calls that never
+    // counted would leave the limit where it was.
+    for _ in 0..2 {
+        let calls: Vec<_> = (0..16)
+            .map(|_| {
+                let mut client = s.client.clone();
+                let req = fp32_request("abandoned", "INPUT__0", &[2], &[1.0, 2.0]);
+                tokio::spawn(async move {
+                    tokio::time::timeout(MS * 30, client.model_infer(req))
+                        .await
+                        .is_err()
+                })
+            })
+            .collect();
+        let mut abandoned = 0;
+        for call in calls {
+            abandoned += usize::from(call.await.expect("call task"));
+        }
+        assert!(abandoned >= 15, "{abandoned} of 16 abandoned");
+        tokio::time::sleep(MS * 20).await;
+    }
+    eventually(Duration::from_secs(5), "the limit shrinks", || {
+        model.limit.limit() < max
+    })
+    .await;
+    // The server goes on serving.
+    let mut client = s.client.clone();
+    client
+        .model_infer(fp32_request("abandoned", "INPUT__0", &[2], &[3.0, 4.0]))
+        .await
+        .expect("served");
+    s.stop().await;
+}

@@ -317,31 +317,66 @@ where
         if admitted.admission.permit.is_none() {
             return Box::pin(self.inner.call(admitted));
         }
-        let model = admitted.admission.model.clone();
-        let (level, received) = (admitted.admission.level, admitted.call.received);
+        let mut leaving = Leaving {
+            model: admitted.admission.model.clone(),
+            level: admitted.admission.level,
+            received: admitted.call.received,
+            answered: false,
+        };
         let answer = self.inner.call(admitted);
         Box::pin(async move {
             // The slot went back when the request was answered (its admission dropped).
             let result = answer.await;
+            leaving.answered = true;
             let now = Instant::now();
             // How long work stood waiting: the oldest wait in the request's execution.
             // A request that expired waited its whole time here.
-            let unit = model.unit_execution();
-            let after = match &result {
-                Ok(r) => model
-                    .limit
-                    .on_finished(level, r.batch_wait, unit, now, true),
+            match &result {
+                Ok(r) => leaving.finished(r.batch_wait, now, true),
                 Err(Error::DeadlineExceeded { .. }) => {
-                    let waited = now.duration_since(received);
-                    model.limit.on_finished(level, waited, unit, now, false)
+                    leaving.finished(now.duration_since(leaving.received), now, false)
                 }
-                Err(_) => None,
-            };
-            if let Some(after) = after {
-                metrics::concurrency_limit(&model.spec.name, after);
+                Err(_) => {}
             }
             result
         })
+    }
+}
+
+/// An admitted request on its way out, reported to its model's limit when it leaves:
+/// served or expired when answered, and unserved when its call is dropped before the
+/// answer. A client abandons a call when its own deadline passes, which can come before
+/// the server's: on one connection whose streams are all in use, calls wait in the
+/// client for a stream with their deadline running, and reach the server with little
+/// of it left. If those never counted, an overload whose requests are all abandoned
+/// would read as none, and the limit, seeing only what the streams let through, would
+/// hold the server in that state for good (every answer late by the client's clock).
+struct Leaving {
+    model: Arc<crate::model::LoadedModel>,
+    level: u32,
+    received: Instant,
+    answered: bool,
+}
+
+impl Leaving {
+    fn finished(&self, waited: Duration, now: Instant, served: bool) {
+        let model = &self.model;
+        let unit = model.unit_execution();
+        if let Some(after) = model
+            .limit
+            .on_finished(self.level, waited, unit, now, served)
+        {
+            metrics::concurrency_limit(&model.spec.name, after);
+        }
+    }
+}
+
+impl Drop for Leaving {
+    fn drop(&mut self) {
+        if !self.answered {
+            let now = Instant::now();
+            self.finished(now.duration_since(self.received), now, false);
+        }
     }
 }
 
