@@ -23,7 +23,8 @@
 //!
 //! The model is `overloaded` when more is asked of it than it finishes: the requests
 //! that asked for a slot (admitted or refused; less the growth of the number in
-//! flight, not judged yet) over those served (expired ones were not), each summed over the windows with weights
+//! flight, not judged yet) over those served (expired ones were not, nor those whose
+//! client abandoned the call before its answer), each summed over the windows with weights
 //! decaying over [`LOAD_TAU`], exceed [`OVERLOAD`]. That is what true overload is (arrivals faster than service); below
 //! capacity a queue, however long it stands for a while, is served at the rate it is
 //! offered, and a fixed set of clients waiting for their answers can never offer more
