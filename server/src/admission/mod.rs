@@ -38,7 +38,7 @@ use crate::error::RejectReason;
 use crate::gateway::Gateway;
 use crate::limit::{AdaptiveLimit, LIMIT_PUSHBACK};
 use crate::metrics;
-use crate::model::{Admission, InferRequest, InferResponse};
+use crate::model::{Admission, InferRequest, InferResponse, LoadedModel};
 
 /// One inference request as the API hands it to the stack.
 #[derive(Debug, Clone)]
@@ -333,9 +333,7 @@ where
             // A request that expired waited its whole time here.
             match &result {
                 Ok(r) => leaving.finished(r.batch_wait, now, true),
-                Err(Error::DeadlineExceeded { .. }) => {
-                    leaving.finished(now.duration_since(leaving.received), now, false)
-                }
+                Err(Error::DeadlineExceeded { .. }) => leaving.unserved(now),
                 Err(_) => {}
             }
             result
@@ -352,7 +350,7 @@ where
 /// would read as none, and the limit, seeing only what the streams let through, would
 /// hold the server in that state for good (every answer late by the client's clock).
 struct Leaving {
-    model: Arc<crate::model::LoadedModel>,
+    model: Arc<LoadedModel>,
     level: u32,
     received: Instant,
     answered: bool,
@@ -369,13 +367,17 @@ impl Leaving {
             metrics::concurrency_limit(&model.spec.name, after);
         }
     }
+
+    /// Not served (expired, or abandoned by its client): it waited its whole time.
+    fn unserved(&self, now: Instant) {
+        self.finished(now.duration_since(self.received), now, false);
+    }
 }
 
 impl Drop for Leaving {
     fn drop(&mut self) {
         if !self.answered {
-            let now = Instant::now();
-            self.finished(now.duration_since(self.received), now, false);
+            self.unserved(Instant::now());
         }
     }
 }
