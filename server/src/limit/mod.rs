@@ -19,6 +19,8 @@
 //! (d <= target or not overloaded),
 //!   peak >= u * L:                     L <- min(L_max, L + sqrt(L))
 //! otherwise:                           L unchanged
+//! then, calm (not overloaded, nothing refused, d <= target):
+//!                                      L <- max(L, min(L_max, 2 * recent_peak))
 //! ```
 //!
 //! The model is `overloaded` when more is asked of it than it finishes: the requests
@@ -58,7 +60,15 @@
 //! judged like a model running alone near it.
 //!
 //! with `beta = 0.5` (at most halve per window), `u = 0.8` and `peak` the
-//! most requests in flight during the window. The decrease starts from what was in
+//! most requests in flight during the window. `recent_peak` is the most in flight in
+//! the windows that were not overloaded, as a maximum decaying over [`BURST_TAU`]: once
+//! an overload is over, the limit it left (sized to hold the overload's queue near the
+//! target) would refuse the bursts of ordinary Poisson traffic, which reach twice the
+//! usual number in flight whenever the machine stalls an instance for a moment; the
+//! limit makes room for twice what the load the model keeps up with used lately, and
+//! grows no further while the load stays small (an idle model's limit does not drift
+//! up). A queue over the target makes no room: an overload beginning, or a model
+//! slowing down, must meet the limit it has. The decrease starts from what was in
 //! flight (a limit far above the load would otherwise take many windows to matter) and
 //! is proportional to the overshoot (a wait twice the target halves it); it needs more
 //! than `L_min` in flight, so the fixed cost of a lone request's trip through the
@@ -133,6 +143,12 @@ const OVERLOAD: f64 = 1.1;
 const LOAD_TAU: Duration = Duration::from_millis(500);
 /// A limit that refused serveable load grows by this factor.
 const GROWTH: f64 = 1.5;
+/// While the model keeps up, nothing is refused and the wait is within the target, the
+/// limit is at least this many times the most requests in flight lately,
+const BURST_HEADROOM: f64 = 2.0;
+/// "lately" being a maximum that decays by `exp(-t / BURST_TAU)`: the bursts of the last
+/// second or two.
+const BURST_TAU: Duration = Duration::from_secs(1);
 /// The automatic target: this many single-sample executions of queue delay. Four keep
 /// the batches moderate (a batch of a few samples costs little more per sample than a
 /// large one, and waits far less) while leaving room for the queue that a fixed set of
@@ -474,6 +490,24 @@ impl AdaptiveLimit {
         backlog && over && (s.over_streak >= persistence || d_mean > target * clear)
     }
 
+    /// The floors a window's judgement ends on: level 1's (see `close_window`) and, in
+    /// a `calm` window (the model keeps up, nothing was refused, the wait was within the
+    /// target), room for twice the recent bursts.
+    fn raise_to_floors(&self, s: &mut State, top_floor: f64, calm: bool) {
+        if s.window_top_over {
+            // Level 1 went past the limit by displacing lower levels: the limit it
+            // will be held to if it stops keeping up is what it used, not what the
+            // lower levels' flood left.
+            s.limit = s.limit.max(top_floor);
+        }
+        if calm {
+            // The overload that shrank the limit (if any) is over: the bursts of the
+            // load the model keeps up with must not meet it.
+            let room = (BURST_HEADROOM * s.recent_peak).min(self.config.max as f64);
+            s.limit = s.limit.max(room);
+        }
+    }
+
     /// Judge the window that ends at `now` (see the module's formula), then open the next.
     fn close_window(&self, s: &mut State, start: Instant, now: Instant, target: Duration) {
         let d_mean = s.window_sum / s.window_count.max(1);
@@ -486,6 +520,7 @@ impl AdaptiveLimit {
             overloaded,
             top_keeps_up,
         } = s.load(start, now);
+        s.note_peak(start, now, !overloaded);
         let standing = overloaded && stands;
         s.top_keeps_up = top_keeps_up;
         let top_held_back = s.window_top_refused && top_keeps_up;
@@ -510,12 +545,7 @@ impl AdaptiveLimit {
         } else if (!over || !overloaded) && peak >= UTILIZATION * s.limit.floor() {
             s.limit = (s.limit + s.limit.sqrt().max(1.0)).min(max);
         }
-        if s.window_top_over {
-            // Level 1 went past the limit by displacing lower levels: the limit it
-            // will be held to if it stops keeping up is what it used, not what the
-            // lower levels' flood left.
-            s.limit = s.limit.max(top_floor);
-        }
+        self.raise_to_floors(s, top_floor, !overloaded && !s.window_refused && !over);
         tracing::debug!(
             limit = s.limit,
             peak,

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{LOAD_TAU, OVERLOAD};
+use super::{BURST_TAU, LOAD_TAU, OVERLOAD};
 
 /// The load of the windows up to now, smoothed over [`LOAD_TAU`].
 pub(super) struct Load {
@@ -63,6 +63,9 @@ pub(super) struct State {
     /// part of what was offered that is still in flight, not yet to be judged.
     pub(super) growth: f64,
     pub(super) top_growth: f64,
+    /// The most requests in flight in a window the model kept up with, as a maximum
+    /// decaying over [`BURST_TAU`].
+    pub(super) recent_peak: f64,
 }
 
 impl State {
@@ -94,6 +97,7 @@ impl State {
             window_start_in_flight: (0, 0),
             growth: 0.0,
             top_growth: 0.0,
+            recent_peak: 0.0,
         }
     }
 
@@ -140,6 +144,16 @@ impl State {
         );
         self.window_peak = self.in_flight();
         self.window_top_peak = self.by_level.first().copied().unwrap_or(0);
+    }
+
+    /// Fold the window's peak into the decaying maximum of recent ones, if it `counts`
+    /// (the load of an overloaded window is not one to make room for).
+    pub(super) fn note_peak(&mut self, start: Instant, now: Instant, counts: bool) {
+        let decay = (-now.duration_since(start).as_secs_f64() / BURST_TAU.as_secs_f64()).exp();
+        self.recent_peak *= decay;
+        if counts {
+            self.recent_peak = self.recent_peak.max(self.window_peak as f64);
+        }
     }
 
     /// Fold the window's counts into the smoothed ones and judge the load.
