@@ -41,9 +41,12 @@ Cells, for every model of every repository:
    while a deep queue fills every batch, and cnn's batch of 32 is slower per sample
    than its batch of 8 on this machine. The probe overloads the server on purpose
    and its refusals are not counted; the cell then waits `--settle` (5 s) so that the
-   limit recovers before it begins. The median of seconds, not the best of short
-   points, because a model's speed on a shared machine moves by a fifth from second
-   to second.
+   probe's backlog has drained before it begins (the limit the probe left stays until
+   traffic the model keeps up with lifts it: the cell sees a server just after an
+   overload). The median of seconds, not the best of short points, because a model's
+   speed on a shared machine moves by a fifth from second to second.
+   `--poisson-repeats N` runs probe and cell N times on the same server (each cell is
+   counted; the table shows the first and the others' refusals).
 
 Prints a Markdown table, one row per repository and model, and `total UNAVAILABLE: N`;
 `--json` writes every raw number. Progress (cell, elapsed, ETA) goes to stderr; the
@@ -434,6 +437,9 @@ def row(config, model, result, concurrencies):
             poisson_text += f", {fmt_counts(others(poisson))}"
         if (poisson["point"].get("schedule") or {}).get("fell_behind"):
             poisson_text += " (the generator fell behind its schedule)"
+        if result.get("poisson_repeats"):
+            poisson_text += "; repeats: UNAVAILABLE " + " / ".join(
+                str(unavailable(c)) for c in result["poisson_repeats"])
     failed = [f"{tool} c={c}: {cell['failed']}" for tool, cells in (("PA", pa), ("bench", bench))
               for c, cell in sorted(cells.items()) if cell.get("failed") and not cell.get("errors", {}).get("UNAVAILABLE")]
     notes = "; ".join(other + failed) or "-"
@@ -470,6 +476,10 @@ def main():
     ap.add_argument("--stream-max-requests", type=int, default=200_000)
     ap.add_argument("--poisson-duration", default="4s")
     ap.add_argument("--capacity-factor", type=float, default=0.8)
+    ap.add_argument("--poisson-repeats", type=int, default=1,
+                    help="probe and Poisson cell this many times on each server")
+    ap.add_argument("--server-binary", default=str(BIN),
+                    help="the sluice binary to serve with (an A/B of two builds)")
     ap.add_argument("--settle", default="5s",
                     help="pause after the capacity probe, before the Poisson cell")
     ap.add_argument("--probe-duration", default="6s",
@@ -530,7 +540,8 @@ def main():
                     steps += [(kind, config, model, c) for c in args.concurrency]
             for kind in ("stream", "poisson"):
                 if kind in cells:
-                    steps.append((kind, config, model, None))
+                    repeats = args.poisson_repeats if kind == "poisson" else 1
+                    steps += [(kind, config, model, None)] * repeats
     total_cost = sum(cost[s[0]] for s in steps)
     n_cells = sum(1 for s in steps if s[0] != "server")
     log(f"{len(configs)} repositories x {len(models)} models, {n_cells} cells, "
@@ -580,7 +591,8 @@ def main():
             results.append(entry)
             with open(log_path, "w") as server_log:
                 try:
-                    server = start_server(repo, port, server_log, server_args)
+                    server = start_server(repo, port, server_log, server_args,
+                                          binary=Path(args.server_binary))
                 except SystemExit:
                     log(log_path.read_text()[-2000:])
                     raise
@@ -606,11 +618,15 @@ def main():
                     progress("stream", f"{where}: stream {args.stream_in_flight} in flight: {status}, "
                                        f"UNAVAILABLE {unavailable(cell)}"
                                        + (f", {fmt_counts(others(cell))}" if others(cell) else ""))
-                if "poisson" in cells:
+                for repeat in range(args.poisson_repeats if "poisson" in cells else 0):
                     closed_typical = typical_closed_loop(result)
                     capacity = open_loop_capacity(args, port, model, closed_typical, work)
-                    cell = result["poisson"] = poisson_cell(args, port, model, capacity, work)
+                    cell = poisson_cell(args, port, model, capacity, work)
                     cell["closed_typical_rps"] = closed_typical
+                    if repeat == 0:
+                        result["poisson"] = cell
+                    else:
+                        result.setdefault("poisson_repeats", []).append(cell)
                     status = "failed: " + cell["failed"] if cell.get("failed") else \
                         f"ok {cell['ok']}, p99 {cell['p99_ms']} ms"
                     progress("poisson", f"{where}: Poisson {cell['rate']:.0f}/s "
@@ -636,6 +652,7 @@ def main():
         for result in entry["models"].values():
             all_cells += list(result["pa"].values()) + list(result["bench"].values())
             all_cells += [result[k] for k in ("stream", "poisson") if k in result]
+            all_cells += result.get("poisson_repeats", [])
     total = sum(unavailable(c) for c in all_cells)
     failed = sum(1 for c in all_cells if c.get("failed") and not unavailable(c))
 
