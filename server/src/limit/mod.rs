@@ -163,6 +163,8 @@ mod state;
 use state::{Load, State};
 
 #[cfg(test)]
+mod calm_tests;
+#[cfg(test)]
 mod sim;
 #[cfg(test)]
 mod tests;

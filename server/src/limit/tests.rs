@@ -2,9 +2,9 @@
 
 use super::*;
 
-const MS: Duration = Duration::from_millis(1);
+pub(super) const MS: Duration = Duration::from_millis(1);
 
-fn adaptive(min: usize, max: usize, target_ms: u64) -> Arc<AdaptiveLimit> {
+pub(super) fn adaptive(min: usize, max: usize, target_ms: u64) -> Arc<AdaptiveLimit> {
     Arc::new(AdaptiveLimit::new(
         LimitConfig {
             mode: LimitMode::Adaptive,
@@ -26,12 +26,12 @@ fn unserved(limit: &Arc<AdaptiveLimit>, n: usize) {
 }
 
 /// The window for a 5 ms target is 50 ms.
-const WINDOW: Duration = Duration::from_millis(50);
+pub(super) const WINDOW: Duration = Duration::from_millis(50);
 
 /// Close `n` windows in which the limit is reached (every slot taken), each with one
 /// sample of `delay` at its end (the first call on a fresh limit opens the first
 /// window at `*now`).
-fn windows(limit: &Arc<AdaptiveLimit>, now: &mut Instant, delay: Duration, n: usize) {
+pub(super) fn windows(limit: &Arc<AdaptiveLimit>, now: &mut Instant, delay: Duration, n: usize) {
     limit.on_sample(delay, None, *now);
     for _ in 0..n {
         // Every slot taken (and given back) within the window.
@@ -365,76 +365,6 @@ fn a_limit_that_refuses_load_the_model_keeps_up_with_grows_at_once() {
         "{}",
         limit.limit()
     );
-}
-
-/// A window of load the model keeps up with: `peak` requests in flight at once, then
-/// as many served (and the one that closes the window) with a wait of `delay`.
-fn calm_window(limit: &Arc<AdaptiveLimit>, now: &mut Instant, peak: usize, delay: Duration) {
-    let held: Vec<_> = (0..peak)
-        .map(|_| {
-            limit
-                .try_acquire(1, 1)
-                .expect("the calm load fits the limit")
-        })
-        .collect();
-    drop(held);
-    for _ in 0..peak {
-        limit.on_sample(delay, None, *now + WINDOW / 2);
-    }
-    *now += WINDOW;
-    limit.on_sample(delay, None, *now);
-}
-
-#[test]
-fn once_the_overload_is_over_the_limit_makes_room_for_twice_its_bursts() {
-    let limit = adaptive(1, 100, 5);
-    let mut now = Instant::now();
-    windows(&limit, &mut now, MS * 50, 3);
-    let low = limit.limit();
-    assert!((10..16).contains(&low), "{low}");
-    // Load the model keeps up with, at most 7 in flight: under 80% of the limit, so
-    // it never grows by use. While the overload's smoothed counts still say
-    // overloaded, nothing moves.
-    calm_window(&limit, &mut now, 7, MS);
-    assert_eq!(limit.limit(), low);
-    for _ in 0..40 {
-        calm_window(&limit, &mut now, 7, MS);
-    }
-    assert_eq!(limit.limit(), 14, "twice the most in flight lately");
-    // So a burst of twice the usual load is admitted whole.
-    let burst: Vec<_> = (0..14).map(|_| limit.try_acquire(1, 1)).collect();
-    assert!(burst.iter().all(Option::is_some));
-    drop(burst);
-    // The room follows the load (that burst of 14 closes its window at 28, one of 20
-    // at 40), never past max.
-    calm_window(&limit, &mut now, 12, MS);
-    assert_eq!(limit.limit(), 28);
-    calm_window(&limit, &mut now, 20, MS);
-    assert_eq!(limit.limit(), 40);
-    for peak in [40, 80] {
-        calm_window(&limit, &mut now, peak, MS);
-    }
-    assert_eq!(limit.limit(), 100);
-}
-
-#[test]
-fn a_queue_over_the_target_makes_no_room_for_bursts() {
-    let limit = adaptive(1, 100, 5);
-    let mut now = Instant::now();
-    windows(&limit, &mut now, MS * 50, 3);
-    let low = limit.limit();
-    // Three seconds without load: the overload is over.
-    for _ in 0..60 {
-        now += WINDOW;
-        limit.on_sample(MS, None, now);
-    }
-    // The model keeps up and nothing is refused, but every window's wait is over the
-    // target: a queue building (an overload beginning, or the model slowing down) is
-    // not the time to loosen the limit.
-    for _ in 0..40 {
-        calm_window(&limit, &mut now, 7, MS * 6);
-    }
-    assert_eq!(limit.limit(), low);
 }
 
 #[test]
