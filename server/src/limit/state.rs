@@ -16,6 +16,11 @@ pub(super) struct Load {
     pub(super) top_keeps_up: bool,
 }
 
+/// The weight `exp(-t / tau)` that what was counted up to `start` keeps at `now`.
+fn decay(start: Instant, now: Instant, tau: Duration) -> f64 {
+    (-now.duration_since(start).as_secs_f64() / tau.as_secs_f64()).exp()
+}
+
 #[derive(Debug)]
 pub(super) struct State {
     pub(super) limit: f64,
@@ -149,8 +154,7 @@ impl State {
     /// Fold the window's peak into the decaying maximum of recent ones, if it `counts`
     /// (the load of an overloaded window is not one to make room for).
     pub(super) fn note_peak(&mut self, start: Instant, now: Instant, counts: bool) {
-        let decay = (-now.duration_since(start).as_secs_f64() / BURST_TAU.as_secs_f64()).exp();
-        self.recent_peak *= decay;
+        self.recent_peak *= decay(start, now, BURST_TAU);
         if counts {
             self.recent_peak = self.recent_peak.max(self.window_peak as f64);
         }
@@ -160,7 +164,7 @@ impl State {
     pub(super) fn load(&mut self, start: Instant, now: Instant) -> Load {
         // True overload: more is asked of the model than it finishes. Below capacity
         // a queue, however long, is served at the rate it is offered.
-        let decay = (-now.duration_since(start).as_secs_f64() / LOAD_TAU.as_secs_f64()).exp();
+        let decay = decay(start, now, LOAD_TAU);
         self.offered = self.offered * decay + f64::from(self.window_offered);
         self.finished = self.finished * decay + f64::from(self.window_served);
         // What is still in flight of what was offered is not judged yet: a load that
