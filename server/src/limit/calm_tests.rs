@@ -73,3 +73,36 @@ fn a_queue_over_the_target_makes_no_room_for_bursts() {
     }
     assert_eq!(limit.limit(), low);
 }
+
+#[test]
+fn a_model_left_idle_after_an_overload_forgets_it() {
+    let limit = adaptive(1, 100, 5);
+    let mut now = Instant::now();
+    windows(&limit, &mut now, MS * 50, 3);
+    let low = limit.limit();
+    assert!((10..16).contains(&low), "{low}");
+    let at = |t: Instant| limit.acquire_within(1, 1, Bound::Adaptive, t);
+    // A request still in flight is no idle model (a stalled execution, say): two
+    // seconds later the limit is what the overload left.
+    let stalled = at(now).expect("under the limit");
+    assert!(at(now + MS * 2000).is_some());
+    assert_eq!(limit.limit(), low);
+    drop(stalled);
+    now += MS * 2000;
+    limit.on_sample(MS, None, now);
+    let low = limit.limit();
+    assert!((10..16).contains(&low), "{low}");
+    // Nothing in flight for one window's length: a pause between bursts, not idle.
+    drop(at(now + MAX_WINDOW));
+    assert_eq!(limit.limit(), low);
+    // Two idle seconds: the limit has returned most of the way to max, so the next
+    // traffic's first bursts are not refused by the overload that went before.
+    let burst: Vec<_> = (0..80).map(|_| at(now + MS * 2000)).collect();
+    assert!(burst.iter().all(Option::is_some));
+    let expected = 100.0 - (100.0 - low as f64) * (-2.0f64).exp();
+    assert!(
+        (limit.limit() as f64 - expected).abs() <= 1.5,
+        "{}",
+        limit.limit()
+    );
+}

@@ -98,6 +98,13 @@
 //! passes any such target, while below capacity it stands near `D`. `W` is ten targets,
 //! within [`MIN_WINDOW`, `MAX_WINDOW`].
 //!
+//! Windows close only as requests finish, so a model left idle after an overload would
+//! meet the next traffic with the limit the overload left, and refuse its first bursts
+//! though its queue is empty. When a request arrives with nothing in flight and none
+//! finished for longer than `MAX_WINDOW`, the limit first returns toward `max` by the
+//! idle time `t`: `L <- max - (max - L) * exp(-t / BURST_TAU)` (after a few seconds it is
+//! near `max`, where it starts: new traffic must show a standing queue of its own).
+//!
 //! In static mode the limit is fixed at `max`.
 //!
 //! Priorities: of `N` levels (1 the highest), level `p` may use the share
@@ -149,6 +156,9 @@ const BURST_HEADROOM: f64 = 2.0;
 /// "lately" being a maximum that decays by `exp(-t / BURST_TAU)`: the bursts of the last
 /// second or two.
 const BURST_TAU: Duration = Duration::from_secs(1);
+/// Nothing in flight for longer than this (a window's longest) is idle: see
+/// [`State::relax_when_idle`].
+const IDLE_AFTER: Duration = MAX_WINDOW;
 /// The automatic target: this many single-sample executions of queue delay. Four keep
 /// the batches moderate (a batch of a few samples costs little more per sample than a
 /// large one, and waits far less) while leaving room for the queue that a fixed set of
@@ -301,7 +311,7 @@ impl AdaptiveLimit {
     /// Take a slot for a request of `level` (1 the highest) of `levels`, or `None` when
     /// the level's share of the limit is in use.
     pub fn try_acquire(self: &Arc<Self>, level: u32, levels: u32) -> Option<Permit> {
-        self.acquire_within(level, levels, Bound::Adaptive)
+        self.acquire_within(level, levels, Bound::Adaptive, Instant::now())
     }
 
     /// As [`try_acquire`](Self::try_acquire), for a request without a deadline: the
@@ -313,7 +323,7 @@ impl AdaptiveLimit {
         level: u32,
         levels: u32,
     ) -> Option<Permit> {
-        self.acquire_within(level, levels, Bound::Maximum)
+        self.acquire_within(level, levels, Bound::Maximum, Instant::now())
     }
 
     /// Whether a request of `level` would be refused now, decided as
@@ -328,6 +338,7 @@ impl AdaptiveLimit {
             Bound::Maximum
         };
         let mut s = self.lock();
+        s.relax_when_idle(Instant::now(), self.config.max as f64);
         match self.decide(&s, level, levels, bound) {
             Decision::Refuse { index } => {
                 s.count_refusal(index);
@@ -337,8 +348,16 @@ impl AdaptiveLimit {
         }
     }
 
-    fn acquire_within(self: &Arc<Self>, level: u32, levels: u32, bound: Bound) -> Option<Permit> {
+    /// Take a slot at `now` (see [`try_acquire`](Self::try_acquire)).
+    fn acquire_within(
+        self: &Arc<Self>,
+        level: u32,
+        levels: u32,
+        bound: Bound,
+        now: Instant,
+    ) -> Option<Permit> {
         let mut s = self.lock();
+        s.relax_when_idle(now, self.config.max as f64);
         let decision = self.decide(&s, level, levels, bound);
         match decision {
             Decision::Refuse { index } => {
@@ -456,6 +475,7 @@ impl AdaptiveLimit {
         if self.config.mode == LimitMode::Static {
             return None;
         }
+        s.last_finished = Some(now);
         s.window_sum += queue_delay;
         s.window_count += 1;
         s.window_served += u32::from(served);

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{BURST_TAU, LOAD_TAU, OVERLOAD};
+use super::{BURST_TAU, IDLE_AFTER, LOAD_TAU, OVERLOAD};
 
 /// The load of the windows up to now, smoothed over [`LOAD_TAU`].
 pub(super) struct Load {
@@ -71,6 +71,9 @@ pub(super) struct State {
     /// The most requests in flight in a window the model kept up with, as a maximum
     /// decaying over [`BURST_TAU`].
     pub(super) recent_peak: f64,
+    /// When the last request finished (served or not), or the idle time up to which
+    /// the limit has already relaxed.
+    pub(super) last_finished: Option<Instant>,
 }
 
 impl State {
@@ -103,6 +106,7 @@ impl State {
             growth: 0.0,
             top_growth: 0.0,
             recent_peak: 0.0,
+            last_finished: None,
         }
     }
 
@@ -158,6 +162,20 @@ impl State {
         if counts {
             self.recent_peak = self.recent_peak.max(self.window_peak as f64);
         }
+    }
+
+    /// With nothing in flight since the last request finished more than [`IDLE_AFTER`]
+    /// ago, let the limit return toward `max` as an overload's evidence ages: by the
+    /// weight the smoothed counts would lose over the idle time on [`BURST_TAU`].
+    pub(super) fn relax_when_idle(&mut self, now: Instant, max: f64) {
+        let Some(last) = self.last_finished else {
+            return;
+        };
+        if self.in_flight() > 0 || now.saturating_duration_since(last) <= IDLE_AFTER {
+            return;
+        }
+        self.limit = max - (max - self.limit) * decay(last, now, BURST_TAU);
+        self.last_finished = Some(now);
     }
 
     /// Fold the window's counts into the smoothed ones and judge the load.
