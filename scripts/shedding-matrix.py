@@ -11,7 +11,9 @@ user would write: the bundled weights (symlinked) and the bundled configs' input
 outputs, with `max_batch_size: B`, `instance_group [{ count: N, kind: KIND_CPU }]` and
 `dynamic_batching { max_queue_delay_microseconds: D }` (no queue policy). Each
 repository is served by one fresh release server with default flags (only its ports and
-`--log-level warn`; `--server-args` adds more, for experiments).
+`--log-level warn`; `--server-args` adds more, for experiments, and `--keep-logs DIR`
+keeps the servers' logs: with `--server-args='--log-level warn,sluice::limit=debug'`
+they show every window of the limit).
 
 Cells, for every model of every repository:
 1. perf_analyzer (`$PERF_ANALYZER`, default scripts/tools/perf-analyzer), closed loop, no
@@ -81,7 +83,8 @@ CELLS = ("pa", "bench", "stream", "poisson")
 UNAVAILABLE_MESSAGES = ("overloaded", "is not available", "is restarting", "shutting down")
 
 def log(*a):
-    print(*a, file=sys.stderr, flush=True)
+    # UTC, as the server's log lines are stamped.
+    print(time.strftime("%H:%M:%S", time.gmtime()), *a, file=sys.stderr, flush=True)
 
 
 def seconds(text):
@@ -492,6 +495,8 @@ def main():
                     help="seconds each tool may run past its nominal length before it is killed")
     ap.add_argument("--port", type=int, default=39700,
                     help="first gRPC port; each server takes three, the next one 10 higher")
+    ap.add_argument("--keep-logs", metavar="DIR",
+                    help="copy each server's log (server-N.log, N the repository's index) here")
     ap.add_argument("--server-args", default="",
                     help="extra server flags, one string (write --server-args='--flag value')")
     ap.add_argument("--perf-analyzer",
@@ -645,6 +650,10 @@ def main():
         log("interrupted: reporting what was measured")
     finally:
         stop(server)
+        if args.keep_logs:
+            Path(args.keep_logs).mkdir(parents=True, exist_ok=True)
+            for server_log in work.glob("server-*.log"):
+                shutil.copy(server_log, Path(args.keep_logs) / server_log.name)
         shutil.rmtree(work, ignore_errors=True)
 
     all_cells = []

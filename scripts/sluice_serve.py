@@ -16,11 +16,14 @@ TICK = os.sysconf("SC_CLK_TCK")
 
 def start_server(repo, port, log, extra=(), binary=BIN):
     """Serve `repo` with gRPC on `port`, HTTP on port+1, metrics on port+2; logs go to
-    the open file `log`. Exits the script if the server is not ready within a minute."""
+    the open file `log` (at level `warn` unless `extra` sets `--log-level`). Exits the
+    script if the server is not ready within a minute."""
+    extra = list(extra)
+    if not any(a == "--log-level" or a.startswith("--log-level=") for a in extra):
+        extra = ["--log-level", "warn", *extra]
     proc = subprocess.Popen(
         [str(binary), "--model-repository", str(repo), "--grpc-port", str(port),
-         "--http-port", str(port + 1), "--metrics-port", str(port + 2), "--log-level", "warn",
-         *extra],
+         "--http-port", str(port + 1), "--metrics-port", str(port + 2), *extra],
         stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
