@@ -19,8 +19,8 @@ same deadline):
 3. a step 0.8C -> 2C -> 0.8C against each (timeline plots), and how long after each
    step the per-second p99 of successes stays within 1.5x the 0.8C p99 (the median
    over the rounds), C measured again just before;
-4. two priority levels at 2C (level 1 offering `--level1-share` of C, level 2 the rest)
-   against a third server whose copy of the
+4. level 1's load alone, then two priority levels at 2C (level 1 offering
+   `--level1-share` of C, level 2 the rest) against a third server whose copy of the
    model declares `priority_levels: 2` (the bundled configs have one level), C being
    that server's capacity measured the same way just before;
 5. the shedding server's RSS, sampled every second over `--rss-seconds` at 5C (C
@@ -304,19 +304,26 @@ def priority_part(args, ports, work, probe):
     log("priorities at 2C...")
     prio_capacity = capacity_now(ports["priority"], args, work, probe)
     share1 = round(100 * args.level1_share)
+    # Level 1's load alone first: what the model gives it without the flood beside it.
+    alone = bench(ports["priority"], args, work, "--rate",
+                  f"{prio_capacity * share1 / 100:.0f}", "--duration", args.duration,
+                  extra=["--priority-mix", "1:100"])
     before = refusal_reasons(ports["priority"] + 2, args.model)
     run = bench(ports["priority"], args, work, "--rate", f"{prio_capacity * 2:.0f}", "--duration",
                 args.duration, extra=["--priority-mix", f"1:{share1},2:{200 - share1}"])
     print(f"\nTwo priority levels (a copy of `{args.model}` with `priority_levels: 2`), "
           f"shedding on, at 2C = {prio_capacity * 2:.0f}/s in total (C = that server's "
           f"capacity measured just before, {prio_capacity:.0f}/s): level 1 offers "
-          f"{share1}% of C, level 2 the rest:\n")
+          f"{share1}% of C, level 2 the rest; first row: level 1's load alone, just "
+          f"before:\n")
     print("| priority | sent | ok | success | goodput/s | p99 ok ms | codes |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | --- |")
-    for level in run["points"][0].get("by_priority", []):
+    levels = [("1, alone", level) for level in alone["points"][0].get("by_priority", [])]
+    levels += [(level["priority"], level) for level in run["points"][0].get("by_priority", [])]
+    for name, level in levels:
         ok = (level["latency_ms"]["ok"] or {}).get("p99", float("nan"))
         ratio = level["success_ratio"]
-        print(f"| {level['priority']} | {level['sent']} | {level['ok']} | "
+        print(f"| {name} | {level['sent']} | {level['ok']} | "
               f"{'-' if ratio is None else f'{100 * ratio:.1f}%'} | {level['goodput_rps']:.0f} | {ok:.1f} "
               f"| {fmt_codes(level.get('codes', {}))} |")
     after = refusal_reasons(ports["priority"] + 2, args.model)

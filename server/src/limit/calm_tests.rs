@@ -1,7 +1,8 @@
 //! The limit once an overload is over: room for the bursts of the load the model keeps
-//! up with, and none while a queue stands over the target.
+//! up with, none while a queue stands over the target, and level 1 let out of a limit
+//! its own stall left while lower levels still flood.
 
-use super::tests::{adaptive, windows, MS, WINDOW};
+use super::tests::{adaptive, shrunk_by_a_level_2_flood, windows, MS, WINDOW};
 use super::*;
 
 /// A window of load the model keeps up with: `peak` requests in flight at once, then
@@ -105,4 +106,45 @@ fn a_model_left_idle_after_an_overload_forgets_it() {
         "{}",
         limit.limit()
     );
+}
+
+#[test]
+fn level_1_held_back_with_its_wait_within_the_target_grows_the_limit_beside_a_flood() {
+    let limit = adaptive(1, 100, 5);
+    let mut now = Instant::now();
+    shrunk_by_a_level_2_flood(&limit, &mut now);
+    // A stall: level 1 asks far more than finishes, and falls behind.
+    for _ in 0..40 {
+        drop(limit.try_acquire(1, 2));
+    }
+    now += WINDOW;
+    limit.on_finished(1, MS * 50, None, now, false);
+    assert!(!limit.lock().top_keeps_up);
+    let mut before = limit.limit();
+    // The stall is over: level 1 fills the limit and is served with a wait far under
+    // the target, while level 2 keeps flooding. Its few refusals count as unserved,
+    // so by its counts alone it stays behind; its wait says the limit holds it back.
+    for window in 0..6 {
+        let top: Vec<_> = std::iter::from_fn(|| limit.try_acquire(1, 2)).collect();
+        let served = top.len();
+        for _ in 0..served.div_ceil(2) {
+            drop(limit.try_acquire(1, 2));
+        }
+        for _ in 0..40 {
+            drop(limit.try_acquire(2, 2));
+        }
+        drop(top);
+        for _ in 0..served {
+            limit.on_finished(1, MS, None, now + WINDOW / 2, true);
+        }
+        now += WINDOW;
+        limit.on_finished(1, MS, None, now, true);
+        assert!(!limit.lock().top_keeps_up, "window {window}");
+        let after = limit.limit();
+        assert!(
+            after as f64 >= (before as f64 * GROWTH).floor(),
+            "window {window}: {before} -> {after}"
+        );
+        before = after;
+    }
 }

@@ -35,10 +35,12 @@
 //! refused while the model kept up is in the way of serveable load and grows by
 //! `g = 1.5` at once (after an overload, the first bursts of normal traffic lift it
 //! back). Priority level 1 is judged the same way on its own: refused while it alone is
-//! served at the rate it asks, the limit grows by `g` even though lower levels
-//! overload the model (preemption sheds their queued work to make the room), so a
-//! flood of low-priority traffic cannot hold level 1 under a limit sized for the
-//! flood. For the same reason a decrease stops at `F = peak_1 / u`, `peak_1` the most
+//! served at the rate it asks, or while lower levels also asked in the window and level
+//! 1's own mean wait was within the target (its refusals count as unserved, so after a
+//! stall they alone would keep it judged behind), the limit grows by `g` even though
+//! lower levels overload the model (preemption sheds their queued work to make the
+//! room), so a flood of low-priority traffic cannot hold level 1 under a limit sized
+//! for the flood. For the same reason a decrease stops at `F = peak_1 / u`, `peak_1` the most
 //! level-1 requests in flight during the window, while level 1 alone is served at the
 //! rate it asks (else `F = 0`): lower levels' overload shrinks the room they may take,
 //! not the room level 1 used, and the `1 / u` headroom takes its next burst without
@@ -545,7 +547,13 @@ impl AdaptiveLimit {
         s.note_peak(start, now, !overloaded);
         let standing = overloaded && stands;
         s.top_keeps_up = top_keeps_up;
-        let top_held_back = s.window_top_refused && top_keeps_up;
+        // Refusals of level 1 count as offered and not finished, so once a stall has
+        // made it fall behind they keep it "not keeping up"; its own wait within the
+        // target while lower levels share the window says the limit is what holds it.
+        let top_wait = s.window_top_sum / s.window_top_count.max(1);
+        let top_within = s.window_top_count > 0 && top_wait <= target;
+        let shared = s.window_offered > s.window_top_offered;
+        let top_held_back = s.window_top_refused && (top_keeps_up || shared && top_within);
         // While level 1 is served at the rate it asks, the overload is the lower
         // levels': the limit need not shrink below what level 1 itself used, with room
         // for its bursts (its share is the whole limit, so whatever lower levels hold
@@ -577,7 +585,7 @@ impl AdaptiveLimit {
             top_refused = s.window_top_refused,
             standing,
             d_mean_ms = d_mean.as_secs_f64() * 1e3,
-            top_wait_ms = (s.window_top_sum / s.window_top_count.max(1)).as_secs_f64() * 1e3,
+            top_wait_ms = top_wait.as_secs_f64() * 1e3,
             target_ms = target.as_secs_f64() * 1e3,
             "concurrency limit window"
         );

@@ -509,7 +509,7 @@ fn level_1_displaces_lower_levels_beyond_the_limit_while_it_keeps_up() {
 
 /// A level-2 flood, refused and expiring, shrinks the limit while level 1 (two requests
 /// a window, all served) keeps up; returns the limit it leaves.
-fn shrunk_by_a_level_2_flood(limit: &Arc<AdaptiveLimit>, now: &mut Instant) -> usize {
+pub(super) fn shrunk_by_a_level_2_flood(limit: &Arc<AdaptiveLimit>, now: &mut Instant) -> usize {
     limit.on_finished(1, MS, None, *now, true);
     for _ in 0..8 {
         let top: Vec<_> = (0..2).map(|_| limit.try_acquire(1, 2).unwrap()).collect();
