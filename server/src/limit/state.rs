@@ -71,8 +71,8 @@ pub(super) struct State {
     /// The most requests in flight in a window the model kept up with, as a maximum
     /// decaying over [`BURST_TAU`].
     pub(super) recent_peak: f64,
-    /// When the last request finished (served or not), or the idle time up to which
-    /// the limit has already relaxed.
+    /// When the last request finished (served or not), moved on to the moment the
+    /// limit last relaxed for the idle time since.
     pub(super) last_finished: Option<Instant>,
 }
 
@@ -165,8 +165,8 @@ impl State {
     }
 
     /// With nothing in flight since the last request finished more than [`IDLE_AFTER`]
-    /// ago, let the limit return toward `max` as an overload's evidence ages: by the
-    /// weight the smoothed counts would lose over the idle time on [`BURST_TAU`].
+    /// ago, let the limit return toward `max` as an overload's evidence ages: the gap
+    /// to `max` keeps the weight `exp(-t / BURST_TAU)` over the idle time `t`.
     pub(super) fn relax_when_idle(&mut self, now: Instant, max: f64) {
         let Some(last) = self.last_finished else {
             return;
