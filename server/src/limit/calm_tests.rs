@@ -23,13 +23,20 @@ fn calm_window(limit: &Arc<AdaptiveLimit>, now: &mut Instant, peak: usize, delay
     limit.on_sample(delay, None, *now);
 }
 
-#[test]
-fn once_the_overload_is_over_the_limit_makes_room_for_twice_its_bursts() {
+/// A limit of 1 to 100 (target 5 ms) that three overloaded windows have shrunk, and
+/// the limit they left.
+fn shrunk_by_an_overload(now: &mut Instant) -> (Arc<AdaptiveLimit>, usize) {
     let limit = adaptive(1, 100, 5);
-    let mut now = Instant::now();
-    windows(&limit, &mut now, MS * 50, 3);
+    windows(&limit, now, MS * 50, 3);
     let low = limit.limit();
     assert!((10..16).contains(&low), "{low}");
+    (limit, low)
+}
+
+#[test]
+fn once_the_overload_is_over_the_limit_makes_room_for_twice_its_bursts() {
+    let mut now = Instant::now();
+    let (limit, low) = shrunk_by_an_overload(&mut now);
     // Load the model keeps up with, at most 7 in flight: under 80% of the limit, so
     // it never grows by use. While the overload's smoothed counts still say
     // overloaded, nothing moves.
@@ -57,10 +64,8 @@ fn once_the_overload_is_over_the_limit_makes_room_for_twice_its_bursts() {
 
 #[test]
 fn a_queue_over_the_target_makes_no_room_for_bursts() {
-    let limit = adaptive(1, 100, 5);
     let mut now = Instant::now();
-    windows(&limit, &mut now, MS * 50, 3);
-    let low = limit.limit();
+    let (limit, low) = shrunk_by_an_overload(&mut now);
     // Three seconds without load: the overload is over.
     for _ in 0..60 {
         now += WINDOW;
@@ -77,11 +82,8 @@ fn a_queue_over_the_target_makes_no_room_for_bursts() {
 
 #[test]
 fn a_model_left_idle_after_an_overload_forgets_it() {
-    let limit = adaptive(1, 100, 5);
     let mut now = Instant::now();
-    windows(&limit, &mut now, MS * 50, 3);
-    let low = limit.limit();
-    assert!((10..16).contains(&low), "{low}");
+    let (limit, low) = shrunk_by_an_overload(&mut now);
     let at = |t: Instant| limit.acquire_within(1, 1, Bound::Adaptive, t);
     // A request still in flight is no idle model (a stalled execution, say): two
     // seconds later the limit is what the overload left.
