@@ -24,27 +24,47 @@ fn mlp_with(params: &[(&str, &str)]) -> String {
 
 #[test]
 fn intra_op_thread_count_sets_the_instance_threads_own_pool() {
+    use std::sync::{Arc, Barrier};
     let weights = bundled_models().join("mlp/1/model.pt");
-    let threads = |params: TorchParams| {
-        let weights = weights.clone();
+    // Two instances of models with different counts, loaded in this order: the first
+    // instance's count must survive the second's load (libtorch keeps a process-wide
+    // value that a thread reads the first time it runs parallel work).
+    let loaded = Arc::new(Barrier::new(2));
+    let second_loaded = Arc::new(Barrier::new(2));
+    let instance = |count: Option<usize>, first: bool| {
+        let (weights, loaded, second_loaded) =
+            (weights.clone(), loaded.clone(), second_loaded.clone());
         std::thread::spawn(move || {
             let options = BackendOptions {
                 intra_op_threads: Some(1),
             };
+            let params = TorchParams {
+                intra_op_threads: count,
+                ..TorchParams::default()
+            };
             let threads = intra_op_threads(params.intra_op_threads, &options, 2, 8);
-            let _backend =
-                TorchBackend::load(&weights, DeviceKind::Cpu, threads, &params).expect("mlp loads");
+            if !first {
+                loaded.wait();
+            }
+            // Both threads reach every barrier, loaded or not, so a failed load fails
+            // the test instead of hanging it.
+            let backend = TorchBackend::load(&weights, DeviceKind::Cpu, threads, &params);
+            if first {
+                loaded.wait();
+            }
+            second_loaded.wait();
+            backend.expect("mlp loads");
             tch::get_num_threads()
         })
-        .join()
-        .expect("the instance thread")
     };
-    assert_eq!(threads(TorchParams::default()), 1, "the server's setting");
-    let three = TorchParams {
-        intra_op_threads: Some(3),
-        ..TorchParams::default()
-    };
-    assert_eq!(threads(three), 3, "the model's INTRA_OP_THREAD_COUNT");
+    let three = instance(Some(3), true);
+    let server_default = instance(None, false);
+    assert_eq!(
+        three.join().unwrap(),
+        3,
+        "the model's INTRA_OP_THREAD_COUNT"
+    );
+    assert_eq!(server_default.join().unwrap(), 1, "the server's setting");
 }
 
 #[tokio::test]

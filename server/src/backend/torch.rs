@@ -31,6 +31,10 @@ impl TorchBackend {
         if !path.is_file() {
             return Err(fail("file not found".into()));
         }
+        // libtorch sizes a thread's pool from a process-wide value the first time that
+        // thread asks for it; asking first makes the count set next this thread's own,
+        // whatever another model's instance sets after it.
+        let _ = tch::get_num_threads();
         tch::set_num_threads(i32::try_from(intra_op_threads).unwrap_or(i32::MAX));
         // Thread-local in libtorch, so it holds for this instance's forwards only.
         tch::jit::set_graph_executor_optimize(!params.disable_optimized_execution);
