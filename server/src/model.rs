@@ -94,6 +94,9 @@ pub struct InferResponse {
     pub batch_wait: Duration,
     /// Time of the execution the request was part of.
     pub compute: Duration,
+    /// The part of it beyond the batch the configuration asked for (see
+    /// [`crate::work::Done::excess`]).
+    pub excess: Duration,
 }
 
 /// A request that fits the model: inputs in the model's argument order.
@@ -248,6 +251,7 @@ impl LoadedModel {
             queue: done.queue,
             batch_wait: done.batch_wait,
             compute: done.compute,
+            excess: done.excess,
         };
         Ok((response, validated.batch, done.queue, done.compute))
     }

@@ -15,6 +15,9 @@ pub struct Done {
     /// Longest wait of any request in the same execution (its oldest request's).
     pub batch_wait: Duration,
     pub compute: Duration,
+    /// The part of `compute` beyond the batch the configuration asked for: see
+    /// [`ComputeEstimate::beyond_gathered`].
+    pub excess: Duration,
     /// Samples in the execution this request was part of.
     pub batch_size: usize,
 }
@@ -74,6 +77,18 @@ impl ComputeEstimate {
             (None, None) => return None,
         };
         Some(Duration::from_nanos(ns.max(1.0) as u64))
+    }
+
+    /// How much longer an execution of `total` samples takes than one of `gathered`,
+    /// by the estimate: the samples the batching delay gathered (those that arrived
+    /// within it of the batch's oldest request) are the batch the configuration asks
+    /// for, and the rest joined because work stood in the queue. Zero before the
+    /// estimate knows either size.
+    pub fn beyond_gathered(&self, total: usize, gathered: usize) -> Duration {
+        match (self.estimate(total), self.estimate(gathered)) {
+            (Some(all), Some(asked)) if total > gathered => all.saturating_sub(asked),
+            _ => Duration::ZERO,
+        }
     }
 
     /// The largest batch whose estimated execution takes at most `budget` (at least 1),

@@ -332,7 +332,7 @@ where
             // How long work stood waiting: the oldest wait in the request's execution.
             // A request that expired waited its whole time here.
             match &result {
-                Ok(r) => leaving.finished(r.batch_wait, now, true),
+                Ok(r) => leaving.finished(r.batch_wait, r.excess, now, true),
                 Err(Error::DeadlineExceeded { .. }) => leaving.unserved(now),
                 Err(_) => {}
             }
@@ -357,12 +357,12 @@ struct Leaving {
 }
 
 impl Leaving {
-    fn finished(&self, waited: Duration, now: Instant, served: bool) {
+    fn finished(&self, waited: Duration, excess: Duration, now: Instant, served: bool) {
         let model = &self.model;
         let unit = model.unit_execution();
         if let Some(after) = model
             .limit
-            .on_finished(self.level, waited, unit, now, served)
+            .on_finished(self.level, waited, excess, unit, now, served)
         {
             metrics::concurrency_limit(&model.spec.name, after);
         }
@@ -370,7 +370,12 @@ impl Leaving {
 
     /// Not served (expired, or abandoned by its client): it waited its whole time.
     fn unserved(&self, now: Instant) {
-        self.finished(now.duration_since(self.received), now, false);
+        self.finished(
+            now.duration_since(self.received),
+            Duration::ZERO,
+            now,
+            false,
+        );
     }
 }
 
@@ -410,6 +415,7 @@ mod tests {
             queue: Duration::ZERO,
             batch_wait: Duration::ZERO,
             compute: Duration::ZERO,
+            excess: Duration::ZERO,
         }
     }
 

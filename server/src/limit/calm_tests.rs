@@ -120,7 +120,7 @@ fn level_1_held_back_with_its_wait_within_the_target_grows_the_limit_beside_a_fl
         drop(limit.try_acquire(1, 2));
     }
     now += WINDOW;
-    limit.on_finished(1, MS * 50, None, now, false);
+    limit.on_finished(1, MS * 50, Duration::ZERO, None, now, false);
     assert!(!limit.lock().top_keeps_up);
     let mut before = limit.limit();
     // The stall is over: level 1 fills the limit and is served with a wait far under
@@ -137,10 +137,10 @@ fn level_1_held_back_with_its_wait_within_the_target_grows_the_limit_beside_a_fl
         }
         drop(top);
         for _ in 0..served {
-            limit.on_finished(1, MS, None, now + WINDOW / 2, true);
+            limit.on_finished(1, MS, Duration::ZERO, None, now + WINDOW / 2, true);
         }
         now += WINDOW;
-        limit.on_finished(1, MS, None, now, true);
+        limit.on_finished(1, MS, Duration::ZERO, None, now, true);
         assert!(!limit.lock().top_keeps_up, "window {window}");
         let after = limit.limit();
         assert!(

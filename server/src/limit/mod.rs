@@ -452,17 +452,20 @@ impl AdaptiveLimit {
         unit: Option<Duration>,
         now: Instant,
     ) -> Option<usize> {
-        self.on_finished(1, queue_delay, unit, now, true)
+        self.on_finished(1, queue_delay, Duration::ZERO, unit, now, true)
     }
 
     /// A request of priority `level` left: served (answered), or expired before its
     /// answer (`queue_delay`: its whole wait; it was not served, and an overload that
     /// lets requests expire in the queue instead of refusing them is still an
-    /// overload). [`on_sample`](Self::on_sample) is a served request of level 1.
+    /// overload). `excess`: the part of its execution spent on work beyond the batch
+    /// its model's configuration asked for (zero for one that was not executed).
+    /// [`on_sample`](Self::on_sample) is a served request of level 1 without excess.
     pub fn on_finished(
         &self,
         level: u32,
         queue_delay: Duration,
+        excess: Duration,
         unit: Option<Duration>,
         now: Instant,
         served: bool,
@@ -479,6 +482,7 @@ impl AdaptiveLimit {
         }
         s.last_finished = Some(now);
         s.window_sum += queue_delay;
+        s.window_held_sum += queue_delay.saturating_add(excess);
         s.window_count += 1;
         s.window_served += u32::from(served);
         if level <= 1 {
@@ -502,8 +506,8 @@ impl AdaptiveLimit {
     /// single burst (Poisson arrivals at 80% load make them) shrinks nothing. Without
     /// refusals it takes more to convince, and a queue that one round of full batches
     /// clears is not a backlog, however long it took to form.
-    fn queue_stands(&self, s: &mut State, d_mean: Duration, target: Duration) -> bool {
-        let over = d_mean > target;
+    fn queue_stands(&self, s: &mut State, overshoot: f64) -> bool {
+        let over = overshoot > 1.0;
         s.over_streak = if over { s.over_streak + 1 } else { 0 };
         let (persistence, clear) = if s.window_refused {
             (PERSISTENCE, CLEAR_OVERSHOOT)
@@ -511,7 +515,7 @@ impl AdaptiveLimit {
             (PERSISTENCE_UNREFUSED, CLEAR_OVERSHOOT_UNREFUSED)
         };
         let backlog = s.window_refused || s.window_peak > self.model.round;
-        backlog && over && (s.over_streak >= persistence || d_mean > target * clear)
+        backlog && over && (s.over_streak >= persistence || overshoot > f64::from(clear))
     }
 
     /// The floors a window's judgement ends on: level 1's (see `close_window`) and, in
@@ -535,11 +539,15 @@ impl AdaptiveLimit {
     /// Judge the window that ends at `now` (see the module's formula), then open the next.
     fn close_window(&self, s: &mut State, start: Instant, now: Instant, target: Duration) {
         let d_mean = s.window_sum / s.window_count.max(1);
+        let d_held = s.window_held_sum / s.window_count.max(1);
         let (min, max) = (self.config.min as f64, self.config.max as f64);
         let peak = s.window_peak as f64;
         let over = d_mean > target;
         // Judged every window: it counts the window into the streak.
-        let stands = self.queue_stands(s, d_mean, target);
+        let held_target = target.saturating_add(target.saturating_sub(self.model.batching_delay));
+        let overshoot = (d_mean.as_secs_f64() / target.as_secs_f64())
+            .max(d_held.as_secs_f64() / held_target.as_secs_f64());
+        let stands = self.queue_stands(s, overshoot);
         let Load {
             overloaded,
             top_keeps_up,
@@ -566,13 +574,13 @@ impl AdaptiveLimit {
         if top_held_back {
             s.limit = (s.limit * GROWTH).min(max);
         } else if standing && peak > min {
-            let factor = (target.as_secs_f64() / d_mean.as_secs_f64()).max(BETA);
+            let factor = overshoot.recip().max(BETA);
             s.limit = (s.limit.min(peak) * factor).max(top_floor).max(min);
         } else if !overloaded && s.window_refused {
             // Refused while the model kept up with what it was offered: the limit is
             // in the way of serveable load.
             s.limit = (s.limit * GROWTH).min(max);
-        } else if (!over || !overloaded) && peak >= UTILIZATION * s.limit.floor() {
+        } else if (overshoot <= 1.0 || !overloaded) && peak >= UTILIZATION * s.limit.floor() {
             s.limit = (s.limit + s.limit.sqrt().max(1.0)).min(max);
         }
         self.raise_to_floors(s, top_floor, !overloaded && !s.window_refused && !over);
@@ -585,6 +593,7 @@ impl AdaptiveLimit {
             top_refused = s.window_top_refused,
             standing,
             d_mean_ms = d_mean.as_secs_f64() * 1e3,
+            d_held_ms = d_held.as_secs_f64() * 1e3,
             top_wait_ms = top_wait.as_secs_f64() * 1e3,
             target_ms = target.as_secs_f64() * 1e3,
             "concurrency limit window"

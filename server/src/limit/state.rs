@@ -26,6 +26,9 @@ pub(super) struct State {
     pub(super) limit: f64,
     pub(super) window_start: Option<Instant>,
     pub(super) window_sum: Duration,
+    /// The same waits with each request's excess execution added: how long work was
+    /// held up by a backlog, in the queue or in a batch it swelled.
+    pub(super) window_held_sum: Duration,
     pub(super) window_count: u32,
     /// The same two for the requests of priority level 1 alone (its mean wait, shown in
     /// the window log).
@@ -82,6 +85,7 @@ impl State {
             limit,
             window_start: None,
             window_sum: Duration::ZERO,
+            window_held_sum: Duration::ZERO,
             window_count: 0,
             window_top_sum: Duration::ZERO,
             window_top_count: 0,
@@ -137,6 +141,7 @@ impl State {
     pub(super) fn open_window(&mut self, now: Instant) {
         self.window_start = Some(now);
         self.window_sum = Duration::ZERO;
+        self.window_held_sum = Duration::ZERO;
         self.window_count = 0;
         self.window_top_sum = Duration::ZERO;
         self.window_top_count = 0;

@@ -432,7 +432,7 @@ fn a_refusal_judged_early_counts_like_one_at_acquire() {
 fn a_lower_levels_flood_does_not_shrink_the_limit_under_what_level_1_uses() {
     let limit = adaptive(1, 100, 5);
     let mut now = Instant::now();
-    limit.on_finished(1, MS, None, now, true);
+    limit.on_finished(1, MS, Duration::ZERO, None, now, true);
     for window in 0..10 {
         // Level 1 holds 20 slots and is served as fast as it asks; level 2 takes its
         // share and asks for far more, and what it got expires after long waits.
@@ -448,13 +448,13 @@ fn a_lower_levels_flood_does_not_shrink_the_limit_under_what_level_1_uses() {
         }
         drop(top);
         for _ in 0..20 {
-            limit.on_finished(1, MS, None, now, true);
+            limit.on_finished(1, MS, Duration::ZERO, None, now, true);
         }
         for _ in 0..40 {
-            limit.on_finished(2, MS * 50, None, now, false);
+            limit.on_finished(2, MS * 50, Duration::ZERO, None, now, false);
         }
         now += WINDOW;
-        limit.on_finished(1, MS, None, now, true);
+        limit.on_finished(1, MS, Duration::ZERO, None, now, true);
     }
     // The overload shrank the limit, but not below level 1's peak with 1/u headroom.
     assert_eq!(limit.limit(), 25);
@@ -487,7 +487,7 @@ fn level_1_displaces_lower_levels_beyond_the_limit_while_it_keeps_up() {
     // The window closes with level 1 still keeping up: the limit it would be held to
     // if it stopped is what it used, with the 1/u headroom.
     now += WINDOW;
-    limit.on_finished(1, MS, None, now, true);
+    limit.on_finished(1, MS, Duration::ZERO, None, now, true);
     let lifted = limit.limit();
     assert_eq!(lifted, (3 * small) * 5 / 4, "lifted from {small}");
     // Level 1 alone now asks far more than is finished: the limit binds it again.
@@ -496,7 +496,7 @@ fn level_1_displaces_lower_levels_beyond_the_limit_while_it_keeps_up() {
             drop(limit.try_acquire(1, 2));
         }
         now += WINDOW;
-        limit.on_finished(1, MS * 50, None, now, false);
+        limit.on_finished(1, MS * 50, Duration::ZERO, None, now, false);
     }
     assert!(!limit.lock().top_keeps_up);
     assert!(limit.limit() <= lifted, "{}", limit.limit());
@@ -510,7 +510,7 @@ fn level_1_displaces_lower_levels_beyond_the_limit_while_it_keeps_up() {
 /// A level-2 flood, refused and expiring, shrinks the limit while level 1 (two requests
 /// a window, all served) keeps up; returns the limit it leaves.
 pub(super) fn shrunk_by_a_level_2_flood(limit: &Arc<AdaptiveLimit>, now: &mut Instant) -> usize {
-    limit.on_finished(1, MS, None, *now, true);
+    limit.on_finished(1, MS, Duration::ZERO, None, *now, true);
     for _ in 0..8 {
         let top: Vec<_> = (0..2).map(|_| limit.try_acquire(1, 2).unwrap()).collect();
         let low: Vec<_> = std::iter::from_fn(|| limit.try_acquire(2, 2)).collect();
@@ -518,12 +518,12 @@ pub(super) fn shrunk_by_a_level_2_flood(limit: &Arc<AdaptiveLimit>, now: &mut In
             drop(limit.try_acquire(2, 2));
         }
         drop((top, low));
-        limit.on_finished(1, MS, None, *now, true);
+        limit.on_finished(1, MS, Duration::ZERO, None, *now, true);
         for _ in 0..40 {
-            limit.on_finished(2, MS * 50, None, *now, false);
+            limit.on_finished(2, MS * 50, Duration::ZERO, None, *now, false);
         }
         *now += WINDOW;
-        limit.on_finished(1, MS, None, *now, true);
+        limit.on_finished(1, MS, Duration::ZERO, None, *now, true);
     }
     let small = limit.limit();
     assert!(small < 10, "{small}");

@@ -184,16 +184,38 @@ impl Worker {
             }
         };
         let batch_wait = tasks.iter().map(|t| t.queue_time).max().unwrap_or_default();
+        let excess = self.excess(&tasks, total, batch_wait);
         for (t, outputs) in tasks.into_iter().zip(per_request) {
             t.reply.send(Ok(Done {
                 outputs,
                 queue: t.queue_time,
                 batch_wait,
                 compute,
+                excess,
                 batch_size: total,
             }));
         }
         Ok(())
+    }
+
+    /// The execution time of a batch of `total` beyond that of the samples the model's
+    /// batching delay gathered with its oldest request (which waited `batch_wait`):
+    /// time the oldest request spent on work that joined it only because work stood
+    /// in the queue. With no delay, that is everything but the oldest request's own
+    /// samples.
+    fn excess(&self, tasks: &[Task], total: usize, batch_wait: Duration) -> Duration {
+        let batching = &self.spec.batching;
+        let delay = if batching.combine {
+            batching.max_queue_delay
+        } else {
+            Duration::ZERO
+        };
+        let gathered: usize = tasks
+            .iter()
+            .filter(|t| t.queue_time.saturating_add(delay) >= batch_wait)
+            .map(|t| t.samples)
+            .sum();
+        self.estimate.beyond_gathered(total, gathered)
     }
 
     /// Answer every task of a failed execution. After a stuck execution the watchdog has
