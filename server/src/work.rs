@@ -28,6 +28,9 @@ pub struct Done {
 pub struct ComputeEstimate {
     /// Index: batch size; nanoseconds, 0 = never measured.
     by_size: Box<[AtomicU64]>,
+    /// The fastest execution seen per batch size, the same way: what a size costs
+    /// without contention for the cores.
+    fastest: Box<[AtomicU64]>,
 }
 
 /// Weight of a new measurement in a size's running average.
@@ -35,8 +38,10 @@ const ESTIMATE_SMOOTHING: f64 = 0.2;
 
 impl ComputeEstimate {
     pub fn new(max_batch_size: usize) -> ComputeEstimate {
+        let sizes = || (0..=max_batch_size).map(|_| AtomicU64::new(0)).collect();
         ComputeEstimate {
-            by_size: (0..=max_batch_size).map(|_| AtomicU64::new(0)).collect(),
+            by_size: sizes(),
+            fastest: sizes(),
         }
     }
 
@@ -44,7 +49,12 @@ impl ComputeEstimate {
         let Some(slot) = self.by_size.get(samples) else {
             return;
         };
-        let took = took.as_nanos().min(u128::from(u64::MAX)) as u64;
+        let took = took.as_nanos().clamp(1, u128::from(u64::MAX)) as u64;
+        if let Some(fastest) = self.fastest.get(samples) {
+            let _ = fastest.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
+                (old == 0 || took < old).then_some(took)
+            });
+        }
         let old = slot.load(Ordering::Relaxed);
         let new = if old == 0 {
             took
@@ -58,34 +68,22 @@ impl ComputeEstimate {
     /// linearly between the nearest measured sizes below and above, else scaled in
     /// proportion from the one nearest measured size. `None` before any execution.
     pub fn estimate(&self, samples: usize) -> Option<Duration> {
-        let top = self.by_size.len().saturating_sub(1).max(1);
-        let samples = samples.clamp(1, top);
-        let at = |n: usize| {
-            self.by_size
-                .get(n)
-                .map(|a| a.load(Ordering::Relaxed))
-                .filter(|&ns| ns > 0)
-                .map(|ns| (n as f64, ns as f64))
-        };
-        let above = (samples..=top).find_map(at);
-        let below = (1..samples).rev().find_map(at);
-        let x = samples as f64;
-        let ns = match (below, above) {
-            (_, Some((n, t))) if n == x => t,
-            (Some((n0, t0)), Some((n1, t1))) => t0 + (t1 - t0) * (x - n0) / (n1 - n0),
-            (Some((n, t)), None) | (None, Some((n, t))) => t * x / n,
-            (None, None) => return None,
-        };
-        Some(Duration::from_nanos(ns.max(1.0) as u64))
+        interpolate(&self.by_size, samples)
+    }
+
+    /// As [`estimate`](Self::estimate), from the fastest executions seen.
+    pub fn fastest(&self, samples: usize) -> Option<Duration> {
+        interpolate(&self.fastest, samples)
     }
 
     /// How much longer an execution of `total` samples takes than one of `gathered`,
-    /// by the estimate: the samples the batching delay gathered (those that arrived
+    /// by the fastest executions seen (what the extra samples cost, not how slow a busy
+    /// machine made them: a lower limit does not remove that contention): the samples the batching delay gathered (those that arrived
     /// within it of the batch's oldest request) are the batch the configuration asks
     /// for, and the rest joined because work stood in the queue. Zero before the
     /// estimate knows either size.
     pub fn beyond_gathered(&self, total: usize, gathered: usize) -> Duration {
-        match (self.estimate(total), self.estimate(gathered)) {
+        match (self.fastest(total), self.fastest(gathered)) {
             (Some(all), Some(asked)) if total > gathered => all.saturating_sub(asked),
             _ => Duration::ZERO,
         }
@@ -107,6 +105,32 @@ impl ComputeEstimate {
         }
         Some(fits)
     }
+}
+
+/// Time one execution of `samples` takes by `by_size` (nanoseconds per batch size, 0 =
+/// never measured): measured at that size, else interpolated linearly between the
+/// nearest measured sizes below and above, else scaled in proportion from the one
+/// nearest measured size. `None` before any execution.
+fn interpolate(by_size: &[AtomicU64], samples: usize) -> Option<Duration> {
+    let top = by_size.len().saturating_sub(1).max(1);
+    let samples = samples.clamp(1, top);
+    let at = |n: usize| {
+        by_size
+            .get(n)
+            .map(|a| a.load(Ordering::Relaxed))
+            .filter(|&ns| ns > 0)
+            .map(|ns| (n as f64, ns as f64))
+    };
+    let above = (samples..=top).find_map(at);
+    let below = (1..samples).rev().find_map(at);
+    let x = samples as f64;
+    let ns = match (below, above) {
+        (_, Some((n, t))) if n == x => t,
+        (Some((n0, t0)), Some((n1, t1))) => t0 + (t1 - t0) * (x - n0) / (n1 - n0),
+        (Some((n, t)), None) | (None, Some((n, t))) => t * x / n,
+        (None, None) => return None,
+    };
+    Some(Duration::from_nanos(ns.max(1.0) as u64))
 }
 
 #[cfg(test)]
@@ -160,5 +184,28 @@ mod tests {
         e.record(4, MS * 90);
         let avg = e.estimate(4).unwrap();
         assert!(avg.abs_diff(MS * 50) <= Duration::from_nanos(1), "{avg:?}");
+    }
+
+    #[test]
+    fn the_excess_of_a_batch_is_what_its_extra_samples_cost_at_their_fastest() {
+        let e = ComputeEstimate::new(32);
+        assert_eq!(
+            e.beyond_gathered(8, 1),
+            Duration::ZERO,
+            "nothing measured yet"
+        );
+        e.record(1, MS);
+        e.record(8, MS * 8);
+        // A busy machine slowed the next batch of eight: the average follows it, the
+        // fastest does not.
+        e.record(8, MS * 20);
+        assert!(e.estimate(8).unwrap() > MS * 10);
+        assert_eq!(e.fastest(8), Some(MS * 8));
+        assert_eq!(e.beyond_gathered(8, 1), MS * 7);
+        // Four gathered by the batching delay: four (interpolated) of the eight asked for.
+        assert_eq!(e.beyond_gathered(8, 4), MS * 4);
+        // Everything gathered, or a batch no larger than what was gathered: no excess.
+        assert_eq!(e.beyond_gathered(4, 4), Duration::ZERO);
+        assert_eq!(e.beyond_gathered(2, 4), Duration::ZERO);
     }
 }

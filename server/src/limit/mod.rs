@@ -10,13 +10,36 @@
 //! how long work stands); a request that expired waited its whole time. Time spent
 //! outside the queue (network, decoding, runtime scheduling) is left out: on a machine
 //! whose cores are saturated by refusing excess traffic it grows with the refusals, and
-//! a lower limit would only idle the model without removing that cost. At the end of
-//! each window:
+//! a lower limit would only idle the model without removing that cost.
+//!
+//! A backlog also shows in the batch it swells. Without a batching delay the oldest
+//! request of a batch waits about one execution divided by the instance count (an
+//! instance that frees takes the whole queue), so a wait held at the target lets the
+//! batches, and with them the latency, grow with whatever is in flight: under an
+//! overload the bundled two-instance cnn ran batches of 15 to 25 samples whose
+//! execution, not the wait before it, made its p99 several times that of normal load.
+//! So each request also reports its execution's `excess`: how much longer the
+//! execution took, by the model's measured cost per batch size, than one of the
+//! samples the batching delay gathered with the batch's oldest request (those that
+//! arrived within `D` of it, the batch the configuration asks for; with no delay,
+//! the oldest request's own). The `held` time `h` is the wait plus that excess: how
+//! long the oldest request was held up by work that was there only because it stood
+//! in the queue. A window's overshoot is
 //!
 //! ```text
-//! standing, overloaded, peak > L_min:  L <- max(L_min, F, min(L, peak) * max(beta, target / d))
+//! o = max(d / target, h / (target + A))
+//! ```
+//!
+//! `A` (the allowance, below) once more for `h`: a backlog of `A` ahead of a request
+//! runs in the batch with it, so a queue held within the target holds the request up
+//! for about `A` in the queue and `A` in its batch. A model whose batching pays (the
+//! bundled mlp: a batch of 32 costs little more than one sample) shows almost no
+//! excess, and is judged on its wait as before. At the end of each window:
+//!
+//! ```text
+//! standing, overloaded, peak > L_min:  L <- max(L_min, F, min(L, peak) * max(beta, 1 / o))
 //! refused, not overloaded:             L <- min(L_max, L * g)
-//! (d <= target or not overloaded),
+//! (o <= 1 or not overloaded),
 //!   peak >= u * L:                     L <- min(L_max, L + sqrt(L))
 //! otherwise:                           L unchanged
 //! then, calm (not overloaded, nothing refused, d <= target):
@@ -50,13 +73,13 @@
 //! all the traffic and `F` never applies (a decrease needs the model overloaded, and
 //! one level never goes past the limit).
 //!
-//! The queue is `standing` when `d > 2 * target`, or `d > target` in this window
+//! The queue is `standing` when `o > 2`, or `o > 1` in this window
 //! and the one before (the persistence test of CoDel, Nichols & Jacobson, 2012: a
 //! burst that drains within a window is not a queue to shed for). In a window where
 //! nothing was refused the queue was built by the arrivals alone, and the test is
 //! stricter: more requests in flight than one round of full batches on every instance
-//! takes (a shorter queue is cleared by the next dispatch), and `d > 3 * target` or
-//! over the target three windows in a row. Only a refusal of the highest level in
+//! takes (a shorter queue is cleared by the next dispatch), and `o > 3` or
+//! over three windows in a row. Only a refusal of the highest level in
 //! flight counts: a lower level refused while higher ones hold slots is precedence at
 //! work, and a higher level running near capacity beside a flood of lower-level work is
 //! judged like a model running alone near it.
@@ -171,8 +194,9 @@ pub const TARGET_EXECUTIONS: u32 = 4;
 pub const LIMIT_PUSHBACK: Duration = Duration::from_millis(20);
 
 mod state;
+mod window;
 
-use state::{Load, State};
+use state::State;
 
 #[cfg(test)]
 mod calm_tests;
@@ -498,106 +522,5 @@ impl AdaptiveLimit {
         }
         self.close_window(&mut s, start, now, target);
         Some(s.limit as usize)
-    }
-
-    /// Whether the window's mean wait `d_mean` makes a standing queue (counting the
-    /// window into the streak of windows over `target`). A window over the target is a
-    /// standing queue when the ones before it were over too, or when it is far over: a
-    /// single burst (Poisson arrivals at 80% load make them) shrinks nothing. Without
-    /// refusals it takes more to convince, and a queue that one round of full batches
-    /// clears is not a backlog, however long it took to form.
-    fn queue_stands(&self, s: &mut State, overshoot: f64) -> bool {
-        let over = overshoot > 1.0;
-        s.over_streak = if over { s.over_streak + 1 } else { 0 };
-        let (persistence, clear) = if s.window_refused {
-            (PERSISTENCE, CLEAR_OVERSHOOT)
-        } else {
-            (PERSISTENCE_UNREFUSED, CLEAR_OVERSHOOT_UNREFUSED)
-        };
-        let backlog = s.window_refused || s.window_peak > self.model.round;
-        backlog && over && (s.over_streak >= persistence || overshoot > f64::from(clear))
-    }
-
-    /// The floors a window's judgement ends on: level 1's (see `close_window`) and, in
-    /// a `calm` window (the model keeps up, nothing was refused, the wait was within the
-    /// target), room for twice the recent bursts.
-    fn raise_to_floors(&self, s: &mut State, top_floor: f64, calm: bool) {
-        if s.window_top_over {
-            // Level 1 went past the limit by displacing lower levels: the limit it
-            // will be held to if it stops keeping up is what it used, not what the
-            // lower levels' flood left.
-            s.limit = s.limit.max(top_floor);
-        }
-        if calm {
-            // The overload that shrank the limit (if any) is over: the bursts of the
-            // load the model keeps up with must not meet it.
-            let room = (BURST_HEADROOM * s.recent_peak).min(self.config.max as f64);
-            s.limit = s.limit.max(room);
-        }
-    }
-
-    /// Judge the window that ends at `now` (see the module's formula), then open the next.
-    fn close_window(&self, s: &mut State, start: Instant, now: Instant, target: Duration) {
-        let d_mean = s.window_sum / s.window_count.max(1);
-        let d_held = s.window_held_sum / s.window_count.max(1);
-        let (min, max) = (self.config.min as f64, self.config.max as f64);
-        let peak = s.window_peak as f64;
-        let over = d_mean > target;
-        // Judged every window: it counts the window into the streak.
-        let held_target = target.saturating_add(target.saturating_sub(self.model.batching_delay));
-        let overshoot = (d_mean.as_secs_f64() / target.as_secs_f64())
-            .max(d_held.as_secs_f64() / held_target.as_secs_f64());
-        let stands = self.queue_stands(s, overshoot);
-        let Load {
-            overloaded,
-            top_keeps_up,
-        } = s.load(start, now);
-        s.note_peak(start, now, !overloaded);
-        let standing = overloaded && stands;
-        s.top_keeps_up = top_keeps_up;
-        // Refusals of level 1 count as offered and not finished, so once a stall has
-        // made it fall behind they keep it "not keeping up"; its own wait within the
-        // target while lower levels share the window says the limit is what holds it.
-        let top_wait = s.window_top_sum / s.window_top_count.max(1);
-        let top_within = s.window_top_count > 0 && top_wait <= target;
-        let shared = s.window_offered > s.window_top_offered;
-        let top_held_back = s.window_top_refused && (top_keeps_up || shared && top_within);
-        // While level 1 is served at the rate it asks, the overload is the lower
-        // levels': the limit need not shrink below what level 1 itself used, with room
-        // for its bursts (its share is the whole limit, so whatever lower levels hold
-        // above that is preempted for it).
-        let top_floor = if top_keeps_up {
-            (s.window_top_peak as f64 / UTILIZATION).min(max)
-        } else {
-            0.0
-        };
-        if top_held_back {
-            s.limit = (s.limit * GROWTH).min(max);
-        } else if standing && peak > min {
-            let factor = overshoot.recip().max(BETA);
-            s.limit = (s.limit.min(peak) * factor).max(top_floor).max(min);
-        } else if !overloaded && s.window_refused {
-            // Refused while the model kept up with what it was offered: the limit is
-            // in the way of serveable load.
-            s.limit = (s.limit * GROWTH).min(max);
-        } else if (overshoot <= 1.0 || !overloaded) && peak >= UTILIZATION * s.limit.floor() {
-            s.limit = (s.limit + s.limit.sqrt().max(1.0)).min(max);
-        }
-        self.raise_to_floors(s, top_floor, !overloaded && !s.window_refused && !over);
-        tracing::debug!(
-            limit = s.limit,
-            peak,
-            top_peak = s.window_top_peak,
-            overloaded,
-            top_keeps_up,
-            top_refused = s.window_top_refused,
-            standing,
-            d_mean_ms = d_mean.as_secs_f64() * 1e3,
-            d_held_ms = d_held.as_secs_f64() * 1e3,
-            top_wait_ms = top_wait.as_secs_f64() * 1e3,
-            target_ms = target.as_secs_f64() * 1e3,
-            "concurrency limit window"
-        );
-        s.open_window(now);
     }
 }

@@ -137,6 +137,12 @@ impl State {
         self.window_top_refused |= index == 0;
     }
 
+    /// The window's mean wait and mean held time (wait plus excess execution).
+    pub(super) fn mean_waits(&self) -> (Duration, Duration) {
+        let n = self.window_count.max(1);
+        (self.window_sum / n, self.window_held_sum / n)
+    }
+
     /// Start a window at `now`: its counts from zero, its peak from what is in flight.
     pub(super) fn open_window(&mut self, now: Instant) {
         self.window_start = Some(now);
