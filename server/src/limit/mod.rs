@@ -19,12 +19,13 @@
 //! overload the bundled two-instance cnn ran batches of 15 to 25 samples whose
 //! execution, not the wait before it, made its p99 several times that of normal load.
 //! So each request also reports its execution's `excess`: how much longer the
-//! execution took, by the model's measured cost per batch size, than one of the
-//! samples the batching delay gathered with the batch's oldest request (those that
-//! arrived within `D` of it, the batch the configuration asks for; with no delay,
-//! the oldest request's own). The `held` time `h` is the wait plus that excess: how
-//! long the oldest request was held up by work that was there only because it stood
-//! in the queue. A window's overshoot is
+//! execution took, at the model's fastest measured cost per batch size (a busy
+//! machine's slowdown is no backlog, and a lower limit would not remove it), than one
+//! of the samples the batching delay gathered with the batch's oldest request (those
+//! that arrived within `D` of it, the batch the configuration asks for; with no
+//! delay, the oldest request's own). The `held` time `h` is the wait plus that
+//! excess: how long the oldest request was held up by work that was there only
+//! because it stood in the queue. A window's overshoot is
 //!
 //! ```text
 //! o = max(d / target, h / (target + A))
@@ -33,8 +34,8 @@
 //! `A` (the allowance, below) once more for `h`: a backlog of `A` ahead of a request
 //! runs in the batch with it, so a queue held within the target holds the request up
 //! for about `A` in the queue and `A` in its batch. A model whose batching pays (the
-//! bundled mlp: a batch of 32 costs little more than one sample) shows almost no
-//! excess, and is judged on its wait as before. At the end of each window:
+//! bundled mlp: a batch of 32 costs a few single samples, tens of microseconds) shows
+//! little excess, and is judged on its wait much as before. At the end of each window:
 //!
 //! ```text
 //! standing, overloaded, peak > L_min:  L <- max(L_min, F, min(L, peak) * max(beta, 1 / o))
