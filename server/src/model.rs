@@ -333,11 +333,7 @@ fn limit_shape(spec: &ModelSpec) -> ModelShape {
         1
     };
     ModelShape {
-        batching_delay: if spec.batching.combine {
-            spec.batching.max_queue_delay
-        } else {
-            Duration::ZERO
-        },
+        batching_delay: spec.batching.batching_delay(),
         round: spec.instance_count.max(1).saturating_mul(batch),
     }
 }

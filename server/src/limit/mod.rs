@@ -460,11 +460,17 @@ impl AdaptiveLimit {
     }
 
     fn target_of(&self, s: &State) -> Duration {
-        let allowance = self.config.target.unwrap_or_else(|| {
+        self.model
+            .batching_delay
+            .saturating_add(self.allowance_of(s))
+    }
+
+    /// The target's `A`: the queueing allowed beyond the batching delay.
+    fn allowance_of(&self, s: &State) -> Duration {
+        self.config.target.unwrap_or_else(|| {
             s.unit
                 .map_or(MIN_TARGET, |u| (u * TARGET_EXECUTIONS).max(MIN_TARGET))
-        });
-        self.model.batching_delay.saturating_add(allowance)
+        })
     }
 
     /// Feed one request that was served: how long its execution's oldest request waited

@@ -143,6 +143,11 @@ impl State {
         (self.window_sum / n, self.window_held_sum / n)
     }
 
+    /// Level 1's mean wait in the window.
+    pub(super) fn top_mean_wait(&self) -> Duration {
+        self.window_top_sum / self.window_top_count.max(1)
+    }
+
     /// Start a window at `now`: its counts from zero, its peak from what is in flight.
     pub(super) fn open_window(&mut self, now: Instant) {
         self.window_start = Some(now);

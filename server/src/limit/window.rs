@@ -61,7 +61,7 @@ impl AdaptiveLimit {
         let over = d_mean > target;
         // The overshoot `o` of the module's formula: the wait against the target, and
         // the wait plus the excess execution against the target plus the allowance.
-        let held_target = target.saturating_add(target.saturating_sub(self.model.batching_delay));
+        let held_target = target.saturating_add(self.allowance_of(s));
         let overshoot = (d_mean.as_secs_f64() / target.as_secs_f64())
             .max(d_held.as_secs_f64() / held_target.as_secs_f64());
         // Judged every window: it counts the window into the streak.
@@ -76,7 +76,7 @@ impl AdaptiveLimit {
         // Refusals of level 1 count as offered and not finished, so once a stall has
         // made it fall behind they keep it "not keeping up"; its own wait within the
         // target while lower levels share the window says the limit is what holds it.
-        let top_wait = s.window_top_sum / s.window_top_count.max(1);
+        let top_wait = s.top_mean_wait();
         let top_within = s.window_top_count > 0 && top_wait <= target;
         let shared = s.window_offered > s.window_top_offered;
         let top_held_back = s.window_top_refused && (top_keeps_up || shared && top_within);
@@ -110,7 +110,7 @@ impl AdaptiveLimit {
 /// The window's judgement in the debug log (`--log-level warn,sluice::limit=debug`).
 fn log_window(s: &State, overloaded: bool, standing: bool, target: Duration) {
     let (d_mean, d_held) = s.mean_waits();
-    let top_wait = s.window_top_sum / s.window_top_count.max(1);
+    let top_wait = s.top_mean_wait();
     tracing::debug!(
         limit = s.limit,
         peak = s.window_peak,

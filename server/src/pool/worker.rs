@@ -204,12 +204,7 @@ impl Worker {
     /// in the queue. With no delay, that is everything but the oldest request's own
     /// samples.
     fn excess(&self, tasks: &[Task], total: usize, batch_wait: Duration) -> Duration {
-        let batching = &self.spec.batching;
-        let delay = if batching.combine {
-            batching.max_queue_delay
-        } else {
-            Duration::ZERO
-        };
+        let delay = self.spec.batching.batching_delay();
         let gathered: usize = tasks
             .iter()
             .filter(|t| t.queue_time.saturating_add(delay) >= batch_wait)

@@ -85,6 +85,18 @@ pub struct BatchPolicy {
     pub max_queue_delay: Duration,
 }
 
+impl BatchPolicy {
+    /// The wait the configuration asks of a request so that a batch can form:
+    /// `max_queue_delay` when requests are combined, else zero.
+    pub fn batching_delay(&self) -> Duration {
+        if self.combine {
+            self.max_queue_delay
+        } else {
+            Duration::ZERO
+        }
+    }
+}
+
 /// A warm-up sample: inputs in model argument order, run `count` times.
 #[derive(Debug, Clone)]
 pub struct WarmupSample {
