@@ -5,11 +5,12 @@
 mod common;
 
 use common::{bundled_models, f32s, fp32_request, TestRepo, TestServer};
-use sluice::backend::intra_op_threads;
 use sluice::backend::torch::TorchBackend;
+use sluice::backend::{intra_op_threads, Backend};
 use sluice::config::BackendOptions;
 use sluice::spec::torch_params::TorchParams;
 use sluice::spec::DeviceKind;
+use sluice::tensor::{DataType, Tensor};
 use sluice_proto::inference::RepositoryIndexRequest;
 
 /// The bundled mlp's config with `parameters` added.
@@ -65,6 +66,63 @@ fn intra_op_thread_count_sets_the_instance_threads_own_pool() {
         "the model's INTRA_OP_THREAD_COUNT"
     );
     assert_eq!(server_default.join().unwrap(), 1, "the server's setting");
+}
+
+/// A zero batch of `samples` rows of `row` f32 values each.
+fn zeros(samples: usize, row: &[i64]) -> Tensor {
+    let mut shape = vec![i64::try_from(samples).unwrap()];
+    shape.extend_from_slice(row);
+    let bytes = shape.iter().product::<i64>() as usize * 4;
+    Tensor::new(DataType::Fp32, shape, vec![0u8; bytes].into())
+}
+
+/// Run `batch` through `backend` `times` times; the instance thread's count after.
+fn threads_after(backend: &mut TorchBackend, batch: &Tensor, times: usize) -> i32 {
+    for _ in 0..times {
+        backend
+            .forward(std::slice::from_ref(batch))
+            .expect("forward");
+    }
+    tch::get_num_threads()
+}
+
+#[test]
+fn a_default_share_of_threads_drops_to_one_on_a_model_of_microseconds() {
+    let load = |model: &str, narrowing: bool| {
+        let weights = bundled_models().join(format!("{model}/1/model.pt"));
+        let backend = TorchBackend::load(&weights, DeviceKind::Cpu, 2, &TorchParams::default())
+            .expect("loads");
+        if narrowing {
+            backend.narrowing_on_small_batches(32)
+        } else {
+            backend
+        }
+    };
+    // Each on its own thread: the count is the calling thread's.
+    let mlp = std::thread::spawn(move || {
+        let mut mlp = load("mlp", true);
+        let before_full = threads_after(&mut mlp, &zeros(31, &[64]), 50);
+        // A full batch of the mlp takes tens of microseconds; a few slow ones on a busy
+        // machine only delay the switch.
+        let after_full = threads_after(&mut mlp, &zeros(32, &[64]), 500);
+        (before_full, after_full)
+    });
+    let set =
+        std::thread::spawn(move || threads_after(&mut load("mlp", false), &zeros(32, &[64]), 500));
+    let cnn = std::thread::spawn(move || {
+        threads_after(&mut load("cnn", true), &zeros(32, &[3, 64, 64]), 3)
+    });
+    assert_eq!(
+        mlp.join().unwrap(),
+        (2, 1),
+        "mlp: two threads until a full batch, then one"
+    );
+    assert_eq!(set.join().unwrap(), 2, "a count that was set is kept");
+    assert_eq!(
+        cnn.join().unwrap(),
+        2,
+        "the cnn's full batch takes milliseconds"
+    );
 }
 
 #[tokio::test]

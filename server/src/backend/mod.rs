@@ -37,6 +37,8 @@ pub enum BackendError {
 /// way, one instance, would otherwise compute on one core of many (BENCHMARKS.md,
 /// "Cores used by default"); a model with as many instances as cores gets one thread
 /// per instance, which on a small machine beats fewer instances with more threads.
+/// A default share of several threads drops to one once the model proves too small to
+/// split ([`torch::SMALL_FORWARD`]).
 pub fn intra_op_threads(
     model: Option<usize>,
     options: &BackendOptions,
@@ -70,12 +72,14 @@ pub fn load(
                 spec.instance_count,
                 available_cores(),
             );
-            Ok(Box::new(torch::TorchBackend::load(
-                &path,
-                spec.device,
-                threads,
-                &spec.torch,
-            )?))
+            let backend = torch::TorchBackend::load(&path, spec.device, threads, &spec.torch)?;
+            let shared =
+                spec.torch.intra_op_threads.is_none() && options.intra_op_threads.is_none();
+            if shared && threads > 1 {
+                let full_batch = usize::try_from(spec.max_batch_size).unwrap_or(usize::MAX);
+                return Ok(Box::new(backend.narrowing_on_small_batches(full_batch)));
+            }
+            Ok(Box::new(backend))
         }
         Platform::Synthetic => Ok(Box::new(synthetic::SyntheticBackend::from_spec(spec)?)),
     }

@@ -1,6 +1,7 @@
 //! TorchScript models through libtorch (`tch`). The only module that touches `tch`.
 
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use tch::{CModule, Device, IValue, Kind};
 
@@ -12,7 +13,19 @@ use crate::tensor::{DataType, Tensor};
 pub struct TorchBackend {
     module: CModule,
     device: Device,
+    /// Set while the instance computes on a default share of several cores: the samples
+    /// of a full batch (0 when the model does not batch), see [`SMALL_FORWARD`].
+    narrow_at: Option<usize>,
 }
+
+/// A forward of a full batch faster than this is too small for several intra-op
+/// threads. The threads sleep between parallel regions (`OMP_WAIT_POLICY=PASSIVE`, see
+/// `openmp`), so every region wakes its helpers: on a loaded machine that wake-up costs
+/// more than the share of a forward this short a second thread could take over. The
+/// bundled mlp's batch of 32 (about 30 us) computes 35% faster under load on one thread
+/// than on two; the cnn's (about 7 ms) 1.6 times faster on two than on one
+/// (BENCHMARKS.md, "One thread for forwards of microseconds").
+pub const SMALL_FORWARD: Duration = Duration::from_micros(250);
 
 impl TorchBackend {
     /// Load `path` for this thread with `intra_op_threads` (see
@@ -54,7 +67,40 @@ impl TorchBackend {
         let mut module =
             CModule::load_on_device(path, device).map_err(|e| fail(first_line(&e.to_string())))?;
         module.set_eval();
-        Ok(TorchBackend { module, device })
+        Ok(TorchBackend {
+            module,
+            device,
+            narrow_at: None,
+        })
+    }
+
+    /// The intra-op thread count this instance was loaded with is the machine's default
+    /// share, not a setting: drop to one thread, for good, the first time a batch of
+    /// `full_batch` samples (the model's `max_batch_size`; 0 when it does not batch, so
+    /// any forward) runs in under [`SMALL_FORWARD`]. A fast full batch is proof of a
+    /// model too small to split; one observation suffices because a busy machine only
+    /// ever makes a forward slower.
+    #[must_use]
+    pub fn narrowing_on_small_batches(mut self, full_batch: usize) -> TorchBackend {
+        self.narrow_at = Some(full_batch);
+        self
+    }
+
+    fn narrow_if_small(&mut self, inputs: &[Tensor], took: Duration) {
+        let Some(full) = self.narrow_at else { return };
+        let samples = inputs
+            .first()
+            .and_then(|t| t.shape.first())
+            .and_then(|&n| usize::try_from(n).ok())
+            .unwrap_or(0);
+        if took < SMALL_FORWARD && (full == 0 || samples >= full) {
+            self.narrow_at = None;
+            tch::set_num_threads(1);
+            tracing::info!(
+                took_us = took.as_micros(),
+                "a full batch computes in microseconds: this instance uses one intra-op thread"
+            );
+        }
     }
 }
 
@@ -135,10 +181,12 @@ impl Backend for TorchBackend {
             .iter()
             .map(|t| to_torch(t, self.device).map(IValue::Tensor))
             .collect::<Result<Vec<_>, _>>()?;
+        let start = Instant::now();
         let result = self
             .module
             .forward_is(&args)
             .map_err(|e| BackendError::Forward(model_message(&e.to_string())))?;
+        self.narrow_if_small(inputs, start.elapsed());
         let tensors = match result {
             IValue::Tensor(t) => vec![t],
             IValue::Tuple(items) | IValue::GenericList(items) => items
