@@ -21,10 +21,11 @@ pub struct TorchBackend {
 /// A forward of a full batch faster than this is too small for several intra-op
 /// threads. The threads sleep between parallel regions (`OMP_WAIT_POLICY=PASSIVE`, see
 /// `openmp`), so every region wakes its helpers: on a loaded machine that wake-up costs
-/// more than the share of a forward this short a second thread could take over. The
-/// bundled mlp's batch of 32 (about 30 us) computes 35% faster under load on one thread
-/// than on two; the cnn's (about 7 ms) 1.6 times faster on two than on one
-/// (BENCHMARKS.md, "One thread for forwards of microseconds").
+/// more than the share of a forward this short a second thread could take over. With
+/// both cores busy, the bundled mlp's batch of 32 took 49 us on two threads and 31 us on
+/// one, the cnn's 27 ms on two and 50 ms on one (BENCHMARKS.md, "Dynamic batching",
+/// compute limit); 250 us leaves room for models several times the mlp and stays far
+/// below any forward that splits well ("One thread for forwards of microseconds").
 pub const SMALL_FORWARD: Duration = Duration::from_micros(250);
 
 impl TorchBackend {
