@@ -16,6 +16,8 @@ pub struct TorchBackend {
     /// Set while the instance computes on a default share of several cores: the samples
     /// of a full batch (0 when the model does not batch), see [`SMALL_FORWARD`].
     narrow_at: Option<usize>,
+    /// `<model>/<version>/<file>`, for the log.
+    name: String,
 }
 
 /// A forward of a full batch faster than this is too small for several intra-op
@@ -72,6 +74,7 @@ impl TorchBackend {
             module,
             device,
             narrow_at: None,
+            name: repository_relative(path),
         })
     }
 
@@ -98,6 +101,7 @@ impl TorchBackend {
             self.narrow_at = None;
             tch::set_num_threads(1);
             tracing::info!(
+                model = %self.name,
                 took_us = took.as_micros(),
                 "a full batch computes in microseconds: this instance uses one intra-op thread"
             );
